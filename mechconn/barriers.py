@@ -1,0 +1,194 @@
+"""Evaluate a network along a path at many t in one compiled program; barriers.
+
+`evaluate_path` compiles one XLA program for a whole grid of t: for each t it
+forms the parameters on the path, recomputes BatchNorm statistics from data
+(when the model has BatchNorm), and scans the eval batches for the exact mean
+loss and accuracy over all real examples. A new grid of the same length, or new
+endpoints of the same shapes, reuse the compiled program.
+
+The loop over t is a `strategy`:
+  - 'map': sequential `lax.map` (one parameter copy live at a time);
+  - 'chunked': `lax.map(..., batch_size=chunk_size)`, vmap inside chunks;
+  - 'vmap': all t at once (memory grows with the number of t; on CPU, vmap of a
+    conv net over t becomes grouped convolutions and is several times slower).
+The default per backend is the fastest in benchmarks/path_eval.py.
+"""
+
+from collections.abc import Sequence
+import functools
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mechconn import batchnorm
+from mechconn import paths
+
+Params = chex.ArrayTree
+Batches = dict[str, jax.Array]
+
+STRATEGIES = ("map", "chunked", "vmap")
+# Measured with benchmarks/path_eval.py (see README): on XLA:CPU a sequential
+# lax.map matches a Python loop of jitted points and beats vmap several-fold.
+# GPU and TPU have not been measured yet; 'map' keeps memory flat there too.
+DEFAULT_STRATEGY = {"cpu": "map", "gpu": "map", "tpu": "map"}
+DEFAULT_CHUNK_SIZE = 4
+
+
+@flax.struct.dataclass
+class PathEval:
+  """Loss and accuracy at every t of a grid (arrays over the t axis)."""
+
+  ts: jax.Array
+  loss: jax.Array
+  accuracy: jax.Array
+
+  @property
+  def error(self) -> jax.Array:
+    return 1.0 - self.accuracy
+
+  def barriers(self) -> dict[str, float]:
+    """{'loss': loss barrier, 'error': error (accuracy) barrier} as floats."""
+    return {"loss": float(barrier_height(self.ts, self.loss)),
+            "error": float(barrier_height(self.ts, self.error))}
+
+
+def check_grid(ts) -> np.ndarray:
+  """Validates a t grid: 1-D, increasing, first 0 and last 1 exactly."""
+  ts = np.asarray(ts)
+  if ts.ndim != 1 or ts.size < 2:
+    raise ValueError(f"A t grid must be 1-D with at least 2 values, got shape {ts.shape}.")
+  if ts[0] != 0 or ts[-1] != 1:
+    raise ValueError(
+        f"A t grid must start at 0 and end at 1 (use np.linspace(0, 1, n)); "
+        f"got first={ts[0]}, last={ts[-1]}.")
+  if np.any(np.diff(ts) <= 0):
+    raise ValueError("A t grid must be strictly increasing.")
+  return ts
+
+
+def barrier_height(ts: chex.Array, values: chex.Array) -> jax.Array:
+  """B = max_t [v(t) - ((1 - t) v(0) + t v(1))] over a grid from 0 to 1.
+
+  Apply to loss for the loss barrier and to error = 1 - accuracy for the
+  accuracy barrier. 0 when the curve never rises above the chord (the grid's
+  ends always give 0, so B >= 0).
+
+  Args:
+    ts: [K] grid with ts[0] = 0 and ts[-1] = 1.
+    values: [K] v(t) at the grid.
+  """
+  ts = jnp.asarray(check_grid(ts) if not isinstance(ts, jax.core.Tracer) else ts)
+  values = jnp.asarray(values)
+  if values.shape != ts.shape:
+    raise ValueError(f"values shape {values.shape} does not match ts shape {ts.shape}.")
+  chord = (1 - ts) * values[0] + ts * values[-1]
+  return jnp.max(values - chord)
+
+
+def barrier_location(ts: chex.Array, values: chex.Array) -> float:
+  """The t at which the barrier of `barrier_height` is reached."""
+  ts, values = np.asarray(ts), np.asarray(values)
+  return float(ts[np.argmax(values - ((1 - ts) * values[0] + ts * values[-1]))])
+
+
+def evaluate_point(apply_fn: batchnorm.ApplyFn, params: Params, eval_batches: Batches,
+                   bn_batches: Batches | None) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy and accuracy of one parameter set over masked eval batches.
+
+  BatchNorm statistics are recomputed from `bn_batches` when given.
+  """
+  variables = {"params": params}
+  if bn_batches is not None:
+    variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables, bn_batches)
+
+  def accumulate(totals, batch):
+    logits = apply_fn(variables, batch["image"], train=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["label"])
+    correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    return (totals[0] + jnp.sum(ce * mask), totals[1] + jnp.sum(correct * mask),
+            totals[2] + jnp.sum(mask)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (loss_sum, correct_sum, count), _ = jax.lax.scan(accumulate, (zero, zero, zero),
+                                                  eval_batches)
+  return loss_sum / count, correct_sum / count
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "path_fn", "strategy", "chunk_size"))
+def _evaluate_path_jit(points, ts, eval_batches, bn_batches, *, apply_fn, path_fn,
+                       strategy, chunk_size):
+  def at(t):
+    return evaluate_point(apply_fn, path_fn(points, t), eval_batches, bn_batches)
+
+  if strategy == "vmap":
+    return jax.vmap(at)(ts)
+  batch_size = chunk_size if strategy == "chunked" else None
+  return jax.lax.map(at, ts, batch_size=batch_size)
+
+
+def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
+                  eval_batches: Batches, *, path: str | paths.PathFn = "linear",
+                  bn_batches: Batches | None = None, strategy: str | None = None,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> PathEval:
+  """Loss and accuracy of the network at every t of a grid along a path.
+
+  One XLA program runs all t (compiled once per grid length and shapes).
+
+  Args:
+    apply_fn: `model.apply` of a Flax model taking `train=`.
+    points: the path's parameter pytrees ('params' collections only), e.g.
+      (params_a, params_b) for 'linear', (a, mid, b) for a quadratic 'bezier'.
+    ts: [K] grid, np.linspace(0, 1, K).
+    eval_batches: stacked {'image', 'label', 'mask'} [N, B, ...] (see
+      `mechconn.data.batching.stack_batches`); means are over masked examples.
+    path: 'linear', 'bezier', 'polychain', or a `path_fn(points, t)`.
+    bn_batches: stacked {'image': [M, B, ...]} full batches from which BatchNorm
+      statistics are recomputed at every t; required when the model has BatchNorm.
+    strategy: 'map', 'chunked' or 'vmap'; None picks `DEFAULT_STRATEGY` for
+      the default backend.
+    chunk_size: t values per chunk for 'chunked'.
+
+  Returns:
+    PathEval(ts, loss, accuracy), each [K].
+
+  Example:
+    >>> ts = np.linspace(0, 1, 11)
+    >>> result = evaluate_path(model.apply, (params_a, params_b), ts, eval_batches,
+    ...                        bn_batches=bn_batches)
+    >>> result.barriers()   # {'loss': ..., 'error': ...}
+  """
+  ts_np = check_grid(ts)
+  path_function = paths.path_fn(path) if isinstance(path, str) else path
+  strategy = strategy or DEFAULT_STRATEGY.get(jax.default_backend(), "map")
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Unknown strategy {strategy!r}; valid strategies: {STRATEGIES}.")
+  points = tuple(points)
+  paths.check_matching(points)
+  _check_batches(eval_batches, ("image", "label", "mask"), "eval_batches")
+  if bn_batches is not None:
+    _check_batches(bn_batches, ("image",), "bn_batches")
+    bn_batches = {"image": bn_batches["image"]}
+  elif batchnorm.has_batchnorm(apply_fn, {"params": points[0]}, eval_batches["image"][0]):
+    raise ValueError("The model has BatchNorm layers: pass bn_batches (stacked full batches "
+                     "of training images) so that statistics are recomputed at every t.")
+  ts_arr = jnp.asarray(ts_np, jnp.float32)
+  loss, accuracy = _evaluate_path_jit(points, ts_arr, eval_batches, bn_batches,
+                                      apply_fn=apply_fn, path_fn=path_function,
+                                      strategy=strategy, chunk_size=int(chunk_size))
+  return PathEval(ts=ts_arr, loss=loss, accuracy=accuracy)
+
+
+def _check_batches(batches, keys, name):
+  missing = [k for k in keys if k not in batches]
+  if missing:
+    raise ValueError(f"{name} lacks keys {missing}; expected {list(keys)} stacked "
+                     "[num_batches, batch_size, ...] (see stack_batches).")
+  if batches["image"].ndim < 3:
+    raise ValueError(f"{name}['image'] must be [num_batches, batch_size, ...], "
+                     f"got shape {batches['image'].shape}.")

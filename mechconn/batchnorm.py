@@ -1,0 +1,116 @@
+"""Exact recomputation of BatchNorm statistics for a network at a new point.
+
+The running statistics of an interpolated network are meaningless: for every
+point of a path they must be recomputed from data. `recompute_batch_stats`
+runs the network in training mode over a set of batches and returns, for every
+`flax.linen.BatchNorm` layer, the plain average over the batches of that
+layer's per-batch mean and biased variance, in the `batch_stats` layout that
+`use_running_average=True` reads. It is *not* an exponential moving average
+started from an endpoint's statistics, and it does not depend on the layers'
+`momentum` (this is torch's `update_bn` with `momentum=None`).
+
+How: a Flax method interceptor sees the input of every BatchNorm call in
+training mode and records that batch's moments (float32) in a side collection,
+so any Linen model works unchanged, with no per-layer code.
+"""
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Variables = chex.ArrayTree
+Batch = dict[str, jax.Array]
+
+MOMENTS = "batch_moments"  # side collection holding one batch's moments
+
+
+class ApplyFn(Protocol):
+  """`apply_fn(variables, images, *, train, mutable=False)` as Flax `Module.apply`."""
+
+  def __call__(self, variables: Variables, images: jax.Array, *, train: bool,
+               mutable: Any = False) -> Any:
+    ...
+
+
+def _record_moments(next_fun, args, kwargs, context):
+  """Interceptor: record the batch mean and biased variance of BatchNorm inputs."""
+  module = context.module
+  if not (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"):
+    return next_fun(*args, **kwargs)
+  x = args[0] if args else kwargs["x"]
+  use_running_average = nn.merge_param(
+      "use_running_average", module.use_running_average,
+      kwargs.get("use_running_average", args[1] if len(args) > 1 else None))
+  if not use_running_average and not module.is_initializing():
+    if kwargs.get("mask") is not None:
+      raise NotImplementedError("recompute_batch_stats does not support masked BatchNorm.")
+    feature_axes = {a % x.ndim for a in ((module.axis,) if isinstance(module.axis, int)
+                                         else module.axis)}
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    x32 = jnp.asarray(x, jnp.float32)
+    mean = jnp.mean(x32, axis=reduction_axes)
+    centred = x32 - jnp.expand_dims(mean, reduction_axes)
+    var = jnp.mean(jnp.square(centred), axis=reduction_axes)
+    module.put_variable(MOMENTS, "mean", mean)
+    module.put_variable(MOMENTS, "var", var)
+  return next_fun(*args, **kwargs)
+
+
+def batch_moments(apply_fn: ApplyFn, variables: Variables, images: jax.Array) -> Variables:
+  """Per-layer (mean, biased var) of one batch in training mode, laid out as batch_stats.
+
+  Returns an empty dict for a model without BatchNorm.
+  """
+  params_only = {k: v for k, v in variables.items() if k != "batch_stats"}
+  with nn.intercept_methods(_record_moments):
+    _, updates = apply_fn(params_only, images, train=True, mutable=["batch_stats", MOMENTS])
+  return updates.get(MOMENTS, {})
+
+
+def has_batchnorm(apply_fn: ApplyFn, variables: Variables, images: jax.Array) -> bool:
+  """Whether the model records BatchNorm moments (checked abstractly, no compute)."""
+  moments = jax.eval_shape(lambda v, x: batch_moments(apply_fn, v, x), variables, images)
+  return bool(jax.tree_util.tree_leaves(moments))
+
+
+def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables, batches: Batch) -> Variables:
+  """Exact BatchNorm statistics of `variables['params']` over a set of batches.
+
+  For every BatchNorm layer l:
+    mean_l = (1 / N) sum_n mean(h_l(x_n)),  var_l = (1 / N) sum_n var(h_l(x_n)),
+  where h_l(x_n) is the layer's input on batch n with every BatchNorm in
+  training mode (normalising by its batch's moments, as during training) and
+  var is the biased variance over the batch and spatial axes.
+
+  Args:
+    apply_fn: `model.apply` of a Flax model taking `train=`.
+    variables: must hold 'params'; any 'batch_stats' are ignored.
+    batches: {'image': images_NxBx...} stacked along a leading batch axis N;
+      every batch must be full (no padding), since padded rows would bias the
+      moments.
+
+  Returns:
+    A 'batch_stats' pytree ({} for a model without BatchNorm), float32.
+
+  Example:
+    >>> stats = recompute_batch_stats(model.apply, {'params': params}, bn_batches)
+    >>> logits = model.apply({'params': params, 'batch_stats': stats}, x, train=False)
+  """
+  images_N = batches["image"]
+  num_batches = images_N.shape[0]
+  if num_batches == 0:
+    raise ValueError("recompute_batch_stats needs at least one batch, got 0.")
+
+  def accumulate(total, images):
+    moments = batch_moments(apply_fn, variables, images)
+    return jax.tree.map(jnp.add, total, moments), None
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(lambda x: batch_moments(apply_fn, variables, x),
+                                      images_N[0]))
+  total, _ = jax.lax.scan(accumulate, zeros, images_N)
+  return jax.tree.map(lambda s: s / num_batches, total)

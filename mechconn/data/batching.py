@@ -1,0 +1,47 @@
+"""Stacking examples into fixed-size batches for scans over data.
+
+A stacked batch set is a dict of arrays with two leading axes, [num_batches,
+batch_size, ...]: 'image', 'label' and 'mask' (1.0 for real examples, 0.0 for
+padding in the last batch), so means over a dataset are exact with a single
+compiled batch shape.
+"""
+
+import numpy as np
+
+Batches = dict[str, np.ndarray]
+
+
+def stack_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                  drop_remainder: bool = False) -> Batches:
+  """Splits (images, labels) into [N, batch_size, ...] arrays with a validity mask.
+
+  Args:
+    images: [num_examples, ...] array.
+    labels: [num_examples] integer labels.
+    batch_size: examples per batch.
+    drop_remainder: drop the last partial batch instead of padding it (use for
+      BatchNorm statistics, where padding would bias the moments).
+
+  Returns:
+    {'image': [N, B, ...], 'label': [N, B], 'mask': [N, B] float32}.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  if len(images) != len(labels):
+    raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}.")
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  n = len(images)
+  num_batches = n // batch_size if drop_remainder else -(-n // batch_size)
+  if num_batches == 0:
+    raise ValueError(f"{n} examples make no full batch of {batch_size}.")
+  total = num_batches * batch_size
+  mask = np.zeros(total, np.float32)
+  mask[:min(n, total)] = 1.0
+
+  def pad(a):
+    a = a[:total]
+    if len(a) < total:
+      a = np.concatenate([a, np.zeros((total - len(a),) + a.shape[1:], a.dtype)])
+    return a.reshape((num_batches, batch_size) + a.shape[1:])
+
+  return {"image": pad(images), "label": pad(labels), "mask": mask.reshape(num_batches, batch_size)}

@@ -1,0 +1,32 @@
+"""Flax Linen models; every one maps NHWC images to logits and can return features.
+
+`model.apply(variables, x, train=False, return_features=True)` returns
+(logits, penultimate_features).
+"""
+
+import flax.linen as nn
+
+from mechconn.models.mlp import MLP
+from mechconn.models.resnet import ResNet18
+from mechconn.models.small_cnn import SmallCNN
+from mechconn.models.vgg import VGG13
+
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "small_cnn": SmallCNN,
+    "vgg13": VGG13,
+    "resnet18": ResNet18,
+}
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Builds a model by name ('mlp', 'small_cnn', 'vgg13', 'resnet18').
+
+  Extra keyword arguments are the model's attributes (e.g. width=0.25).
+  """
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; valid models: {sorted(MODELS)}.")
+  return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+__all__ = ["MLP", "MODELS", "ResNet18", "SmallCNN", "VGG13", "get_model"]

@@ -1,0 +1,111 @@
+"""Shared layers: convolution implementations chosen by measurement.
+
+XLA:CPU convolutions collapse on tiny feature maps (a 3x3, 512 -> 512 conv on
+a 2x2 map ran at about 2 GFLOP/s here, against about 140 GFLOP/s for the same
+product as patches + one matmul); on larger maps XLA's own convolution is the
+faster one (see benchmarks/conv_impl.py). `conv_general_dilated_auto` picks
+per layer, from static shapes, at trace time; it is passed to `nn.Conv` so the
+parameter tree is the same whichever implementation runs.
+"""
+
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Output maps with at most this many pixels use patches + matmul on CPU.
+PATCHES_MAX_OUTPUT_PIXELS = 4
+CONV_IMPLS = ("auto", "xla", "patches")
+
+
+def _nhwc(dimension_numbers) -> bool:
+  dn = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), dimension_numbers) \
+      if not isinstance(dimension_numbers, lax.ConvDimensionNumbers) else dimension_numbers
+  return tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1) \
+      and tuple(dn.out_spec) == (0, 3, 1, 2)
+
+
+def conv_as_matmul(lhs, rhs, window_strides, padding):
+  """A 2-D NHWC/HWIO convolution as explicit patches and one matmul.
+
+  Patches are strided slices of the padded input (pure data movement, cheap to
+  differentiate), concatenated in (kh, kw, c) order to match
+  `rhs.reshape(kh * kw * c, o)`.
+  """
+  kh, kw, c, o = rhs.shape
+  n, h, w, _ = lhs.shape
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads((h, w), (kh, kw), window_strides, padding)
+  (pt, pb), (pl, pr) = padding
+  sh, sw = window_strides
+  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho = (h + pt + pb - kh) // sh + 1
+  wo = (w + pl + pr - kw) // sw + 1
+  cols = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+  out = jnp.dot(patches.reshape(n * ho * wo, kh * kw * c), rhs.reshape(kh * kw * c, o),
+                preferred_element_type=jnp.result_type(lhs, rhs))
+  return out.reshape(n, ho, wo, o)
+
+
+def conv_general_dilated_auto(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                              rhs_dilation=None, dimension_numbers=None,
+                              feature_group_count=1, batch_group_count=1,
+                              precision=None, preferred_element_type=None,
+                              *, impl: str = "auto"):
+  """Drop-in for `lax.conv_general_dilated` choosing XLA's conv or patches + matmul."""
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1
+           and all(d == 1 for d in (lhs_dilation or (1, 1)))
+           and all(d == 1 for d in (rhs_dilation or (1, 1)))
+           and dimension_numbers is not None and _nhwc(dimension_numbers))
+  use_patches = False
+  if plain and impl == "patches":
+    use_patches = True
+  elif plain and impl == "auto" and jax.default_backend() == "cpu":
+    out_shape = jax.eval_shape(
+        lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding,
+                                              dimension_numbers=dimension_numbers),
+        lhs, rhs).shape
+    use_patches = out_shape[1] * out_shape[2] <= PATCHES_MAX_OUTPUT_PIXELS
+  if use_patches:
+    return conv_as_matmul(lhs, rhs, tuple(window_strides), padding)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
+
+
+def conv(features: int, kernel_size: int = 3, strides: int = 1, *, impl: str = "auto",
+         use_bias: bool = False, dtype=None, name: str | None = None) -> nn.Conv:
+  """A 'SAME'-padded (symmetric, as PyTorch's padding = k // 2) `nn.Conv`."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"Unknown conv impl {impl!r}; valid: {CONV_IMPLS}.")
+  pad = kernel_size // 2
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
+                 kernel_init=nn.initializers.kaiming_normal(),
+                 conv_general_dilated=functools.partial(conv_general_dilated_auto, impl=impl),
+                 name=name)
+
+
+def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, name=name)
+
+
+def scaled(channels: int, width: float) -> int:
+  """Channel count times a width multiplier, at least 1."""
+  return max(1, int(round(channels * width)))
+
+
+def check_images(x: jax.Array, expected_ndim: int = 4) -> None:
+  if x.ndim != expected_ndim:
+    raise ValueError(f"Expected images of rank {expected_ndim} (NHWC), got shape {x.shape}.")
+
+
