@@ -1,0 +1,151 @@
+"""Benchmark: evaluate_path strategies over t against a Python loop and plain vmap.
+
+Work per run (defaults): K = 16 t values on the linear path between two random
+inits; at each t, BatchNorm statistics recomputed from 8 batches of 128 and
+loss/accuracy over 2,048 eval examples (batches of 256), 32x32x3 inputs.
+
+Compared on each model:
+  loop   (a): a Python loop over t calling one jitted single-point evaluation
+              (same work per t);
+  vmap   (b): strategy='vmap' (plain jax.vmap over t);
+  map, chunked: the other strategies; 'default' is DEFAULT_STRATEGY.
+Also measures this machine's float32 matmul peak in the same run.
+
+Prints one JSON line per (model, method): median seconds over --repeats runs
+after one warm-up (compile) run, ratios to (a) and (b), achieved GFLOP/s (model
+forward FLOPs from XLA's cost analysis times examples times K) and its
+fraction of the measured peak.
+
+  python benchmarks/path_eval.py                 # SmallCNN(32) and VGG13(0.25)
+  python benchmarks/path_eval.py --models=vgg13 --vgg_width=0.5 --repeats=3
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mechconn import barriers, paths
+from mechconn.models import get_model
+
+
+def median_seconds(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # warm-up: compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 7) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  return 2 * n**3 / median_seconds(lambda: matmul(a), repeats)
+
+
+def forward_flops_per_image(model, variables, image_shape, batch: int = 64) -> float:
+  x = jnp.zeros((batch,) + image_shape, jnp.float32)
+  compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / batch
+
+
+def bench_model(name, model, args, peak):
+  image_shape = (32, 32, 3)
+  rng = np.random.default_rng(0)
+  va = model.init(jax.random.key(0), jnp.zeros((2,) + image_shape))
+  vb = model.init(jax.random.key(1), jnp.zeros((2,) + image_shape))
+  points = (va["params"], vb["params"])
+  n_eval = args.eval_examples
+  eval_batches = {
+      "image": jnp.asarray(rng.normal(size=(n_eval // args.eval_batch, args.eval_batch)
+                                      + image_shape).astype(np.float32)),
+      "label": jnp.asarray(rng.integers(0, 10, (n_eval // args.eval_batch, args.eval_batch))),
+      "mask": jnp.ones((n_eval // args.eval_batch, args.eval_batch), jnp.float32)}
+  bn_batches = {"image": jnp.asarray(rng.normal(
+      size=(args.bn_batches, args.bn_batch) + image_shape).astype(np.float32))}
+  ts = np.linspace(0, 1, args.num_t)
+  flops = forward_flops_per_image(model, va, image_shape) * args.num_t * (
+      n_eval + args.bn_batches * args.bn_batch)
+
+  linear = paths.path_fn("linear")
+  point = jax.jit(lambda pts, t, ev, bn: barriers.evaluate_point(
+      model.apply, linear(pts, t), ev, bn))
+  ts_dev = [jnp.float32(t) for t in ts]
+
+  def loop():
+    return [point(points, t, eval_batches, bn_batches) for t in ts_dev]
+
+  def strategy(s):
+    return lambda: barriers.evaluate_path(model.apply, points, ts, eval_batches,
+                                          bn_batches=bn_batches, strategy=s,
+                                          chunk_size=args.chunk_size).loss
+
+  default = barriers.DEFAULT_STRATEGY.get(jax.default_backend(), "map")
+  methods = {"loop": loop, "map": strategy("map"), "chunked": strategy("chunked"),
+             "vmap": strategy("vmap")}
+  # Check the methods agree before timing them.
+  ref = np.array([float(l) for l, _ in loop()])
+  for m in ("map", "chunked", "vmap"):
+    np.testing.assert_allclose(np.asarray(methods[m]()), ref, rtol=2e-4, atol=2e-4)
+  seconds = {}
+  for m, fn in methods.items():
+    if m in args.skip:
+      continue
+    reps = args.vmap_repeats if m == "vmap" else args.repeats
+    seconds[m] = median_seconds(fn, reps)
+  for m, s in seconds.items():
+    line = {"benchmark": "path_eval", "model": name, "method": m,
+            "is_default": m == default, "backend": jax.default_backend(),
+            "num_t": args.num_t, "eval_examples": n_eval,
+            "bn_examples": args.bn_batches * args.bn_batch,
+            "median_s": round(s, 4),
+            "vs_loop": round(s / seconds["loop"], 3),
+            "speedup_vs_vmap": round(seconds["vmap"] / s, 2) if "vmap" in seconds else None,
+            "gflops": round(flops / s / 1e9, 1),
+            "fraction_of_peak": round(flops / s / peak, 3),
+            "peak_gflops": round(peak / 1e9, 1)}
+    print(json.dumps(line), flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="small_cnn,vgg13")
+  parser.add_argument("--small_cnn_width", type=int, default=32)
+  parser.add_argument("--vgg_width", type=float, default=0.25)
+  parser.add_argument("--num_t", type=int, default=16)
+  parser.add_argument("--eval_examples", type=int, default=2048)
+  parser.add_argument("--eval_batch", type=int, default=256)
+  parser.add_argument("--bn_batches", type=int, default=8)
+  parser.add_argument("--bn_batch", type=int, default=128)
+  parser.add_argument("--chunk_size", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--vmap_repeats", type=int, default=2)
+  parser.add_argument("--skip", default="", help="comma-separated methods not to time")
+  args = parser.parse_args()
+  args.skip = [s for s in args.skip.split(",") if s]
+  peak = matmul_peak_flops()
+  print(json.dumps({"benchmark": "matmul_peak", "n": 2048,
+                    "gflops": round(peak / 1e9, 1)}), flush=True)
+  for name in args.models.split(","):
+    if name == "small_cnn":
+      model = get_model("small_cnn", 10, width=args.small_cnn_width)
+      label = f"small_cnn(width={args.small_cnn_width})"
+    elif name == "vgg13":
+      model = get_model("vgg13", 10, width=args.vgg_width)
+      label = f"vgg13(width={args.vgg_width})"
+    else:
+      raise ValueError(f"Unknown benchmark model {name!r}; valid: small_cnn, vgg13.")
+    bench_model(label, model, args, peak)
+  print(json.dumps({"benchmark": "matmul_peak_after", "n": 2048,
+                    "gflops": round(matmul_peak_flops() / 1e9, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+  main()

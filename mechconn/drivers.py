@@ -1,0 +1,117 @@
+"""Drivers: whole jobs built from the library, called by experiments/main.py.
+
+A driver takes a config object (any attribute container, e.g. an
+ml_collections.ConfigDict) and a workdir. It never parses files.
+"""
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from mechconn import barriers
+from mechconn import train
+from mechconn.data import batching
+from mechconn.data import prototypes
+from mechconn.models import get_model
+
+RESULT_FILE = "linear_barrier.json"
+
+
+def _optimizer(config: Any, steps: int) -> optax.GradientTransformation:
+  schedule = optax.cosine_decay_schedule(config.learning_rate, decay_steps=steps)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=config.momentum))
+
+
+def write_json_new(path: str, record: dict) -> None:
+  """Writes JSON atomically; refuses to replace an existing file."""
+  if os.path.exists(path):
+    raise FileExistsError(f"{path} already exists; use a new --workdir (nothing was written).")
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2)
+  os.replace(tmp, path)
+
+
+def linear_barrier(config: Any, workdir: str) -> dict:
+  """Trains two models from different seeds and evaluates the linear path between them.
+
+  Writes `linear_barrier.json` (curves, barriers, config) into workdir and
+  returns the same record.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  out_path = os.path.join(workdir, RESULT_FILE)
+  if os.path.exists(out_path):
+    raise FileExistsError(f"{out_path} already exists; use a new --workdir.")
+  data = config.data
+  train_x, train_y = prototypes.make_prototype_images(
+      data.train_seed, data.num_train, num_classes=data.num_classes,
+      image_size=data.image_size, noise=data.noise)
+  test_x, test_y = prototypes.make_prototype_images(
+      data.test_seed, data.num_test, num_classes=data.num_classes,
+      image_size=data.image_size, noise=data.noise)
+  model = get_model(config.model.name, data.num_classes, **config.model.kwargs)
+  steps = config.num_epochs * (data.num_train // config.batch_size)
+  tx = _optimizer(config, steps)
+
+  start = time.perf_counter()
+  states = []
+  for i in range(2):
+    state, history = train.fit(model, tx, train_x, train_y, batch_size=config.batch_size,
+                               num_epochs=config.num_epochs, seed=config.seed + i,
+                               desc=f"model {i}")
+    print(f"model {i}: final epoch train loss {history[-1]['loss']:.4f}, "
+          f"train accuracy {history[-1]['accuracy']:.4f}")
+    states.append(state)
+  train_seconds = time.perf_counter() - start
+
+  eval_batches = batching.stack_batches(test_x, test_y, config.eval_batch_size)
+  bn_batches = batching.stack_batches(
+      train_x[:config.bn_batches * config.eval_batch_size],
+      train_y[:config.bn_batches * config.eval_batch_size],
+      config.eval_batch_size, drop_remainder=True)
+  has_bn = bool(states[0].batch_stats)
+  ts = np.linspace(0.0, 1.0, config.num_t)
+  start = time.perf_counter()
+  result = barriers.evaluate_path(model.apply, (states[0].params, states[1].params), ts,
+                                  eval_batches, bn_batches=bn_batches if has_bn else None)
+  result = jax.device_get(result)
+  eval_seconds = time.perf_counter() - start
+
+  record = {
+      "path": "linear",
+      "ts": np.asarray(result.ts).tolist(),
+      "loss": np.asarray(result.loss).tolist(),
+      "accuracy": np.asarray(result.accuracy).tolist(),
+      "loss_barrier": float(barriers.barrier_height(result.ts, result.loss)),
+      "error_barrier": float(barriers.barrier_height(result.ts, result.error)),
+      "loss_barrier_t": barriers.barrier_location(result.ts, result.loss),
+      "batchnorm_recomputed_from": (
+          f"{bn_batches['image'].shape[0] * bn_batches['image'].shape[1]} training examples"
+          if has_bn else None),
+      "eval_examples": int(len(test_x)),
+      "seeds": [config.seed, config.seed + 1],
+      "train_seconds": round(train_seconds, 2),
+      "path_eval_seconds": round(eval_seconds, 2),
+      "backend": jax.default_backend(),
+      "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+  }
+  print(format_path_table(record))
+  write_json_new(out_path, record)
+  print(f"wrote {out_path}")
+  return record
+
+
+def format_path_table(record: dict) -> str:
+  """A plain-text table of t, loss and accuracy, with the barriers below it."""
+  lines = ["     t     loss  accuracy"]
+  for t, loss, acc in zip(record["ts"], record["loss"], record["accuracy"]):
+    lines.append(f"{t:6.3f} {loss:8.4f} {acc:9.4f}")
+  lines.append(f"loss barrier  {record['loss_barrier']:.4f} (at t = {record['loss_barrier_t']:.3f})")
+  lines.append(f"error barrier {record['error_barrier']:.4f}")
+  return "\n".join(lines)

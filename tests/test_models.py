@@ -1,0 +1,101 @@
+"""Model definitions: parameter counts from the architectures, features, conv impls."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mechconn.models import get_model, layers
+from mechconn.models.vgg import VGG13_CFG
+
+
+def param_count(model, image_shape=(32, 32, 3)):
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2,) + image_shape)))
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+
+
+def conv_bn(c_in, c_out, k=3):
+  return k * k * c_in * c_out + 2 * c_out  # conv without bias, BN scale and bias
+
+
+def test_vgg13_count_from_paper_definition():
+  # Ten 3x3 convs without bias (64, 64s2, 128, 128s2, 256, 256s2, 512, 512s2, 512, 512)
+  # each with BN (scale, bias); a 512 -> 10 linear head with bias.
+  channels = [3, 64, 64, 128, 128, 256, 256, 512, 512, 512, 512]
+  expected = sum(conv_bn(a, b) for a, b in zip(channels[:-1], channels[1:])) + 512 * 10 + 10
+  assert expected == 9_413_066
+  assert param_count(get_model("vgg13", 10)) == expected
+  assert [c for c, _ in VGG13_CFG] == channels[1:]
+
+
+def test_resnet18_count():
+  def block(c_in, c_out):
+    shortcut = conv_bn(c_in, c_out, k=1) if c_in != c_out else 0
+    return conv_bn(c_in, c_out) + conv_bn(c_out, c_out) + shortcut
+  widths = [64, 64, 64, 128, 128, 256, 256, 512, 512]
+  expected = conv_bn(3, 64) + sum(block(a, b) for a, b in zip(widths[:-1], widths[1:]))
+  expected += 512 * 10 + 10
+  assert expected == 11_173_962  # the standard CIFAR ResNet-18 figure
+  assert param_count(get_model("resnet18", 10)) == expected
+
+
+def test_small_cnn_and_mlp_counts():
+  w = 8
+  expected = conv_bn(3, w) + conv_bn(w, 2 * w) + conv_bn(2 * w, 4 * w) + 4 * w * 5 + 5
+  assert param_count(get_model("small_cnn", 5, width=w)) == expected
+  mlp = get_model("mlp", 10, hidden=(32, 16))
+  assert param_count(mlp, (4, 4, 3)) == (48 * 32 + 32) + (32 * 16 + 16) + (16 * 10 + 10)
+
+
+def test_width_multiplier_scales_channels():
+  v = jax.eval_shape(lambda: get_model("vgg13", 10, width=0.25).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert v["params"]["Conv_0"]["kernel"].shape == (3, 3, 3, 16)
+  assert v["params"]["head"]["kernel"].shape == (128, 10)
+
+
+@pytest.mark.parametrize("name,kw", [("mlp", {"hidden": (16,)}), ("small_cnn", {"width": 4}),
+                                     ("vgg13", {"width": 1 / 16}),
+                                     ("resnet18", {"width": 1 / 16})])
+def test_features_and_logits(name, kw):
+  model = get_model(name, 7, **kw)
+  x = jnp.ones((3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  logits, features = model.apply(variables, x, return_features=True)
+  assert logits.shape == (3, 7) and features.ndim == 2 and features.shape[0] == 3
+  head = variables["params"]["head"]
+  np.testing.assert_allclose(features @ head["kernel"] + head["bias"], logits, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_unknown_model_lists_valid_ones():
+  with pytest.raises(ValueError, match=r"valid models: \['mlp', 'resnet18', 'small_cnn', 'vgg13'\]"):
+    get_model("vgg16", 10)
+
+
+@pytest.mark.parametrize("size,c_in,stride", [(2, 8, 1), (4, 8, 2), (5, 3, 2), (6, 4, 1)])
+def test_conv_as_matmul_matches_xla(size, c_in, stride):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, size, size, c_in)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, c_in, 5)), jnp.float32)
+  pads = ((1, 1), (1, 1))
+  ref = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours = lambda x, w: layers.conv_as_matmul(x, w, (stride, stride), pads)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for g_ours, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impls_give_the_same_network():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
+  make = functools.partial(get_model, "vgg13", 10, width=1 / 16)
+  variables = make(conv_impl="xla").init(jax.random.key(0), x)
+  outs = [make(conv_impl=impl).apply(variables, x) for impl in layers.CONV_IMPLS]
+  for out in outs[1:]:
+    np.testing.assert_allclose(out, outs[0], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="valid"):
+    make(conv_impl="winograd").init(jax.random.key(0), x)

@@ -1,0 +1,47 @@
+"""End to end: the quickstart config through experiments/main.py on embedded data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mechconn import barriers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(workdir, *extra):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/quickstart.py:quicktest", f"--workdir={workdir}", *extra],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_quicktest_runs_and_records_a_consistent_barrier(tmp_path):
+  proc = run_main(tmp_path, "--config.num_t=6")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "loss barrier" in proc.stdout
+  record = json.loads((tmp_path / "linear_barrier.json").read_text())
+  ts = np.asarray(record["ts"])
+  np.testing.assert_allclose(ts, np.linspace(0, 1, 6), rtol=1e-6)
+  assert record["loss_barrier"] == pytest.approx(
+      float(barriers.barrier_height(ts, np.asarray(record["loss"]))), rel=1e-6)
+  assert record["config"]["num_t"] == 6
+  assert record["batchnorm_recomputed_from"] == "512 training examples"
+  # Nothing is overwritten: a second run into the same workdir refuses.
+  again = run_main(tmp_path)
+  assert again.returncode != 0 and "already exists" in again.stderr
+  assert json.loads((tmp_path / "linear_barrier.json").read_text()) == record
+
+
+def test_unknown_config_key_and_preset_are_refused(tmp_path):
+  proc = run_main(tmp_path, "--config.num_tt=3")
+  assert proc.returncode != 0 and "num_tt" in proc.stderr
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/quickstart.py:huge", f"--workdir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "valid presets" in proc.stderr
