@@ -22,6 +22,7 @@ fraction of the measured peak.
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -32,8 +33,11 @@ from mechconn import barriers, paths
 from mechconn.models import get_model
 
 
-def median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up: compile
+def median_seconds(fn, repeats: int, check=None) -> float:
+  """Median wall time of fn() over `repeats` runs after one warm-up (compile) run."""
+  out = jax.block_until_ready(fn())  # warm-up: compile
+  if check is not None:
+    check(out)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -92,14 +96,17 @@ def bench_model(name, model, args, peak):
              "vmap": strategy("vmap")}
   # Check the methods agree before timing them.
   ref = np.array([float(l) for l, _ in loop()])
-  for m in ("map", "chunked", "vmap"):
-    np.testing.assert_allclose(np.asarray(methods[m]()), ref, rtol=2e-4, atol=2e-4)
+
+  def agrees(out):  # every method computes the same losses as the loop
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-4, atol=2e-4)
+
   seconds = {}
   for m, fn in methods.items():
     if m in args.skip:
       continue
+    print(f"timing {name} {m}", file=sys.stderr, flush=True)
     reps = args.vmap_repeats if m == "vmap" else args.repeats
-    seconds[m] = median_seconds(fn, reps)
+    seconds[m] = median_seconds(fn, reps, check=None if m == "loop" else agrees)
   for m, s in seconds.items():
     line = {"benchmark": "path_eval", "model": name, "method": m,
             "is_default": m == default, "backend": jax.default_backend(),

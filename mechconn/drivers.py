@@ -28,10 +28,40 @@ def _optimizer(config: Any, steps: int) -> optax.GradientTransformation:
                      optax.sgd(schedule, momentum=config.momentum))
 
 
-def write_json_new(path: str, record: dict) -> None:
-  """Writes JSON atomically; refuses to replace an existing file."""
-  if os.path.exists(path):
-    raise FileExistsError(f"{path} already exists; use a new --workdir (nothing was written).")
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_result_compatible(path: str, config_dict: dict) -> None:
+  """Refuses a workdir whose earlier result came from a different config.
+
+  Re-running the same config (same seeds, so the same numbers on this machine)
+  may replace its own result; anything else would lose a user's result.
+  """
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      previous = json.load(f)["config"]
+  except (OSError, ValueError, KeyError) as e:
+    raise FileExistsError(f"{path} exists but is not a readable mechconn result ({e}); "
+                          "use a new --workdir.") from e
+  old, new = _flatten(previous), _flatten(json.loads(json.dumps(config_dict)))
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if diff:
+    raise FileExistsError(
+        f"{path} already holds a result of a different config (differs in {diff}); "
+        "use a new --workdir. Nothing was overwritten.")
+
+
+def write_json_atomic(path: str, record: dict) -> None:
+  """Writes JSON to a temporary file, then renames it over `path`."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(record, f, indent=2)
@@ -46,8 +76,8 @@ def linear_barrier(config: Any, workdir: str) -> dict:
   """
   os.makedirs(workdir, exist_ok=True)
   out_path = os.path.join(workdir, RESULT_FILE)
-  if os.path.exists(out_path):
-    raise FileExistsError(f"{out_path} already exists; use a new --workdir.")
+  config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  check_result_compatible(out_path, config_dict)
   data = config.data
   train_x, train_y = prototypes.make_prototype_images(
       data.train_seed, data.num_train, num_classes=data.num_classes,
@@ -99,10 +129,10 @@ def linear_barrier(config: Any, workdir: str) -> dict:
       "train_seconds": round(train_seconds, 2),
       "path_eval_seconds": round(eval_seconds, 2),
       "backend": jax.default_backend(),
-      "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+      "config": config_dict,
   }
   print(format_path_table(record))
-  write_json_new(out_path, record)
+  write_json_atomic(out_path, record)
   print(f"wrote {out_path}")
   return record
 

@@ -31,10 +31,15 @@ def test_quicktest_runs_and_records_a_consistent_barrier(tmp_path):
       float(barriers.barrier_height(ts, np.asarray(record["loss"]))), rel=1e-6)
   assert record["config"]["num_t"] == 6
   assert record["batchnorm_recomputed_from"] == "512 training examples"
-  # Nothing is overwritten: a second run into the same workdir refuses.
-  again = run_main(tmp_path)
-  assert again.returncode != 0 and "already exists" in again.stderr
+  # A different config into the same workdir is refused and overwrites nothing.
+  other = run_main(tmp_path, "--config.num_t=5")
+  assert other.returncode != 0 and "different config" in other.stderr and "num_t" in other.stderr
   assert json.loads((tmp_path / "linear_barrier.json").read_text()) == record
+  # The same config again is deterministic: same numbers.
+  again = run_main(tmp_path, "--config.num_t=6")
+  assert again.returncode == 0, again.stderr[-3000:]
+  rerun = json.loads((tmp_path / "linear_barrier.json").read_text())
+  assert rerun["loss"] == record["loss"] and rerun["accuracy"] == record["accuracy"]
 
 
 def test_unknown_config_key_and_preset_are_refused(tmp_path):

@@ -109,3 +109,9 @@ def check_images(x: jax.Array, expected_ndim: int = 4) -> None:
     raise ValueError(f"Expected images of rank {expected_ndim} (NHWC), got shape {x.shape}.")
 
 
+
+
+def classify(features, num_classes: int, dtype=None, return_features: bool = False):
+  """The linear head shared by every model: logits, or (logits, features)."""
+  logits = nn.Dense(num_classes, dtype=dtype, name="head")(features)
+  return (logits, features) if return_features else logits

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from mechconn.models import layers
+
 
 class MLP(nn.Module):
   """Flatten, then Dense + ReLU per hidden layer, then a linear head.
@@ -24,5 +26,4 @@ class MLP(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"Dense_{i}")(x))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-    return (logits, x) if return_features else logits
+    return layers.classify(x, self.num_classes, self.dtype, return_features)

@@ -50,5 +50,4 @@ class ResNet18(nn.Module):
         x = BasicBlock(layers.scaled(channels, self.width), strides, self.conv_impl,
                        self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
     features = x.mean(axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features)
-    return (logits, features) if return_features else logits
+    return layers.classify(features, self.num_classes, self.dtype, return_features)

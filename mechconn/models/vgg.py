@@ -31,5 +31,4 @@ class VGG13(nn.Module):
                       dtype=self.dtype, name=f"Conv_{i}")(x)
       x = nn.relu(layers.batch_norm(train, self.dtype, name=f"BatchNorm_{i}")(x))
     features = x.mean(axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features)
-    return (logits, features) if return_features else logits
+    return layers.classify(features, self.num_classes, self.dtype, return_features)
