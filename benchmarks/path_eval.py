@@ -16,8 +16,8 @@ after one warm-up (compile) run, ratios to (a) and (b), achieved GFLOP/s (model
 forward FLOPs from XLA's cost analysis times examples times K) and its
 fraction of the measured peak.
 
-  python benchmarks/path_eval.py                 # SmallCNN(32) and VGG13(0.25)
-  python benchmarks/path_eval.py --models=vgg13 --vgg_width=0.5 --repeats=3
+  python benchmarks/path_eval.py                 # SmallCNN(32) and VGG13(0.5)
+  python benchmarks/path_eval.py --models=vgg13 --vgg_width=0.25 --repeats=3
 """
 
 import argparse
@@ -125,7 +125,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="small_cnn,vgg13")
   parser.add_argument("--small_cnn_width", type=int, default=32)
-  parser.add_argument("--vgg_width", type=float, default=0.25)
+  parser.add_argument("--vgg_width", type=float, default=0.5)
   parser.add_argument("--num_t", type=int, default=16)
   parser.add_argument("--eval_examples", type=int, default=2048)
   parser.add_argument("--eval_batch", type=int, default=256)
