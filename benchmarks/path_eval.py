@@ -2,7 +2,7 @@
 
 Work per run (defaults): K = 16 t values on the linear path between two random
 inits; at each t, BatchNorm statistics recomputed from 8 batches of 128 and
-loss/accuracy over 2,048 eval examples (batches of 256), 32x32x3 inputs.
+loss/accuracy over 2,048 eval examples (batches of 128), 32x32x3 inputs.
 
 Compared on each model:
   loop   (a): a Python loop over t calling one jitted single-point evaluation
@@ -128,7 +128,7 @@ def main():
   parser.add_argument("--vgg_width", type=float, default=0.5)
   parser.add_argument("--num_t", type=int, default=16)
   parser.add_argument("--eval_examples", type=int, default=2048)
-  parser.add_argument("--eval_batch", type=int, default=256)
+  parser.add_argument("--eval_batch", type=int, default=128)
   parser.add_argument("--bn_batches", type=int, default=8)
   parser.add_argument("--bn_batch", type=int, default=128)
   parser.add_argument("--chunk_size", type=int, default=4)

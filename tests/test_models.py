@@ -99,3 +99,15 @@ def test_conv_impls_give_the_same_network():
     np.testing.assert_allclose(out, outs[0], rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="valid"):
     make(conv_impl="winograd").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("impl,expected_convs", [("xla", 10), ("patches", 0), ("auto", 7)])
+def test_auto_routes_tiny_maps_to_matmul_on_cpu(impl, expected_convs):
+  # VGG13 on 32x32: Conv_7 (stride 2 on 4x4) and Conv_8, Conv_9 output 2x2 maps.
+  model = get_model("vgg13", 10, width=1 / 16, conv_impl=impl)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)
+  num_convs = str(jaxpr).count("conv_general_dilated[")
+  assert jax.default_backend() == "cpu"
+  assert num_convs == expected_convs

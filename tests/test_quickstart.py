@@ -30,7 +30,7 @@ def test_quicktest_runs_and_records_a_consistent_barrier(tmp_path):
   assert record["loss_barrier"] == pytest.approx(
       float(barriers.barrier_height(ts, np.asarray(record["loss"]))), rel=1e-6)
   assert record["config"]["num_t"] == 6
-  assert record["batchnorm_recomputed_from"] == "512 training examples"
+  assert record["batchnorm_recomputed_from"] == "256 training examples"  # 2 x 128
   # A different config into the same workdir is refused and overwrites nothing.
   other = run_main(tmp_path, "--config.num_t=5")
   assert other.returncode != 0 and "different config" in other.stderr and "num_t" in other.stderr

@@ -41,8 +41,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.weight_decay = 5e-4  # decoupled L2 added to the gradient
 
   config.num_t = 11  # points on the path, np.linspace(0, 1, num_t)
-  config.eval_batch_size = 256  # batch size for eval and BatchNorm batches
-  config.bn_batches = 8  # full training batches for BatchNorm recomputation
+  config.eval_batch_size = 128  # eval and BatchNorm batch size (<= 128 on CPU: see README)
+  config.bn_batches = 8  # full training batches for BatchNorm recomputation (1,024 examples)
 
   preset = preset or "default"
   if preset == "quicktest":

@@ -8,7 +8,6 @@ per layer, from static shapes, at trace time; it is passed to `nn.Conv` so the
 parameter tree is the same whichever implementation runs.
 """
 
-
 import functools
 
 import flax.linen as nn
