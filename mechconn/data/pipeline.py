@@ -1,0 +1,109 @@
+"""Cued training splits and host-side batch iterators.
+
+A `CueSplit` holds a split in memory as uint8 base images plus, per example,
+whether it carries the cue (and, for Dominoes, its paired simple image). Cues
+are drawn per batch in float32, vectorised, so a 50,000-example split costs
+its uint8 bytes, not four times that.
+"""
+
+from collections.abc import Iterator
+import dataclasses
+
+import numpy as np
+
+from mechconn.data import cues, datasets
+
+CUE_KINDS = ("none", "box", "dominoes")
+
+
+@dataclasses.dataclass(frozen=True)
+class CueSplit:
+  """A split with a spurious cue on the examples where `has_cue` is True.
+
+  Attributes:
+    images: uint8 [n, 32, 32, 3] base (complex) images.
+    labels: int32 [n].
+    num_classes: 10 or 100.
+    kind: 'none', 'box' or 'dominoes'.
+    has_cue: bool [n], e.g. `cues.cue_mask(labels, num_classes, p)`.
+    simple: float32 [n, 32, 32, 3] in [0, 1], the paired simple image of each
+      example (Dominoes only).
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  kind: str = "none"
+  has_cue: np.ndarray | None = None
+  simple: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.kind not in CUE_KINDS:
+      raise ValueError(f"Unknown cue kind {self.kind!r}; valid kinds: {CUE_KINDS}.")
+    if self.kind == "dominoes" and self.simple is None:
+      raise ValueError("A Dominoes split needs its paired simple images (simple=...).")
+    if len(self.images) != len(self.labels):
+      raise ValueError(f"images and labels differ in length: {len(self.images)} vs "
+                       f"{len(self.labels)}.")
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def examples(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """{'image': float32 model inputs, 'label'} for the examples at idx, cues applied."""
+    images = datasets.normalize(self.images[idx])
+    labels = self.labels[idx]
+    cued = (np.zeros(len(idx), bool) if self.has_cue is None or self.kind == "none"
+            else self.has_cue[idx])
+    if self.kind == "box":
+      images[cued] = cues.box_cue(images[cued], labels[cued], self.num_classes)
+    elif self.kind == "dominoes":
+      top = np.where(cued[:, None, None, None], self.simple[idx], 0.0).astype(np.float32)
+      images = cues.dominoes(images, top)
+    return {"image": images, "label": labels}
+
+
+def make_cue_split(images: np.ndarray, labels: np.ndarray, num_classes: int, kind: str,
+                   proportion: float, simple_images: np.ndarray | None = None,
+                   simple_labels: np.ndarray | None = None) -> CueSplit:
+  """A training split where the first int(n_c * p) examples of each class carry the cue."""
+  simple = None
+  if kind == "dominoes":
+    if simple_images is None or simple_labels is None:
+      raise ValueError("Dominoes needs simple_images and simple_labels.")
+    simple = datasets.to_simple_half(
+        np.asarray(simple_images)[cues.dominoes_pairing(labels, simple_labels)])
+  return CueSplit(images=np.asarray(images), labels=np.asarray(labels, np.int32),
+                  num_classes=num_classes, kind=kind,
+                  has_cue=cues.cue_mask(labels, num_classes, proportion), simple=simple)
+
+
+def batches(split: CueSplit, batch_size: int, *, seed: int | None = None, epoch: int = 0,
+            drop_remainder: bool = True) -> Iterator[dict[str, np.ndarray]]:
+  """Yields numpy batches of a split for one epoch.
+
+  Args:
+    split: the data.
+    batch_size: examples per batch.
+    seed: shuffle with `np.random.default_rng([seed, epoch])`; None keeps index order.
+    epoch: selects the epoch's permutation.
+    drop_remainder: drop the last partial batch (training); otherwise pad it and
+      add 'mask' (1 real, 0 padding) to every batch (evaluation).
+  """
+  n = len(split)
+  order = (np.arange(n) if seed is None
+           else np.random.default_rng([seed, epoch]).permutation(n))
+  stop = (n // batch_size) * batch_size if drop_remainder else n
+  for start in range(0, stop, batch_size):
+    idx = order[start:start + batch_size]
+    batch = split.examples(idx)
+    if not drop_remainder:
+      real = len(idx)
+      batch["mask"] = np.concatenate([np.ones(real, np.float32),
+                                      np.zeros(batch_size - real, np.float32)])
+      if real < batch_size:
+        pad = batch_size - real
+        batch["image"] = np.concatenate(
+            [batch["image"], np.zeros((pad,) + batch["image"].shape[1:], np.float32)])
+        batch["label"] = np.concatenate([batch["label"], np.zeros(pad, batch["label"].dtype)])
+    yield batch

@@ -1,0 +1,53 @@
+"""Figures and tables for people: example grids of the counterfactual views."""
+
+import numpy as np
+
+
+def displayable(images: np.ndarray) -> np.ndarray:
+  """Model inputs -> RGB in [0, 1] for display.
+
+  Complex images live in [-1, 1]; the top half of a 64-row Dominoes image is
+  the simple image in [0, 1] and is shown as it is.
+  """
+  images = np.asarray(images, np.float32)
+  out = (images + 1.0) / 2.0
+  if images.shape[1] == 2 * images.shape[2]:
+    half = images.shape[1] // 2
+    out[:, :half] = images[:, :half]
+  return np.clip(out, 0.0, 1.0)
+
+
+def save_view_grid(views: dict[str, np.ndarray], labels: np.ndarray, path: str, *,
+                   num_examples: int = 8, class_names=None) -> None:
+  """Saves a PNG: one row per view, the same `num_examples` test examples in each.
+
+  Args:
+    views: {view name: images [N, H, W, 3]} (e.g. from `views.box_views`).
+    labels: [N] labels, shown above each example.
+    path: where to write the PNG.
+    num_examples: columns.
+    class_names: optional names indexed by label.
+  """
+  import matplotlib  # lazily: only figures need it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(views)
+  height, width = next(iter(views.values())).shape[1:3]
+  fig, axes = plt.subplots(len(names), num_examples, squeeze=False,
+                           figsize=(1.1 * num_examples, 1.25 * len(names) * height / width))
+  for row, name in enumerate(names):
+    shown = displayable(views[name][:num_examples])
+    for col in range(num_examples):
+      ax = axes[row, col]
+      ax.imshow(shown[col], interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if row == 0:
+        label = int(labels[col])
+        ax.set_title(class_names[label] if class_names else str(label), fontsize=7)
+      if col == 0:
+        ax.set_ylabel(name, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,76 @@
+"""Cued splits and batch iterators."""
+
+import numpy as np
+import pytest
+
+from mechconn.data import cues, datasets, pipeline
+from mechconn import report
+
+
+@pytest.fixture(scope="module")
+def base():
+  images = np.full((40, 32, 32, 3), 64, np.uint8)
+  labels = np.tile(np.arange(10), 4).astype(np.int32)
+  return images, labels
+
+
+def test_box_split_cues_exactly_the_masked_examples(base):
+  images, labels = base
+  split = pipeline.make_cue_split(images, labels, 10, "box", 0.5)
+  data = split.examples(np.arange(40))
+  clean = datasets.normalize(images)
+  expected = clean.copy()
+  expected[split.has_cue] = cues.box_cue(clean[split.has_cue], labels[split.has_cue], 10)
+  np.testing.assert_array_equal(data["image"], expected)
+  assert split.has_cue.sum() == 20  # 2 of 4 per class
+  np.testing.assert_array_equal(data["label"], labels)
+
+
+def test_dominoes_split_pairs_simple_images(base):
+  images, labels = base
+  simple_labels = np.repeat(np.arange(10), 5)
+  simple_images = np.repeat((np.arange(50, dtype=np.uint8) * 5)[:, None, None, None], 32, 1)
+  simple_images = np.repeat(np.repeat(simple_images, 32, 2), 3, 3)
+  split = pipeline.make_cue_split(images, labels, 10, "dominoes", 0.5, simple_images,
+                                  simple_labels)
+  data = split.examples(np.arange(40))
+  assert data["image"].shape == (40, 64, 32, 3)
+  pairs = cues.dominoes_pairing(labels, simple_labels)
+  for i in range(40):
+    top = data["image"][i, :32]
+    if split.has_cue[i]:
+      np.testing.assert_allclose(top, simple_images[pairs[i]] / 255.0, atol=1e-6)
+    else:
+      assert (top == 0).all()
+
+
+def test_batches_shuffle_drop_and_pad(base):
+  images, labels = base
+  split = pipeline.make_cue_split(images, labels, 10, "none", 0.0)
+  train = list(pipeline.batches(split, 16, seed=1, epoch=0))
+  assert len(train) == 2 and all(b["image"].shape == (16, 32, 32, 3) for b in train)
+  again = list(pipeline.batches(split, 16, seed=1, epoch=0))
+  other = list(pipeline.batches(split, 16, seed=1, epoch=1))
+  np.testing.assert_array_equal(train[0]["label"], again[0]["label"])
+  assert not np.array_equal(np.concatenate([b["label"] for b in train]),
+                            np.concatenate([b["label"] for b in other]))
+  evals = list(pipeline.batches(split, 16, drop_remainder=False))
+  assert len(evals) == 3 and evals[-1]["mask"].sum() == 8 and evals[0]["mask"].all()
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in evals])[:40], labels)
+
+
+def test_unknown_cue_kind_raises(base):
+  images, labels = base
+  with pytest.raises(ValueError, match="valid kinds"):
+    pipeline.CueSplit(images, labels, 10, kind="stripes")
+
+
+def test_view_grid_png(tmp_path, base):
+  images, labels = base
+  path = tmp_path / "views.png"
+  report.save_view_grid({"clean": datasets.normalize(images), "cue": datasets.normalize(images)},
+                        labels, str(path), num_examples=4)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+  dom = np.concatenate([np.full((1, 32, 32, 3), 0.25), np.full((1, 32, 32, 3), -1.0)], axis=1)
+  shown = report.displayable(dom)
+  assert np.allclose(shown[0, :32], 0.25) and np.allclose(shown[0, 32:], 0.0)
