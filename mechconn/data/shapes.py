@@ -8,7 +8,11 @@ shapes10: the class is a shape (disk, square, triangle, plus, ring, bar,
 diamond, cross, hollow square, ellipse) with random position, size, rotation
 (within +-15 degrees, so square/diamond and plus/cross stay distinct),
 foreground and background colours (kept apart in brightness) and Gaussian pixel
-noise. The shape is the hard attribute, the box cue the simple one.
+noise. The shape is the hard attribute, the box cue the simple one. The
+defaults are calibrated (benchmarks/shapes_difficulty.py, 3 epochs of a
+SmallCNN(32) on 50,000 images, about 3.5 CPU minutes each): no cue, 0.82 clean
+test accuracy; box cue at p = 0.8: clean 0.68, cue 0.99, rand_cue 0.43,
+rand_img 0.55 (the paper's signature of a cue-reliant model).
 
 glyphs10: seven-segment digits 0-9, white on black, with random offset,
 scale and stroke width: the simple half of an offline Dominoes.
@@ -53,18 +57,19 @@ def _shape_masks(u: np.ndarray, v: np.ndarray, labels: np.ndarray) -> np.ndarray
   return mask
 
 
-def _render_shapes(rng: np.random.Generator, labels: np.ndarray, noise: float) -> np.ndarray:
+def _render_shapes(rng: np.random.Generator, labels: np.ndarray, noise: float, min_size: float,
+                   max_size: float, min_contrast: float) -> np.ndarray:
   n = len(labels)
   size = IMAGE_SIZE
-  scale = rng.uniform(6.0, 11.0, size=n)  # half-size of the shape, pixels
+  scale = rng.uniform(min_size, max_size, size=n)  # half-size of the shape, pixels
   centre = rng.uniform(scale[:, None], size - scale[:, None], size=(n, 2))
   angle = np.deg2rad(rng.uniform(-15.0, 15.0, size=n))
   fg = rng.uniform(0.0, 1.0, size=(n, 3))
   bg = rng.uniform(0.0, 1.0, size=(n, 3))
-  # Keep foreground and background apart in mean brightness (>= 0.3).
-  low_contrast = np.abs(fg.mean(1) - bg.mean(1)) < 0.3
+  # Keep foreground and background apart in mean brightness (>= min_contrast).
+  low_contrast = np.abs(fg.mean(1) - bg.mean(1)) < min_contrast
   fg[low_contrast] = np.clip(1.0 - bg[low_contrast], 0, 1)
-  flip = np.abs(fg.mean(1) - bg.mean(1)) < 0.3
+  flip = np.abs(fg.mean(1) - bg.mean(1)) < min_contrast
   fg[flip] = np.where(bg[flip].mean(1, keepdims=True) > 0.5, 0.0, 1.0)
   grid = np.arange(size, dtype=np.float32) + 0.5
   dy = grid[None, :, None] - centre[:, 0, None, None]
@@ -80,7 +85,8 @@ def _render_shapes(rng: np.random.Generator, labels: np.ndarray, noise: float) -
   return np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
 
 
-def shapes10(seed: int, num_examples: int, *, noise: float = 0.1
+def shapes10(seed: int, num_examples: int, *, noise: float = 0.2, min_size: float = 4.5,
+             max_size: float = 9.0, min_contrast: float = 0.2
              ) -> tuple[np.ndarray, np.ndarray]:
   """(images [n, 32, 32, 3] uint8, labels [n] int32), classes balanced in random order.
 
@@ -88,10 +94,13 @@ def shapes10(seed: int, num_examples: int, *, noise: float = 0.1
     seed: everything is drawn from it (use different seeds for train and test).
     num_examples: n.
     noise: std of the Gaussian pixel noise, in [0, 1] intensity units.
+    min_size, max_size: range of the shapes' half-size, pixels.
+    min_contrast: least difference of mean brightness between shape and background.
   """
   rng = np.random.default_rng(seed)
   labels = rng.permutation(np.arange(num_examples) % 10).astype(np.int32)
-  chunks = [_render_shapes(np.random.default_rng([seed, i]), labels[start:start + _CHUNK], noise)
+  chunks = [_render_shapes(np.random.default_rng([seed, i]), labels[start:start + _CHUNK],
+                           noise, min_size, max_size, min_contrast)
             for i, start in enumerate(range(0, num_examples, _CHUNK))]
   images = np.concatenate(chunks) if chunks else np.zeros((0, 32, 32, 3), np.uint8)
   return images, labels
