@@ -17,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mechconn import train
 from mechconn.data import datasets, pipeline, shapes, views
@@ -58,8 +57,7 @@ def main():
   test_views = views.box_views(datasets.normalize(xt), yt, 10, seed=args.seed)
   model = get_model("small_cnn", 10, width=args.width)
   steps = args.epochs * (args.num_train // args.batch_size)
-  tx = optax.chain(optax.add_decayed_weights(5e-4),
-                   optax.sgd(optax.cosine_decay_schedule(args.lr, steps), momentum=0.9))
+  tx = train.sgd_cosine(args.lr, steps)
   for proportion in (0.0, args.proportion):
     split = pipeline.make_cue_split(x, y, 10, "box", proportion)
     data = split.examples(np.arange(len(split)))

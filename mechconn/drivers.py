@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from mechconn import barriers
 from mechconn import train
@@ -20,12 +19,6 @@ from mechconn.data import prototypes
 from mechconn.models import get_model
 
 RESULT_FILE = "linear_barrier.json"
-
-
-def _optimizer(config: Any, steps: int) -> optax.GradientTransformation:
-  schedule = optax.cosine_decay_schedule(config.learning_rate, decay_steps=steps)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=config.momentum))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -87,7 +80,8 @@ def linear_barrier(config: Any, workdir: str) -> dict:
       image_size=data.image_size, noise=data.noise)
   model = get_model(config.model.name, data.num_classes, **config.model.kwargs)
   steps = config.num_epochs * (data.num_train // config.batch_size)
-  tx = _optimizer(config, steps)
+  tx = train.sgd_cosine(config.learning_rate, steps, momentum=config.momentum,
+                        weight_decay=config.weight_decay)
 
   start = time.perf_counter()
   states = []

@@ -81,6 +81,14 @@ def train_step(state: TrainState, batch: Batch, *, apply_fn: Callable[..., Any],
   return new_state, metrics
 
 
+def sgd_cosine(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
+               weight_decay: float = 5e-4) -> optax.GradientTransformation:
+  """SGD with momentum, weight decay added to the gradient (as torch's SGD), cosine to 0."""
+  schedule = optax.cosine_decay_schedule(learning_rate, decay_steps=total_steps)
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(schedule, momentum=momentum))
+
+
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """The example order of one epoch; depends only on (seed, epoch)."""
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
