@@ -14,7 +14,6 @@ training mode and records that batch's moments (float32) in a side collection,
 so any Linen model works unchanged, with no per-layer code.
 """
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import chex
