@@ -11,6 +11,19 @@ import numpy as np
 Batches = dict[str, np.ndarray]
 
 
+def pad_rows(a: np.ndarray, total: int) -> np.ndarray:
+  """The first `total` rows of `a`, zero-padded at the end when `a` has fewer."""
+  a = a[:total]
+  if len(a) < total:
+    a = np.concatenate([a, np.zeros((total - len(a),) + a.shape[1:], a.dtype)])
+  return a
+
+
+def valid_mask(num_real: int, total: int) -> np.ndarray:
+  """float32 [total]: 1.0 for the first num_real rows, 0.0 for padding."""
+  return (np.arange(total) < num_real).astype(np.float32)
+
+
 def stack_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
                   drop_remainder: bool = False) -> Batches:
   """Splits (images, labels) into [N, batch_size, ...] arrays with a validity mask.
@@ -35,13 +48,10 @@ def stack_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
   if num_batches == 0:
     raise ValueError(f"{n} examples make no full batch of {batch_size}.")
   total = num_batches * batch_size
-  mask = np.zeros(total, np.float32)
-  mask[:min(n, total)] = 1.0
 
-  def pad(a):
-    a = a[:total]
-    if len(a) < total:
-      a = np.concatenate([a, np.zeros((total - len(a),) + a.shape[1:], a.dtype)])
+  def stacked(a):
+    a = pad_rows(a, total)
     return a.reshape((num_batches, batch_size) + a.shape[1:])
 
-  return {"image": pad(images), "label": pad(labels), "mask": mask.reshape(num_batches, batch_size)}
+  return {"image": stacked(images), "label": stacked(labels),
+          "mask": stacked(valid_mask(n, total))}

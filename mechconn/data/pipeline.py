@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from mechconn.data import cues, datasets
+from mechconn.data import batching, cues, datasets
 
 CUE_KINDS = ("none", "box", "dominoes")
 
@@ -98,12 +98,6 @@ def batches(split: CueSplit, batch_size: int, *, seed: int | None = None, epoch:
     idx = order[start:start + batch_size]
     batch = split.examples(idx)
     if not drop_remainder:
-      real = len(idx)
-      batch["mask"] = np.concatenate([np.ones(real, np.float32),
-                                      np.zeros(batch_size - real, np.float32)])
-      if real < batch_size:
-        pad = batch_size - real
-        batch["image"] = np.concatenate(
-            [batch["image"], np.zeros((pad,) + batch["image"].shape[1:], np.float32)])
-        batch["label"] = np.concatenate([batch["label"], np.zeros(pad, batch["label"].dtype)])
+      batch = {k: batching.pad_rows(v, batch_size) for k, v in batch.items()}
+      batch["mask"] = batching.valid_mask(len(idx), batch_size)
     yield batch

@@ -20,6 +20,11 @@ PATCHES_MAX_OUTPUT_PIXELS = 4
 CONV_IMPLS = ("auto", "xla", "patches")
 
 
+def prefers_patches(output_height: int, output_width: int) -> bool:
+  """The 'auto' rule on CPU: patches + matmul for output maps of <= 4 pixels."""
+  return output_height * output_width <= PATCHES_MAX_OUTPUT_PIXELS
+
+
 def _nhwc(dimension_numbers) -> bool:
   dn = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), dimension_numbers) \
       if not isinstance(dimension_numbers, lax.ConvDimensionNumbers) else dimension_numbers
@@ -69,7 +74,7 @@ def conv_general_dilated_auto(lhs, rhs, window_strides, padding, lhs_dilation=No
         lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding,
                                               dimension_numbers=dimension_numbers),
         lhs, rhs).shape
-    use_patches = out_shape[1] * out_shape[2] <= PATCHES_MAX_OUTPUT_PIXELS
+    use_patches = prefers_patches(out_shape[1], out_shape[2])
   if use_patches:
     return conv_as_matmul(lhs, rhs, tuple(window_strides), padding)
   return lax.conv_general_dilated(
