@@ -1,13 +1,19 @@
 """Launches a mechconn job from an ml-collections config.
 
 This file is short on purpose (as flax's examples/*/main.py): it parses
---config and --workdir, sets up logging, and hands the config to one library
-driver chosen by `config.task`. All the work lives in `mechconn`.
+--config and --workdir, sets up logging and devices, and hands the config to
+one library driver chosen by `config.task`. All the work lives in `mechconn`.
 
-  python -m experiments.main --config=experiments/configs/quickstart.py --workdir=/tmp/mc
+  python -m experiments.main --config=experiments/configs/train.py:cpu_cue --workdir=/tmp/cue
   python -m experiments.main --config=experiments/configs/quickstart.py:quicktest \
       --workdir=/tmp/mc --config.num_t=11
+
+Multi-host (TPU pod slices, several GPU hosts): run the same command on every
+host with --distributed (or with JAX_COORDINATOR_ADDRESS set); the mesh then
+spans every host's devices.
 """
+
+import os
 
 from absl import app
 from absl import flags
@@ -16,13 +22,18 @@ import jax
 from ml_collections import config_flags
 
 from mechconn import drivers
+from mechconn import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results and checkpoints.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Replace a run of a different config in --workdir.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() (multi-host jobs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-TASKS = {"linear_barrier": drivers.linear_barrier}
+TASKS = {"linear_barrier": drivers.linear_barrier, "train": train.train_and_evaluate}
 
 
 def main(argv):
@@ -31,8 +42,11 @@ def main(argv):
   config = _CONFIG.value
   if config.task not in TASKS:
     raise app.UsageError(f"Unknown task {config.task!r}; valid tasks: {sorted(TASKS)}.")
-  logging.info("JAX devices: %s", jax.devices())
-  TASKS[config.task](config, _WORKDIR.value)
+  if _DISTRIBUTED.value or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize()
+  logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
+               jax.devices())
+  TASKS[config.task](config, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

@@ -95,16 +95,12 @@ def barrier_location(ts: chex.Array, values: chex.Array) -> float:
   return float(ts[np.argmax(values - ((1 - ts) * values[0] + ts * values[-1]))])
 
 
-def evaluate_point(apply_fn: batchnorm.ApplyFn, params: Params, eval_batches: Batches,
-                   bn_batches: Batches | None) -> tuple[jax.Array, jax.Array]:
-  """Mean cross-entropy and accuracy of one parameter set over masked eval batches.
+def evaluate_variables(apply_fn: batchnorm.ApplyFn, variables: dict[str, Params],
+                       eval_batches: Batches) -> tuple[jax.Array, jax.Array]:
+  """Exact mean cross-entropy and accuracy over the real (mask 1) examples of stacked batches.
 
-  BatchNorm statistics are recomputed from `bn_batches` when given.
+  Scans the [N, B, ...] batches in inference mode (stored BatchNorm statistics).
   """
-  variables = {"params": params}
-  if bn_batches is not None:
-    variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables, bn_batches)
-
   def accumulate(totals, batch):
     logits = apply_fn(variables, batch["image"], train=False)
     ce = optax.softmax_cross_entropy_with_integer_labels(
@@ -118,6 +114,18 @@ def evaluate_point(apply_fn: batchnorm.ApplyFn, params: Params, eval_batches: Ba
   (loss_sum, correct_sum, count), _ = jax.lax.scan(accumulate, (zero, zero, zero),
                                                   eval_batches)
   return loss_sum / count, correct_sum / count
+
+
+def evaluate_point(apply_fn: batchnorm.ApplyFn, params: Params, eval_batches: Batches,
+                   bn_batches: Batches | None) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy and accuracy of one parameter set over masked eval batches.
+
+  BatchNorm statistics are recomputed from `bn_batches` when given.
+  """
+  variables = {"params": params}
+  if bn_batches is not None:
+    variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables, bn_batches)
+  return evaluate_variables(apply_fn, variables, eval_batches)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "path_fn", "strategy", "chunk_size"))

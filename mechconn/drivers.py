@@ -4,7 +4,6 @@ A driver takes a config object (any attribute container, e.g. an
 ml_collections.ConfigDict) and a workdir. It never parses files.
 """
 
-import json
 import os
 import time
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 
 from mechconn import barriers
 from mechconn import train
+from mechconn import workdir as workdir_lib
 from mechconn.data import batching
 from mechconn.data import prototypes
 from mechconn.models import get_model
@@ -21,56 +21,18 @@ from mechconn.models import get_model
 RESULT_FILE = "linear_barrier.json"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def check_result_compatible(path: str, config_dict: dict) -> None:
-  """Refuses a workdir whose earlier result came from a different config.
-
-  Re-running the same config (same seeds, so the same numbers on this machine)
-  may replace its own result; anything else would lose a user's result.
-  """
-  if not os.path.exists(path):
-    return
-  try:
-    with open(path) as f:
-      previous = json.load(f)["config"]
-  except (OSError, ValueError, KeyError) as e:
-    raise FileExistsError(f"{path} exists but is not a readable mechconn result ({e}); "
-                          "use a new --workdir.") from e
-  old, new = _flatten(previous), _flatten(json.loads(json.dumps(config_dict)))
-  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-  if diff:
-    raise FileExistsError(
-        f"{path} already holds a result of a different config (differs in {diff}); "
-        "use a new --workdir. Nothing was overwritten.")
-
-
-def write_json_atomic(path: str, record: dict) -> None:
-  """Writes JSON to a temporary file, then renames it over `path`."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, path)
-
-
-def linear_barrier(config: Any, workdir: str) -> dict:
+def linear_barrier(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   """Trains two models from different seeds and evaluates the linear path between them.
 
   Writes `linear_barrier.json` (curves, barriers, config) into workdir and
-  returns the same record.
+  returns the same record. A result of a different config already there is
+  refused unless overwrite=True.
   """
   os.makedirs(workdir, exist_ok=True)
   out_path = os.path.join(workdir, RESULT_FILE)
-  config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  check_result_compatible(out_path, config_dict)
+  config_dict = workdir_lib.config_to_dict(config)
+  if not overwrite:
+    workdir_lib.check_result_compatible(out_path, config_dict)
   data = config.data
   train_x, train_y = prototypes.make_prototype_images(
       data.train_seed, data.num_train, num_classes=data.num_classes,
@@ -126,7 +88,7 @@ def linear_barrier(config: Any, workdir: str) -> dict:
       "config": config_dict,
   }
   print(format_path_table(record))
-  write_json_atomic(out_path, record)
+  workdir_lib.write_json_atomic(out_path, record)
   print(f"wrote {out_path}")
   return record
 

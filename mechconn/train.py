@@ -1,14 +1,27 @@
-"""A generic jitted training step and a small in-memory training loop.
+"""Training: one pure jitted step, a resumable loop, and the `train` driver.
 
-`train_step` is one pure jitted function: state in, (state, metrics) out, the
-state donated. `fit` drives it over epochs of an in-memory dataset with a
-deterministic shuffle per epoch, which is all the quickstart needs.
+- `train_step(state, batch, root_key, *, loss_fn, tx) -> (state, metrics)`: one
+  jitted, state-donating step; its randomness is `fold_in(root_key, step)`.
+- `train_loop`: runs any such step for a number of steps on a data mesh with
+  orbax checkpoints, JSON-lines metrics, a tqdm bar and auto-resume. Batches
+  and step keys are functions of the step number, so a run killed at any step
+  and resumed ends with the parameters of an uninterrupted run (bitwise, on
+  the same machine).
+- `train_and_evaluate(config, workdir)`: the `train` task. Builds the cued data,
+  the model and the optimiser from a config, trains, evaluates on the four
+  counterfactual views every `eval_every_steps` and at the end.
+- `fit`: a small in-memory loop without checkpoints, for quick experiments.
 """
 
 from collections.abc import Callable
+import dataclasses
 import functools
-from typing import Any
+import os
+import shutil
+import time
+from typing import Any, Protocol
 
+from absl import logging
 import chex
 import flax
 import flax.linen as nn
@@ -18,8 +31,24 @@ import numpy as np
 import optax
 import tqdm
 
+from mechconn import batchnorm
+from mechconn import checkpoint
+from mechconn import counterfactual
+from mechconn import mesh as mesh_lib
+from mechconn import workdir as workdir_lib
+from mechconn.data import datasets
+from mechconn.data import pipeline
+from mechconn.models import MODELS, get_model
+
 Params = chex.ArrayTree
 Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+PRNGKey = jax.Array
+
+SCHEDULES = ("constant", "cosine", "step")
+OPTIMIZERS = ("sgd",)
+CHECKPOINT_DIR = "checkpoints"
+FINAL_EVAL_FILE = "final_eval.json"
 
 
 @flax.struct.dataclass
@@ -40,7 +69,7 @@ class TrainState:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       rng: jax.Array, sample_images: jax.Array) -> TrainState:
+                       rng: PRNGKey, sample_images: jax.Array) -> TrainState:
   """Initialises parameters from `rng` and the optimiser state."""
   variables = model.init(rng, sample_images, train=False)
   params = variables["params"]
@@ -49,79 +78,420 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                     opt_state=tx.init(params))
 
 
-def cross_entropy_loss(params: Params, batch_stats: Params, batch: Batch, *,
-                       apply_fn: Callable[..., Any]) -> tuple[jax.Array, tuple[Params, jax.Array]]:
-  """Mean cross-entropy in training mode; returns (loss, (new_batch_stats, logits))."""
-  variables = {"params": params}
-  if batch_stats:
-    variables["batch_stats"] = batch_stats
-    logits, updates = apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"])
-    new_batch_stats = updates["batch_stats"]
-  else:
-    logits = apply_fn(variables, batch["image"], train=True)
-    new_batch_stats = batch_stats
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-  return loss, (new_batch_stats, logits)
+class LossFn(Protocol):
+  """loss_fn(params, batch_stats, batch, rng) -> (loss, (new_batch_stats, metrics)).
+
+  Differentiated with respect to `params`; `metrics` is a dict of scalars
+  averaged into the logs beside the loss.
+  """
+
+  def __call__(self, params: Params, batch_stats: Params, batch: Batch, rng: PRNGKey
+               ) -> tuple[jax.Array, tuple[Params, Metrics]]:
+    ...
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "tx"), donate_argnums=0)
-def train_step(state: TrainState, batch: Batch, *, apply_fn: Callable[..., Any],
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the cross-entropy of a batch; returns (new state, metrics)."""
-  grad_fn = jax.value_and_grad(
-      functools.partial(cross_entropy_loss, apply_fn=apply_fn), has_aux=True)
-  (loss, (batch_stats, logits)), grads = grad_fn(state.params, state.batch_stats, batch)
+def apply_train_mode(apply_fn: batchnorm.ApplyFn, params: Params, batch_stats: Params,
+                     images: jax.Array) -> tuple[jax.Array, Params]:
+  """Logits in training mode and the updated batch_stats (unchanged when there are none)."""
+  if not batch_stats:
+    return apply_fn({"params": params}, images, train=True), batch_stats
+  logits, updates = apply_fn({"params": params, "batch_stats": batch_stats}, images,
+                             train=True, mutable=["batch_stats"])
+  return logits, updates["batch_stats"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationLoss:
+  """Mean softmax cross-entropy of `apply_fn` in training mode (a `LossFn`).
+
+  A frozen dataclass, so equal losses hash equal and a jitted step bound to
+  one compiles once.
+  """
+
+  apply_fn: batchnorm.ApplyFn
+
+  def __call__(self, params, batch_stats, batch, rng):
+    del rng  # deterministic models; dropout-like layers would take it here
+    logits, new_batch_stats = apply_train_mode(self.apply_fn, params, batch_stats,
+                                               batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return loss, (new_batch_stats, {"accuracy": accuracy})
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "tx"), donate_argnums=0)
+def train_step(state: TrainState, batch: Batch, root_key: PRNGKey, *, loss_fn: LossFn,
+               tx: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
+  """One optimiser step on `loss_fn`; returns (new state, metrics).
+
+  The state is donated (its buffers are reused for the new state). The step's
+  key is `fold_in(root_key, state.step)`, so randomness depends only on the
+  root key and the step number: a resumed run draws what an uninterrupted one
+  draws.
+  """
+  rng = jax.random.fold_in(root_key, state.step)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (batch_stats, aux)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss,
-             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-             "grad_norm": optax.tree.norm(grads)}
+  metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
+             "param_norm": optax.tree.norm(params)}
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
   return new_state, metrics
 
 
-def sgd_cosine(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
-               weight_decay: float = 5e-4) -> optax.GradientTransformation:
-  """SGD with momentum, weight decay added to the gradient (as torch's SGD), cosine to 0."""
-  schedule = optax.cosine_decay_schedule(learning_rate, decay_steps=total_steps)
+def learning_rate_schedule(kind: str, learning_rate: float, *, total_steps: int,
+                           steps_per_epoch: int = 1, decay_every_epochs: int = 0,
+                           decay_factor: float = 0.1) -> optax.Schedule:
+  """An optax schedule: 'constant', 'cosine' (to 0 at total_steps) or 'step'.
+
+  'step' multiplies the rate by `decay_factor` every `decay_every_epochs`
+  epochs (the paper's x0.1 every 40 epochs), as torch's StepLR per epoch.
+  """
+  if kind == "constant":
+    return optax.constant_schedule(learning_rate)
+  if kind == "cosine":
+    return optax.cosine_decay_schedule(learning_rate, decay_steps=max(total_steps, 1))
+  if kind == "step":
+    if decay_every_epochs <= 0:
+      raise ValueError(f"A 'step' schedule needs decay_every_epochs > 0, got "
+                       f"{decay_every_epochs}.")
+    boundaries = range(decay_every_epochs * steps_per_epoch, total_steps,
+                       decay_every_epochs * steps_per_epoch)
+    return optax.piecewise_constant_schedule(learning_rate,
+                                             {b: decay_factor for b in boundaries})
+  raise ValueError(f"Unknown schedule {kind!r}; valid schedules: {SCHEDULES}.")
+
+
+def sgd(schedule: optax.ScalarOrSchedule, *, momentum: float = 0.9,
+        weight_decay: float = 5e-4) -> optax.GradientTransformation:
+  """SGD with momentum; weight decay added to the gradient first, as torch.optim.SGD."""
   return optax.chain(optax.add_decayed_weights(weight_decay),
                      optax.sgd(schedule, momentum=momentum))
 
 
-def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  """The example order of one epoch; depends only on (seed, epoch)."""
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+def sgd_cosine(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
+               weight_decay: float = 5e-4) -> optax.GradientTransformation:
+  """`sgd` with a cosine schedule from `learning_rate` to 0 over total_steps."""
+  return sgd(learning_rate_schedule("cosine", learning_rate, total_steps=total_steps),
+             momentum=momentum, weight_decay=weight_decay)
+
+
+epoch_permutation = pipeline.epoch_permutation
+
+
+def _check_finite(stacked: dict[str, np.ndarray], first_step: int) -> None:
+  bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
+  if bad.size:
+    raise FloatingPointError(f"Non-finite training loss {stacked['loss'][bad[0]]} at step "
+                             f"{first_step + bad[0]} (0-based).")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+  """How `train_loop` runs: lengths and periods are in steps."""
+
+  num_steps: int
+  log_every: int = 50
+  checkpoint_every: int = 500
+  max_to_keep: int = 3
+  eval_every: int = 0  # 0: only at the end
+  steps_per_epoch: int = 0  # for the 'epoch' field of the logs (0: omitted)
+  progress: bool = True
+  desc: str = "train"
+
+
+def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple[Any, Metrics]],
+               batch_fn: Callable[[int], Batch], workdir: str, options: LoopOptions, *,
+               mesh: jax.sharding.Mesh, learning_rate_fn: Callable[[int], float] | None = None,
+               eval_fn: Callable[[Any], dict[str, float]] | None = None,
+               examples_per_step: int = 0) -> Any:
+  """Runs `step_fn` to `options.num_steps`, resuming from the workdir's latest checkpoint.
+
+  Args:
+    init_fn: () -> a fresh state with an integer `.step` (e.g. a TrainState);
+      run under jit, replicated over the mesh.
+    step_fn: (state, batch) -> (state, metrics), e.g. `train_step` with its
+      statics bound; metrics must include 'loss'.
+    batch_fn: step -> the global batch of that 0-based step, sharded over the
+      mesh. Must be a pure function of the step for resumption to be exact.
+    workdir: checkpoints go to workdir/checkpoints, metrics to
+      workdir/metrics.jsonl (one JSON object per log/eval step).
+    options: lengths and periods.
+    mesh: the data mesh (`mesh.data_mesh()`).
+    learning_rate_fn: step -> learning rate, logged.
+    eval_fn: state -> flat dict of evaluation metrics, logged every
+      `options.eval_every` steps and at the end.
+    examples_per_step: for the logged examples/s.
+
+  Returns:
+    The final state (also saved as the last checkpoint).
+  """
+  replicated = mesh_lib.replicated(mesh)
+  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                 max_to_keep=options.max_to_keep)
+  # Resume order:
+  # 1. the latest complete checkpoint, checked leaf by leaf against an abstract
+  #    state (no arrays allocated); a fresh init when there is none;
+  # 2. metrics lines past the restored step are dropped (a killed run may have
+  #    logged steps that it had not checkpointed);
+  # 3. nothing else: batches and step keys are functions of the step number,
+  #    and the optimiser's schedule counts in its restored state.
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = mesh_lib.abstract_like(jax.eval_shape(init_fn), replicated)
+    state = ckpt.restore(abstract, latest)
+    logging.info("Resumed from %s", ckpt.step_dir(latest))
+  else:
+    state = jax.jit(init_fn, out_shardings=replicated)()
+  start = int(state.step)
+  if jax.process_index() == 0:
+    workdir_lib.truncate_metrics(metrics_path, start)
+
+  writer = workdir_lib.MetricsWriter(metrics_path, enabled=jax.process_index() == 0)
+  bar = tqdm.tqdm(total=options.num_steps, initial=start, desc=options.desc,
+                  disable=not options.progress or jax.process_index() != 0,
+                  dynamic_ncols=True, leave=False)
+  pending, window_start, tick = [], start, time.perf_counter()
+  try:
+    for step in range(start, options.num_steps):
+      state, metrics = step_fn(state, batch_fn(step))
+      pending.append(metrics)  # stays on device until the next log step
+      done = step + 1
+      bar.update(1)
+      last = done == options.num_steps
+      if done % options.log_every == 0 or last:
+        stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
+        _check_finite(stacked, window_start)
+        elapsed = time.perf_counter() - tick
+        record = {"step": done}
+        if options.steps_per_epoch:
+          record["epoch"] = round(done / options.steps_per_epoch, 4)
+        record.update({f"train/{k}": float(np.mean(v)) for k, v in stacked.items()})
+        if learning_rate_fn is not None:
+          record["learning_rate"] = float(learning_rate_fn(step))
+        if examples_per_step:
+          record["examples_per_s"] = round(examples_per_step * len(pending) / elapsed, 1)
+        writer.write(record)
+        bar.set_postfix(loss=f"{record['train/loss']:.3f}",
+                        acc=f"{record.get('train/accuracy', float('nan')):.3f}",
+                        lr=f"{record.get('learning_rate', float('nan')):.3g}",
+                        ex_s=f"{record.get('examples_per_s', 0):.0f}")
+        pending, window_start, tick = [], done, time.perf_counter()
+      if eval_fn is not None and ((options.eval_every and done % options.eval_every == 0)
+                                  or last):
+        writer.write({"step": done, **eval_fn(state)})
+      if done % options.checkpoint_every == 0 or last:
+        ckpt.save(done, state)
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  return state
 
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
         labels: np.ndarray, *, batch_size: int, num_epochs: int, seed: int,
         progress: bool = True, desc: str = "train") -> tuple[TrainState, list[dict]]:
-  """Trains `model` from a fresh init; returns (state, per-epoch metrics).
+  """Trains `model` in memory from a fresh init; returns (state, per-epoch metrics).
 
-  Partial last batches are dropped (one compiled shape). A non-finite loss
-  raises with its epoch and step.
+  No checkpoints, one device: for small experiments and the quickstart. Partial
+  last batches are dropped (one compiled shape). A non-finite loss raises.
   """
   steps_per_epoch = len(images) // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"{len(images)} examples make no batch of {batch_size}.")
   root = jax.random.key(seed)
   state = create_train_state(model, tx, jax.random.fold_in(root, 0), jnp.asarray(images[:2]))
+  step_fn = functools.partial(train_step, loss_fn=ClassificationLoss(model.apply), tx=tx)
+  step_key = jax.random.fold_in(root, 1)
   history = []
   bar = tqdm.trange(num_epochs, desc=desc, disable=not progress, leave=False)
   for epoch in bar:
     order = epoch_permutation(seed, epoch, len(images))
-    sums = None
+    epoch_metrics = []
     for i in range(steps_per_epoch):
       idx = order[i * batch_size:(i + 1) * batch_size]
       batch = {"image": jnp.asarray(images[idx]), "label": jnp.asarray(labels[idx])}
-      state, metrics = train_step(state, batch, apply_fn=model.apply, tx=tx)
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    epoch_metrics = {k: float(v) / steps_per_epoch for k, v in sums.items()}
-    if not np.isfinite(epoch_metrics["loss"]):
-      raise FloatingPointError(
-          f"Non-finite training loss in epoch {epoch} (step {int(state.step)}).")
-    epoch_metrics["epoch"] = epoch
-    history.append(epoch_metrics)
-    bar.set_postfix(loss=f"{epoch_metrics['loss']:.3f}", acc=f"{epoch_metrics['accuracy']:.3f}")
+      state, metrics = step_fn(state, batch, step_key)
+      epoch_metrics.append(metrics)
+    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics))
+    _check_finite(stacked, epoch * steps_per_epoch)
+    history.append({"epoch": epoch, **{k: float(np.mean(v)) for k, v in stacked.items()}})
+    bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['accuracy']:.3f}")
   return state, history
+
+
+# ---------------------------------------------------------------------------
+# The `train` task.
+
+
+def _choice(value, valid, key: str) -> None:
+  if value not in valid:
+    raise ValueError(f"config.{key}={value!r} is not valid; valid choices: {sorted(valid)}.")
+
+
+def _positive(value, key: str) -> None:
+  if not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"config.{key}={value!r} must be a positive integer.")
+
+
+def check_train_config(config: Any, num_devices: int) -> None:
+  """Validates a `train` config before any work; raises ValueError naming the key.
+
+  Checks names against the valid choices (datasets, cue kinds, models,
+  optimisers, schedules), cue_proportion in [0, 1], positive sizes and
+  periods, batch sizes divisible by the device count, and that the model
+  accepts its kwargs.
+  """
+  data = config.data
+  _choice(data.dataset, datasets.NUM_CLASSES, "data.dataset")
+  _choice(data.cue, pipeline.CUE_KINDS, "data.cue")
+  if data.cue == "dominoes":
+    _choice(data.simple_dataset, datasets.NUM_CLASSES, "data.simple_dataset")
+  if not 0.0 <= data.cue_proportion <= 1.0:
+    raise ValueError(f"config.data.cue_proportion={data.cue_proportion!r} must be in [0, 1].")
+  for key in ("num_train", "num_test"):
+    value = data[key]
+    if value != -1:
+      _positive(value, f"data.{key} (or -1 for the whole split)")
+  _choice(config.model.name, MODELS, "model.name")
+  fields = {f.name for f in dataclasses.fields(MODELS[config.model.name])} - {
+      "parent", "name", "num_classes"}
+  unknown = sorted(set(config.model.kwargs) - fields)
+  if unknown:
+    raise ValueError(f"config.model.kwargs has {unknown}, not attributes of "
+                     f"{config.model.name}; valid: {sorted(fields)}.")
+  opt = config.optimizer
+  _choice(opt.name, OPTIMIZERS, "optimizer.name")
+  _choice(opt.schedule, SCHEDULES, "optimizer.schedule")
+  if opt.learning_rate <= 0:
+    raise ValueError(f"config.optimizer.learning_rate={opt.learning_rate!r} must be > 0.")
+  if opt.schedule == "step":
+    _positive(opt.decay_every_epochs, "optimizer.decay_every_epochs")
+  for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
+              "checkpoint_every_steps", "max_to_keep"):
+    _positive(config[key], key)
+  if config.eval_every_steps < 0:
+    raise ValueError(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 0 "
+                     "(0: evaluate only at the end).")
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % num_devices:
+      raise ValueError(f"config.{key}={config[key]} is not divisible by the {num_devices} "
+                       f"devices; use a multiple of {num_devices}.")
+
+
+def _size(value: int) -> int | None:
+  return None if value == -1 else value
+
+
+def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
+  """Trains a model on a cued dataset and evaluates it on the four views.
+
+  Writes into workdir: config.json, checkpoints/<step>/ (orbax), metrics.jsonl
+  (train metrics every log step, view metrics every eval step) and
+  final_eval.json (view losses and accuracies of the last step). Resumes
+  from the latest checkpoint when the workdir holds a run of the same config;
+  refuses one of a different config unless overwrite=True (which deletes it).
+
+  Returns:
+    The final_eval record.
+  """
+  mesh = mesh_lib.data_mesh()
+  check_train_config(config, mesh.devices.size)
+  config_dict = workdir_lib.config_to_dict(config)
+  if workdir_lib.claim(workdir, config_dict, overwrite=overwrite):
+    _clear_run(workdir)
+
+  # Data: every host builds the same split and takes its rows of each batch.
+  data = config.data
+  data_args = dict(seed=data.seed, simple_dataset=data.simple_dataset,
+                   data_dir=data.data_dir or None, download=data.download)
+  split = pipeline.load_train_split(data.dataset, data.cue, data.cue_proportion,
+                                    num_examples=_size(data.num_train), **data_args)
+  test_views, test_labels = pipeline.load_test_views(
+      data.dataset, data.cue, num_examples=_size(data.num_test), **data_args)
+  num_classes = datasets.NUM_CLASSES[data.dataset]
+  steps_per_epoch = len(split) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(split)} "
+                     "training examples.")
+  num_steps = config.num_epochs * steps_per_epoch
+
+  model = get_model(config.model.name, num_classes, **config.model.kwargs)
+  opt = config.optimizer
+  schedule = learning_rate_schedule(
+      opt.schedule, opt.learning_rate, total_steps=num_steps, steps_per_epoch=steps_per_epoch,
+      decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor)
+  tx = sgd(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+  # Keys: init and step randomness from one seed, with integer tags.
+  root = jax.random.key(config.seed)
+  init_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+  sample = jnp.zeros((1,) + test_views["clean"].shape[1:], jnp.float32)
+  init_fn = functools.partial(create_train_state, model, tx, init_key, sample)
+  step_key = jax.device_put(step_key, mesh_lib.replicated(mesh))
+  step_fn = functools.partial(train_step, root_key=step_key,
+                              loss_fn=ClassificationLoss(model.apply), tx=tx)
+  rows = mesh_lib.process_rows(config.batch_size)
+
+  def batch_fn(step):
+    local = pipeline.batch_at_step(split, config.batch_size, seed=config.seed, step=step,
+                                   rows=rows)
+    return mesh_lib.shard_batch(local, mesh)
+
+  eval_rows = mesh_lib.process_rows(config.eval_batch_size)
+  view_batches = {
+      name: mesh_lib.shard_batch({k: v[:, eval_rows] for k, v in batches.items()}, mesh,
+                                 batch_axis=1)
+      for name, batches in counterfactual.stack_views(
+          test_views, test_labels, config.eval_batch_size).items()}
+
+  def eval_fn(state):
+    results = jax.device_get(counterfactual.evaluate_views(model.apply, state.variables,
+                                                           view_batches))
+    return {f"eval/{view}/{k}": float(v) for view, r in results.items() for k, v in r.items()}
+
+  options = LoopOptions(num_steps=num_steps, log_every=config.log_every_steps,
+                        checkpoint_every=config.checkpoint_every_steps,
+                        max_to_keep=config.max_to_keep, eval_every=config.eval_every_steps,
+                        steps_per_epoch=steps_per_epoch, progress=config.progress,
+                        desc=f"train {config.model.name}")
+  start = time.perf_counter()
+  state = train_loop(init_fn, step_fn, batch_fn, workdir, options, mesh=mesh,
+                     learning_rate_fn=schedule, eval_fn=eval_fn,
+                     examples_per_step=config.batch_size)
+  seconds = time.perf_counter() - start
+
+  final = eval_fn(state)
+  views = {view: {"loss": final[f"eval/{view}/loss"], "accuracy": final[f"eval/{view}/accuracy"]}
+           for view in test_views}
+  record = {
+      "step": int(state.step),
+      "views": views,
+      "checkpoint": os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(int(state.step))),
+      "num_train": len(split),
+      "num_test": int(len(test_labels)),
+      "devices": int(mesh.devices.size),
+      "backend": jax.default_backend(),
+      "seconds_this_session": round(seconds, 1),
+      "config": config_dict,
+  }
+  print(counterfactual.format_view_table(
+      views, f"{config.model.name} on {data.dataset} ({data.cue}, p={data.cue_proportion}), "
+      f"step {record['step']}:"))
+  if jax.process_index() == 0:
+    workdir_lib.write_json_atomic(os.path.join(workdir, FINAL_EVAL_FILE), record)
+  return record
+
+
+def _clear_run(workdir: str) -> None:
+  """Deletes the files a previous run wrote (only mechconn's own) before an overwrite."""
+  logging.warning("Overwriting the run in %s", workdir)
+  shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
+  for name in (workdir_lib.METRICS_FILE, FINAL_EVAL_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      os.remove(path)

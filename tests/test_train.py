@@ -1,5 +1,7 @@
 """The training step and loop learn the embedded task and are deterministic."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
+from mechconn import mesh as mesh_lib
 from mechconn import train
+from mechconn import workdir as workdir_lib
 from mechconn.data.prototypes import make_prototype_images
 from mechconn.models import get_model
 
@@ -43,9 +47,101 @@ def test_train_step_matches_manual_sgd(data):
   grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
       model.apply({"params": p}, batch["image"]), batch["label"]).mean())(params0)
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, params0, grads)
-  new_state, metrics = train.train_step(state, batch, apply_fn=model.apply, tx=tx)
+  new_state, metrics = train.train_step(state, batch, jax.random.key(1),
+                                        loss_fn=train.ClassificationLoss(model.apply), tx=tx)
   chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
-  assert int(new_state.step) == 1 and set(metrics) >= {"loss", "accuracy", "grad_norm"}
+  assert int(new_state.step) == 1
+  assert set(metrics) == {"loss", "accuracy", "grad_norm", "param_norm"}
+  np.testing.assert_allclose(metrics["param_norm"], optax.tree.norm(expected), rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+
+
+def _noise_loss(params, batch_stats, batch, rng):
+  """A loss whose gradient is the step's random draw: params move by -lr * draw."""
+  draw = jax.random.normal(rng, params["w"].shape)
+  return jnp.sum(params["w"] * draw), (batch_stats, {})
+
+
+def test_step_randomness_is_fold_in_of_root_key_and_step():
+  root = jax.random.key(7)
+  tx = optax.sgd(1.0)
+  params = {"w": jnp.zeros(3)}
+  state = train.TrainState(step=jnp.asarray(5, jnp.int32), params=params, batch_stats={},
+                           opt_state=tx.init(params))
+  state, _ = train.train_step(state, {}, root, loss_fn=_noise_loss, tx=tx)
+  state, _ = train.train_step(state, {}, root, loss_fn=_noise_loss, tx=tx)
+  expected = -(jax.random.normal(jax.random.fold_in(root, 5), (3,)) +
+               jax.random.normal(jax.random.fold_in(root, 6), (3,)))
+  np.testing.assert_allclose(state.params["w"], expected, rtol=1e-6)
+
+
+def test_sgd_is_torch_sgd_with_weight_decay_in_the_gradient():
+  lr, mu, wd = 0.1, 0.9, 0.01
+  tx = train.sgd(lr, momentum=mu, weight_decay=wd)
+  p = jnp.asarray([1.0, -2.0])
+  state = tx.init(p)
+  grads = [jnp.asarray([0.5, 0.25]), jnp.asarray([-1.0, 2.0])]
+  p_ref, buf = np.array([1.0, -2.0]), np.zeros(2)
+  for g in grads:  # torch.optim.SGD: d = g + wd p; buf = mu buf + d; p -= lr buf
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+    buf = mu * buf + (np.asarray(g) + wd * p_ref)
+    p_ref = p_ref - lr * buf
+  np.testing.assert_allclose(p, p_ref, rtol=1e-6)
+
+
+def test_step_schedule_decays_every_k_epochs():
+  schedule = train.learning_rate_schedule("step", 0.1, total_steps=100 * 10, steps_per_epoch=10,
+                                          decay_every_epochs=40, decay_factor=0.1)
+  for step, expected in [(0, 0.1), (399, 0.1), (400, 0.01), (799, 0.01), (800, 0.001),
+                         (999, 0.001)]:
+    np.testing.assert_allclose(schedule(step), expected, rtol=1e-6)
+  cosine = train.learning_rate_schedule("cosine", 0.2, total_steps=10)
+  np.testing.assert_allclose([cosine(0), cosine(5), cosine(10)], [0.2, 0.1, 0.0], atol=1e-7)
+  with pytest.raises(ValueError, match="valid schedules"):
+    train.learning_rate_schedule("linear", 0.1, total_steps=10)
+
+
+def test_non_finite_loss_raises_with_its_step(data):
+  (x, y), _ = data
+  model = get_model("mlp", 10, hidden=(8,))
+  with pytest.raises(FloatingPointError, match=r"at step \d+"):
+    train.fit(model, optax.sgd(1e30), x, y, batch_size=64, num_epochs=2, seed=0,
+              progress=False)
+
+
+def _tiny_loop(workdir, num_steps, **option_kwargs):
+  """train_loop on a 1-device mesh for an MLP on prototype images."""
+  (x, y) = make_prototype_images(1, 256, image_size=8, noise=0.8)
+  model = get_model("mlp", 10, hidden=(16,))
+  tx = train.sgd_cosine(0.05, 32)
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  init_fn = functools.partial(train.create_train_state, model, tx, jax.random.key(0),
+                              jnp.zeros((1, 8, 8, 3)))
+  step_fn = functools.partial(train.train_step, root_key=jax.random.key(1),
+                              loss_fn=train.ClassificationLoss(model.apply), tx=tx)
+
+  def batch_fn(step):
+    idx = train.epoch_permutation(0, step // 8, 256)[(step % 8) * 32:(step % 8 + 1) * 32]
+    return mesh_lib.shard_batch({"image": x[idx], "label": y[idx]}, mesh)
+
+  options = train.LoopOptions(num_steps=num_steps, log_every=3, checkpoint_every=5,
+                              progress=False, **option_kwargs)
+  return train.train_loop(init_fn, step_fn, batch_fn, str(workdir), options, mesh=mesh,
+                          eval_fn=lambda s: {"eval/step_seen": int(s.step)})
+
+
+def test_train_loop_continues_where_a_shorter_run_stopped(tmp_path):
+  full = _tiny_loop(tmp_path / "full", 32, eval_every=10)
+  _tiny_loop(tmp_path / "parts", 12, eval_every=10)  # checkpoints 5, 10 and 12
+  resumed = _tiny_loop(tmp_path / "parts", 32, eval_every=10)
+  chex.assert_trees_all_equal(resumed, full)
+  records = workdir_lib.read_metrics(str(tmp_path / "parts" / workdir_lib.METRICS_FILE))
+  expected = workdir_lib.read_metrics(str(tmp_path / "full" / workdir_lib.METRICS_FILE))
+  # Past the shorter run's end (whose own last step logged an extra line) the logs agree.
+  assert [r for r in records if r["step"] > 12] == [r for r in expected if r["step"] > 12]
+  evals = [(r["step"], r["eval/step_seen"]) for r in records if "eval/step_seen" in r]
+  assert evals == [(10, 10), (12, 12), (20, 20), (30, 30), (32, 32)]
 
 
 def test_epoch_permutation_depends_only_on_seed_and_epoch():

@@ -8,10 +8,11 @@ its uint8 bytes, not four times that.
 
 from collections.abc import Iterator
 import dataclasses
+import functools
 
 import numpy as np
 
-from mechconn.data import batching, cues, datasets
+from mechconn.data import batching, cues, datasets, views
 
 CUE_KINDS = ("none", "box", "dominoes")
 
@@ -91,8 +92,7 @@ def batches(split: CueSplit, batch_size: int, *, seed: int | None = None, epoch:
       add 'mask' (1 real, 0 padding) to every batch (evaluation).
   """
   n = len(split)
-  order = (np.arange(n) if seed is None
-           else np.random.default_rng([seed, epoch]).permutation(n))
+  order = np.arange(n) if seed is None else epoch_permutation(seed, epoch, n)
   stop = (n // batch_size) * batch_size if drop_remainder else n
   for start in range(0, stop, batch_size):
     idx = order[start:start + batch_size]
@@ -101,3 +101,85 @@ def batches(split: CueSplit, batch_size: int, *, seed: int | None = None, epoch:
       batch = {k: batching.pad_rows(v, batch_size) for k, v in batch.items()}
       batch["mask"] = batching.valid_mask(len(idx), batch_size)
     yield batch
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  order.flags.writeable = False  # shared by the cache
+  return order
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The example order of one epoch; depends only on (seed, epoch)."""
+  return _permutation(int(seed), int(epoch), int(num_examples))
+
+
+def batch_at_step(split: CueSplit, batch_size: int, *, seed: int, step: int,
+                  rows: slice = slice(None)) -> dict[str, np.ndarray]:
+  """The training batch of global step `step` (0-based), partial batches dropped.
+
+  A pure function of (split, batch_size, seed, step): step s is batch
+  s % steps_per_epoch of epoch s // steps_per_epoch, in the order of
+  `epoch_permutation(seed, epoch)`. So a resumed run sees exactly the batches
+  an uninterrupted one would. `rows` selects this host's part of the batch.
+  """
+  steps_per_epoch = len(split) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{len(split)} examples make no batch of {batch_size}.")
+  epoch, i = divmod(step, steps_per_epoch)
+  idx = epoch_permutation(seed, epoch, len(split))[i * batch_size:(i + 1) * batch_size]
+  return split.examples(idx[rows])
+
+
+def _simple_pair(simple_dataset: str, split: str, seed: int, num_examples: int | None,
+                 data_dir: str | None, download: bool):
+  if simple_dataset not in datasets.NUM_CLASSES:
+    raise ValueError(f"Unknown simple_dataset {simple_dataset!r}; valid datasets: "
+                     f"{sorted(datasets.NUM_CLASSES)}.")
+  return datasets.load_base(simple_dataset, split, seed=seed, num_examples=num_examples,
+                            data_dir=data_dir, download=download)
+
+
+def load_train_split(dataset: str, cue: str, proportion: float, *, seed: int = 0,
+                     num_examples: int | None = None, simple_dataset: str | None = None,
+                     data_dir: str | None = None, download: bool = False) -> CueSplit:
+  """A cued training split of a named dataset (see `datasets.load_base`).
+
+  Args:
+    dataset: base (complex) dataset, e.g. 'shapes10' or 'cifar10'.
+    cue: 'none', 'box' or 'dominoes'.
+    proportion: fraction of each class's examples carrying the cue.
+    seed: the embedded datasets' seed.
+    num_examples: keep this many (None: all).
+    simple_dataset: Dominoes' simple half, e.g. 'glyphs10' or 'fashion_mnist'.
+    data_dir, download: TFDS options.
+  """
+  images, labels = datasets.load_base(dataset, "train", seed=seed, num_examples=num_examples,
+                                      data_dir=data_dir, download=download)
+  num_classes = datasets.NUM_CLASSES[dataset]
+  simple_images = simple_labels = None
+  if cue == "dominoes":
+    simple_images, simple_labels = _simple_pair(simple_dataset, "train", seed, None, data_dir,
+                                                download)
+  return make_cue_split(images, labels, num_classes, cue, proportion, simple_images,
+                        simple_labels)
+
+
+def load_test_views(dataset: str, cue: str, *, seed: int = 0, num_examples: int | None = None,
+                    simple_dataset: str | None = None, data_dir: str | None = None,
+                    download: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """The four counterfactual views (model inputs) of a named test split, and its labels.
+
+  The views' random draws use `seed`, as does the embedded data. Box views for
+  cue 'box' (and 'none'), Dominoes views for 'dominoes'.
+  """
+  images, labels = datasets.load_base(dataset, "test", seed=seed, num_examples=num_examples,
+                                      data_dir=data_dir, download=download)
+  images = datasets.normalize(images)
+  if cue == "dominoes":
+    simple_images, simple_labels = _simple_pair(simple_dataset, "test", seed, None, data_dir,
+                                                download)
+    return views.dominoes_views(images, labels, datasets.to_simple_half(simple_images),
+                                simple_labels, seed), labels
+  return views.box_views(images, labels, datasets.NUM_CLASSES[dataset], seed), labels

@@ -1,0 +1,164 @@
+"""Checkpoints through orbax, in one module so that orbax's API churn stays here.
+
+A `Checkpointer` saves a pytree (a `TrainState`, a curve's control points, ...)
+under `directory/<step>/` with orbax's `CheckpointManager`: writes are atomic
+(a killed save leaves a temporary directory that is ignored and cleaned up,
+never a half-written step), asynchronous (training goes on while the files are
+written), and only the newest `max_to_keep` steps are kept.
+
+Restoring goes into an abstract target (`jax.eval_shape` of the init, with
+shardings), after checking the checkpoint's recorded shapes and dtypes leaf by
+leaf: an incompatible or unreadable checkpoint raises `CheckpointError` naming
+the step directory and the mismatch, and is left untouched.
+
+Trees are stored as flax state dicts (nested dicts of arrays), so a checkpoint
+reads back without mechconn's classes: `orbax.checkpoint.StandardCheckpointer()
+.restore(path)` gives plain dicts. No pickle anywhere.
+"""
+
+import os
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored into the requested target."""
+
+
+def _leaves_by_path(tree: PyTree) -> dict[str, Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+          for path, leaf in flat}
+
+
+def check_compatible(stored: PyTree, target: PyTree, where: str) -> None:
+  """Raises CheckpointError at the first leaf whose path, shape or dtype differs.
+
+  Args:
+    stored: the checkpoint's metadata tree (leaves with .shape and .dtype).
+    target: the abstract target state dict (leaves with .shape and .dtype).
+    where: the checkpoint directory, for the message.
+  """
+  stored, target = _leaves_by_path(stored), _leaves_by_path(target)
+  only_stored = sorted(set(stored) - set(target))
+  only_target = sorted(set(target) - set(stored))
+  if only_stored or only_target:
+    raise CheckpointError(
+        f"Checkpoint {where} does not match the model/optimiser being restored: leaves only "
+        f"in the checkpoint {only_stored[:5]}, leaves only in the target {only_target[:5]}. "
+        "The checkpoint was left as is.")
+  for path in sorted(target):
+    s, t = stored[path], target[path]
+    if tuple(s.shape) != tuple(t.shape) or np.dtype(s.dtype) != np.dtype(t.dtype):
+      raise CheckpointError(
+          f"Checkpoint {where}: leaf {path!r} is {np.dtype(s.dtype).name}{list(s.shape)} "
+          f"but the target expects {np.dtype(t.dtype).name}{list(t.shape)}. "
+          "The checkpoint was left as is.")
+
+
+class Checkpointer:
+  """Periodic, atomic, asynchronous checkpoints of one pytree in a directory.
+
+  Example:
+    >>> with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    ...   state = ckpt.restore(abstract_state) if ckpt.latest_step() is not None else init()
+    ...   ckpt.save(int(state.step), state)
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=ocp.StandardCheckpointHandler())
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, tree: PyTree) -> None:
+    """Starts an asynchronous, atomic save of `tree` as `step` (a no-op if it exists)."""
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(tree)),
+                       force=True)
+
+  def restore(self, abstract_tree: PyTree, step: int | None = None) -> PyTree:
+    """Restores `step` (default: the latest) into the structure of `abstract_tree`.
+
+    Args:
+      abstract_tree: the target, e.g. `jax.eval_shape(init)`; leaves are
+        `jax.ShapeDtypeStruct`s whose `.sharding` (when set) places the result.
+      step: which step; None for the latest.
+
+    Raises:
+      CheckpointError: no checkpoint, or one that is unreadable or does not
+        match `abstract_tree` (message names the directory and the leaf).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint to restore in {self.directory}.")
+    where = self.step_dir(step)
+    target = flax.serialization.to_state_dict(abstract_tree)
+    try:
+      metadata = self._manager.item_metadata(step)
+    except Exception as e:  # orbax raises several types for an unreadable step
+      raise CheckpointError(f"Checkpoint {where} is unreadable ({type(e).__name__}: {e}). "
+                            "It was left as is; move it away to resume from an earlier "
+                            "step.") from e
+    if metadata is None or getattr(metadata, "tree", None) is None:
+      raise CheckpointError(f"Checkpoint {where} has no readable metadata (incomplete or "
+                            "corrupt). It was left as is; move it away to resume from an "
+                            "earlier step.")
+    check_compatible(metadata.tree, target, where)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:
+      raise CheckpointError(f"Checkpoint {where} could not be read ({type(e).__name__}: "
+                            f"{str(e)[:500]}). It was left as is; move it away to resume "
+                            "from an earlier step.") from e
+    return flax.serialization.from_state_dict(abstract_tree, restored)
+
+  def read(self, step: int | None = None) -> dict:
+    """The stored state dict of `step` (default: latest) as nested dicts, on one local device.
+
+    Needs no model or target: for inspecting a checkpoint, or reading one
+    written on another device count.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint to read in {self.directory}.")
+    try:
+      stored = self._manager.item_metadata(step).tree
+    except Exception as e:
+      raise CheckpointError(f"Checkpoint {self.step_dir(step)} is unreadable "
+                            f"({type(e).__name__}: {e}).") from e
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          stored)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+  def wait(self) -> None:
+    """Blocks until pending saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
