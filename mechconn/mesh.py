@@ -33,12 +33,11 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
-  """Raises ValueError unless the global batch splits evenly over the mesh."""
-  n = mesh.devices.size
-  if batch_size % n:
-    raise ValueError(f"{name}={batch_size} is not divisible by the {n} devices of the "
-                     f"mesh; use a multiple of {n}.")
+def check_batch_size(batch_size: int, num_devices: int, name: str = "batch_size") -> None:
+  """Raises ValueError unless a global batch splits evenly over `num_devices`."""
+  if batch_size % num_devices:
+    raise ValueError(f"{name}={batch_size} is not divisible by the {num_devices} devices; "
+                     f"use a multiple of {num_devices}.")
 
 
 def process_rows(batch_size: int) -> slice:

@@ -378,9 +378,7 @@ def check_train_config(config: Any, num_devices: int) -> None:
     raise ValueError(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 0 "
                      "(0: evaluate only at the end).")
   for key in ("batch_size", "eval_batch_size"):
-    if config[key] % num_devices:
-      raise ValueError(f"config.{key}={config[key]} is not divisible by the {num_devices} "
-                       f"devices; use a multiple of {num_devices}.")
+    mesh_lib.check_batch_size(config[key], num_devices, f"config.{key}")
 
 
 def _size(value: int) -> int | None:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mechconn.data import cues, datasets, pipeline
+from mechconn.data import cues, datasets, pipeline, views
 from mechconn import report
 
 
@@ -74,3 +74,37 @@ def test_view_grid_png(tmp_path, base):
   dom = np.concatenate([np.full((1, 32, 32, 3), 0.25), np.full((1, 32, 32, 3), -1.0)], axis=1)
   shown = report.displayable(dom)
   assert np.allclose(shown[0, :32], 0.25) and np.allclose(shown[0, 32:], 0.0)
+
+
+def test_batch_at_step_walks_the_epoch_permutations(base):
+  images, labels = base
+  split = pipeline.make_cue_split(images, labels, 10, "box", 0.5)
+  seen = [pipeline.batch_at_step(split, 16, seed=3, step=s) for s in range(4)]  # 2 per epoch
+  for step, batch in enumerate(seen):
+    epoch, i = divmod(step, 2)
+    order = np.random.default_rng([3, epoch]).permutation(40)
+    expected = split.examples(order[i * 16:(i + 1) * 16])
+    np.testing.assert_array_equal(batch["image"], expected["image"])
+    np.testing.assert_array_equal(batch["label"], expected["label"])
+  rows = pipeline.batch_at_step(split, 16, seed=3, step=1, rows=slice(8, 16))
+  np.testing.assert_array_equal(rows["image"], seen[1]["image"][8:16])
+  with pytest.raises(ValueError, match="make no batch"):
+    pipeline.batch_at_step(split, 64, seed=0, step=0)
+
+
+def test_named_loaders_build_cued_splits_and_views():
+  split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=200)
+  x, y = datasets.load_base("shapes10", "train", num_examples=200)
+  np.testing.assert_array_equal(split.images, x)
+  np.testing.assert_array_equal(split.has_cue, cues.cue_mask(y, 10, 0.8))
+  test_views, labels = pipeline.load_test_views("shapes10", "box", num_examples=30, seed=2)
+  xt, yt = datasets.load_base("shapes10", "test", num_examples=30, seed=2)
+  np.testing.assert_array_equal(labels, yt)
+  expected = views.box_views(datasets.normalize(xt), yt, 10, seed=2)
+  for name in views.VIEWS:
+    np.testing.assert_array_equal(test_views[name], expected[name])
+  dominoes, _ = pipeline.load_test_views("shapes10", "dominoes", num_examples=30,
+                                         simple_dataset="glyphs10")
+  assert dominoes["cue"].shape == (30, 64, 32, 3)
+  with pytest.raises(ValueError, match="Unknown simple_dataset"):
+    pipeline.load_test_views("shapes10", "dominoes", num_examples=30, simple_dataset="svhn")

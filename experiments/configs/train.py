@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.num_epochs = 3
   config.batch_size = 128  # global; divisible by the device count (<= 128 per CPU device)
-  config.eval_batch_size = 500  # global, for the views
+  config.eval_batch_size = 512  # global, for the views
   config.log_every_steps = 50  # a metrics line (and progress bar update) this often
   config.eval_every_steps = 390  # evaluate the four views this often; 0: only at the end
   config.checkpoint_every_steps = 200  # and at the end
@@ -107,7 +107,7 @@ def _apply_paper(config: ml_collections.ConfigDict, preset: str) -> None:
   config.optimizer.decay_every_epochs = 40
   config.num_epochs = 100
   config.batch_size = 256
-  config.eval_batch_size = 1000
+  config.eval_batch_size = 1024
   config.log_every_steps = 100
   config.eval_every_steps = 1955  # about every 10 epochs of CIFAR's 50,000 at batch 256
   config.checkpoint_every_steps = 1000

@@ -1,0 +1,106 @@
+"""experiments/configs/train.py: presets build and validate; bad values fail early and clearly."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mechconn import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(
+      f"config_{name}", os.path.join(REPO, "experiments", "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+train_configs = _load("train")
+
+
+@pytest.mark.parametrize("preset", list(train_configs.CPU_PRESETS) + train_configs.paper_presets())
+def test_every_preset_builds_locked_and_valid(preset):
+  for name in (preset, f"{preset},quicktest"):
+    config = train_configs.get_config(name)
+    train.check_train_config(config, num_devices=8)
+    with pytest.raises(AttributeError):
+      config.not_a_field = 1  # locked: unknown keys are refused
+
+
+def test_presets_carry_the_recipes():
+  cue, nocue = train_configs.get_config("cpu_cue"), train_configs.get_config("cpu_nocue")
+  assert (cue.data.dataset, cue.data.cue, cue.data.cue_proportion) == ("shapes10", "box", 0.8)
+  assert nocue.data.cue_proportion == 0.0 and nocue.data.cue == "box"
+  paper = train_configs.get_config("cifar100_box90_resnet18")
+  assert (paper.data.dataset, paper.data.cue, paper.data.cue_proportion) == ("cifar100", "box",
+                                                                             0.9)
+  assert paper.model.name == "resnet18" and paper.model.kwargs.width == 1.0
+  opt = paper.optimizer
+  assert (opt.learning_rate, opt.momentum, opt.weight_decay) == (0.1, 0.9, 1e-4)
+  assert (opt.schedule, opt.decay_every_epochs, opt.decay_factor) == ("step", 40, 0.1)
+  assert (paper.batch_size, paper.num_epochs) == (256, 100)
+  dominoes = train_configs.get_config("cifar10_dominoes60_vgg13")
+  assert (dominoes.data.cue, dominoes.data.simple_dataset) == ("dominoes", "fashion_mnist")
+  quick = train_configs.get_config("cifar10_box80_vgg13,quicktest")
+  assert quick.data.num_train == 512 and quick.model.kwargs.width == 0.0625
+
+
+def test_unknown_presets_and_modifiers_list_the_valid_ones():
+  with pytest.raises(ValueError, match=r"Unknown preset 'cifar10_box85_vgg13'.*cpu_cue"):
+    train_configs.get_config("cifar10_box85_vgg13")
+  with pytest.raises(ValueError, match=r"Unknown preset modifier 'fast'.*quicktest"):
+    train_configs.get_config("cpu_cue,fast")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("data.dataset", "cifar11", r"config.data.dataset='cifar11' is not valid; valid choices: "
+                                r"\[.*'cifar10'.*'shapes10'"),
+    ("data.cue", "patch", r"config.data.cue='patch'.*\['box', 'dominoes', 'none'\]"),
+    ("data.cue_proportion", 1.5, r"config.data.cue_proportion=1.5 must be in \[0, 1\]"),
+    ("data.cue_proportion", -0.1, r"cue_proportion=-0.1 must be in \[0, 1\]"),
+    ("data.num_train", 0, r"config.data.num_train.*=0 must be a positive integer"),
+    ("model.name", "vgg16", r"config.model.name='vgg16'.*'resnet18', 'small_cnn', 'vgg13'"),
+    ("optimizer.schedule", "linear", r"optimizer.schedule='linear'.*'constant', 'cosine'"),
+    ("optimizer.learning_rate", 0.0, r"learning_rate=0.0 must be > 0"),
+    ("batch_size", 100, r"config.batch_size=100 is not divisible by the 8 devices"),
+    ("eval_batch_size", 508, r"eval_batch_size=508 is not divisible by the 8 devices"),
+    ("eval_every_steps", -1, r"eval_every_steps=-1 must be >= 0"),
+])
+def test_invalid_values_name_the_key_and_the_valid_choices(key, value, message):
+  config = train_configs.get_config("cpu_cue")
+  section, _, field = key.rpartition(".")
+  (config[section] if section else config)[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.check_train_config(config, num_devices=8)
+
+
+def test_unknown_model_attribute_is_named():
+  config = train_configs.get_config("cpu_cue")
+  with config.unlocked():
+    config.model.kwargs.depth = 3
+  with pytest.raises(ValueError, match=r"config.model.kwargs has \['depth'\].*valid: .*'width'"):
+    train.check_train_config(config, num_devices=1)
+
+
+def test_invalid_config_fails_before_any_work(tmp_path):
+  config = train_configs.get_config("cpu_cue")
+  config.data.dataset = "imagenet"
+  with pytest.raises(ValueError, match="data.dataset"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_launcher_refuses_unknown_keys(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/train.py:cpu_cue,quicktest", f"--workdir={tmp_path}",
+       "--config.data.cue_proportin=0.5"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "cue_proportin" in proc.stderr
+  assert not os.listdir(tmp_path)
