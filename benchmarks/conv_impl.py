@@ -72,7 +72,7 @@ def main():
     flops = 2.0 * np.prod(out.shape) * np.prod(w_shape[:3])
     t_xla = median_seconds(lambda: xla(x, w), args.repeats)
     t_patches = median_seconds(lambda: patches(x, w), args.repeats)
-    auto = "patches" if layers.prefers_patches(out.shape[1], out.shape[2]) else "xla"
+    auto = "patches" if layers.prefers_patches(out.shape[1], out.shape[2], x.shape[3]) else "xla"
     total_flops += flops
     total_time["xla"] += t_xla
     total_time["patches"] += t_patches

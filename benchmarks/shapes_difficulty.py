@@ -15,22 +15,12 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from mechconn import counterfactual
 from mechconn import train
 from mechconn.data import datasets, pipeline, shapes, views
 from mechconn.models import get_model
-
-
-def view_accuracies(model, variables, test_views, labels, batch_size=500):
-  apply = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1))
-  out = {}
-  for name, images in test_views.items():
-    preds = np.concatenate([np.asarray(apply(variables, jnp.asarray(images[i:i + batch_size])))
-                            for i in range(0, len(images), batch_size)])
-    out[name] = round(float(np.mean(preds == labels)), 4)
-  return out
 
 
 def main():
@@ -55,6 +45,7 @@ def main():
   x, y = shapes.shapes10(2 * args.seed, args.num_train, **knobs)
   xt, yt = shapes.shapes10(2 * args.seed + 1, args.num_test, **knobs)
   test_views = views.box_views(datasets.normalize(xt), yt, 10, seed=args.seed)
+  view_batches = counterfactual.stack_views(test_views, yt, batch_size=500)
   model = get_model("small_cnn", 10, width=args.width)
   steps = args.epochs * (args.num_train // args.batch_size)
   tx = train.sgd_cosine(args.lr, steps)
@@ -71,7 +62,8 @@ def main():
         "cue": "box", "proportion": proportion, "shapes10": knobs or "defaults", "num_train": args.num_train,
         "epochs": args.epochs, "train_seconds": round(seconds, 1),
         "train_accuracy_last_epoch": round(history[-1]["accuracy"], 4),
-        "test_views": view_accuracies(model, state.variables, test_views, yt),
+        "test_views": {name: round(float(r["accuracy"]), 4) for name, r in jax.device_get(
+            counterfactual.evaluate_views(model.apply, state.variables, view_batches)).items()},
         "backend": jax.default_backend()}), flush=True)
 
 

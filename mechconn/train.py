@@ -82,7 +82,10 @@ class LossFn(Protocol):
   """loss_fn(params, batch_stats, batch, rng) -> (loss, (new_batch_stats, metrics)).
 
   Differentiated with respect to `params`; `metrics` is a dict of scalars
-  averaged into the logs beside the loss.
+  averaged into the logs beside the loss. A loss is passed to the jitted step
+  as a pytree, so it may carry arrays (fixed endpoints, a reference model):
+  write it as a `flax.struct.dataclass` whose functions are static fields, or
+  wrap a plain function with `jax.tree_util.Partial(fn, *arrays)`.
   """
 
   def __call__(self, params: Params, batch_stats: Params, batch: Batch, rng: PRNGKey
@@ -100,15 +103,15 @@ def apply_train_mode(apply_fn: batchnorm.ApplyFn, params: Params, batch_stats: P
   return logits, updates["batch_stats"]
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class ClassificationLoss:
   """Mean softmax cross-entropy of `apply_fn` in training mode (a `LossFn`).
 
-  A frozen dataclass, so equal losses hash equal and a jitted step bound to
-  one compiles once.
+  A pytree with no leaves: `apply_fn` is static, so a step bound to equal
+  losses compiles once.
   """
 
-  apply_fn: batchnorm.ApplyFn
+  apply_fn: batchnorm.ApplyFn = flax.struct.field(pytree_node=False)
 
   def __call__(self, params, batch_stats, batch, rng):
     del rng  # deterministic models; dropout-like layers would take it here
@@ -119,7 +122,7 @@ class ClassificationLoss:
     return loss, (new_batch_stats, {"accuracy": accuracy})
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "tx"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames="tx", donate_argnums=0)
 def train_step(state: TrainState, batch: Batch, root_key: PRNGKey, *, loss_fn: LossFn,
                tx: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
   """One optimiser step on `loss_fn`; returns (new state, metrics).
@@ -447,10 +450,16 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) ->
       for name, batches in counterfactual.stack_views(
           test_views, test_labels, config.eval_batch_size).items()}
 
+  evaluated = {}  # step -> metrics: the loop's last evaluation is also the final one
+
   def eval_fn(state):
-    results = jax.device_get(counterfactual.evaluate_views(model.apply, state.variables,
-                                                           view_batches))
-    return {f"eval/{view}/{k}": float(v) for view, r in results.items() for k, v in r.items()}
+    step = int(state.step)
+    if step not in evaluated:
+      results = jax.device_get(counterfactual.evaluate_views(model.apply, state.variables,
+                                                             view_batches))
+      evaluated[step] = {f"eval/{view}/{k}": float(v)
+                         for view, r in results.items() for k, v in r.items()}
+    return evaluated[step]
 
   options = LoopOptions(num_steps=num_steps, log_every=config.log_every_steps,
                         checkpoint_every=config.checkpoint_every_steps,

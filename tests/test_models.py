@@ -90,6 +90,23 @@ def test_conv_as_matmul_matches_xla(size, c_in, stride):
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_auto_conv_differentiates_like_xla_in_both_modes():
+  # 'auto' runs XLA's conv forward with a patches + matmul tangent (custom JVP).
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 6, 5)), jnp.float32)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  conv = lambda impl: lambda x, w: layers.conv_general_dilated_auto(
+      x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn, impl=impl)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  auto, xla = conv("auto"), conv("xla")
+  np.testing.assert_allclose(auto(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  for g_auto, g_xla in zip(jax.grad(loss(auto), (0, 1))(x, w), jax.grad(loss(xla), (0, 1))(x, w)):
+    np.testing.assert_allclose(g_auto, g_xla, rtol=1e-4, atol=1e-4)
+  hvp = lambda f: jax.jvp(jax.grad(loss(f), 1), (x, w), (x, w))[1]  # forward-over-reverse
+  np.testing.assert_allclose(hvp(auto), hvp(xla), rtol=1e-4, atol=1e-4)
+
+
 def test_conv_impls_give_the_same_network():
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
   make = functools.partial(get_model, "vgg13", 10, width=1 / 16)
@@ -101,10 +118,11 @@ def test_conv_impls_give_the_same_network():
     make(conv_impl="winograd").init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("impl,expected_convs", [("xla", 10), ("patches", 0), ("auto", 7)])
-def test_auto_routes_tiny_maps_to_matmul_on_cpu(impl, expected_convs):
-  # VGG13 on 32x32: Conv_7 (stride 2 on 4x4) and Conv_8, Conv_9 output 2x2 maps.
-  model = get_model("vgg13", 10, width=1 / 16, conv_impl=impl)
+@pytest.mark.parametrize("impl,expected_convs", [("xla", 10), ("patches", 0), ("auto", 6)])
+def test_auto_routes_tiny_maps_and_rgb_inputs_to_matmul_on_cpu(impl, expected_convs):
+  # VGG13 on 32x32: Conv_0 reads 3 channels; Conv_7 (stride 2 on 4x4) and
+  # Conv_8, Conv_9 output 2x2 maps.
+  model = get_model("vgg13", 10, width=1 / 8, conv_impl=impl)
   x = jnp.zeros((2, 32, 32, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
   jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)

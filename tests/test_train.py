@@ -68,8 +68,8 @@ def test_step_randomness_is_fold_in_of_root_key_and_step():
   params = {"w": jnp.zeros(3)}
   state = train.TrainState(step=jnp.asarray(5, jnp.int32), params=params, batch_stats={},
                            opt_state=tx.init(params))
-  state, _ = train.train_step(state, {}, root, loss_fn=_noise_loss, tx=tx)
-  state, _ = train.train_step(state, {}, root, loss_fn=_noise_loss, tx=tx)
+  state, _ = train.train_step(state, {}, root, loss_fn=jax.tree_util.Partial(_noise_loss), tx=tx)
+  state, _ = train.train_step(state, {}, root, loss_fn=jax.tree_util.Partial(_noise_loss), tx=tx)
   expected = -(jax.random.normal(jax.random.fold_in(root, 5), (3,)) +
                jax.random.normal(jax.random.fold_in(root, 6), (3,)))
   np.testing.assert_allclose(state.params["w"], expected, rtol=1e-6)

@@ -1,0 +1,117 @@
+"""Benchmark: training throughput of the jitted train step (examples/s).
+
+For each model, on random 32x32x3 batches (default 128 examples):
+  step     `train.train_step` alone (donated state, data already on device);
+  loop     the train task's inner loop: `pipeline.batch_at_step` on a shapes10
+           box-cue split (host-side cue drawing and normalisation), then
+           `mesh.shard_batch` and the step; its ratio to `step` is the host
+           data overhead;
+  forward  the inference forward pass on the same batch, the baseline in the
+           same run (a train step costs about 3 forwards: forward, backward for
+           activations and for weights).
+Each figure is the median over --repeats timings of --steps steps after a
+warm-up (compile) run. GFLOP/s come from XLA's cost analysis of the compiled
+step; the float32 matmul peak is measured in the same run.
+
+  python benchmarks/train_step.py                       # SmallCNN(32), VGG13(0.5)
+  python benchmarks/train_step.py --models=vgg13 --vgg_width=0.25 --batch=64
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mechconn import mesh as mesh_lib
+from mechconn import train
+from mechconn.data import pipeline
+from mechconn.models import get_model
+
+sys.path.insert(0, os.path.dirname(__file__))
+from path_eval import matmul_peak_flops, median_seconds  # noqa: E402
+
+
+def compiled_flops(lowered) -> float:
+  """FLOPs of one call, from XLA's cost analysis of a lowered jitted function."""
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def bench_model(label, model, args, peak, split):
+  mesh = mesh_lib.data_mesh()
+  tx = train.sgd_cosine(0.05, 10_000)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
+  batch = {"image": jnp.asarray(images), "label": jnp.asarray(rng.integers(0, 10, args.batch))}
+  loss_fn = train.ClassificationLoss(model.apply)
+  key = jax.random.key(1)
+  step = functools.partial(train.train_step, root_key=key, loss_fn=loss_fn, tx=tx)
+  holder = {"state": train.create_train_state(model, tx, jax.random.key(0), batch["image"][:1])}
+  step_flops = compiled_flops(train.train_step.lower(holder["state"], batch, key,
+                                                    loss_fn=loss_fn, tx=tx))
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  forward_flops = compiled_flops(forward.lower(holder["state"].variables, batch["image"]))
+
+  def steps_only():
+    for _ in range(args.steps):
+      holder["state"], metrics = step(holder["state"], batch)
+    return metrics["loss"]
+
+  def full_loop():
+    start = int(holder["state"].step)
+    for s in range(start, start + args.steps):
+      local = pipeline.batch_at_step(split, args.batch, seed=0, step=s)
+      holder["state"], metrics = step(holder["state"], mesh_lib.shard_batch(local, mesh))
+    return metrics["loss"]
+
+  def forwards():
+    for _ in range(args.steps):
+      out = forward(holder["state"].variables, batch["image"])
+    return out
+
+  seconds = {name: median_seconds(fn, args.repeats) / args.steps
+             for name, fn in (("forward", forwards), ("step", steps_only), ("loop", full_loop))}
+  flops = {"forward": forward_flops, "step": step_flops, "loop": step_flops}
+  for name, s in seconds.items():
+    print(json.dumps({
+        "benchmark": "train_step", "model": label, "what": name, "batch": args.batch,
+        "backend": jax.default_backend(), "devices": jax.device_count(),
+        "median_s_per_step": round(s, 5),
+        "examples_per_s": round(args.batch / s, 1),
+        "vs_forward": round(s / seconds["forward"], 2),
+        "vs_step": round(s / seconds["step"], 3),
+        "gflops": round(flops[name] / s / 1e9, 1),
+        "fraction_of_peak": round(flops[name] / s / peak, 3)}), flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="small_cnn,vgg13")
+  parser.add_argument("--small_cnn_width", type=int, default=32)
+  parser.add_argument("--vgg_width", type=float, default=0.5)
+  parser.add_argument("--resnet_width", type=float, default=0.25)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  peak = matmul_peak_flops()
+  print(json.dumps({"benchmark": "matmul_peak", "n": 2048, "gflops": round(peak / 1e9, 1)}),
+        flush=True)
+  split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=4096)
+  widths = {"small_cnn": args.small_cnn_width, "vgg13": args.vgg_width,
+            "resnet18": args.resnet_width}
+  for name in args.models.split(","):
+    if name not in widths:
+      raise ValueError(f"Unknown benchmark model {name!r}; valid: {sorted(widths)}.")
+    model = get_model(name, 10, width=widths[name])
+    bench_model(f"{name}(width={widths[name]})", model, args, peak, split)
+
+
+if __name__ == "__main__":
+  main()

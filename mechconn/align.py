@@ -1,0 +1,363 @@
+"""Permutation alignment of hidden units: specs, weight matching, activation matching.
+
+Permuting a hidden layer's units (and the next layer's inputs to match) leaves a
+network's function unchanged. To compare two networks along a linear path up to
+this symmetry, permute one (`other`) to best match the other (`reference`)
+before interpolating (Ainsworth, Hayase, Srinivasa, "Git Re-Basin", 2023;
+Entezari et al. 2022).
+
+A `PermutationSpec` says, for every leaf of the variables (slash-joined paths
+such as 'params/Conv_1/kernel' or 'batch_stats/BatchNorm_1/mean'), which
+permutation acts on each axis (None: no permutation); and, for activation
+matching, which module outputs carry each permutation on their last axis.
+Specs are declared per architecture (`permutation_spec`); everything else is
+generic over pytrees.
+
+A permutation `perm` maps each permutation name to an index array: unit i of
+the aligned model is unit perm[name][i] of `other`. So
+`apply_permutation(spec, perm, other)` takes `perm[name]` along each axis that
+carries `name`.
+"""
+
+from collections.abc import Callable, Iterable
+import dataclasses
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from mechconn import batchnorm
+
+Params = chex.ArrayTree
+Permutation = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class PermutationSpec:
+  """Which permutation acts on which axis of which leaf.
+
+  Attributes:
+    axes: {leaf path: (permutation name or None per axis)}; leaf paths are
+      '/'-joined keys of the variables dict, e.g. 'params/head/kernel'.
+    sites: {permutation name: module paths (tuples of names) whose outputs
+      carry the permutation on their last axis}, for activation matching.
+  """
+
+  axes: dict[str, tuple[str | None, ...]]
+  sites: dict[str, tuple[tuple[str, ...], ...]]
+
+  @property
+  def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
+    out: dict[str, list[tuple[str, int]]] = {}
+    for path, perms in self.axes.items():
+      for axis, p in enumerate(perms):
+        if p is not None:
+          out.setdefault(p, []).append((path, axis))
+    return out
+
+  @property
+  def names(self) -> list[str]:
+    return sorted(self.perm_to_axes)
+
+
+# --- Declaring specs: one helper per layer kind, composed per architecture. ----
+
+
+def _conv(name: str, p_in: str | None, p_out: str) -> dict:
+  return {f"params/{name}/kernel": (None, None, p_in, p_out)}
+
+
+def _dense(name: str, p_in: str | None, p_out: str | None) -> dict:
+  return {f"params/{name}/kernel": (p_in, p_out), f"params/{name}/bias": (p_out,)}
+
+
+def _norm(name: str, p: str) -> dict:
+  return {f"params/{name}/scale": (p,), f"params/{name}/bias": (p,),
+          f"batch_stats/{name}/mean": (p,), f"batch_stats/{name}/var": (p,)}
+
+
+def _prefixed(prefix: str, axes: dict) -> dict:
+  return {path.replace("/", f"/{prefix}/", 1): perms for path, perms in axes.items()}
+
+
+def mlp_spec(num_hidden: int) -> PermutationSpec:
+  """Dense_i's units are P_i; the head reads P_{last}."""
+  axes, sites = {}, {}
+  for i in range(num_hidden):
+    axes.update(_dense(f"Dense_{i}", f"P_{i - 1}" if i else None, f"P_{i}"))
+    sites[f"P_{i}"] = ((f"Dense_{i}",),)
+  axes.update(_dense("head", f"P_{num_hidden - 1}", None))
+  return PermutationSpec(axes, sites)
+
+
+def conv_chain_spec(num_convs: int) -> PermutationSpec:
+  """Conv_i + BatchNorm_i share P_i (SmallCNN, VGG13); the head reads P_{last}."""
+  axes, sites = {}, {}
+  for i in range(num_convs):
+    axes.update(_conv(f"Conv_{i}", f"P_{i - 1}" if i else None, f"P_{i}"))
+    axes.update(_norm(f"BatchNorm_{i}", f"P_{i}"))
+    sites[f"P_{i}"] = ((f"BatchNorm_{i}",),)
+  axes.update(_dense("head", f"P_{num_convs - 1}", None))
+  return PermutationSpec(axes, sites)
+
+
+def resnet18_spec() -> PermutationSpec:
+  """ResNet18: one permutation per residual stream (stage), one inside each block.
+
+  The residual stream of stage s is P_res{s}: the stem writes P_res1, and
+  identity shortcuts force every block of a stage to read and write the same
+  permutation; the first block of stages 2-4 maps P_res{s-1} to P_res{s}
+  through its shortcut conv.
+  """
+  axes = {**_conv("stem_conv", None, "P_res1"), **_norm("stem_bn", "P_res1")}
+  sites = {"P_res1": [("stem_bn",)]}
+  for stage in range(1, 5):
+    res = f"P_res{stage}"
+    sites.setdefault(res, [])
+    for block in range(2):
+      name = f"layer{stage}_{block}"
+      inner = f"P_{name}"
+      res_in = f"P_res{stage - 1}" if stage > 1 and block == 0 else res
+      block_axes = {**_conv("Conv_0", res_in, inner), **_norm("BatchNorm_0", inner),
+                    **_conv("Conv_1", inner, res), **_norm("BatchNorm_1", res)}
+      if stage > 1 and block == 0:
+        block_axes.update({**_conv("shortcut_conv", res_in, res),
+                           **_norm("shortcut_bn", res)})
+      axes.update(_prefixed(name, block_axes))
+      sites[inner] = [(name, "BatchNorm_0")]
+      sites[res].append((name,))
+  axes.update(_dense("head", "P_res4", None))
+  return PermutationSpec(axes, {k: tuple(v) for k, v in sites.items()})
+
+
+def permutation_spec(model_name: str, params: Params) -> PermutationSpec:
+  """The spec of a model by its name in `mechconn.models.MODELS`, sized from its params."""
+  if model_name == "mlp":
+    return mlp_spec(sum(k.startswith("Dense_") for k in params))
+  if model_name in ("small_cnn", "vgg13"):
+    return conv_chain_spec(sum(k.startswith("Conv_") for k in params))
+  if model_name == "resnet18":
+    return resnet18_spec()
+  raise ValueError(f"No permutation spec for model {model_name!r}; valid: "
+                   "['mlp', 'resnet18', 'small_cnn', 'vgg13'].")
+
+
+# --- Applying a permutation. ------------------------------------------------------
+
+
+def _flat(variables: dict) -> dict[str, jax.Array]:
+  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(variables).items()}
+
+
+def _unflat(flat: dict[str, jax.Array]) -> dict:
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def check_spec(spec: PermutationSpec, variables: dict) -> None:
+  """Raises ValueError unless the spec covers exactly the variables' leaves."""
+  flat = _flat(variables)
+  covered = {p for p in spec.axes if p.split("/")[0] in variables}
+  missing, extra = sorted(set(flat) - covered), sorted(covered - set(flat))
+  if missing or extra:
+    raise ValueError(f"Permutation spec does not match the variables: leaves without a spec "
+                     f"{missing[:5]}, spec entries without a leaf {extra[:5]}.")
+  for path, perms in spec.axes.items():
+    if path in flat and len(perms) != flat[path].ndim:
+      raise ValueError(f"Spec for {path!r} has {len(perms)} axes but the leaf has shape "
+                       f"{flat[path].shape}.")
+
+
+def apply_permutation(spec: PermutationSpec, perm: Permutation, params: Params,
+                      batch_stats: Params | None = None):
+  """Permutes params (and batch_stats) by `perm`: the network computes the same function.
+
+  Args:
+    spec: the architecture's spec.
+    perm: {name: index array}; unit i of the result is unit perm[name][i].
+    params: the 'params' collection.
+    batch_stats: the 'batch_stats' collection, or None/{} for models without.
+
+  Returns:
+    permuted params, or (params, batch_stats) when batch_stats is given.
+  """
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  check_spec(spec, variables)
+  flat = _flat(variables)
+  for path, leaf in flat.items():
+    for axis, p in enumerate(spec.axes[path]):
+      if p is not None:
+        leaf = jnp.take(leaf, jnp.asarray(perm[p]), axis=axis)
+    flat[path] = leaf
+  out = _unflat(flat)
+  if batch_stats is None:
+    return out["params"]
+  return out["params"], out.get("batch_stats", batch_stats)
+
+
+def group_sizes(spec: PermutationSpec, params: Params) -> dict[str, int]:
+  """{group: number of units}, read from the params."""
+  flat = _flat({"params": params})
+  return {name: next(flat[p].shape[a] for p, a in where if p in flat)
+          for name, where in spec.perm_to_axes.items()}
+
+
+def identity_permutation(spec: PermutationSpec, params: Params) -> Permutation:
+  return {name: np.arange(n) for name, n in group_sizes(spec, params).items()}
+
+
+def random_permutation(spec: PermutationSpec, params: Params, seed: int) -> Permutation:
+  """A uniformly random permutation of every group (for tests and null baselines)."""
+  rng = np.random.default_rng(seed)
+  return {name: rng.permutation(n) for name, n in sorted(group_sizes(spec, params).items())}
+
+
+# --- Weight matching (Git Re-Basin, Algorithm 1). ------------------------------------
+
+
+def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
+                    max_iter: int = 100, seed: int = 0) -> Permutation:
+  """Permutation of `other` maximising sum over leaves of <reference, permuted other>.
+
+  Coordinate descent over permutation groups in a random order (seeded): for
+  one group, with all others fixed, the objective is linear in its assignment,
+  solved exactly by `scipy.optimize.linear_sum_assignment`. Stops when a full
+  sweep improves nothing. Only the 'params' leaves are matched.
+
+  Args:
+    spec: the architecture's spec.
+    reference: params to match (left unchanged).
+    other: params to permute.
+    max_iter: at most this many sweeps.
+    seed: the order of groups in each sweep.
+
+  Returns:
+    perm such that `apply_permutation(spec, perm, other)` is aligned to reference.
+  """
+  ref = {k: np.asarray(v, np.float64) for k, v in _flat({"params": reference}).items()}
+  oth = {k: np.asarray(v, np.float64) for k, v in _flat({"params": other}).items()}
+  perm_to_axes = {name: [(p, a) for p, a in where if p in ref]
+                  for name, where in spec.perm_to_axes.items()}
+  perm = identity_permutation(spec, reference)
+  rng = np.random.default_rng(seed)
+  names = sorted(perm)
+  for _ in range(max_iter):
+    improved = False
+    for name in rng.permutation(names):
+      n = len(perm[name])
+      similarity = np.zeros((n, n))
+      for path, axis in perm_to_axes[name]:
+        w_ref = np.moveaxis(ref[path], axis, 0).reshape(n, -1)
+        w_oth = oth[path]
+        for other_axis, p in enumerate(spec.axes[path]):  # other groups at current perms
+          if p is not None and other_axis != axis:
+            w_oth = np.take(w_oth, perm[p], axis=other_axis)
+        similarity += w_ref @ np.moveaxis(w_oth, axis, 0).reshape(n, -1).T
+      _, assignment = linear_sum_assignment(similarity, maximize=True)
+      old = similarity[np.arange(n), perm[name]].sum()
+      new = similarity[np.arange(n), assignment].sum()
+      if new > old + 1e-12 * max(1.0, abs(old)):
+        perm[name] = assignment
+        improved = True
+    if not improved:
+      break
+  return perm
+
+
+# --- Activation matching. -----------------------------------------------------------
+
+
+def _site_outputs(apply_fn: batchnorm.ApplyFn, variables: dict, images: jax.Array,
+                  sites: Iterable[tuple[str, ...]]) -> list[jax.Array]:
+  """Outputs of the given modules' __call__, flattened to [examples * positions, units]."""
+  _, state = apply_fn(variables, images, train=False,
+                      capture_intermediates=lambda mdl, method: method == "__call__",
+                      mutable=["intermediates"])
+  inter = state["intermediates"]
+  out = []
+  for site in sites:
+    node = inter
+    for key in site:
+      node = node[key]
+    value = node["__call__"][0]
+    out.append(value.reshape(-1, value.shape[-1]).astype(jnp.float32))
+  return out
+
+
+def _merge_moments(m1, m2):
+  """Chan et al.'s pairwise update of (n, mean_a, mean_b, M2_a, M2_b, C_ab)."""
+  n1, ma1, mb1, sa1, sb1, c1 = m1
+  n2, ma2, mb2, sa2, sb2, c2 = m2
+  n = n1 + n2
+  da, db = ma2 - ma1, mb2 - mb1
+  w = n1 * n2 / n
+  return (n, ma1 + da * n2 / n, mb1 + db * n2 / n, sa1 + sa2 + da**2 * w, sb1 + sb2 + db**2 * w,
+          c1 + c2 + np.outer(da, db) * w)
+
+
+def activation_statistics(apply_fn: batchnorm.ApplyFn, spec: PermutationSpec,
+                          variables_ref: dict, variables_other: dict,
+                          batches: Iterable[jax.Array]) -> dict[str, np.ndarray]:
+  """Correlation of every unit of `reference` with every unit of `other`, per group.
+
+  Per batch, means and centred second moments of the two models' activations
+  (over examples and spatial positions) are computed on device; batches are
+  merged on the host in float64 (Chan et al.'s pairwise update), so the result
+  is the exact Pearson correlation over all the data, not an average of
+  per-batch estimates. A group with several sites (e.g. a residual stream)
+  sums their correlations.
+
+  Returns:
+    {group: [n, n] correlations (reference units x other units)}.
+  """
+  names = spec.names
+  all_sites = [site for name in names for site in spec.sites[name]]
+
+  @jax.jit
+  def moments(images):
+    acts_a = _site_outputs(apply_fn, variables_ref, images, all_sites)
+    acts_b = _site_outputs(apply_fn, variables_other, images, all_sites)
+    out = []
+    for a, b in zip(acts_a, acts_b):
+      ca, cb = a - a.mean(0), b - b.mean(0)
+      out.append((jnp.float32(a.shape[0]), a.mean(0), b.mean(0), (ca * ca).sum(0),
+                  (cb * cb).sum(0), ca.T @ cb))
+    return out
+
+  totals = None
+  for images in batches:
+    m = jax.device_get(moments(images))
+    m = [tuple(np.asarray(x, np.float64) for x in site) for site in m]
+    totals = m if totals is None else [_merge_moments(t, x) for t, x in zip(totals, m)]
+  if totals is None:
+    raise ValueError("activation_statistics needs at least one batch.")
+  out, i = {}, 0
+  for name in names:
+    corr = 0.0
+    for _ in spec.sites[name]:
+      _, _, _, m2_a, m2_b, c_ab = totals[i]
+      i += 1
+      corr = corr + c_ab / np.outer(np.sqrt(m2_a) + 1e-12, np.sqrt(m2_b) + 1e-12)
+    out[name] = corr
+  return out
+
+
+def activation_matching(apply_fn: batchnorm.ApplyFn, spec: PermutationSpec,
+                        variables_ref: dict, variables_other: dict,
+                        batches: Iterable[jax.Array]) -> Permutation:
+  """Permutation of `other` matching each unit to its most correlated unit of reference.
+
+  One assignment per group (`linear_sum_assignment` on the correlations of
+  `activation_statistics` over all batches), each made with the activations of
+  the unpermuted networks: permuting units does not change any other group's
+  activations, so the groups are independent.
+  """
+  correlations = activation_statistics(apply_fn, spec, variables_ref, variables_other, batches)
+  return {name: linear_sum_assignment(c, maximize=True)[1] for name, c in correlations.items()}
+
+
+MATCHERS: dict[str, Callable] = {"weight": weight_matching, "activation": activation_matching}

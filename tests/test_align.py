@@ -1,0 +1,128 @@
+"""Permutation specs keep the function; matching recovers a hidden permutation exactly."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mechconn import align
+from mechconn import barriers
+from mechconn import batchnorm
+from mechconn.data import batching
+from mechconn.models import get_model
+
+ARCHS = {
+    "mlp": dict(hidden=(8, 6)),
+    "small_cnn": dict(width=4),
+    "vgg13": dict(width=1 / 32),
+    "resnet18": dict(width=1 / 16),
+}
+
+
+def _init(name, seed):
+  model = get_model(name, 10, **ARCHS[name])
+  x = jax.random.normal(jax.random.key(100), (8, 16, 16, 3))
+  variables = model.init(jax.random.key(seed), x)
+  if "batch_stats" in variables:  # non-trivial running statistics
+    variables = {"params": variables["params"],
+                 "batch_stats": jax.tree.map(
+                     lambda s: s + jax.random.uniform(jax.random.key(seed + 1), s.shape),
+                     variables["batch_stats"])}
+  return model, variables, x
+
+
+def _permute(spec, perm, variables):
+  if "batch_stats" in variables:
+    params, stats = align.apply_permutation(spec, perm, variables["params"],
+                                            variables["batch_stats"])
+    return {"params": params, "batch_stats": stats}
+  return {"params": align.apply_permutation(spec, perm, variables["params"])}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch(request):
+  model, variables, x = _init(request.param, 0)
+  spec = align.permutation_spec(request.param, variables["params"])
+  perm = align.random_permutation(spec, variables["params"], seed=3)
+  return request.param, model, variables, x, spec, perm
+
+
+def test_permutation_keeps_the_function(arch):
+  name, model, variables, x, spec, perm = arch
+  permuted = _permute(spec, perm, variables)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(permuted["params"]), jax.tree.leaves(variables["params"])))
+  np.testing.assert_allclose(model.apply(permuted, x), model.apply(variables, x),
+                             rtol=1e-4, atol=1e-5)
+  if "batch_stats" in variables:  # training mode: batch statistics permute along
+    out_p, _ = model.apply(permuted, x, train=True, mutable=["batch_stats"])
+    out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(out_p, out, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_matching_recovers_a_hidden_permutation(arch):
+  name, model, variables, x, spec, perm = arch
+  other = _permute(spec, perm, variables)
+  found = align.weight_matching(spec, variables["params"], other["params"])
+  aligned = _permute(spec, found, other)
+  chex.assert_trees_all_equal(aligned, variables)
+
+
+def test_activation_matching_recovers_a_hidden_permutation(arch):
+  name, model, variables, x, spec, perm = arch
+  batches = [jax.random.normal(jax.random.key(i), (16, 16, 16, 3)) for i in range(2)]
+  if "batch_stats" in variables:  # running statistics of the data, as in a trained model
+    variables = {"params": variables["params"], "batch_stats": batchnorm.recompute_batch_stats(
+        model.apply, variables, {"image": jnp.stack(batches)})}
+  other = _permute(spec, perm, variables)
+  found = align.activation_matching(model.apply, spec, variables, other, batches)
+  chex.assert_trees_all_equal(_permute(spec, found, other), variables)
+
+
+def test_activation_statistics_are_exact_correlations():
+  model, variables, x = _init("mlp", 0)
+  spec = align.permutation_spec("mlp", variables["params"])
+  other = _init("mlp", 5)[1]
+  batches = [jax.random.normal(jax.random.key(i), (8, 16, 16, 3)) for i in range(3)]
+  corr = align.activation_statistics(model.apply, spec, variables, other, batches)
+  images = np.concatenate([np.asarray(b) for b in batches]).reshape(24, -1)
+  a = images @ np.asarray(variables["params"]["Dense_0"]["kernel"]) + np.asarray(
+      variables["params"]["Dense_0"]["bias"])
+  b = images @ np.asarray(other["params"]["Dense_0"]["kernel"]) + np.asarray(
+      other["params"]["Dense_0"]["bias"])
+  expected = np.corrcoef(a.T, b.T)[:8, 8:]
+  np.testing.assert_allclose(corr["P_0"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_aligned_permuted_copy_has_zero_barrier():
+  model, variables, _ = _init("small_cnn", 0)
+  spec = align.permutation_spec("small_cnn", variables["params"])
+  other = _permute(spec, align.random_permutation(spec, variables["params"], 1), variables)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(64, 16, 16, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, 64)
+  eval_batches = batching.stack_batches(images, labels, 32)
+  bn = {"image": images.reshape(2, 32, 16, 16, 3)}
+  ts = np.linspace(0, 1, 5)
+  raw = barriers.evaluate_path(model.apply, (variables["params"], other["params"]), ts,
+                               eval_batches, bn_batches=bn)
+  assert raw.barriers()["loss"] > 1e-3  # unaligned: the middle differs from the ends
+  found = align.weight_matching(spec, variables["params"], other["params"])
+  aligned = align.apply_permutation(spec, found, other["params"])
+  result = barriers.evaluate_path(model.apply, (variables["params"], aligned), ts,
+                                  eval_batches, bn_batches=bn)
+  np.testing.assert_allclose(result.loss, result.loss[0], rtol=1e-5)
+  assert result.barriers()["loss"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_spec_errors_name_the_leaves():
+  _, variables, _ = _init("small_cnn", 0)
+  spec = align.permutation_spec("vgg13", variables["params"])  # sized from params: 3 convs
+  assert "params/Conv_2/kernel" in spec.axes and "params/Conv_3/kernel" not in spec.axes
+  bad = align.conv_chain_spec(4)
+  with pytest.raises(ValueError, match=r"spec entries without a leaf \['batch_stats/BatchNorm_3"):
+    align.apply_permutation(bad, align.identity_permutation(spec, variables["params"]),
+                            variables["params"], variables["batch_stats"])
+  with pytest.raises(ValueError, match="No permutation spec for model 'vit'"):
+    align.permutation_spec("vit", variables["params"])
