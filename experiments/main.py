@@ -21,6 +21,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mechconn import connectivity
 from mechconn import drivers
 from mechconn import train
 
@@ -33,7 +34,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host jobs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-TASKS = {"linear_barrier": drivers.linear_barrier, "train": train.train_and_evaluate}
+TASKS = {
+    "linear_barrier": drivers.linear_barrier,
+    "train": train.train_and_evaluate,
+    "fit_curve": connectivity.fit_curve,
+    "eval_path": connectivity.eval_path,
+}
 
 
 def main(argv):

@@ -129,10 +129,16 @@ def evaluate_point(apply_fn: batchnorm.ApplyFn, params: Params, eval_batches: Ba
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "path_fn", "strategy", "chunk_size"))
-def _evaluate_path_jit(points, ts, eval_batches, bn_batches, *, apply_fn, path_fn,
+def _evaluate_path_jit(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
                        strategy, chunk_size):
   def at(t):
-    return evaluate_point(apply_fn, path_fn(points, t), eval_batches, bn_batches)
+    params = path_fn(points, t)
+    variables = {"params": params}
+    if bn_batches is not None:  # once per t, shared by every eval set
+      variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables,
+                                                                 bn_batches)
+    return {name: evaluate_variables(apply_fn, variables, batches)
+            for name, batches in eval_sets.items()}
 
   if strategy == "vmap":
     return jax.vmap(at)(ts)
@@ -171,6 +177,20 @@ def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: che
     ...                        bn_batches=bn_batches)
     >>> result.barriers()   # {'loss': ..., 'error': ...}
   """
+  return evaluate_path_sets(apply_fn, points, ts, {"eval": eval_batches}, path=path,
+                            bn_batches=bn_batches, strategy=strategy,
+                            chunk_size=chunk_size)["eval"]
+
+
+def evaluate_path_sets(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
+                       eval_sets: dict[str, Batches], *, path: str | paths.PathFn = "linear",
+                       bn_batches: Batches | None = None, strategy: str | None = None,
+                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, PathEval]:
+  """`evaluate_path` on several eval sets at once: {name: PathEval}.
+
+  At each t the path's parameters and BatchNorm statistics are formed once and
+  every set is evaluated with them (e.g. the four counterfactual views).
+  """
   ts_np = check_grid(ts)
   path_function = paths.path_fn(path) if isinstance(path, str) else path
   strategy = strategy or DEFAULT_STRATEGY.get(jax.default_backend(), "map")
@@ -178,18 +198,23 @@ def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: che
     raise ValueError(f"Unknown strategy {strategy!r}; valid strategies: {STRATEGIES}.")
   points = tuple(points)
   paths.check_matching(points)
-  _check_batches(eval_batches, ("image", "label", "mask"), "eval_batches")
+  if not eval_sets:
+    raise ValueError("eval_sets is empty: pass {name: stacked batches}.")
+  for name, batches in eval_sets.items():
+    _check_batches(batches, ("image", "label", "mask"), f"eval set {name!r}")
   if bn_batches is not None:
     _check_batches(bn_batches, ("image",), "bn_batches")
     bn_batches = {"image": bn_batches["image"]}
-  elif batchnorm.has_batchnorm(apply_fn, {"params": points[0]}, eval_batches["image"][0]):
+  elif batchnorm.has_batchnorm(apply_fn, {"params": points[0]},
+                               next(iter(eval_sets.values()))["image"][0]):
     raise ValueError("The model has BatchNorm layers: pass bn_batches (stacked full batches "
                      "of training images) so that statistics are recomputed at every t.")
   ts_arr = jnp.asarray(ts_np, jnp.float32)
-  loss, accuracy = _evaluate_path_jit(points, ts_arr, eval_batches, bn_batches,
-                                      apply_fn=apply_fn, path_fn=path_function,
-                                      strategy=strategy, chunk_size=int(chunk_size))
-  return PathEval(ts=ts_arr, loss=loss, accuracy=accuracy)
+  out = _evaluate_path_jit(points, ts_arr, dict(eval_sets), bn_batches, apply_fn=apply_fn,
+                           path_fn=path_function, strategy=strategy,
+                           chunk_size=int(chunk_size))
+  return {name: PathEval(ts=ts_arr, loss=loss, accuracy=accuracy)
+          for name, (loss, accuracy) in out.items()}
 
 
 def _check_batches(batches, keys, name):

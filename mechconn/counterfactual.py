@@ -60,3 +60,57 @@ def format_view_table(results: dict[str, dict[str, float]], title: str = "") -> 
     if name in results:
       lines.append(f"{name:10s} {results[name]['loss']:8.4f} {results[name]['accuracy']:9.4f}")
   return "\n".join(lines)
+
+
+# Definition 5 of the paper: two models are mechanistically connected by a path
+# when the path has no barrier on any counterfactual view. "No barrier" needs a
+# tolerance for finite data: by default an accuracy (error) barrier of at most
+# 0.05, i.e. nowhere on the path is accuracy more than 5 points below the
+# chord between the endpoints' accuracies.
+DEFAULT_BARRIER_METRIC = "error"
+DEFAULT_BARRIER_TOLERANCE = 0.05
+
+
+def evaluate_path_views(apply_fn: batchnorm.ApplyFn, points, ts, view_batches: ViewBatches,
+                        *, path="linear", bn_batches=None, strategy: str | None = None
+                        ) -> dict[str, barriers.PathEval]:
+  """Loss and accuracy along a path on every view: {view: PathEval}.
+
+  At each t, BatchNorm statistics are recomputed once from `bn_batches` (the
+  paper uses clean training data) and shared by all views. Arguments as
+  `barriers.evaluate_path`; `view_batches` from `stack_views`.
+  """
+  unknown = sorted(set(view_batches) - set(VIEWS))
+  if unknown:
+    raise ValueError(f"Unknown views {unknown}; valid views: {VIEWS}.")
+  return barriers.evaluate_path_sets(apply_fn, points, ts, view_batches, path=path,
+                                     bn_batches=bn_batches, strategy=strategy)
+
+
+def path_verdict(results: dict[str, barriers.PathEval], *,
+                 metric: str = DEFAULT_BARRIER_METRIC,
+                 tolerance: float = DEFAULT_BARRIER_TOLERANCE) -> dict:
+  """Barriers per view and the paper's Definition 5 verdict.
+
+  Args:
+    results: {view: PathEval} of one path.
+    metric: 'error' (1 - accuracy) or 'loss': which barrier decides.
+    tolerance: a barrier above this breaks the path on that view.
+
+  Returns:
+    {'barriers': {view: {'loss', 'loss_t', 'error', 'error_t'}},
+     'broken_views': views whose barrier exceeds the tolerance,
+     'mechanistically_connected': no view broken, 'metric', 'tolerance'}.
+  """
+  if metric not in ("error", "loss"):
+    raise ValueError(f"Unknown barrier metric {metric!r}; valid: ['error', 'loss'].")
+  table = {}
+  for view, r in results.items():
+    ts, loss, error = (np.asarray(x) for x in (r.ts, r.loss, r.error))
+    table[view] = {"loss": float(barriers.barrier_height(ts, loss)),
+                   "loss_t": barriers.barrier_location(ts, loss),
+                   "error": float(barriers.barrier_height(ts, error)),
+                   "error_t": barriers.barrier_location(ts, error)}
+  broken = [v for v in VIEWS if v in table and table[v][metric] > tolerance]
+  return {"barriers": table, "broken_views": broken,
+          "mechanistically_connected": not broken, "metric": metric, "tolerance": tolerance}

@@ -1,4 +1,4 @@
-"""Figures and tables for people: example grids of the counterfactual views."""
+"""Figures for people: example grids of the views; accuracy along paths."""
 
 import numpy as np
 
@@ -50,4 +50,47 @@ def save_view_grid(views: dict[str, np.ndarray], labels: np.ndarray, path: str, 
         ax.set_ylabel(name, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+VIEW_STYLES = {"clean": ("tab:blue", "-"), "cue": ("tab:orange", "-"),
+               "rand_cue": ("tab:green", "--"), "rand_img": ("tab:red", "--")}
+
+
+def plot_path_views(record: dict, path: str, *, metric: str = "accuracy") -> None:
+  """Saves a PNG in the style of the paper's Figure 4: `metric` along t.
+
+  One panel per path (e.g. 'linear', 'linear (aligned)', a fitted curve), one
+  line per view; panel titles carry the Definition 5 verdict.
+
+  Args:
+    record: an `eval_path` record: {'ts': [...], 'paths': {name: {'views':
+      {view: {'loss': [...], 'accuracy': [...]}}, 'mechanistically_connected',
+      'broken_views'}}}.
+    path: where to write the PNG.
+    metric: 'accuracy' or 'loss'.
+  """
+  import matplotlib  # lazily: only figures need it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(record["paths"])
+  fig, axes = plt.subplots(1, len(names), squeeze=False, sharey=True,
+                           figsize=(3.6 * len(names), 3.2))
+  for ax, name in zip(axes[0], names):
+    entry = record["paths"][name]
+    for view, values in entry["views"].items():
+      colour, style = VIEW_STYLES.get(view, (None, "-"))
+      ax.plot(record["ts"], values[metric], style, color=colour, marker=".", label=view)
+    verdict = ("mechanistically connected" if entry.get("mechanistically_connected")
+               else "broken: " + ", ".join(entry.get("broken_views", [])))
+    ax.set_title(f"{name}\n{verdict}", fontsize=9)
+    ax.set_xlabel("t  (0: start model, 1: end model)")
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel(metric)
+  if metric == "accuracy":
+    axes[0, 0].set_ylim(0.0, 1.02)
+  axes[0, -1].legend(fontsize=8, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -16,6 +16,7 @@
 from collections.abc import Callable
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import time
@@ -331,14 +332,49 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
 # The `train` task.
 
 
-def _choice(value, valid, key: str) -> None:
+def check_choice(value, valid, key: str) -> None:
+  """Raises ValueError naming config.<key> and the valid choices unless value is one."""
   if value not in valid:
     raise ValueError(f"config.{key}={value!r} is not valid; valid choices: {sorted(valid)}.")
 
 
-def _positive(value, key: str) -> None:
+def check_positive_int(value, key: str) -> None:
+  """Raises ValueError naming config.<key> unless value is a positive integer."""
   if not isinstance(value, (int, np.integer)) or value <= 0:
     raise ValueError(f"config.{key}={value!r} must be a positive integer.")
+
+
+def check_data_config(data: Any) -> None:
+  """Validates a config's `data` section (see experiments/configs/train.py)."""
+  check_choice(data.dataset, datasets.NUM_CLASSES, "data.dataset")
+  check_choice(data.cue, pipeline.CUE_KINDS, "data.cue")
+  if data.cue == "dominoes":
+    check_choice(data.simple_dataset, datasets.NUM_CLASSES, "data.simple_dataset")
+  if not 0.0 <= data.cue_proportion <= 1.0:
+    raise ValueError(f"config.data.cue_proportion={data.cue_proportion!r} must be in [0, 1].")
+  for key in ("num_train", "num_test"):
+    value = data[key]
+    if value != -1:
+      check_positive_int(value, f"data.{key} (or -1 for the whole split)")
+
+
+def check_optimization_config(config: Any, num_devices: int) -> None:
+  """Validates `optimizer`, epochs, batch sizes (divisible by the devices) and periods."""
+  opt = config.optimizer
+  check_choice(opt.name, OPTIMIZERS, "optimizer.name")
+  check_choice(opt.schedule, SCHEDULES, "optimizer.schedule")
+  if opt.learning_rate <= 0:
+    raise ValueError(f"config.optimizer.learning_rate={opt.learning_rate!r} must be > 0.")
+  if opt.schedule == "step":
+    check_positive_int(opt.decay_every_epochs, "optimizer.decay_every_epochs")
+  for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
+              "checkpoint_every_steps", "max_to_keep"):
+    check_positive_int(config[key], key)
+  if config.eval_every_steps < 0:
+    raise ValueError(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 0 "
+                     "(0: evaluate only at the end).")
+  for key in ("batch_size", "eval_batch_size"):
+    mesh_lib.check_batch_size(config[key], num_devices, f"config.{key}")
 
 
 def check_train_config(config: Any, num_devices: int) -> None:
@@ -349,43 +385,86 @@ def check_train_config(config: Any, num_devices: int) -> None:
   periods, batch sizes divisible by the device count, and that the model
   accepts its kwargs.
   """
-  data = config.data
-  _choice(data.dataset, datasets.NUM_CLASSES, "data.dataset")
-  _choice(data.cue, pipeline.CUE_KINDS, "data.cue")
-  if data.cue == "dominoes":
-    _choice(data.simple_dataset, datasets.NUM_CLASSES, "data.simple_dataset")
-  if not 0.0 <= data.cue_proportion <= 1.0:
-    raise ValueError(f"config.data.cue_proportion={data.cue_proportion!r} must be in [0, 1].")
-  for key in ("num_train", "num_test"):
-    value = data[key]
-    if value != -1:
-      _positive(value, f"data.{key} (or -1 for the whole split)")
-  _choice(config.model.name, MODELS, "model.name")
+  check_data_config(config.data)
+  check_choice(config.model.name, MODELS, "model.name")
   fields = {f.name for f in dataclasses.fields(MODELS[config.model.name])} - {
       "parent", "name", "num_classes"}
   unknown = sorted(set(config.model.kwargs) - fields)
   if unknown:
     raise ValueError(f"config.model.kwargs has {unknown}, not attributes of "
                      f"{config.model.name}; valid: {sorted(fields)}.")
-  opt = config.optimizer
-  _choice(opt.name, OPTIMIZERS, "optimizer.name")
-  _choice(opt.schedule, SCHEDULES, "optimizer.schedule")
-  if opt.learning_rate <= 0:
-    raise ValueError(f"config.optimizer.learning_rate={opt.learning_rate!r} must be > 0.")
-  if opt.schedule == "step":
-    _positive(opt.decay_every_epochs, "optimizer.decay_every_epochs")
-  for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
-              "checkpoint_every_steps", "max_to_keep"):
-    _positive(config[key], key)
-  if config.eval_every_steps < 0:
-    raise ValueError(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 0 "
-                     "(0: evaluate only at the end).")
-  for key in ("batch_size", "eval_batch_size"):
-    mesh_lib.check_batch_size(config[key], num_devices, f"config.{key}")
+  check_optimization_config(config, num_devices)
 
 
-def _size(value: int) -> int | None:
+def examples_or_all(value: int) -> int | None:
+  """A config's example count, with -1 (the whole split) as None."""
   return None if value == -1 else value
+
+
+def load_data(data: Any) -> tuple[pipeline.CueSplit, dict[str, np.ndarray], np.ndarray]:
+  """(training split, test views, test labels) of a config's `data` section."""
+  data_args = dict(seed=data.seed, simple_dataset=data.simple_dataset,
+                   data_dir=data.data_dir or None, download=data.download)
+  split = pipeline.load_train_split(data.dataset, data.cue, data.cue_proportion,
+                                    num_examples=examples_or_all(data.num_train), **data_args)
+  test_views, test_labels = pipeline.load_test_views(
+      data.dataset, data.cue, num_examples=examples_or_all(data.num_test), **data_args)
+  return split, test_views, test_labels
+
+
+def make_optimizer(opt: Any, *, num_steps: int, steps_per_epoch: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimiser, learning-rate schedule) of a config's `optimizer` section."""
+  schedule = learning_rate_schedule(
+      opt.schedule, opt.learning_rate, total_steps=num_steps, steps_per_epoch=steps_per_epoch,
+      decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor)
+  return sgd(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay), schedule
+
+
+def steps_of(config: Any, num_examples: int) -> tuple[int, int]:
+  """(steps per epoch, total steps) for the config's batch size and epochs."""
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_examples} "
+                     "training examples.")
+  return steps_per_epoch, config.num_epochs * steps_per_epoch
+
+
+def batch_fn_for(split: pipeline.CueSplit, batch_size: int, seed: int,
+                 mesh: jax.sharding.Mesh) -> Callable[[int], Batch]:
+  """step -> the step's global batch, sharded over the mesh (this host loads its rows)."""
+  rows = mesh_lib.process_rows(batch_size)
+
+  def batch_fn(step):
+    local = pipeline.batch_at_step(split, batch_size, seed=seed, step=step, rows=rows)
+    return mesh_lib.shard_batch(local, mesh)
+
+  return batch_fn
+
+
+def shard_views(test_views: dict[str, np.ndarray], labels: np.ndarray, batch_size: int,
+                mesh: jax.sharding.Mesh) -> counterfactual.ViewBatches:
+  """The views stacked into masked batches, each batch sharded over the mesh."""
+  rows = mesh_lib.process_rows(batch_size)
+  return {name: mesh_lib.shard_batch({k: v[:, rows] for k, v in batches.items()}, mesh,
+                                     batch_axis=1)
+          for name, batches in counterfactual.stack_views(test_views, labels,
+                                                          batch_size).items()}
+
+
+def loop_options(config: Any, num_steps: int, steps_per_epoch: int, desc: str) -> LoopOptions:
+  return LoopOptions(num_steps=num_steps, log_every=config.log_every_steps,
+                     checkpoint_every=config.checkpoint_every_steps,
+                     max_to_keep=config.max_to_keep, eval_every=config.eval_every_steps,
+                     steps_per_epoch=steps_per_epoch, progress=config.progress, desc=desc)
+
+
+def start_run(config: Any, workdir: str, overwrite: bool) -> dict:
+  """Claims the workdir for this config (clearing an old run if overwriting); the config dict."""
+  config_dict = workdir_lib.config_to_dict(config)
+  if workdir_lib.claim(workdir, config_dict, overwrite=overwrite):
+    _clear_run(workdir)
+  return config_dict
 
 
 def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
@@ -402,82 +481,38 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) ->
   """
   mesh = mesh_lib.data_mesh()
   check_train_config(config, mesh.devices.size)
-  config_dict = workdir_lib.config_to_dict(config)
-  if workdir_lib.claim(workdir, config_dict, overwrite=overwrite):
-    _clear_run(workdir)
+  config_dict = start_run(config, workdir, overwrite)
 
   # Data: every host builds the same split and takes its rows of each batch.
-  data = config.data
-  data_args = dict(seed=data.seed, simple_dataset=data.simple_dataset,
-                   data_dir=data.data_dir or None, download=data.download)
-  split = pipeline.load_train_split(data.dataset, data.cue, data.cue_proportion,
-                                    num_examples=_size(data.num_train), **data_args)
-  test_views, test_labels = pipeline.load_test_views(
-      data.dataset, data.cue, num_examples=_size(data.num_test), **data_args)
-  num_classes = datasets.NUM_CLASSES[data.dataset]
-  steps_per_epoch = len(split) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(split)} "
-                     "training examples.")
-  num_steps = config.num_epochs * steps_per_epoch
-
-  model = get_model(config.model.name, num_classes, **config.model.kwargs)
-  opt = config.optimizer
-  schedule = learning_rate_schedule(
-      opt.schedule, opt.learning_rate, total_steps=num_steps, steps_per_epoch=steps_per_epoch,
-      decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor)
-  tx = sgd(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay)
+  split, test_views, test_labels = load_data(config.data)
+  steps_per_epoch, num_steps = steps_of(config, len(split))
+  model = get_model(config.model.name, datasets.NUM_CLASSES[config.data.dataset],
+                    **config.model.kwargs)
+  tx, schedule = make_optimizer(config.optimizer, num_steps=num_steps,
+                                steps_per_epoch=steps_per_epoch)
 
   # Keys: init and step randomness from one seed, with integer tags.
   root = jax.random.key(config.seed)
   init_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
   sample = jnp.zeros((1,) + test_views["clean"].shape[1:], jnp.float32)
   init_fn = functools.partial(create_train_state, model, tx, init_key, sample)
-  step_key = jax.device_put(step_key, mesh_lib.replicated(mesh))
-  step_fn = functools.partial(train_step, root_key=step_key,
+  step_fn = functools.partial(train_step,
+                              root_key=jax.device_put(step_key, mesh_lib.replicated(mesh)),
                               loss_fn=ClassificationLoss(model.apply), tx=tx)
-  rows = mesh_lib.process_rows(config.batch_size)
+  view_batches = shard_views(test_views, test_labels, config.eval_batch_size, mesh)
+  eval_fn = view_eval_fn(lambda state: (model.apply, state.variables), view_batches)
 
-  def batch_fn(step):
-    local = pipeline.batch_at_step(split, config.batch_size, seed=config.seed, step=step,
-                                   rows=rows)
-    return mesh_lib.shard_batch(local, mesh)
-
-  eval_rows = mesh_lib.process_rows(config.eval_batch_size)
-  view_batches = {
-      name: mesh_lib.shard_batch({k: v[:, eval_rows] for k, v in batches.items()}, mesh,
-                                 batch_axis=1)
-      for name, batches in counterfactual.stack_views(
-          test_views, test_labels, config.eval_batch_size).items()}
-
-  evaluated = {}  # step -> metrics: the loop's last evaluation is also the final one
-
-  def eval_fn(state):
-    step = int(state.step)
-    if step not in evaluated:
-      results = jax.device_get(counterfactual.evaluate_views(model.apply, state.variables,
-                                                             view_batches))
-      evaluated[step] = {f"eval/{view}/{k}": float(v)
-                         for view, r in results.items() for k, v in r.items()}
-    return evaluated[step]
-
-  options = LoopOptions(num_steps=num_steps, log_every=config.log_every_steps,
-                        checkpoint_every=config.checkpoint_every_steps,
-                        max_to_keep=config.max_to_keep, eval_every=config.eval_every_steps,
-                        steps_per_epoch=steps_per_epoch, progress=config.progress,
-                        desc=f"train {config.model.name}")
   start = time.perf_counter()
-  state = train_loop(init_fn, step_fn, batch_fn, workdir, options, mesh=mesh,
-                     learning_rate_fn=schedule, eval_fn=eval_fn,
+  state = train_loop(init_fn, step_fn, batch_fn_for(split, config.batch_size, config.seed, mesh),
+                     workdir, loop_options(config, num_steps, steps_per_epoch,
+                                           f"train {config.model.name}"),
+                     mesh=mesh, learning_rate_fn=schedule, eval_fn=eval_fn,
                      examples_per_step=config.batch_size)
   seconds = time.perf_counter() - start
 
-  final = eval_fn(state)
-  views = {view: {"loss": final[f"eval/{view}/loss"], "accuracy": final[f"eval/{view}/accuracy"]}
-           for view in test_views}
   record = {
       "step": int(state.step),
-      "views": views,
+      "views": views_of(eval_fn(state)),
       "checkpoint": os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(int(state.step))),
       "num_train": len(split),
       "num_test": int(len(test_labels)),
@@ -486,12 +521,87 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) ->
       "seconds_this_session": round(seconds, 1),
       "config": config_dict,
   }
+  data = config.data
   print(counterfactual.format_view_table(
-      views, f"{config.model.name} on {data.dataset} ({data.cue}, p={data.cue_proportion}), "
-      f"step {record['step']}:"))
+      record["views"], f"{config.model.name} on {data.dataset} ({data.cue}, "
+      f"p={data.cue_proportion}), step {record['step']}:"))
   if jax.process_index() == 0:
     workdir_lib.write_json_atomic(os.path.join(workdir, FINAL_EVAL_FILE), record)
   return record
+
+
+def view_eval_fn(model_of: Callable[[Any], tuple[batchnorm.ApplyFn, dict]],
+                 view_batches: counterfactual.ViewBatches) -> Callable[[Any], dict]:
+  """state -> {'eval/<view>/<loss|accuracy>': float}, computed once per step.
+
+  `model_of(state)` gives (apply_fn, variables) to evaluate. The loop's last
+  evaluation is also the final one: results are kept by step.
+  """
+  evaluated = {}
+
+  def eval_fn(state):
+    step = int(state.step)
+    if step not in evaluated:
+      apply_fn, variables = model_of(state)
+      results = jax.device_get(counterfactual.evaluate_views(apply_fn, variables, view_batches))
+      evaluated[step] = {f"eval/{view}/{k}": float(v)
+                         for view, r in results.items() for k, v in r.items()}
+    return evaluated[step]
+
+  return eval_fn
+
+
+def views_of(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+  """{'eval/cue/loss': ...} -> {'cue': {'loss': ...}}."""
+  out: dict[str, dict[str, float]] = {}
+  for key, value in metrics.items():
+    _, view, name = key.split("/")
+    out.setdefault(view, {})[name] = value
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """A finished `train` run, loaded from its workdir."""
+
+  model: nn.Module
+  params: Params
+  batch_stats: Params
+  config: dict
+  checkpoint: str
+
+  @property
+  def variables(self) -> dict[str, Params]:
+    if self.batch_stats:
+      return {"params": self.params, "batch_stats": self.batch_stats}
+    return {"params": self.params}
+
+
+def load_trained(workdir: str) -> TrainedModel:
+  """The final model of a finished `train` run (its config.json and last checkpoint).
+
+  Raises:
+    FileNotFoundError: no finished run there (no config.json or final_eval.json:
+      relaunch the train command to finish it).
+  """
+  config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  if not os.path.exists(config_path) or not os.path.exists(
+      os.path.join(workdir, FINAL_EVAL_FILE)):
+    raise FileNotFoundError(
+        f"{workdir} holds no finished train run (needs {workdir_lib.CONFIG_FILE} and "
+        f"{FINAL_EVAL_FILE}); run or resume the train task there first.")
+  with open(config_path) as f:
+    config = json.load(f)
+  if config.get("task") != "train":
+    raise ValueError(f"{workdir} holds a {config.get('task')!r} run, not a 'train' run.")
+  model = get_model(config["model"]["name"], datasets.NUM_CLASSES[config["data"]["dataset"]],
+                    **config["model"]["kwargs"])
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
+  step = ckpt.latest_step()
+  state = ckpt.read(step)
+  return TrainedModel(model=model, params=state["params"],
+                      batch_stats=state.get("batch_stats", {}), config=config,
+                      checkpoint=ckpt.step_dir(step))
 
 
 def _clear_run(workdir: str) -> None:

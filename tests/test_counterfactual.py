@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mechconn import barriers
 from mechconn import counterfactual
 from mechconn.data import datasets, views
 from mechconn.models import get_model
@@ -42,3 +43,36 @@ def test_table_lists_views_in_order():
   table = counterfactual.format_view_table(
       {v: {"loss": 1.0, "accuracy": 0.5} for v in reversed(views.VIEWS)}, "title")
   assert [line.split()[0] for line in table.splitlines()[2:]] == list(views.VIEWS)
+
+
+def test_path_views_equal_one_path_per_view_and_the_verdict_reads_them():
+  x, y = datasets.load_base("shapes10", "test", num_examples=40)
+  test_views = views.box_views(datasets.normalize(x), y, 10, seed=0)
+  model = get_model("small_cnn", 10, width=4)
+  a, b = (model.init(jax.random.key(k), jnp.zeros((1, 32, 32, 3)))["params"] for k in (0, 1))
+  batches = counterfactual.stack_views(test_views, y, batch_size=16)
+  bn = {"image": datasets.normalize(x[:32]).reshape(2, 16, 32, 32, 3)}
+  ts = np.linspace(0, 1, 4)
+  together = counterfactual.evaluate_path_views(model.apply, (a, b), ts, batches, bn_batches=bn)
+  for name in views.VIEWS:
+    alone = barriers.evaluate_path(model.apply, (a, b), ts, batches[name], bn_batches=bn)
+    np.testing.assert_allclose(together[name].loss, alone.loss, rtol=1e-5)
+    np.testing.assert_allclose(together[name].accuracy, alone.accuracy, atol=1e-6)
+
+
+def test_verdict_by_hand():
+  ts = jnp.linspace(0, 1, 5)
+  flat = barriers.PathEval(ts=ts, loss=jnp.ones(5), accuracy=jnp.full(5, 0.9))
+  dip = barriers.PathEval(ts=ts, loss=jnp.asarray([1.0, 1.5, 3.0, 1.2, 1.0]),
+                          accuracy=jnp.asarray([0.9, 0.8, 0.3, 0.85, 0.7]))
+  verdict = counterfactual.path_verdict({"clean": flat, "cue": dip, "rand_cue": flat})
+  assert verdict["broken_views"] == ["cue"] and not verdict["mechanistically_connected"]
+  # error chord at t = 0.5 is (0.1 + 0.3) / 2 = 0.2; error there 0.7: barrier 0.5.
+  assert verdict["barriers"]["cue"]["error"] == pytest.approx(0.5)
+  assert verdict["barriers"]["cue"]["error_t"] == 0.5
+  assert verdict["barriers"]["cue"]["loss"] == pytest.approx(2.0)
+  assert verdict["barriers"]["clean"]["error"] == pytest.approx(0.0, abs=1e-7)
+  lenient = counterfactual.path_verdict({"cue": dip}, metric="loss", tolerance=2.5)
+  assert lenient["mechanistically_connected"] and lenient["metric"] == "loss"
+  with pytest.raises(ValueError, match="valid: \\['error', 'loss'\\]"):
+    counterfactual.path_verdict({"cue": dip}, metric="accuracy")

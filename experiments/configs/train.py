@@ -90,10 +90,17 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _apply_paper(config: ml_collections.ConfigDict, preset: str) -> None:
+def parse_paper_preset(preset: str) -> tuple[str, str, int, str]:
+  """'cifar10_box80_vgg13' -> ('cifar10', 'box', 80, 'vgg13')."""
+  if preset not in paper_presets():
+    raise ValueError(f"Unknown paper preset {preset!r}; valid: {paper_presets()}.")
   dataset, cue_part, model = preset.split("_")
   cue = "dominoes" if cue_part.startswith("dominoes") else "box"
-  percent = int(cue_part[len(cue):])
+  return dataset, cue, int(cue_part[len(cue):]), model
+
+
+def _apply_paper(config: ml_collections.ConfigDict, preset: str) -> None:
+  dataset, cue, percent, model = parse_paper_preset(preset)
   config.data.dataset = dataset
   config.data.cue = cue
   config.data.cue_proportion = percent / 100
@@ -113,12 +120,14 @@ def _apply_paper(config: ml_collections.ConfigDict, preset: str) -> None:
   config.checkpoint_every_steps = 1000
 
 
-def _apply_quicktest(config: ml_collections.ConfigDict) -> None:
+def apply_quicktest(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a recipe to seconds: tiny data and model, short periods, no progress bar."""
   config.data.num_train = 512
   config.data.num_test = 200
-  config.model.kwargs = ml_collections.ConfigDict(
-      {"width": 4 if config.model.name == "small_cnn" else 0.0625}
-      if config.model.name != "mlp" else {"hidden": (16,)})
+  if "model" in config:  # fit_curve and eval_path take the end points' model
+    config.model.kwargs = ml_collections.ConfigDict(
+        {"width": 4 if config.model.name == "small_cnn" else 0.0625}
+        if config.model.name != "mlp" else {"hidden": (16,)})
   config.num_epochs = 2
   config.batch_size = 32
   config.eval_batch_size = 80  # divisible by 8 and 16 (fake-device tests)
@@ -128,9 +137,17 @@ def _apply_quicktest(config: ml_collections.ConfigDict) -> None:
   config.progress = False
 
 
-def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-  """The locked config of `preset[,modifier...]` (None: 'cpu_cue')."""
-  name, *modifiers = (preset or "cpu_cue").split(",")
+def apply_modifiers(config: ml_collections.ConfigDict, modifiers: list[str]) -> None:
+  for modifier in modifiers:
+    if modifier == "quicktest":
+      apply_quicktest(config)
+    else:
+      raise ValueError(f"Unknown preset modifier {modifier!r}; valid modifiers: "
+                       f"{list(MODIFIERS)}.")
+
+
+def unlocked_config(name: str) -> ml_collections.ConfigDict:
+  """The unlocked config of a preset name (no modifiers)."""
   config = base_config()
   if name == "cpu_nocue":
     config.data.cue_proportion = 0.0
@@ -140,11 +157,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown preset {name!r}; valid presets: {list(CPU_PRESETS)} and "
                      f"{{cifar10,cifar100}}_box{{{','.join(map(str, PAPER_PERCENTS))}}}_"
                      f"{{vgg13,resnet18}}, cifar10_dominoes{{...}}_{{vgg13,resnet18}}.")
-  for modifier in modifiers:
-    if modifier == "quicktest":
-      _apply_quicktest(config)
-    else:
-      raise ValueError(f"Unknown preset modifier {modifier!r}; valid modifiers: "
-                       f"{list(MODIFIERS)}.")
+  return config
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+  """The locked config of `preset[,modifier...]` (None: 'cpu_cue')."""
+  name, *modifiers = (preset or "cpu_cue").split(",")
+  config = unlocked_config(name)
+  apply_modifiers(config, modifiers)
   config.lock()
   return config

@@ -1,0 +1,62 @@
+r"""Fit a quadratic Bezier curve between the cue model (t = 0) and the no-cue model (t = 1).
+
+Needs the two train runs first (README, "Training endpoint models"). CPU presets,
+SmallCNN(32) end points on the embedded shapes10 data:
+
+  python -m experiments.main --config=experiments/configs/fit_curve.py:cpu_clean \
+      --workdir=workdir/curve_clean     # fitted on clean data (no cue)
+  python -m experiments.main --config=experiments/configs/fit_curve.py:cpu_cue \
+      --workdir=workdir/curve_cue       # fitted on cue data (every image has the box)
+
+Expected on the 2-core CPU (jax 0.10): about 3 minutes each (3 epochs of
+50,000 images; one forward and backward at one point of the curve per step,
+as a training step). Then `eval_path.py:cpu` evaluates them.
+
+Paper presets `{dataset}_box{percent}_{model}_{clean|cue}` (dataset cifar10 or
+cifar100, percent as the train presets, model vgg13 or resnet18) use the
+paper code's recipe: 15 epochs, SGD lr 0.1 x0.1 every 10 epochs, momentum
+0.9, weight decay 1e-4 (the training recipe's), batch 128, between
+workdir/{dataset}_box{percent}_{model} and workdir/{dataset}_box0_{model}.
+Append `,quicktest` to shrink any preset to seconds.
+"""
+
+import ml_collections
+
+from experiments.configs import train as train_config
+
+FIT_DATA = {"clean": 0.0, "cue": 1.0}  # cue proportion of the data the curve is fitted on
+
+
+def endpoint_workdirs(base: str) -> tuple[str, str]:
+  """(cue model, no-cue model) train workdirs of a base preset ('cpu' or a paper one)."""
+  if base == "cpu":
+    return "workdir/cpu_cue", "workdir/cpu_nocue"
+  dataset, cue, _, model = train_config.parse_paper_preset(base)
+  return f"workdir/{base}", f"workdir/{dataset}_{cue}0_{model}"
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+  """The locked config of `preset[,modifier...]` (None: 'cpu_clean')."""
+  name, *modifiers = (preset or "cpu_clean").split(",")
+  base, _, fit_on = name.rpartition("_")
+  if fit_on not in FIT_DATA or not base:
+    raise ValueError(f"Unknown preset {name!r}: valid presets are cpu_clean, cpu_cue and "
+                     "{cifar10,cifar100}_box{percent}_{vgg13,resnet18}_{clean,cue}.")
+  config = train_config.unlocked_config("cpu_cue" if base == "cpu" else base)
+  config.task = "fit_curve"
+  del config.model  # the end points' model
+  # t = 0: the cue model's train run; t = 1: the no-cue model's.
+  config.start_workdir, config.end_workdir = endpoint_workdirs(base)
+  config.data.cue_proportion = FIT_DATA[fit_on]  # of the data the curve is fitted on
+  config.curve = ml_collections.ConfigDict()
+  config.curve.kind = "bezier"  # bezier or polychain
+  config.curve.num_free = 1  # free control points: 1 = quadratic Bezier
+  config.curve.init = "fresh"  # fresh (a new init, as the paper's code) or linear (midpoint)
+  config.eval_every_steps = 0  # eval_path evaluates the curve
+  if base != "cpu":  # the paper code's curve recipe
+    config.num_epochs = 15
+    config.batch_size = 128
+    config.optimizer.decay_every_epochs = 10
+  train_config.apply_modifiers(config, modifiers)
+  config.lock()
+  return config

@@ -1,0 +1,289 @@
+"""The paper's connectivity analysis as two tasks: `fit_curve` and `eval_path`.
+
+Between a cue model (t = 0) and a no-cue model (t = 1), both finished `train`
+runs:
+  - `fit_curve` fits the free control point(s) of a Bezier curve (or a
+    polygonal chain) on a chosen dataset (e.g. clean data, or cue data at
+    proportion 1), checkpointed and resumable like training;
+  - `eval_path` evaluates the linear path (LMC), the linear path after
+    permutation alignment (LMC-P) and every fitted curve (QMC) on the four
+    counterfactual views, with BatchNorm statistics recomputed at each t,
+    and writes `eval_path.json` (curves, barriers per view with the t of each
+    maximum, the Definition 5 verdict, and what produced them) and
+    `eval_path.png` (accuracy along t, one panel per path, one line per view).
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mechconn import align
+from mechconn import checkpoint
+from mechconn import counterfactual
+from mechconn import curves
+from mechconn import mesh as mesh_lib
+from mechconn import report
+from mechconn import train
+from mechconn import workdir as workdir_lib
+from mechconn.data import batching
+from mechconn.data import pipeline
+
+CURVE_FILE = "curve.json"
+EVAL_PATH_FILE = "eval_path.json"
+EVAL_PATH_FIGURE = "eval_path.png"
+ALIGNMENTS = ("none", "weight", "activation")
+BN_DATA = ("clean", "train")
+
+
+def _check_endpoints(start: train.TrainedModel, end: train.TrainedModel, dataset: str) -> None:
+  for key in ("name", "kwargs"):
+    if start.config["model"][key] != end.config["model"][key]:
+      raise ValueError(f"The end points' models differ in model.{key}: "
+                       f"{start.config['model'][key]!r} vs {end.config['model'][key]!r}.")
+  for run in (start, end):
+    if run.config["data"]["dataset"] != dataset:
+      raise ValueError(f"The end point {run.checkpoint} was trained on "
+                       f"{run.config['data']['dataset']!r} but config.data.dataset is "
+                       f"{dataset!r}.")
+
+
+def check_curve_config(config: Any, num_devices: int) -> None:
+  """Validates a `fit_curve` config before any work (ValueError naming the key)."""
+  train.check_data_config(config.data)
+  train.check_optimization_config(config, num_devices)
+  train.check_choice(config.curve.kind, curves.CURVE_KINDS, "curve.kind")
+  train.check_choice(config.curve.init, curves.INITS, "curve.init")
+  train.check_positive_int(config.curve.num_free, "curve.num_free")
+  for key in ("start_workdir", "end_workdir"):
+    if not config[key]:
+      raise ValueError(f"config.{key} is empty: give the workdir of a finished train run.")
+
+
+def fit_curve(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
+  """Fits a curve between two trained models; writes checkpoints and curve.json.
+
+  Returns:
+    The curve.json record (the curve's provenance and its final fit metrics).
+  """
+  mesh = mesh_lib.data_mesh()
+  check_curve_config(config, mesh.devices.size)
+  start_run = train.load_trained(config.start_workdir)
+  end_run = train.load_trained(config.end_workdir)
+  _check_endpoints(start_run, end_run, config.data.dataset)
+  config_dict = train.start_run(config, workdir, overwrite)
+
+  split, test_views, _ = train.load_data(config.data)
+  steps_per_epoch, num_steps = train.steps_of(config, len(split))
+  tx, schedule = train.make_optimizer(config.optimizer, num_steps=num_steps,
+                                      steps_per_epoch=steps_per_epoch)
+  model = start_run.model
+  replicated = mesh_lib.replicated(mesh)
+  loss_fn = mesh_lib.replicate(
+      curves.CurveLoss(model.apply, config.curve.kind, start_run.params, end_run.params,
+                       start_run.batch_stats), mesh)
+  root = jax.random.key(config.seed)
+  init_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+  sample = jnp.zeros((1,) + test_views["clean"].shape[1:], jnp.float32)
+
+  def init_fn():
+    fresh = [model.init(jax.random.fold_in(init_key, k), sample)["params"]
+             for k in range(config.curve.num_free)]
+    free = curves.init_free_points(loss_fn.start, loss_fn.end, config.curve.num_free,
+                                   config.curve.init, fresh)
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=free, batch_stats={},
+                            opt_state=tx.init(free))
+
+  step_fn = functools.partial(train.train_step, root_key=jax.device_put(step_key, replicated),
+                              loss_fn=loss_fn, tx=tx)
+  start = time.perf_counter()
+  state = train.train_loop(
+      init_fn, step_fn, train.batch_fn_for(split, config.batch_size, config.seed, mesh),
+      workdir, train.loop_options(config, num_steps, steps_per_epoch,
+                                  f"fit {config.curve.kind}"),
+      mesh=mesh, learning_rate_fn=schedule, examples_per_step=config.batch_size)
+  last = [r for r in workdir_lib.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
+          if "train/loss" in r]
+  record = {
+      "kind": config.curve.kind,
+      "num_free": config.curve.num_free,
+      "step": int(state.step),
+      "start_checkpoint": start_run.checkpoint,
+      "end_checkpoint": end_run.checkpoint,
+      "fit_data": {"dataset": config.data.dataset, "cue": config.data.cue,
+                   "cue_proportion": config.data.cue_proportion, "num_train": len(split)},
+      "final_train_loss": last[-1]["train/loss"] if last else None,
+      "seconds_this_session": round(time.perf_counter() - start, 1),
+      "config": config_dict,
+  }
+  if jax.process_index() == 0:
+    workdir_lib.write_json_atomic(os.path.join(workdir, CURVE_FILE), record)
+  print(f"fitted a {config.curve.kind} curve ({config.curve.num_free} free point(s)) on "
+        f"{config.data.dataset} p={config.data.cue_proportion}; last train loss "
+        f"{record['final_train_loss']:.4f}")
+  return record
+
+
+def load_curve(workdir: str) -> tuple[dict, tuple]:
+  """(curve.json record, free control points) of a finished fit_curve run."""
+  path = os.path.join(workdir, CURVE_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds no finished fit_curve run (no {CURVE_FILE}); "
+                            "run or resume the fit_curve task there first.")
+  with open(path) as f:
+    record = json.load(f)
+  state = checkpoint.Checkpointer(os.path.join(workdir, train.CHECKPOINT_DIR)).read(
+      record["step"])
+  free = tuple(state["params"][str(k)] for k in range(record["num_free"]))
+  return record, free
+
+
+def curve_label(record: dict) -> str:
+  """'bezier (fit on clean data)' or 'bezier (fit on cue data, p=1.0)'."""
+  data = record["fit_data"]
+  on = ("clean data" if data["cue_proportion"] == 0 else
+        f"{data['cue']} data, p={data['cue_proportion']}")
+  return f"{record['kind']} (fit on {on})"
+
+
+def check_eval_path_config(config: Any, num_devices: int) -> None:
+  """Validates an `eval_path` config before any work (ValueError naming the key)."""
+  train.check_data_config(config.data)
+  train.check_choice(config.align, ALIGNMENTS, "align")
+  train.check_choice(config.bn.data, BN_DATA, "bn.data")
+  train.check_positive_int(config.bn.num_examples, "bn.num_examples")
+  if config.num_t < 2:
+    raise ValueError(f"config.num_t={config.num_t} must be at least 2.")
+  train.check_positive_int(config.eval_batch_size, "eval_batch_size")
+  mesh_lib.check_batch_size(config.eval_batch_size, num_devices, "config.eval_batch_size")
+  if config.bn.num_examples < config.eval_batch_size:
+    raise ValueError(f"config.bn.num_examples={config.bn.num_examples} makes no full batch "
+                     f"of eval_batch_size={config.eval_batch_size}.")
+  train.check_choice(config.barrier_metric, ("error", "loss"), "barrier_metric")
+
+
+def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
+  """LMC, LMC-P and fitted curves between two trained models, on the four views.
+
+  Returns:
+    The eval_path.json record.
+  """
+  mesh = mesh_lib.data_mesh()
+  check_eval_path_config(config, mesh.devices.size)
+  start_run = train.load_trained(config.start_workdir)
+  end_run = train.load_trained(config.end_workdir)
+  _check_endpoints(start_run, end_run, config.data.dataset)
+  fitted = [load_curve(w) for w in config.curve_workdirs]
+  for (record, _), w in zip(fitted, config.curve_workdirs):
+    if (record["start_checkpoint"], record["end_checkpoint"]) != (start_run.checkpoint,
+                                                                  end_run.checkpoint):
+      raise ValueError(f"The curve in {w} was fitted between {record['start_checkpoint']} and "
+                       f"{record['end_checkpoint']}, not between this config's end points "
+                       f"{start_run.checkpoint} and {end_run.checkpoint}.")
+  out_path = os.path.join(workdir, EVAL_PATH_FILE)
+  config_dict = workdir_lib.config_to_dict(config)
+  os.makedirs(workdir, exist_ok=True)
+  if not overwrite:
+    workdir_lib.check_result_compatible(out_path, config_dict)
+
+  # Data: the views to evaluate on, and the training data BatchNorm is recomputed from.
+  data = config.data
+  data_args = dict(seed=data.seed, simple_dataset=data.simple_dataset,
+                   data_dir=data.data_dir or None, download=data.download)
+  test_views, test_labels = pipeline.load_test_views(
+      data.dataset, data.cue, num_examples=train.examples_or_all(data.num_test), **data_args)
+  view_batches = train.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
+  bn_proportion = 0.0 if config.bn.data == "clean" else data.cue_proportion
+  bn_split = pipeline.load_train_split(data.dataset, data.cue, bn_proportion,
+                                       num_examples=config.bn.num_examples, **data_args)
+  bn_examples = bn_split.examples(np.arange(len(bn_split)))
+  bn_batches = batching.stack_batches(bn_examples["image"], bn_examples["label"],
+                                      config.eval_batch_size, drop_remainder=True)
+  bn_batches = {"image": bn_batches["image"]}
+  model = start_run.model
+  ts = np.linspace(0.0, 1.0, config.num_t)
+
+  # Paths: name -> (kind, control points).
+  path_points = {"linear": ("linear", (start_run.params, end_run.params))}
+  alignment = None
+  if config.align != "none":
+    spec = align.permutation_spec(start_run.config["model"]["name"], start_run.params)
+    if config.align == "weight":
+      perm = align.weight_matching(spec, start_run.params, end_run.params, seed=config.seed)
+    else:
+      perm = align.activation_matching(model.apply, spec, start_run.variables,
+                                       end_run.variables, list(bn_batches["image"]))
+    aligned_end = align.apply_permutation(spec, perm, end_run.params)
+    path_points["linear (aligned)"] = ("linear", (start_run.params, aligned_end))
+    moved = {k: float(np.mean(v != np.arange(len(v)))) for k, v in perm.items()}
+    alignment = {"method": config.align, "fraction_of_units_moved": moved,
+                 "matched_on": (f"{len(bn_batches['image']) * config.eval_batch_size} "
+                                f"{config.bn.data} training images"
+                                if config.align == "activation" else "weights")}
+  for record, free in fitted:
+    path_points[curve_label(record)] = (record["kind"],
+                                        curves.curve_points(start_run.params, free,
+                                                            end_run.params))
+
+  start = time.perf_counter()
+  results = {}
+  for name, (kind, points) in path_points.items():
+    views = jax.device_get(counterfactual.evaluate_path_views(
+        model.apply, points, ts, view_batches, path=kind, bn_batches=bn_batches))
+    verdict = counterfactual.path_verdict(views, metric=config.barrier_metric,
+                                          tolerance=config.barrier_tolerance)
+    results[name] = {
+        "kind": kind,
+        "views": {v: {"loss": np.asarray(r.loss).tolist(),
+                      "accuracy": np.asarray(r.accuracy).tolist()} for v, r in views.items()},
+        **verdict}
+  seconds = time.perf_counter() - start
+
+  record = {
+      "ts": ts.tolist(),
+      "paths": results,
+      "alignment": alignment,
+      "start": {"checkpoint": start_run.checkpoint, "seed": start_run.config["seed"],
+                "data": start_run.config["data"]},
+      "end": {"checkpoint": end_run.checkpoint, "seed": end_run.config["seed"],
+              "data": end_run.config["data"]},
+      "curves": [{"workdir": os.path.abspath(w), **{k: r[k] for k in (
+          "kind", "num_free", "step", "fit_data")}} for w, (r, _) in zip(
+              config.curve_workdirs, fitted)],
+      "batchnorm": {"recomputed_at_every_t_from": config.bn.data,
+                    "dataset": data.dataset,
+                    "num_examples": int(bn_batches["image"].shape[0] *
+                                        bn_batches["image"].shape[1])},
+      "eval": {"dataset": data.dataset, "cue": data.cue, "num_examples": int(len(test_labels)),
+               "views_seed": data.seed},
+      "seconds": round(seconds, 1),
+      "backend": jax.default_backend(),
+      "config": config_dict,
+  }
+  print(format_barrier_table(record))
+  if jax.process_index() == 0:
+    workdir_lib.write_json_atomic(out_path, record)
+    report.plot_path_views(record, os.path.join(workdir, EVAL_PATH_FIGURE))
+  return record
+
+
+def format_barrier_table(record: dict) -> str:
+  """Paths x views: accuracy barrier (its t) and the verdict."""
+  views = list(next(iter(record["paths"].values()))["views"])
+  width = max(len(n) for n in record["paths"]) + 2
+  lines = [f"{'path':{width}s}" + "".join(f"{v:>16s}" for v in views) + "  verdict"]
+  for name, p in record["paths"].items():
+    cells = "".join(f"{p['barriers'][v]['error']:9.3f} @{p['barriers'][v]['error_t']:4.2f} "
+                    for v in views)
+    verdict = ("connected" if p["mechanistically_connected"]
+               else "broken on " + ", ".join(p["broken_views"]))
+    lines.append(f"{name:{width}s}{cells}  {verdict}")
+  lines.append(f"(accuracy barrier per view and the t of its maximum; a path is mechanistically "
+               f"connected when no view's {record['paths'][next(iter(record['paths']))]['metric']}"
+               f" barrier exceeds {record['paths'][next(iter(record['paths']))]['tolerance']})")
+  return "\n".join(lines)

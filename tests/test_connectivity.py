@@ -1,0 +1,82 @@
+"""End to end on tiny runs: train two end points, fit a curve, evaluate every path on the views."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from mechconn import barriers
+from mechconn import connectivity
+from mechconn import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from experiments.configs import eval_path as eval_path_config  # noqa: E402
+from experiments.configs import fit_curve as fit_curve_config  # noqa: E402
+from experiments.configs import train as train_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("connectivity")
+  workdirs = {}
+  for name, preset in (("cue", "cpu_cue"), ("nocue", "cpu_nocue")):
+    workdirs[name] = str(root / name)
+    train.train_and_evaluate(train_config.get_config(f"{preset},quicktest"), workdirs[name])
+  config = fit_curve_config.get_config("cpu_clean,quicktest")
+  config.start_workdir, config.end_workdir = workdirs["cue"], workdirs["nocue"]
+  config.num_epochs = 1
+  workdirs["curve"] = str(root / "curve")
+  connectivity.fit_curve(config, workdirs["curve"])
+  config = eval_path_config.get_config("cpu,quicktest")
+  config.start_workdir, config.end_workdir = workdirs["cue"], workdirs["nocue"]
+  config.curve_workdirs = (workdirs["curve"],)
+  workdirs["eval"] = str(root / "eval")
+  record = connectivity.eval_path(config, workdirs["eval"])
+  return workdirs, config, record
+
+
+def test_eval_path_record_is_complete_and_consistent(runs):
+  workdirs, config, record = runs
+  with open(os.path.join(workdirs["eval"], connectivity.EVAL_PATH_FILE)) as f:
+    assert json.load(f) == json.loads(json.dumps(record))
+  assert os.path.getsize(os.path.join(workdirs["eval"], connectivity.EVAL_PATH_FIGURE)) > 10_000
+  names = list(record["paths"])
+  assert names == ["linear", "linear (aligned)", "bezier (fit on clean data)"]
+  ts = np.asarray(record["ts"])
+  np.testing.assert_allclose(ts, np.linspace(0, 1, config.num_t))
+  for p in record["paths"].values():
+    assert set(p["views"]) == {"clean", "cue", "rand_cue", "rand_img"}
+    for view, curve in p["views"].items():
+      expected = barriers.barrier_height(ts, 1 - np.asarray(curve["accuracy"]))
+      assert p["barriers"][view]["error"] == pytest.approx(float(expected), abs=1e-6)
+    broken = [v for v, b in p["barriers"].items() if b["error"] > config.barrier_tolerance]
+    assert sorted(p["broken_views"]) == sorted(broken)
+    assert p["mechanistically_connected"] == (not broken)
+  # Every path joins the same two end points: equal values at t = 0 and t = 1.
+  for view in ("clean", "rand_img"):
+    ends = [(p["views"][view]["accuracy"][0], p["views"][view]["accuracy"][-1])
+            for p in record["paths"].values()]
+    np.testing.assert_allclose(ends, [ends[0]] * len(ends), atol=1e-6)
+  # Provenance.
+  assert record["start"]["checkpoint"].startswith(workdirs["cue"])
+  assert record["batchnorm"] == {"recomputed_at_every_t_from": "clean", "dataset": "shapes10",
+                                 "num_examples": 64}
+  assert record["curves"][0]["fit_data"]["cue_proportion"] == 0.0
+  assert record["alignment"]["method"] == "weight"
+
+
+def test_curve_of_other_end_points_is_refused(runs, tmp_path):
+  workdirs, config, _ = runs
+  config.start_workdir, config.end_workdir = workdirs["nocue"], workdirs["cue"]  # swapped
+  with pytest.raises(ValueError, match="was fitted between"):
+    connectivity.eval_path(config, str(tmp_path / "other"))
+
+
+def test_unfinished_end_point_is_refused(tmp_path):
+  config = fit_curve_config.get_config("cpu_clean,quicktest")
+  config.start_workdir = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="no finished train run"):
+    connectivity.fit_curve(config, str(tmp_path / "curve"))

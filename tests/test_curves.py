@@ -1,0 +1,76 @@
+"""Curve fitting: the gradient reaches the control point through the path, by autodiff."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mechconn import curves
+from mechconn import paths
+from mechconn import train
+from mechconn.models import get_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = get_model("small_cnn", 10, width=4)
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+  batch = {"image": x, "label": jnp.arange(16) % 10}
+  a, m, b = (model.init(jax.random.key(k), x) for k in (1, 2, 3))
+  loss_fn = curves.CurveLoss(model.apply, "bezier", a["params"], b["params"], a["batch_stats"])
+  return model, batch, a, m, b, loss_fn
+
+
+def test_gradient_is_the_chain_rule_through_the_bezier_path(setup):
+  model, batch, a, m, b, loss_fn = setup
+  rng = jax.random.key(7)
+  t = jax.random.uniform(rng, (), jnp.float32)
+  grads = jax.grad(lambda free: loss_fn(free, {}, batch, rng)[0])((m["params"],))[0]
+
+  def loss_at(params):  # the loss as a function of the point on the path
+    logits, _ = model.apply({"params": params, "batch_stats": a["batch_stats"]}, batch["image"],
+                            train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  theta_t = paths.bezier((a["params"], m["params"], b["params"]), t)
+  expected = jax.tree.map(lambda g: 2 * t * (1 - t) * g, jax.grad(loss_at)(theta_t))
+  chex.assert_trees_all_close(grads, expected, rtol=2e-4, atol=1e-6)
+  _, (_, metrics) = loss_fn((m["params"],), {}, batch, rng)
+  np.testing.assert_allclose(metrics["t"], t)
+
+
+def test_fitting_lowers_the_curve_loss(setup):
+  model, batch, a, m, b, loss_fn = setup
+  tx = optax.sgd(0.05, momentum=0.9)
+  free = curves.init_free_points(a["params"], b["params"], 1, "fresh", [m["params"]])
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=free, batch_stats={},
+                           opt_state=tx.init(free))
+  key = jax.random.key(3)
+  fixed_ts = [jax.random.key(100 + i) for i in range(8)]  # the same t draws before and after
+
+  def mean_loss(free):
+    return float(np.mean([loss_fn(free, {}, batch, k)[0] for k in fixed_ts]))
+
+  before = mean_loss(state.params)
+  for _ in range(30):
+    state, _ = train.train_step(state, batch, key, loss_fn=loss_fn, tx=tx)
+  assert mean_loss(state.params) < before - 0.15  # the fixed, random end points bound the gain
+  chex.assert_trees_all_equal(loss_fn.start, a["params"])  # end points untouched
+
+
+def test_init_free_points():
+  a = {"w": jnp.zeros(3)}
+  b = {"w": jnp.full(3, 3.0)}
+  (mid,) = curves.init_free_points(a, b, 1, "linear")
+  np.testing.assert_allclose(mid["w"], 1.5)
+  p1, p2 = curves.init_free_points(a, b, 2, "linear")
+  np.testing.assert_allclose([p1["w"][0], p2["w"][0]], [1.0, 2.0])
+  assert curves.init_free_points(a, b, 1, "fresh", [{"w": jnp.ones(3)}])[0]["w"][0] == 1.0
+  with pytest.raises(ValueError, match="needs 1 fresh"):
+    curves.init_free_points(a, b, 1, "fresh")
+  with pytest.raises(ValueError, match="valid: \\['fresh', 'linear'\\]"):
+    curves.init_free_points(a, b, 1, "random")
+  with pytest.raises(ValueError, match="shape"):
+    curves.init_free_points(a, b, 1, "fresh", [{"w": jnp.ones(4)}])
