@@ -8,7 +8,11 @@ For each model, on random 32x32x3 batches (default 128 examples):
            data overhead;
   forward  the inference forward pass on the same batch, the baseline in the
            same run (a train step costs about 3 forwards: forward, backward for
-           activations and for weights).
+           activations and for weights);
+  curve    a curve-fitting step (`curves.CurveLoss`, quadratic Bezier): one
+           forward and backward at one point of the curve, plus forming that
+           point from three parameter copies; its ratio to `step` should be
+           near 1.
 Each figure is the median over --repeats timings of --steps steps after a
 warm-up (compile) run. GFLOP/s come from XLA's cost analysis of the compiled
 step; the float32 matmul peak is measured in the same run.
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mechconn import curves
 from mechconn import mesh as mesh_lib
 from mechconn import train
 from mechconn.data import pipeline
@@ -75,9 +80,26 @@ def bench_model(label, model, args, peak, split):
       out = forward(holder["state"].variables, batch["image"])
     return out
 
+  ends = [model.init(jax.random.key(k), batch["image"][:1]) for k in (2, 3)]
+  curve_loss = curves.CurveLoss(model.apply, "bezier", ends[0]["params"], ends[1]["params"],
+                                ends[0].get("batch_stats", {}))
+  free = (jax.tree.map(jnp.copy, holder["state"].params),)  # steps donate their state
+  curve_holder = {"state": train.TrainState(step=jnp.zeros((), jnp.int32), params=free,
+                                            batch_stats={}, opt_state=tx.init(free))}
+  curve_step = functools.partial(train.train_step, root_key=key, loss_fn=curve_loss, tx=tx)
+  curve_flops = compiled_flops(train.train_step.lower(curve_holder["state"], batch, key,
+                                                      loss_fn=curve_loss, tx=tx))
+
+  def curve_steps():
+    for _ in range(args.steps):
+      curve_holder["state"], metrics = curve_step(curve_holder["state"], batch)
+    return metrics["loss"]
+
   seconds = {name: median_seconds(fn, args.repeats) / args.steps
-             for name, fn in (("forward", forwards), ("step", steps_only), ("loop", full_loop))}
-  flops = {"forward": forward_flops, "step": step_flops, "loop": step_flops}
+             for name, fn in (("forward", forwards), ("step", steps_only), ("loop", full_loop),
+                              ("curve", curve_steps))}
+  flops = {"forward": forward_flops, "step": step_flops, "loop": step_flops,
+           "curve": curve_flops}
   for name, s in seconds.items():
     print(json.dumps({
         "benchmark": "train_step", "model": label, "what": name, "batch": args.batch,

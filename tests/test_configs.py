@@ -10,6 +10,7 @@ import pytest
 from mechconn import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
 
 
 def _load(name):
@@ -36,6 +37,8 @@ def test_presets_carry_the_recipes():
   cue, nocue = train_configs.get_config("cpu_cue"), train_configs.get_config("cpu_nocue")
   assert (cue.data.dataset, cue.data.cue, cue.data.cue_proportion) == ("shapes10", "box", 0.8)
   assert nocue.data.cue_proportion == 0.0 and nocue.data.cue == "box"
+  assert (cue.seed, nocue.seed) == (0, 1)  # independently initialised end points
+  assert train_configs.get_config("cifar10_box0_vgg13").seed == 1
   paper = train_configs.get_config("cifar100_box90_resnet18")
   assert (paper.data.dataset, paper.data.cue, paper.data.cue_proportion) == ("cifar100", "box",
                                                                              0.9)
@@ -104,3 +107,50 @@ def test_launcher_refuses_unknown_keys(tmp_path):
   assert proc.returncode != 0
   assert "cue_proportin" in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+fit_curve_configs = _load("fit_curve")
+eval_path_configs = _load("eval_path")
+PAPER_BASES = [p for p in train_configs.paper_presets() if "_box" in p and "_box0_" not in p]
+
+
+@pytest.mark.parametrize("base", ["cpu"] + PAPER_BASES)
+def test_connectivity_presets_build_and_validate(base):
+  from mechconn import connectivity
+  for fit_on in ("clean", "cue"):
+    for modifiers in ("", ",quicktest"):
+      config = fit_curve_configs.get_config(f"{base}_{fit_on}{modifiers}")
+      connectivity.check_curve_config(config, num_devices=8)
+      assert config.data.cue_proportion == {"clean": 0.0, "cue": 1.0}[fit_on]
+  config = eval_path_configs.get_config(base)
+  connectivity.check_eval_path_config(config, num_devices=8)
+  start, end = config.start_workdir, config.end_workdir
+  if base == "cpu":
+    assert (start, end) == ("workdir/cpu_cue", "workdir/cpu_nocue")
+  else:
+    dataset, _, _, model = train_configs.parse_paper_preset(base)
+    assert (start, end) == (f"workdir/{base}", f"workdir/{dataset}_box0_{model}")
+
+
+def test_paper_curve_recipe():
+  paper = fit_curve_configs.get_config(f"{PAPER_BASES[0]}_clean")
+  assert (paper.num_epochs, paper.batch_size, paper.optimizer.learning_rate,
+          paper.optimizer.decay_every_epochs) == (15, 128, 0.1, 10)
+
+
+def test_connectivity_config_errors_name_the_key():
+  from mechconn import connectivity
+  config = eval_path_configs.get_config("cpu")
+  config.align = "procrustes"
+  with pytest.raises(ValueError, match=r"config.align='procrustes'.*'activation', 'none'"):
+    connectivity.check_eval_path_config(config, 1)
+  config = eval_path_configs.get_config("cpu")
+  config.num_t = 1
+  with pytest.raises(ValueError, match="num_t=1 must be at least 2"):
+    connectivity.check_eval_path_config(config, 1)
+  config = fit_curve_configs.get_config("cpu_clean")
+  config.curve.kind = "spline"
+  with pytest.raises(ValueError, match=r"config.curve.kind='spline'.*'bezier', 'polychain'"):
+    connectivity.check_curve_config(config, 1)
+  with pytest.raises(ValueError, match="must end in _clean or _cue|valid presets"):
+    fit_curve_configs.get_config("cpu")
