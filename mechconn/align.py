@@ -19,7 +19,7 @@ the aligned model is unit perm[name][i] of `other`. So
 carries `name`.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 import dataclasses
 
 import chex
@@ -207,6 +207,7 @@ def group_sizes(spec: PermutationSpec, params: Params) -> dict[str, int]:
 
 
 def identity_permutation(spec: PermutationSpec, params: Params) -> Permutation:
+  """Every group in its own order (applying it changes nothing)."""
   return {name: np.arange(n) for name, n in group_sizes(spec, params).items()}
 
 
@@ -358,6 +359,3 @@ def activation_matching(apply_fn: batchnorm.ApplyFn, spec: PermutationSpec,
   """
   correlations = activation_statistics(apply_fn, spec, variables_ref, variables_other, batches)
   return {name: linear_sum_assignment(c, maximize=True)[1] for name, c in correlations.items()}
-
-
-MATCHERS: dict[str, Callable] = {"weight": weight_matching, "activation": activation_matching}
