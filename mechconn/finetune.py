@@ -1,0 +1,279 @@
+"""Fine-tuning a cue model on a small clean set: naive, lp, lp_ft, dfr and cbft.
+
+Every method starts from the cue model theta_C and uses a small clean set
+(no cue); CBFT also uses cue data. Methods (`METHODS`):
+  - naive: full fine-tuning on the clean set (`train.ClassificationLoss`);
+  - lp: last-layer retraining: the backbone frozen in inference mode, a fresh
+    head trained on the backbone's penultimate features (`HeadLoss` on
+    cached features, so an epoch costs a matmul);
+  - lp_ft: lp, then naive from its result;
+  - dfr: deep feature reweighting (Kirichenko et al. 2022): an L2-regularised
+    logistic-regression head fitted (full batch, L-BFGS) on standardised
+    features of a class-balanced clean set;
+  - cbft: connectivity-based fine-tuning (Lubana et al. 2023): each step first
+    takes a barrier step on a cue batch, |m - CE(f(x; t theta_C + (1 - t)
+    theta))| with t = 0.5 + 0.5 clip(n, -0.5, 0.5), n ~ N(0, 1) (or a
+    truncated Gaussian), the gradient reaching theta through the
+    interpolation by autodiff; then a clean step on CE plus lambda / K times
+    the invariance loss between the class means of clean and cue features.
+
+The step functions are pure and jitted, and run under `train.train_loop`.
+"""
+
+import functools
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mechconn import batchnorm
+from mechconn import paths
+from mechconn import train
+
+Params = chex.ArrayTree
+METHODS = ("naive", "lp", "lp_ft", "dfr", "cbft")
+T_DISTRIBUTIONS = ("clip", "truncnorm")
+
+
+def check_method(name: str) -> None:
+  if name not in METHODS:
+    raise ValueError(f"Unknown fine-tuning method {name!r}; valid methods: {list(METHODS)}.")
+
+
+# --- Features and heads (lp, dfr). -----------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames="apply_fn")
+def _features(apply_fn, variables, images):
+  return apply_fn(variables, images, train=False, return_features=True)[1]
+
+
+def extract_features(apply_fn: batchnorm.ApplyFn, variables: dict, images: np.ndarray,
+                     batch_size: int = 256) -> np.ndarray:
+  """Penultimate features in inference mode, [N, F] float32 (the backbone is not changed)."""
+  out = [np.asarray(_features(apply_fn, variables, jnp.asarray(images[i:i + batch_size])))
+         for i in range(0, len(images), batch_size)]
+  return np.concatenate(out).astype(np.float32)
+
+
+@flax.struct.dataclass
+class HeadLoss:
+  """Cross-entropy of a linear head on cached features: batch {'feature', 'label'}."""
+
+  def __call__(self, head, batch_stats, batch, rng):
+    del rng
+    logits = batch["feature"] @ head["kernel"] + head["bias"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, (batch_stats, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])})
+
+
+def fresh_head(rng: jax.Array, num_features: int, num_classes: int) -> Params:
+  """A head initialised as Flax's Dense (lecun normal kernel, zero bias)."""
+  kernel = jax.nn.initializers.lecun_normal()(rng, (num_features, num_classes), jnp.float32)
+  return {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int,
+             learning_rate: float, batch_size: int, seed: int, momentum: float = 0.9,
+             weight_decay: float = 0.0) -> Params:
+  """Last-layer retraining (lp): SGD with cosine decay on cached features, fresh head."""
+  n = len(labels)
+  batch_size = min(batch_size, n)
+  steps_per_epoch = n // batch_size
+  tx = train.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch),
+                 momentum=momentum, weight_decay=weight_decay)
+  head = fresh_head(jax.random.key(seed), features.shape[1], num_classes)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=head, batch_stats={},
+                           opt_state=tx.init(head))
+  feats, labs = jnp.asarray(features), jnp.asarray(labels)
+  key = jax.random.key(seed)
+  for epoch in range(epochs):
+    order = train.epoch_permutation(seed, epoch, n)
+    for i in range(steps_per_epoch):
+      idx = order[i * batch_size:(i + 1) * batch_size]
+      state, _ = train.train_step(state, {"feature": feats[idx], "label": labs[idx]}, key,
+                                  loss_fn=HeadLoss(), tx=tx)
+  return state.params
+
+
+def balanced_subset(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+  """Indices of a class-balanced subset: min class count examples of every class."""
+  rng = np.random.default_rng(seed)
+  per_class = min(int(np.sum(labels == c)) for c in range(num_classes))
+  return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class,
+                                            replace=False) for c in range(num_classes)]))
+
+
+def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                 l2: float = 1e-2, max_iter: int = 500) -> Params:
+  """DFR: L2-regularised multinomial logistic regression on standardised features.
+
+  Minimises mean CE + l2 / 2 ||W||^2 over (W, b) by full-batch L-BFGS
+  (optax.lbfgs); the standardisation is folded back into the returned head, so
+  it applies to raw features: logits = features @ kernel + bias.
+  """
+  mean, std = features.mean(0), features.std(0) + 1e-6
+  x = jnp.asarray((features - mean) / std)
+  y = jnp.asarray(labels)
+
+  def objective(head):
+    logits = x @ head["kernel"] + head["bias"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + 0.5 * l2 * jnp.sum(head["kernel"] ** 2)
+
+  head = {"kernel": jnp.zeros((x.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
+  solver = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(objective)
+
+  @jax.jit
+  def step(carry):
+    head, state = carry
+    value, grad = value_and_grad(head, state=state)
+    updates, state = solver.update(grad, state, head, value=value, grad=grad,
+                                   value_fn=objective)
+    return optax.apply_updates(head, updates), state
+
+  carry = (head, solver.init(head))
+  for _ in range(max_iter):
+    new = step(carry)
+    done = optax.tree.norm(optax.tree.sub(new[0], carry[0])) < 1e-7
+    carry = new
+    if bool(done):
+      break
+  head = carry[0]
+  kernel = head["kernel"] / jnp.asarray(std)[:, None]
+  bias = head["bias"] - jnp.asarray(mean / std) @ head["kernel"]
+  return {"kernel": kernel, "bias": bias}
+
+
+def with_head(params: Params, head: Params) -> Params:
+  """params with the 'head' subtree replaced (the backbone's leaves are the same arrays)."""
+  return {**params, "head": head}
+
+
+# --- CBFT. ------------------------------------------------------------------------
+
+
+def sample_t(rng: jax.Array, distribution: str = "clip") -> jax.Array:
+  """t in [0.25, 0.75] around 0.5: 0.5 + 0.5 clip(n, -0.5, 0.5) ('clip', the official
+  code), or 0.5 + 0.5 n with n ~ N(0, 1) truncated to [-0.5, 0.5] ('truncnorm', the
+  paper's text)."""
+  if distribution == "clip":
+    n = jnp.clip(jax.random.normal(rng, ()), -0.5, 0.5)
+  elif distribution == "truncnorm":
+    n = jax.random.truncated_normal(rng, -0.5, 0.5, ())
+  else:
+    raise ValueError(f"Unknown t distribution {distribution!r}; valid: {list(T_DISTRIBUTIONS)}.")
+  return 0.5 + 0.5 * n
+
+
+def invariance_loss(features_clean: jax.Array, labels_clean: jax.Array,
+                    features_cue: jax.Array, labels_cue: jax.Array, num_classes: int
+                    ) -> jax.Array:
+  """1/K sum_k || normalize(mean_k z_clean) - normalize(mean_k z_cue) ||^2.
+
+  Class means within each batch; K counts the classes present in both batches
+  (the others contribute nothing). 0 when every class mean points the same way.
+  """
+  def class_means(z, y):
+    onehot = jax.nn.one_hot(y, num_classes, dtype=z.dtype)  # [B, K]
+    counts = onehot.sum(0)
+    return (onehot.T @ z) / jnp.maximum(counts, 1.0)[:, None], counts > 0
+
+  def normalize(m):
+    return m / jnp.maximum(jnp.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
+
+  mean_clean, has_clean = class_means(features_clean, labels_clean)
+  mean_cue, has_cue = class_means(features_cue, labels_cue)
+  both = (has_clean & has_cue).astype(features_clean.dtype)
+  per_class = jnp.sum((normalize(mean_clean) - normalize(mean_cue)) ** 2, axis=-1)
+  return jnp.sum(per_class * both) / jnp.maximum(both.sum(), 1.0)
+
+
+def _ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@flax.struct.dataclass
+class CBFTLoss:
+  """The two CBFT objectives; `reference` are the cue model's params theta_C.
+
+  Attributes:
+    apply_fn: the model's apply (must support return_features=True).
+    reference: theta_C, fixed.
+    num_classes: K of the invariance loss.
+    margin: m of the barrier loss (official: 1).
+    invariance_weight: lambda (official: 1).
+    t_distribution: 'clip' or 'truncnorm' (see `sample_t`).
+  """
+
+  apply_fn: batchnorm.ApplyFn = flax.struct.field(pytree_node=False)
+  reference: Params
+  num_classes: int = flax.struct.field(pytree_node=False)
+  margin: float = flax.struct.field(pytree_node=False, default=1.0)
+  invariance_weight: float = flax.struct.field(pytree_node=False, default=1.0)
+  t_distribution: str = flax.struct.field(pytree_node=False, default="clip")
+
+  def barrier_at(self, point, batch_stats, images, labels):
+    """|m - CE(f(x; point), y)| in train-mode BatchNorm."""
+    logits, _ = train.apply_train_mode(self.apply_fn, point, batch_stats, images)
+    return jnp.abs(self.margin - _ce(logits, labels))
+
+  def barrier(self, params, batch_stats, images, labels, t):
+    """The barrier loss at t theta_C + (1 - t) theta, differentiable in theta.
+
+    Returns (loss, batch_stats): the running statistics are not updated by
+    this step (its batch statistics belong to the interpolated network).
+    """
+    point = paths.linear(params, self.reference, t)  # t = 0: theta, t = 1: theta_C
+    return self.barrier_at(point, batch_stats, images, labels), batch_stats
+
+  def clean(self, params, batch_stats, batch, invariance_on):
+    """CE on the clean batch plus lambda x invariance between clean and cue features."""
+    images = jnp.concatenate([batch["clean_image"], batch["cue_image"]])
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+      (logits, feats), updates = self.apply_fn(variables, images, train=True,
+                                               return_features=True, mutable=["batch_stats"])
+      new_stats = updates["batch_stats"]
+    else:
+      logits, feats = self.apply_fn(variables, images, train=True, return_features=True)
+      new_stats = batch_stats
+    n = batch["clean_image"].shape[0]
+    ce = _ce(logits[:n], batch["clean_label"])
+    inv = invariance_loss(feats[:n], batch["clean_label"], feats[n:], batch["cue_label"],
+                          self.num_classes)
+    total = ce + self.invariance_weight * invariance_on * inv
+    accuracy = jnp.mean(jnp.argmax(logits[:n], -1) == batch["clean_label"])
+    return total, (new_stats, {"clean_ce": ce, "invariance": inv, "accuracy": accuracy})
+
+
+@functools.partial(jax.jit, static_argnames=("tx", "warmup_steps"), donate_argnums=0)
+def cbft_step(state: train.TrainState, batch: dict, root_key: jax.Array, *, loss_fn: CBFTLoss,
+              tx: optax.GradientTransformation, warmup_steps: int = 0):
+  """One CBFT iteration: a barrier step on the cue batch, then a clean step.
+
+  Both are optimiser steps of the same optimiser (as the official code's two
+  `optimizer.step()` calls); the invariance term is off for the first
+  `warmup_steps` iterations. batch: {'clean_image', 'clean_label',
+  'cue_image', 'cue_label'}.
+  """
+  rng = jax.random.fold_in(root_key, state.step)
+  t = sample_t(rng, loss_fn.t_distribution)
+  (barrier, stats), grads = jax.value_and_grad(loss_fn.barrier, has_aux=True)(
+      state.params, state.batch_stats, batch["cue_image"], batch["cue_label"], t)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  invariance_on = (state.step >= warmup_steps).astype(jnp.float32)
+  (total, (stats, aux)), grads = jax.value_and_grad(loss_fn.clean, has_aux=True)(
+      params, stats, batch, invariance_on)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = {"loss": total, "barrier_loss": barrier, "t": t, **aux,
+             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+  return train.TrainState(step=state.step + 1, params=params, batch_stats=stats,
+                          opt_state=opt_state), metrics

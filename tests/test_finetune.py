@@ -1,0 +1,133 @@
+"""Fine-tuning methods: CBFT's gradients and losses by definition; each method lowers its objective."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mechconn import finetune
+from mechconn import paths
+from mechconn import train
+from mechconn.models import get_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = get_model("small_cnn", 10, width=4)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+  labels = (np.arange(32) % 10).astype(np.int32)
+  reference = model.init(jax.random.key(1), jnp.asarray(images))
+  theta = model.init(jax.random.key(2), jnp.asarray(images))
+  return model, images, labels, reference, theta
+
+
+def test_barrier_gradient_is_one_minus_t_times_the_gradient_at_the_point(setup):
+  model, images, labels, reference, theta = setup
+  loss = finetune.CBFTLoss(model.apply, reference["params"], 10)
+  t = jnp.float32(0.3)
+  grads = jax.grad(lambda p: loss.barrier(p, theta["batch_stats"], images, labels, t)[0])(
+      theta["params"])
+  point = paths.linear(theta["params"], reference["params"], t)
+
+  def at_point(q):
+    return loss.barrier_at(q, theta["batch_stats"], images, labels)
+
+  expected = jax.tree.map(lambda g: (1 - t) * g, jax.grad(at_point)(point))
+  chex.assert_trees_all_close(grads, expected, rtol=2e-4, atol=1e-7)
+
+
+def test_invariance_loss_by_definition():
+  rng = np.random.default_rng(3)
+  z = rng.normal(size=(12, 5)).astype(np.float32)
+  y = np.array([0, 1, 2] * 4)
+  assert float(finetune.invariance_loss(z, y, 3.0 * z, y, 4)) == pytest.approx(0.0, abs=1e-6)
+  z_cue = rng.normal(size=(8, 5)).astype(np.float32)
+  y_cue = np.array([0, 1, 3, 3, 0, 1, 3, 0])
+  expected, k = 0.0, 0
+  for c in range(4):  # classes in both batches: 0 and 1
+    if (y == c).any() and (y_cue == c).any():
+      a, b = z[y == c].mean(0), z_cue[y_cue == c].mean(0)
+      expected += np.sum((a / np.linalg.norm(a) - b / np.linalg.norm(b)) ** 2)
+      k += 1
+  assert k == 2
+  np.testing.assert_allclose(finetune.invariance_loss(z, y, z_cue, y_cue, 4), expected / k,
+                             rtol=1e-5)
+
+
+def test_t_distributions_stay_in_the_middle_half():
+  keys = jax.random.split(jax.random.key(0), 2000)
+  for dist in finetune.T_DISTRIBUTIONS:
+    ts = jax.vmap(lambda k: finetune.sample_t(k, dist))(keys)
+    assert float(ts.min()) >= 0.25 and float(ts.max()) <= 0.75
+  clipped = jax.vmap(lambda k: finetune.sample_t(k, "clip"))(keys)
+  assert 0.5 < float(jnp.mean(clipped == 0.75)) + float(jnp.mean(clipped == 0.25)) < 0.75
+  with pytest.raises(ValueError, match="valid"):
+    finetune.sample_t(keys[0], "uniform")
+
+
+def test_cbft_step_lowers_both_objectives(setup):
+  model, images, labels, reference, theta = setup
+  loss = finetune.CBFTLoss(model.apply, reference["params"], 10, margin=1.0)
+  tx = optax.sgd(0.02, momentum=0.9)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=theta["params"],
+                           batch_stats=theta["batch_stats"], opt_state=tx.init(theta["params"]))
+  batch = {"clean_image": images[:16], "clean_label": labels[:16],
+           "cue_image": images[16:], "cue_label": labels[16:]}
+  t = jnp.float32(0.5)
+
+  def objectives(s):
+    barrier = loss.barrier(s.params, s.batch_stats, batch["cue_image"], batch["cue_label"], t)[0]
+    clean = loss.clean(s.params, s.batch_stats, batch, 1.0)[0]
+    return float(barrier), float(clean)
+
+  before = objectives(state)
+  for _ in range(15):
+    state, metrics = finetune.cbft_step(state, batch, jax.random.key(0), loss_fn=loss, tx=tx,
+                                        warmup_steps=5)
+  after = objectives(state)
+  assert after[0] < before[0] and after[1] < before[1]
+  assert set(metrics) >= {"loss", "barrier_loss", "clean_ce", "invariance", "t"}
+
+
+def test_lp_leaves_the_backbone_bitwise_and_lowers_its_loss(setup):
+  model, images, labels, reference, theta = setup
+  before = jax.tree.map(np.array, reference)
+  feats = finetune.extract_features(model.apply, reference, images, batch_size=8)
+  head = finetune.fit_head(feats, labels, 10, epochs=30, learning_rate=0.5, batch_size=16,
+                           seed=0)
+  new_params = finetune.with_head(reference["params"], head)
+  for name in reference["params"]:
+    if name != "head":
+      chex.assert_trees_all_equal(new_params[name], before["params"][name])
+  chex.assert_trees_all_equal(reference, before)  # nothing was modified in place
+  loss = lambda h: float(finetune.HeadLoss()(h, {}, {"feature": feats, "label": labels}, None)[0])
+  assert loss(head) < 0.7 * loss(finetune.fresh_head(jax.random.key(0), feats.shape[1], 10))
+  logits = model.apply({"params": new_params, "batch_stats": reference["batch_stats"]}, images)
+  np.testing.assert_allclose(logits, feats @ head["kernel"] + head["bias"], rtol=1e-4, atol=1e-5)
+
+
+def test_dfr_head_solves_its_regularised_problem(setup):
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(60, 6)).astype(np.float32) * 3 + 1
+  labels = (np.arange(60) % 3).astype(np.int32)
+  feats[:, 0] += 2.0 * labels  # a separable direction
+  head = finetune.fit_dfr_head(feats, labels, 3, l2=0.1)
+  std = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
+  ce = lambda k, b: optax.softmax_cross_entropy_with_integer_labels(
+      jnp.asarray(std) @ k + b, labels).mean() + 0.05 * jnp.sum(k**2)
+  # The head's standardised-space parameters are a stationary point of the objective.
+  k_std = head["kernel"] * (feats.std(0) + 1e-6)[:, None]
+  b_std = head["bias"] + jnp.asarray(feats.mean(0)) @ head["kernel"]
+  gk, gb = jax.grad(ce, (0, 1))(k_std, b_std)
+  assert float(jnp.abs(gk).max()) < 1e-3 and float(jnp.abs(gb).max()) < 1e-3
+  assert float(ce(k_std, b_std)) < float(ce(jnp.zeros((6, 3)), jnp.zeros(3)))
+  idx = finetune.balanced_subset(np.array([0] * 5 + [1] * 2 + [2] * 9), 3, seed=0)
+  assert np.bincount(np.array([0] * 5 + [1] * 2 + [2] * 9)[idx]).tolist() == [2, 2, 2]
+
+
+def test_unknown_method_lists_the_valid_ones():
+  with pytest.raises(ValueError, match=r"valid methods: \['naive', 'lp', 'lp_ft', 'dfr', 'cbft'\]"):
+    finetune.check_method("ft")
