@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from mechconn import connectivity
 from mechconn import drivers
+from mechconn import reproduce
 from mechconn import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
@@ -39,6 +40,8 @@ TASKS = {
     "train": train.train_and_evaluate,
     "fit_curve": connectivity.fit_curve,
     "eval_path": connectivity.eval_path,
+    "reproduce": reproduce.reproduce,
+    "finetune": reproduce.finetune_task,
 }
 
 

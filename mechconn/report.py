@@ -94,3 +94,49 @@ def plot_path_views(record: dict, path: str, *, metric: str = "accuracy") -> Non
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _pyplot():
+  import matplotlib  # lazily: only figures need it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_finetune_views(record: dict, path: str) -> None:
+  """Grouped bars: accuracy per view (mean, std over seeds) of the cue model and each method."""
+  plt = _pyplot()
+  views = list(record["cue_model"]["views"])
+  rows = {"cue model": {v: (record["cue_model"]["views"][v]["accuracy"], 0.0) for v in views}}
+  for method, row in record["methods"].items():
+    rows[method] = {v: (row["views"][v]["mean"], row["views"][v]["std"]) for v in views}
+  fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 3.2))
+  width = 0.8 / len(views)
+  for i, view in enumerate(views):
+    colour = VIEW_STYLES.get(view, (None, "-"))[0]
+    xs = np.arange(len(rows)) + (i - (len(views) - 1) / 2) * width
+    ax.bar(xs, [r[view][0] for r in rows.values()], width, yerr=[r[view][1] for r in rows.values()],
+           color=colour, label=view, capsize=2)
+  ax.set_xticks(np.arange(len(rows)), list(rows))
+  ax.set_ylabel("test accuracy")
+  ax.set_ylim(0, 1.02)
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=8, ncol=len(views), loc="upper center", bbox_to_anchor=(0.5, 1.18))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_finetune_paths(record: dict, path: str) -> None:
+  """Loss on cue data along the linear path from the cue model (t = 0) to each fine-tuned model."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(4.8, 3.4))
+  for method, row in record["methods"].items():
+    ax.plot(record["ts"], row["path_loss_mean"], marker=".", label=method)
+  ax.set_xlabel("t  (0: cue model, 1: fine-tuned model)")
+  ax.set_ylabel("loss on the cue view (mean over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -154,3 +154,31 @@ def test_connectivity_config_errors_name_the_key():
     connectivity.check_curve_config(config, 1)
   with pytest.raises(ValueError, match="must end in _clean or _cue|valid presets"):
     fit_curve_configs.get_config("cpu")
+
+
+reproduce_configs = _load("reproduce")
+finetune_configs = _load("finetune")
+
+
+@pytest.mark.parametrize("preset", ["cpu"] + [p for p in train_configs.paper_presets()
+                                              if "0_" in p and "_box0_" not in p
+                                              and "dominoes0_" not in p])
+def test_reproduce_presets_build_and_validate(preset):
+  from mechconn import reproduce
+  for name in (preset, f"{preset},quicktest"):
+    config = reproduce_configs.get_config(name)
+    train.check_train_config(config.train, num_devices=8)
+    reproduce.check_finetune_config(config, num_devices=8)
+  if preset != "cpu":
+    ft = reproduce_configs.get_config(preset).finetune
+    assert (ft.optimizer.learning_rate, ft.batch_size, ft.num_epochs, ft.num_clean,
+            ft.num_cue) == (0.01, 256, 20, 2500, 47500)
+    assert (ft.cbft.margin, ft.cbft.invariance_weight, ft.cbft.warmup_epochs) == (1.0, 1.0, 1)
+
+
+def test_finetune_presets_are_the_methods():
+  from mechconn import finetune, reproduce
+  for method in finetune.METHODS:
+    config = finetune_configs.get_config(f"{method},quicktest")
+    assert config.method == method and tuple(config.finetune.methods) == (method,)
+    reproduce.check_finetune_config(config, num_devices=8)

@@ -108,3 +108,15 @@ def test_named_loaders_build_cued_splits_and_views():
   assert dominoes["cue"].shape == (30, 64, 32, 3)
   with pytest.raises(ValueError, match="Unknown simple_dataset"):
     pipeline.load_test_views("shapes10", "dominoes", num_examples=30, simple_dataset="svhn")
+
+
+def test_subset_sets_the_cue_on_all_or_none(base):
+  images, labels = base
+  split = pipeline.make_cue_split(images, labels, 10, "box", 0.5)
+  idx = np.array([3, 0, 17])
+  cued = split.subset(idx, cued=True).examples(np.arange(3))
+  np.testing.assert_array_equal(
+      cued["image"], cues.box_cue(datasets.normalize(images[idx]), labels[idx], 10))
+  clean = split.subset(idx, cued=False).examples(np.arange(3))
+  np.testing.assert_array_equal(clean["image"], datasets.normalize(images[idx]))
+  np.testing.assert_array_equal(split.subset(idx).has_cue, split.has_cue[idx])

@@ -50,6 +50,15 @@ class CueSplit:
   def __len__(self) -> int:
     return len(self.labels)
 
+  def subset(self, idx: np.ndarray, cued: bool | None = None) -> "CueSplit":
+    """The examples at idx; `cued` True/False puts the cue on all/none of them."""
+    has_cue = None if self.has_cue is None else self.has_cue[idx]
+    if cued is not None:
+      has_cue = np.full(len(idx), cued)
+    return dataclasses.replace(
+        self, images=self.images[idx], labels=self.labels[idx], has_cue=has_cue,
+        simple=None if self.simple is None else self.simple[idx])
+
   def examples(self, idx: np.ndarray) -> dict[str, np.ndarray]:
     """{'image': float32 model inputs, 'label'} for the examples at idx, cues applied."""
     images = datasets.normalize(self.images[idx])

@@ -1,0 +1,293 @@
+"""The paper's fine-tuning study as tasks: `finetune` (one method, one seed) and `reproduce`.
+
+`reproduce` runs the whole study for one dataset, cue and proportion: it
+trains the cue model (or loads a finished train run), fine-tunes it with every
+method for several seeds on a small clean set, evaluates each result on the
+four views and measures the linear path from the cue model to each fine-tuned
+model on cue data (the paper's Figure 5 logic: naive fine-tuning stays in the
+cue model's basin, CBFT leaves it). It writes `reproduce.json` (every number),
+`report.md` (the table, mean and standard deviation over seeds) and two
+figures. Every piece resumes: finished runs are skipped, a killed run resumes
+from its checkpoint.
+
+Data: the clean set (`num_clean` examples, no cue) and the cue set (`num_cue`
+examples, every one carrying the cue) are drawn without replacement from the
+cue model's training split and are disjoint; the official code samples them
+with replacement, so its clean and cue sets can overlap.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mechconn import barriers
+from mechconn import counterfactual
+from mechconn import finetune
+from mechconn import mesh as mesh_lib
+from mechconn import report
+from mechconn import train
+from mechconn import workdir as workdir_lib
+from mechconn.data import batching
+from mechconn.data import pipeline
+
+RESULT_FILE = "result.json"
+REPRODUCE_FILE = "reproduce.json"
+REPORT_FILE = "report.md"
+
+
+def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, seed: int
+                        ) -> tuple[pipeline.CueSplit, pipeline.CueSplit]:
+  """Disjoint (clean set without cue, cue set all with cue), drawn without replacement."""
+  n = len(split)
+  num_cue = n - num_clean if num_cue == -1 else num_cue
+  if num_clean + num_cue > n:
+    raise ValueError(f"num_clean={num_clean} + num_cue={num_cue} exceed the {n} training "
+                     "examples.")
+  order = np.random.default_rng([seed, 7]).permutation(n)
+  clean_idx, cue_idx = np.sort(order[:num_clean]), np.sort(order[num_clean:num_clean + num_cue])
+  return split.subset(clean_idx, cued=False), split.subset(cue_idx, cued=True)
+
+
+def check_finetune_config(config: Any, num_devices: int) -> None:
+  """Validates the fine-tuning fields shared by `finetune` and `reproduce` configs."""
+  ft = config.finetune
+  for method in ft.methods:
+    finetune.check_method(method)
+  train.check_positive_int(ft.num_clean, "finetune.num_clean")
+  if ft.num_cue != -1:
+    train.check_positive_int(ft.num_cue, "finetune.num_cue (or -1 for the rest)")
+  train.check_choice(ft.cbft.t_distribution, finetune.T_DISTRIBUTIONS,
+                     "finetune.cbft.t_distribution")
+  train.check_optimization_config(ft, num_devices)
+  if config.path.num_t < 2:
+    raise ValueError(f"config.path.num_t={config.path.num_t} must be at least 2.")
+
+
+def _evaluate(model, variables, view_batches) -> dict:
+  return {v: {k: float(x) for k, x in r.items()} for v, r in jax.device_get(
+      counterfactual.evaluate_views(model.apply, variables, view_batches)).items()}
+
+
+def run_method(method: str, seed: int, cue_model: train.TrainedModel, clean_split, cue_split,
+               view_batches, ft: Any, workdir: str, mesh) -> dict:
+  """Fine-tunes the cue model with one method and seed; returns {'variables', 'views', ...}.
+
+  Loop methods (naive, lp_ft's second half, cbft) checkpoint into workdir and resume.
+  """
+  model = cue_model.model
+  num_classes = cue_model.model.num_classes
+  start = time.perf_counter()
+  params, batch_stats = cue_model.params, cue_model.batch_stats
+  if method in ("lp", "lp_ft", "dfr"):
+    examples = clean_split.examples(np.arange(len(clean_split)))
+    images, labels = examples["image"], examples["label"]
+    if method == "dfr":
+      idx = finetune.balanced_subset(labels, num_classes, seed)
+      images, labels = images[idx], labels[idx]
+    feats = finetune.extract_features(model.apply, cue_model.variables, images)
+    if method == "dfr":
+      head = finetune.fit_dfr_head(feats, labels, num_classes, l2=ft.dfr.l2)
+    else:
+      head = finetune.fit_head(feats, labels, num_classes, epochs=ft.lp.num_epochs,
+                               learning_rate=ft.lp.learning_rate, batch_size=ft.batch_size,
+                               seed=seed)
+    params = finetune.with_head(params, head)
+  if method in ("naive", "lp_ft", "cbft"):
+    steps_per_epoch, num_steps = train.steps_of(ft, len(clean_split))
+    tx, schedule = train.make_optimizer(ft.optimizer, num_steps=num_steps,
+                                        steps_per_epoch=steps_per_epoch)
+    init_params, init_stats = params, batch_stats
+
+    def init_fn():
+      return train.TrainState(step=jnp.zeros((), jnp.int32), params=init_params,
+                              batch_stats=init_stats, opt_state=tx.init(init_params))
+
+    key = jax.device_put(jax.random.fold_in(jax.random.key(seed), 1), mesh_lib.replicated(mesh))
+    clean_batches = train.batch_fn_for(clean_split, ft.batch_size, seed, mesh)
+    if method == "cbft":
+      cue_batches = train.batch_fn_for(cue_split, ft.batch_size, seed + 1000, mesh)
+      loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
+          model.apply, cue_model.params, num_classes, margin=ft.cbft.margin,
+          invariance_weight=ft.cbft.invariance_weight,
+          t_distribution=ft.cbft.t_distribution), mesh)
+      step_fn = functools.partial(finetune.cbft_step, root_key=key, loss_fn=loss_fn, tx=tx,
+                                  warmup_steps=ft.cbft.warmup_epochs * steps_per_epoch)
+
+      def batch_fn(step):
+        clean, cue = clean_batches(step), cue_batches(step)
+        return {"clean_image": clean["image"], "clean_label": clean["label"],
+                "cue_image": cue["image"], "cue_label": cue["label"]}
+    else:
+      step_fn = functools.partial(train.train_step, root_key=key,
+                                  loss_fn=train.ClassificationLoss(model.apply), tx=tx)
+      batch_fn = clean_batches
+    options = train.loop_options(ft, num_steps, steps_per_epoch, f"{method} seed {seed}")
+    state = train.train_loop(init_fn, step_fn, batch_fn, workdir, options, mesh=mesh,
+                             learning_rate_fn=schedule, examples_per_step=ft.batch_size)
+    params, batch_stats = state.params, state.batch_stats
+  variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {
+      "params": params}
+  return {"variables": variables, "views": _evaluate(model, variables, view_batches),
+          "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _summary(values: list[float]) -> dict:
+  return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+
+
+def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
+  """The fine-tuning study: cue model, every method x seed, views table, path barriers."""
+  mesh = mesh_lib.data_mesh()
+  train.check_train_config(config.train, mesh.devices.size)
+  check_finetune_config(config, mesh.devices.size)
+  config_dict = train.start_run(config, workdir, overwrite)
+  wall = time.perf_counter()
+
+  # 1. The cue model: a finished train run, or trained here (resumable).
+  cue_dir = config.cue_model_workdir or os.path.join(workdir, "cue_model")
+  if not config.cue_model_workdir:
+    train.train_and_evaluate(config.train, cue_dir, overwrite=overwrite)
+  cue_model = train.load_trained(cue_dir)
+
+  # 2. Data: clean and cue sets from the cue model's training split; test views.
+  split, test_views, test_labels = train.load_data(config.train.data)
+  ft = config.finetune
+  clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed)
+  view_batches = train.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
+  cue_eval = {"cue": view_batches["cue"]}
+  bn_examples = cue_split.examples(np.arange(min(config.path.bn_examples, len(cue_split))))
+  bn_batches = {"image": batching.stack_batches(bn_examples["image"], bn_examples["label"],
+                                                config.eval_batch_size,
+                                                drop_remainder=True)["image"]}
+  ts = np.linspace(0.0, 1.0, config.path.num_t)
+
+  # 3. Every method and seed; each run's record is kept, so a relaunch skips it.
+  runs = {}
+  for method in ft.methods:
+    for seed in config.seeds:
+      run_dir = os.path.join(workdir, "runs", f"{method}_seed{seed}")
+      result_path = os.path.join(run_dir, RESULT_FILE)
+      if os.path.exists(result_path):
+        with open(result_path) as f:
+          runs[(method, seed)] = json.load(f)
+        continue
+      os.makedirs(run_dir, exist_ok=True)
+      out = run_method(method, seed, cue_model, clean_split, cue_split, view_batches, ft,
+                       run_dir, mesh)
+      path = jax.device_get(barriers.evaluate_path_sets(
+          cue_model.model.apply, (cue_model.params, out["variables"]["params"]), ts, cue_eval,
+          bn_batches=bn_batches)["cue"])
+      record = {"method": method, "seed": seed, "views": out["views"],
+                "seconds": out["seconds"],
+                "path_to_cue_model": {"loss": np.asarray(path.loss).tolist(),
+                                      "accuracy": np.asarray(path.accuracy).tolist(),
+                                      **{f"{k}_barrier": v for k, v in path.barriers().items()}}}
+      workdir_lib.write_json_atomic(result_path, record)
+      runs[(method, seed)] = record
+      print(f"{method} seed {seed}: " + ", ".join(
+          f"{v} {r['accuracy']:.3f}" for v, r in out["views"].items()) +
+          f"; loss barrier to the cue model on cue data {record['path_to_cue_model']['loss_barrier']:.3f}")
+
+  # 4. Aggregate, write the JSON, the report and the figures.
+  table = {}
+  for method in ft.methods:
+    recs = [runs[(method, s)] for s in config.seeds]
+    table[method] = {
+        "views": {v: _summary([r["views"][v]["accuracy"] for r in recs])
+                  for v in recs[0]["views"]},
+        "loss_barrier_to_cue_model": _summary(
+            [r["path_to_cue_model"]["loss_barrier"] for r in recs]),
+        "error_barrier_to_cue_model": _summary(
+            [r["path_to_cue_model"]["error_barrier"] for r in recs]),
+        "path_loss_mean": np.mean([r["path_to_cue_model"]["loss"] for r in recs], 0).tolist()}
+  record = {
+      "cue_model": {"workdir": os.path.abspath(cue_dir), "checkpoint": cue_model.checkpoint,
+                    "views": _evaluate(cue_model.model, cue_model.variables, view_batches)},
+      "methods": table,
+      "seeds": list(config.seeds),
+      "ts": ts.tolist(),
+      "data": {"dataset": config.train.data.dataset, "cue": config.train.data.cue,
+               "cue_proportion_of_cue_model": config.train.data.cue_proportion,
+               "num_clean": len(clean_split), "num_cue": len(cue_split),
+               "num_test_per_view": int(len(test_labels)),
+               "path_eval": "cue view of the test split",
+               "path_batchnorm": f"{bn_batches['image'].shape[0] * bn_batches['image'].shape[1]}"
+                                 " cue training examples"},
+      "wall_seconds": round(time.perf_counter() - wall, 1),
+      "backend": jax.default_backend(),
+      "devices": int(mesh.devices.size),
+      "config": config_dict,
+  }
+  if jax.process_index() == 0:
+    workdir_lib.write_json_atomic(os.path.join(workdir, REPRODUCE_FILE), record)
+    report.plot_finetune_views(record, os.path.join(workdir, "views.png"))
+    report.plot_finetune_paths(record, os.path.join(workdir, "paths.png"))
+    with open(os.path.join(workdir, REPORT_FILE), "w") as f:
+      f.write(format_report(record))
+  print(format_table(record))
+  return record
+
+
+def format_table(record: dict) -> str:
+  """Markdown: method x view accuracy (mean +- std over seeds) and the path barrier."""
+  views = list(record["cue_model"]["views"])
+  lines = ["| method | " + " | ".join(views) + " | loss barrier to cue model (cue data) |",
+           "|---" * (len(views) + 2) + "|"]
+  lines.append("| cue model | " + " | ".join(
+      f"{record['cue_model']['views'][v]['accuracy']:.3f}" for v in views) + " | - |")
+  for method, row in record["methods"].items():
+    cells = [f"{row['views'][v]['mean']:.3f} +- {row['views'][v]['std']:.3f}" for v in views]
+    b = row["loss_barrier_to_cue_model"]
+    lines.append(f"| {method} | " + " | ".join(cells) + f" | {b['mean']:.3f} +- {b['std']:.3f} |")
+  return "\n".join(lines)
+
+
+def format_report(record: dict) -> str:
+  data = record["data"]
+  return (f"# Fine-tuning study: {data['dataset']}, {data['cue']} cue on "
+          f"{data['cue_proportion_of_cue_model']:.0%} of the cue model's training data\n\n"
+          f"Test accuracy per view (mean +- std over seeds {record['seeds']}); the last column "
+          f"is the loss barrier of the linear path from the cue model to the fine-tuned model, "
+          f"on the cue view ({data['path_batchnorm']} for BatchNorm at each t).\n\n"
+          f"{format_table(record)}\n\n"
+          f"Fine-tuned on {data['num_clean']} clean examples (CBFT also on {data['num_cue']} "
+          f"cue examples, disjoint); {data['num_test_per_view']} test examples per view. "
+          f"Wall time {record['wall_seconds']:.0f} s on {record['backend']} "
+          f"({record['devices']} device(s)).\n\n"
+          "![view accuracies](views.png)\n\n![paths from the cue model](paths.png)\n")
+
+
+def finetune_task(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
+  """One method and seed from a finished train run; writes result.json."""
+  mesh = mesh_lib.data_mesh()
+  check_finetune_config(config, mesh.devices.size)
+  config_dict = train.start_run(config, workdir, overwrite)
+  cue_model = train.load_trained(config.cue_model_workdir)
+  data = cue_model.config["data"]
+  data_config = _AttrDict(data)
+  split, test_views, test_labels = train.load_data(data_config)
+  ft = config.finetune
+  clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed)
+  view_batches = train.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
+  out = run_method(config.method, config.seed, cue_model, clean_split, cue_split, view_batches,
+                   ft, workdir, mesh)
+  record = {"method": config.method, "seed": config.seed, "views": out["views"],
+            "cue_model": cue_model.checkpoint, "num_clean": len(clean_split),
+            "num_cue": len(cue_split), "seconds": out["seconds"], "config": config_dict}
+  workdir_lib.write_json_atomic(os.path.join(workdir, RESULT_FILE), record)
+  print(counterfactual.format_view_table(out["views"], f"{config.method}, seed {config.seed}:"))
+  return record
+
+
+class _AttrDict(dict):
+  """A dict read by attribute (a train run's recorded data config)."""
+
+  def __getattr__(self, name):
+    return self[name]
+

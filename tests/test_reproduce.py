@@ -1,0 +1,78 @@
+"""End to end on tiny runs: the reproduce study and the single-method finetune task."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from mechconn import barriers
+from mechconn import reproduce
+from mechconn.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from experiments.configs import finetune as finetune_config  # noqa: E402
+from experiments.configs import reproduce as reproduce_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reproduce"))
+  config = reproduce_config.get_config("cpu,quicktest")
+  return workdir, config, reproduce.reproduce(config, workdir)
+
+
+def test_reproduce_writes_every_number_and_the_report(study):
+  workdir, config, record = study
+  with open(os.path.join(workdir, reproduce.REPRODUCE_FILE)) as f:
+    assert json.load(f) == json.loads(json.dumps(record))
+  assert list(record["methods"]) == list(config.finetune.methods)
+  for method, row in record["methods"].items():
+    runs = []
+    for seed in config.seeds:
+      with open(os.path.join(workdir, "runs", f"{method}_seed{seed}", reproduce.RESULT_FILE)) as f:
+        runs.append(json.load(f))
+    for view, summary in row["views"].items():
+      values = [r["views"][view]["accuracy"] for r in runs]
+      assert summary["values"] == values
+      assert summary["mean"] == pytest.approx(np.mean(values))
+      assert summary["std"] == pytest.approx(np.std(values))
+    for r in runs:  # the barrier is the barrier of the stored path
+      path = r["path_to_cue_model"]
+      assert path["loss_barrier"] == pytest.approx(
+          float(barriers.barrier_height(np.asarray(record["ts"]), np.asarray(path["loss"]))),
+          abs=1e-6)
+  text = open(os.path.join(workdir, reproduce.REPORT_FILE)).read()
+  assert "| cbft |" in text and "views.png" in text
+  for figure in ("views.png", "paths.png"):
+    assert os.path.getsize(os.path.join(workdir, figure)) > 5_000
+
+
+def test_relaunch_skips_finished_runs(study):
+  workdir, config, record = study
+  again = reproduce.reproduce(config, workdir)
+  assert again["methods"] == record["methods"]
+
+
+def test_clean_and_cue_sets_are_disjoint_and_cued_as_asked():
+  images = np.zeros((50, 32, 32, 3), np.uint8)
+  labels = np.arange(50) % 10
+  split = pipeline.make_cue_split(images, labels, 10, "box", 0.5)
+  clean, cue = reproduce.split_clean_and_cue(split, 10, -1, seed=0)
+  assert len(clean) == 10 and len(cue) == 40
+  assert not clean.has_cue.any() and cue.has_cue.all()
+  with pytest.raises(ValueError, match="exceed the 50 training examples"):
+    reproduce.split_clean_and_cue(split, 30, 30, seed=0)
+
+
+def test_finetune_task_runs_one_method(study, tmp_path):
+  workdir, _, record = study
+  config = finetune_config.get_config("lp,quicktest")
+  config.cue_model_workdir = os.path.join(workdir, "cue_model")
+  result = reproduce.finetune_task(config, str(tmp_path / "lp"))
+  assert set(result["views"]) == {"clean", "cue", "rand_cue", "rand_img"}
+  assert result["num_clean"] == 100
+  with pytest.raises(ValueError, match="valid methods"):
+    reproduce.check_finetune_config(finetune_config.get_config("sgd,quicktest"), 1)
