@@ -193,8 +193,7 @@ def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
 
   # Data: the views to evaluate on, and the training data BatchNorm is recomputed from.
   data = config.data
-  data_args = dict(seed=data.seed, simple_dataset=data.simple_dataset,
-                   data_dir=data.data_dir or None, download=data.download)
+  data_args = train.loader_args(data)
   test_views, test_labels = pipeline.load_test_views(
       data.dataset, data.cue, num_examples=train.examples_or_all(data.num_test), **data_args)
   view_batches = train.shard_views(test_views, test_labels, config.eval_batch_size, mesh)

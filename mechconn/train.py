@@ -401,10 +401,15 @@ def examples_or_all(value: int) -> int | None:
   return None if value == -1 else value
 
 
+def loader_args(data: Any) -> dict:
+  """The keyword arguments of `pipeline.load_*` shared by every split of a `data` section."""
+  return dict(seed=data.seed, simple_dataset=data.simple_dataset,
+              data_dir=data.data_dir or None, download=data.download)
+
+
 def load_data(data: Any) -> tuple[pipeline.CueSplit, dict[str, np.ndarray], np.ndarray]:
   """(training split, test views, test labels) of a config's `data` section."""
-  data_args = dict(seed=data.seed, simple_dataset=data.simple_dataset,
-                   data_dir=data.data_dir or None, download=data.download)
+  data_args = loader_args(data)
   split = pipeline.load_train_split(data.dataset, data.cue, data.cue_proportion,
                                     num_examples=examples_or_all(data.num_train), **data_args)
   test_views, test_labels = pipeline.load_test_views(
