@@ -12,7 +12,14 @@ For each model, on random 32x32x3 batches (default 128 examples):
   curve    a curve-fitting step (`curves.CurveLoss`, quadratic Bezier): one
            forward and backward at one point of the curve, plus forming that
            point from three parameter copies; its ratio to `step` should be
-           near 1.
+           near 1;
+  cbft     a CBFT iteration (`finetune.cbft_step`, invariance loss on): a
+           barrier step on a cue batch at an interpolated point, then a clean
+           step whose train-mode pass takes the clean and the cue batch
+           together (the invariance loss needs the cue batch's features), so
+           about 3 batch passes of forward and backward against the naive
+           step's 1; examples/s counts clean examples (one batch per
+           iteration), so its `vs_step` is the CBFT / naive time ratio.
 Each figure is the median over --repeats timings of --steps steps after a
 warm-up (compile) run. GFLOP/s come from XLA's cost analysis of the compiled
 step; the float32 matmul peak is measured in the same run.
@@ -32,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechconn import curves
+from mechconn import finetune
 from mechconn import mesh as mesh_lib
 from mechconn import train
 from mechconn.data import pipeline
@@ -95,11 +103,25 @@ def bench_model(label, model, args, peak, split):
       curve_holder["state"], metrics = curve_step(curve_holder["state"], batch)
     return metrics["loss"]
 
+  cbft_loss = finetune.CBFTLoss(model.apply, ends[0]["params"], 10)
+  cbft_batch = {"clean_image": batch["image"], "clean_label": batch["label"],
+                "cue_image": batch["image"][::-1], "cue_label": batch["label"][::-1]}
+  cbft_state = jax.tree.map(jnp.copy, holder["state"])  # steps donate their state
+  cbft_holder = {"state": cbft_state}
+  cbft_step = functools.partial(finetune.cbft_step, root_key=key, loss_fn=cbft_loss, tx=tx)
+  cbft_flops = compiled_flops(finetune.cbft_step.lower(cbft_state, cbft_batch, key,
+                                                       loss_fn=cbft_loss, tx=tx))
+
+  def cbft_steps():
+    for _ in range(args.steps):
+      cbft_holder["state"], metrics = cbft_step(cbft_holder["state"], cbft_batch)
+    return metrics["loss"]
+
   seconds = {name: median_seconds(fn, args.repeats) / args.steps
              for name, fn in (("forward", forwards), ("step", steps_only), ("loop", full_loop),
-                              ("curve", curve_steps))}
+                              ("curve", curve_steps), ("cbft", cbft_steps))}
   flops = {"forward": forward_flops, "step": step_flops, "loop": step_flops,
-           "curve": curve_flops}
+           "curve": curve_flops, "cbft": cbft_flops}
   for name, s in seconds.items():
     print(json.dumps({
         "benchmark": "train_step", "model": label, "what": name, "batch": args.batch,

@@ -11,7 +11,22 @@ The loop over t is a `strategy`:
   - 'chunked': `lax.map(..., batch_size=chunk_size)`, vmap inside chunks;
   - 'vmap': all t at once (memory grows with the number of t; on CPU, vmap of a
     conv net over t becomes grouped convolutions and is several times slower).
-The default per backend is the fastest in benchmarks/path_eval.py.
+The default per backend is the fastest in benchmarks/path_eval.py. Every
+strategy but 'vmap' keeps `chunk_size` (or one) parameter copies live, so peak
+memory does not grow with the number of t (benchmarks/path_scaling.py).
+
+With a `mesh` (a 1-D device mesh, `mechconn.mesh.data_mesh()`), the work is
+spread over its devices:
+  - over t, when there are at least as many t as devices: each device runs the
+    strategy over its own slice of the grid on the whole eval set (a
+    `shard_map`; the grid is padded with copies of its last t to a multiple of
+    the device count and the padding dropped);
+  - otherwise over the eval data: every batch is split over the devices along
+    its batch axis and XLA sums the per-device losses and BatchNorm moments.
+The choice is recorded in each result (`PathEval.sharded_over`). Eval and
+BatchNorm batches may be numpy arrays (placed here) or global `jax.Array`s
+(`mesh.shard_batch(..., batch_axis=1)`, each host holding only its rows); in
+the 't' layout XLA gathers them onto every device.
 """
 
 from collections.abc import Sequence
@@ -21,10 +36,12 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
 from mechconn import batchnorm
+from mechconn import mesh as mesh_lib
 from mechconn import paths
 
 Params = chex.ArrayTree
@@ -36,6 +53,7 @@ STRATEGIES = ("map", "chunked", "vmap")
 # GPU and TPU have not been measured yet; 'map' keeps memory flat there too.
 DEFAULT_STRATEGY = {"cpu": "map", "gpu": "map", "tpu": "map"}
 DEFAULT_CHUNK_SIZE = 4
+SHARDED_OVER = ("none", "t", "data")
 
 
 @flax.struct.dataclass
@@ -45,6 +63,8 @@ class PathEval:
   ts: jax.Array
   loss: jax.Array
   accuracy: jax.Array
+  sharded_over: str = flax.struct.field(pytree_node=False, default="none")  # SHARDED_OVER
+  num_devices: int = flax.struct.field(pytree_node=False, default=1)
 
   @property
   def error(self) -> jax.Array:
@@ -128,9 +148,8 @@ def evaluate_point(apply_fn: batchnorm.ApplyFn, params: Params, eval_batches: Ba
   return evaluate_variables(apply_fn, variables, eval_batches)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "path_fn", "strategy", "chunk_size"))
-def _evaluate_path_jit(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
-                       strategy, chunk_size):
+def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size):
+  """{set: (loss [K], accuracy [K])} over the grid `ts` with the given strategy."""
   def at(t):
     params = path_fn(points, t)
     variables = {"params": params}
@@ -146,10 +165,49 @@ def _evaluate_path_jit(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
   return jax.lax.map(at, ts, batch_size=batch_size)
 
 
+_STATIC = ("apply_fn", "path_fn", "strategy", "chunk_size")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _evaluate_path_jit(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
+                       strategy, chunk_size):
+  return _path_loop(points, ts, eval_sets, bn_batches, apply_fn=apply_fn, path_fn=path_fn,
+                    strategy=strategy, chunk_size=chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("mesh",))
+def _evaluate_path_over_t(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
+                          strategy, chunk_size, mesh):
+  """Each device evaluates its slice of `ts` (len(ts) divisible by the mesh size)."""
+  loop = functools.partial(_path_loop, apply_fn=apply_fn, path_fn=path_fn,
+                           strategy=strategy, chunk_size=chunk_size)
+  # The body is local to each device (no collectives), so the varying-axis
+  # check is off: the scans' zero-initialised carries need no pcast.
+  sharded = jax.shard_map(loop, mesh=mesh, in_specs=(P(), P(mesh_lib.DATA_AXIS), P(), P()),
+                          out_specs=P(mesh_lib.DATA_AXIS), check_vma=False)
+  out = sharded(points, ts, eval_sets, bn_batches)
+  # Gather the per-t results onto every device: readable from every host.
+  return jax.lax.with_sharding_constraint(out, mesh_lib.replicated(mesh))
+
+
+def _place(tree, sharding):
+  """numpy leaves put on the devices with `sharding`; jax.Arrays left as they are."""
+  return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, sharding),
+                      tree)
+
+
+def sharding_plan(num_t: int, mesh: jax.sharding.Mesh | None) -> str:
+  """'none' (one device), 't' (at least as many t as devices) or 'data'."""
+  if mesh is None or mesh.size == 1:
+    return "none"
+  return "t" if num_t >= mesh.size else "data"
+
+
 def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
                   eval_batches: Batches, *, path: str | paths.PathFn = "linear",
                   bn_batches: Batches | None = None, strategy: str | None = None,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> PathEval:
+                  chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  mesh: jax.sharding.Mesh | None = None) -> PathEval:
   """Loss and accuracy of the network at every t of a grid along a path.
 
   One XLA program runs all t (compiled once per grid length and shapes).
@@ -167,9 +225,13 @@ def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: che
     strategy: 'map', 'chunked' or 'vmap'; None picks `DEFAULT_STRATEGY` for
       the default backend.
     chunk_size: t values per chunk for 'chunked'.
+    mesh: a 1-D device mesh to spread the work over (over t when K >= its
+      size, else over the eval data; see the module docstring); None: the
+      default device.
 
   Returns:
-    PathEval(ts, loss, accuracy), each [K].
+    PathEval(ts, loss, accuracy), each [K], with `sharded_over` and
+    `num_devices` saying how the work was spread.
 
   Example:
     >>> ts = np.linspace(0, 1, 11)
@@ -179,18 +241,64 @@ def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: che
   """
   return evaluate_path_sets(apply_fn, points, ts, {"eval": eval_batches}, path=path,
                             bn_batches=bn_batches, strategy=strategy,
-                            chunk_size=chunk_size)["eval"]
+                            chunk_size=chunk_size, mesh=mesh)["eval"]
 
 
 def evaluate_path_sets(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
                        eval_sets: dict[str, Batches], *, path: str | paths.PathFn = "linear",
                        bn_batches: Batches | None = None, strategy: str | None = None,
-                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, PathEval]:
+                       chunk_size: int = DEFAULT_CHUNK_SIZE,
+                       mesh: jax.sharding.Mesh | None = None) -> dict[str, PathEval]:
   """`evaluate_path` on several eval sets at once: {name: PathEval}.
 
   At each t the path's parameters and BatchNorm statistics are formed once and
   every set is evaluated with them (e.g. the four counterfactual views).
   """
+  call, plan, ts_arr, num_t = _prepare(apply_fn, points, ts, eval_sets, path=path,
+                                      bn_batches=bn_batches, strategy=strategy,
+                                      chunk_size=chunk_size, mesh=mesh)
+  out = call()
+  if plan == "t":  # drop the padding of the grid
+    out = jax.tree.map(lambda x: x[:num_t], out)
+  num_devices = 1 if mesh is None else int(mesh.size)
+  return {name: PathEval(ts=ts_arr, loss=loss, accuracy=accuracy, sharded_over=plan,
+                         num_devices=num_devices)
+          for name, (loss, accuracy) in out.items()}
+
+
+def compiled_memory(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
+                    eval_sets: dict[str, Batches], **kwargs) -> dict[str, int]:
+  """XLA's memory analysis of the compiled path evaluation, in bytes per device.
+
+  {'argument', 'output', 'temp', 'total'}: `temp` is the working memory of the
+  program (parameter copies at t, activations, BatchNorm moments); it is what
+  grows with the number of t for 'vmap' and stays flat for 'map' and
+  'chunked'. Arguments as `evaluate_path_sets`; compiles, does not run.
+  """
+  call, *_ = _prepare(apply_fn, points, ts, eval_sets, **kwargs)
+  analysis = call.lower().compile().memory_analysis()
+  sizes = {"argument": int(analysis.argument_size_in_bytes),
+           "output": int(analysis.output_size_in_bytes),
+           "temp": int(analysis.temp_size_in_bytes)}
+  return {**sizes, "total": sum(sizes.values())}
+
+
+class _Call:
+  """A jitted function bound to its arguments: call() runs it, lower() lowers it."""
+
+  def __init__(self, fn, *args, **kwargs):
+    self.fn, self.args, self.kwargs = fn, args, kwargs
+
+  def __call__(self):
+    return self.fn(*self.args, **self.kwargs)
+
+  def lower(self):
+    return self.fn.lower(*self.args, **self.kwargs)
+
+
+def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
+             strategy=None, chunk_size=DEFAULT_CHUNK_SIZE, mesh=None):
+  """Validates the arguments; (call, sharding plan, ts as a device array, number of t)."""
   ts_np = check_grid(ts)
   path_function = paths.path_fn(path) if isinstance(path, str) else path
   strategy = strategy or DEFAULT_STRATEGY.get(jax.default_backend(), "map")
@@ -209,12 +317,29 @@ def evaluate_path_sets(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts
                                next(iter(eval_sets.values()))["image"][0]):
     raise ValueError("The model has BatchNorm layers: pass bn_batches (stacked full batches "
                      "of training images) so that statistics are recomputed at every t.")
+  plan = sharding_plan(len(ts_np), mesh)
+  static = dict(apply_fn=apply_fn, path_fn=path_function, strategy=strategy,
+                chunk_size=int(chunk_size))
+  eval_sets = dict(eval_sets)
   ts_arr = jnp.asarray(ts_np, jnp.float32)
-  out = _evaluate_path_jit(points, ts_arr, dict(eval_sets), bn_batches, apply_fn=apply_fn,
-                           path_fn=path_function, strategy=strategy,
-                           chunk_size=int(chunk_size))
-  return {name: PathEval(ts=ts_arr, loss=loss, accuracy=accuracy)
-          for name, (loss, accuracy) in out.items()}
+  if plan == "none":
+    call = _Call(_evaluate_path_jit, points, ts_arr, eval_sets, bn_batches, **static)
+  elif plan == "t":
+    padded = np.concatenate([ts_np, np.full(-len(ts_np) % mesh.size, ts_np[-1])])
+    replicated = mesh_lib.replicated(mesh)
+    call = _Call(_evaluate_path_over_t,
+                 _place(points, replicated), jax.device_put(padded.astype(np.float32), replicated),
+                 _place(eval_sets, replicated), _place(bn_batches, replicated), mesh=mesh,
+                 **static)
+  else:
+    for name, batches in {**eval_sets, "bn_batches": bn_batches or {}}.items():
+      if "image" in batches:
+        mesh_lib.check_batch_size(batches["image"].shape[1], mesh.size,
+                                  f"the batch size of {name!r}")
+    by_example = mesh_lib.batch_sharding(mesh, batch_axis=1)
+    call = _Call(_evaluate_path_jit, _place(points, mesh_lib.replicated(mesh)), ts_arr,
+                 _place(eval_sets, by_example), _place(bn_batches, by_example), **static)
+  return call, plan, ts_arr, len(ts_np)
 
 
 def _check_batches(batches, keys, name):

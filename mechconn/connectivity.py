@@ -233,7 +233,7 @@ def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   results = {}
   for name, (kind, points) in path_points.items():
     views = jax.device_get(counterfactual.evaluate_path_views(
-        model.apply, points, ts, view_batches, path=kind, bn_batches=bn_batches))
+        model.apply, points, ts, view_batches, path=kind, bn_batches=bn_batches, mesh=mesh))
     verdict = counterfactual.path_verdict(views, metric=config.barrier_metric,
                                           tolerance=config.barrier_tolerance)
     results[name] = {
@@ -262,6 +262,8 @@ def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
                "views_seed": data.seed},
       "seconds": round(seconds, 1),
       "backend": jax.default_backend(),
+      "devices": int(mesh.devices.size),
+      "path_eval_sharded_over": next(iter(views.values())).sharded_over,
       "config": config_dict,
   }
   print(format_barrier_table(record))

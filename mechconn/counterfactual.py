@@ -72,19 +72,21 @@ DEFAULT_BARRIER_TOLERANCE = 0.05
 
 
 def evaluate_path_views(apply_fn: batchnorm.ApplyFn, points, ts, view_batches: ViewBatches,
-                        *, path="linear", bn_batches=None, strategy: str | None = None
+                        *, path="linear", bn_batches=None, strategy: str | None = None,
+                        mesh: jax.sharding.Mesh | None = None
                         ) -> dict[str, barriers.PathEval]:
   """Loss and accuracy along a path on every view: {view: PathEval}.
 
   At each t, BatchNorm statistics are recomputed once from `bn_batches` (the
   paper uses clean training data) and shared by all views. Arguments as
-  `barriers.evaluate_path`; `view_batches` from `stack_views`.
+  `barriers.evaluate_path` (`mesh` spreads t or the data over devices);
+  `view_batches` from `stack_views`.
   """
   unknown = sorted(set(view_batches) - set(VIEWS))
   if unknown:
     raise ValueError(f"Unknown views {unknown}; valid views: {VIEWS}.")
   return barriers.evaluate_path_sets(apply_fn, points, ts, view_batches, path=path,
-                                     bn_batches=bn_batches, strategy=strategy)
+                                     bn_batches=bn_batches, strategy=strategy, mesh=mesh)
 
 
 def path_verdict(results: dict[str, barriers.PathEval], *,

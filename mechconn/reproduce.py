@@ -28,6 +28,7 @@ import numpy as np
 
 from mechconn import barriers
 from mechconn import counterfactual
+from mechconn import dry_run as dry_run_lib
 from mechconn import finetune
 from mechconn import mesh as mesh_lib
 from mechconn import report
@@ -65,6 +66,8 @@ def check_finetune_config(config: Any, num_devices: int) -> None:
   train.check_choice(ft.cbft.t_distribution, finetune.T_DISTRIBUTIONS,
                      "finetune.cbft.t_distribution")
   train.check_optimization_config(ft, num_devices)
+  if not ft.naive.learning_rate > 0:
+    raise ValueError(f"finetune.naive.learning_rate={ft.naive.learning_rate} must be > 0.")
   if config.path.num_t < 2:
     raise ValueError(f"config.path.num_t={config.path.num_t} must be at least 2.")
 
@@ -98,10 +101,11 @@ def run_method(method: str, seed: int, cue_model: train.TrainedModel, clean_spli
                                learning_rate=ft.lp.learning_rate, batch_size=ft.batch_size,
                                seed=seed)
     params = finetune.with_head(params, head)
-  if method in ("naive", "lp_ft", "cbft"):
+  if method in LOOP_METHODS:
     steps_per_epoch, num_steps = train.steps_of(ft, len(clean_split))
-    tx, schedule = train.make_optimizer(ft.optimizer, num_steps=num_steps,
-                                        steps_per_epoch=steps_per_epoch)
+    tx, schedule = train.make_optimizer(
+        ft.optimizer, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
+        learning_rate=ft.naive.learning_rate if method == "naive" else None)
     init_params, init_stats = params, batch_stats
 
     def init_fn():
@@ -141,8 +145,64 @@ def _summary(values: list[float]) -> dict:
   return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
 
 
+LOOP_METHODS = ("naive", "lp_ft", "cbft")  # methods that run train-loop steps
+
+
+def dry_run(config: Any) -> dict:
+  """The reproduce task's dry run: the cue model's step, a naive and a CBFT step, timed.
+
+  The estimate counts the cue model's steps (none with `cue_model_workdir`)
+  and every loop method's steps for every seed (lp and dfr fit a head on
+  cached features: seconds, left out).
+  """
+  mesh = mesh_lib.data_mesh()
+  train.check_train_config(config.train, mesh.devices.size)
+  check_finetune_config(config, mesh.devices.size)
+  model, state, _, cue_timing = train.dry_run_train_step(config.train, mesh, "cue model step")
+  if config.cue_model_workdir:
+    cue_timing.num_steps = 0
+  ft = config.finetune
+  steps_per_epoch, num_steps = train.steps_of(ft, ft.num_clean)
+  tx, _ = train.make_optimizer(ft.optimizer, num_steps=num_steps,
+                               steps_per_epoch=steps_per_epoch)
+  timed = dry_run_lib.timed_batch_size(ft.batch_size, mesh.devices.size, jax.default_backend())
+  batch = dry_run_lib.zero_batch(config.train.data, timed, mesh)
+  key = mesh_lib.replicate(jax.random.key(0), mesh)
+  ft_state = jax.tree.map(jnp.copy, state.replace(  # steps donate their state
+      step=jnp.zeros_like(state.step), opt_state=tx.init(state.params)))
+  timings = [cue_timing]
+  naive_runs = sum(m in ("naive", "lp_ft") for m in ft.methods) * len(config.seeds)
+  if naive_runs:
+    step = functools.partial(train.train_step, root_key=key,
+                             loss_fn=train.ClassificationLoss(model.apply), tx=tx)
+    ft_state, timing = dry_run_lib.time_step("naive / lp_ft step", step, ft_state, batch,
+                                             global_batch=ft.batch_size,
+                                             num_steps=naive_runs * num_steps)
+    timings.append(timing)
+  if "cbft" in ft.methods:
+    loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
+        model.apply, state.params, model.num_classes, margin=ft.cbft.margin,
+        invariance_weight=ft.cbft.invariance_weight,
+        t_distribution=ft.cbft.t_distribution), mesh)
+    step = functools.partial(finetune.cbft_step, root_key=key, loss_fn=loss_fn, tx=tx,
+                             warmup_steps=ft.cbft.warmup_epochs * steps_per_epoch)
+    cbft_batch = {"clean_image": batch["image"], "clean_label": batch["label"],
+                  "cue_image": batch["image"], "cue_label": batch["label"]}
+    _, timing = dry_run_lib.time_step("cbft step", step, ft_state, cbft_batch,
+                                      global_batch=ft.batch_size,
+                                      num_steps=len(config.seeds) * num_steps)
+    timings.append(timing)
+  data = config.train.data
+  return dry_run_lib.report(
+      f"reproduce: {config.train.model.name} on {data.dataset} ({data.cue}, "
+      f"p={data.cue_proportion}), methods {list(ft.methods)} x seeds {list(config.seeds)}",
+      mesh, {"cue model state": state, "batch": batch}, timings)
+
+
 def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   """The fine-tuning study: cue model, every method x seed, views table, path barriers."""
+  if config.get("dry_run", False):
+    return dry_run(config)
   mesh = mesh_lib.data_mesh()
   train.check_train_config(config.train, mesh.devices.size)
   check_finetune_config(config, mesh.devices.size)
@@ -182,10 +242,11 @@ def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
                        run_dir, mesh)
       path = jax.device_get(barriers.evaluate_path_sets(
           cue_model.model.apply, (cue_model.params, out["variables"]["params"]), ts, cue_eval,
-          bn_batches=bn_batches)["cue"])
+          bn_batches=bn_batches, mesh=mesh)["cue"])
       record = {"method": method, "seed": seed, "views": out["views"],
                 "seconds": out["seconds"],
-                "path_to_cue_model": {"loss": np.asarray(path.loss).tolist(),
+                "path_to_cue_model": {"sharded_over": path.sharded_over,
+                                      "loss": np.asarray(path.loss).tolist(),
                                       "accuracy": np.asarray(path.accuracy).tolist(),
                                       **{f"{k}_barrier": v for k, v in path.barriers().items()}}}
       workdir_lib.write_json_atomic(result_path, record)

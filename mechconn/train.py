@@ -35,6 +35,7 @@ import tqdm
 from mechconn import batchnorm
 from mechconn import checkpoint
 from mechconn import counterfactual
+from mechconn import dry_run as dry_run_lib
 from mechconn import mesh as mesh_lib
 from mechconn import workdir as workdir_lib
 from mechconn.data import datasets
@@ -417,11 +418,16 @@ def load_data(data: Any) -> tuple[pipeline.CueSplit, dict[str, np.ndarray], np.n
   return split, test_views, test_labels
 
 
-def make_optimizer(opt: Any, *, num_steps: int, steps_per_epoch: int
+def make_optimizer(opt: Any, *, num_steps: int, steps_per_epoch: int,
+                   learning_rate: float | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimiser, learning-rate schedule) of a config's `optimizer` section."""
+  """(optimiser, learning-rate schedule) of a config's `optimizer` section.
+
+  `learning_rate` replaces the section's peak learning rate when given.
+  """
   schedule = learning_rate_schedule(
-      opt.schedule, opt.learning_rate, total_steps=num_steps, steps_per_epoch=steps_per_epoch,
+      opt.schedule, opt.learning_rate if learning_rate is None else learning_rate,
+      total_steps=num_steps, steps_per_epoch=steps_per_epoch,
       decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor)
   return sgd(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay), schedule
 
@@ -484,6 +490,8 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) ->
   Returns:
     The final_eval record.
   """
+  if config.get("dry_run", False):
+    return dry_run(config)
   mesh = mesh_lib.data_mesh()
   check_train_config(config, mesh.devices.size)
   config_dict = start_run(config, workdir, overwrite)
@@ -533,6 +541,43 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) ->
   if jax.process_index() == 0:
     workdir_lib.write_json_atomic(os.path.join(workdir, FINAL_EVAL_FILE), record)
   return record
+
+
+def dry_run_train_step(config: Any, mesh: jax.sharding.Mesh, name: str = "train step"
+                       ) -> tuple[nn.Module, TrainState, Batch, dry_run_lib.StepTiming]:
+  """Builds a train config's model, optimiser and replicated state and times one step.
+
+  Returns (model, state after the step, the zero batch, timing); no data is read.
+  """
+  steps_per_epoch, num_steps = steps_of(config, dry_run_lib.num_train_examples(config.data))
+  model = get_model(config.model.name, datasets.NUM_CLASSES[config.data.dataset],
+                    **config.model.kwargs)
+  tx, _ = make_optimizer(config.optimizer, num_steps=num_steps, steps_per_epoch=steps_per_epoch)
+  timed = dry_run_lib.timed_batch_size(config.batch_size, mesh.devices.size,
+                                       jax.default_backend())
+  batch = dry_run_lib.zero_batch(config.data, timed, mesh)
+  root = jax.random.key(config.seed)
+  state = mesh_lib.replicate(create_train_state(
+      model, tx, jax.random.fold_in(root, 0),
+      jnp.zeros((1, *dry_run_lib.image_shape(config.data)), jnp.float32)), mesh)
+  step = functools.partial(train_step, root_key=mesh_lib.replicate(jax.random.fold_in(root, 1),
+                                                                   mesh),
+                           loss_fn=ClassificationLoss(model.apply), tx=tx)
+  state, timing = dry_run_lib.time_step(name, step, state, batch,
+                                        global_batch=config.batch_size, num_steps=num_steps)
+  return model, state, batch, timing
+
+
+def dry_run(config: Any) -> dict:
+  """The train task's dry run: mesh, placement, one timed step, the run's estimate."""
+  mesh = mesh_lib.data_mesh()
+  check_train_config(config, mesh.devices.size)
+  _, state, batch, timing = dry_run_train_step(config, mesh)
+  data = config.data
+  return dry_run_lib.report(
+      f"train {config.model.name} {dict(config.model.kwargs)} on {data.dataset} "
+      f"({data.cue}, p={data.cue_proportion})", mesh,
+      {"train state": state, "batch": batch}, [timing])
 
 
 def view_eval_fn(model_of: Callable[[Any], tuple[batchnorm.ApplyFn, dict]],

@@ -145,3 +145,27 @@ def test_bad_strategy_and_grid_raise(cnn_setup):
   with pytest.raises(ValueError, match="start at 0 and end at 1"):
     barriers.evaluate_path(model.apply, (pa, pb), np.linspace(0, 0.5, 3), eval_batches,
                            bn_batches=bn_batches)
+
+
+# ---------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("strategy", ["map", "chunked"])
+def test_working_memory_does_not_grow_with_the_number_of_t(cnn_setup, strategy):
+  model, pa, pb, x, y, eval_batches, bn_batches = cnn_setup
+  sizes = {k: barriers.compiled_memory(model.apply, (pa, pb), np.linspace(0, 1, k),
+                                       {"eval": eval_batches}, bn_batches=bn_batches,
+                                       strategy=strategy)
+           for k in (16, 256)}
+  assert sizes[256]["temp"] <= 1.5 * sizes[16]["temp"], sizes
+  assert sizes[256]["total"] <= 1.5 * sizes[16]["total"], sizes
+
+
+def test_vmap_working_memory_grows_with_the_number_of_t(cnn_setup):
+  """The measure can fail: all t at once hold K parameter copies and activations."""
+  model, pa, pb, x, y, eval_batches, bn_batches = cnn_setup
+  temp = {k: barriers.compiled_memory(model.apply, (pa, pb), np.linspace(0, 1, k),
+                                      {"eval": eval_batches}, bn_batches=bn_batches,
+                                      strategy="vmap")["temp"]
+          for k in (16, 256)}
+  assert temp[256] > 8 * temp[16], temp

@@ -174,6 +174,18 @@ def test_reproduce_presets_build_and_validate(preset):
     assert (ft.optimizer.learning_rate, ft.batch_size, ft.num_epochs, ft.num_clean,
             ft.num_cue) == (0.01, 256, 20, 2500, 47500)
     assert (ft.cbft.margin, ft.cbft.invariance_weight, ft.cbft.warmup_epochs) == (1.0, 1.0, 1)
+    assert ft.naive.learning_rate == 0.01  # the official naive FT
+  else:
+    assert reproduce_configs.get_config(preset).finetune.naive.learning_rate == 0.001
+
+
+def test_naive_learning_rate_must_be_positive():
+  from mechconn import reproduce
+  config = reproduce_configs.get_config("cpu")
+  config.unlock()
+  config.finetune.naive.learning_rate = 0.0
+  with pytest.raises(ValueError, match=r"finetune.naive.learning_rate=0.0 must be > 0"):
+    reproduce.check_finetune_config(config, num_devices=1)
 
 
 def test_finetune_presets_are_the_methods():

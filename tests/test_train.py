@@ -5,6 +5,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -88,6 +89,15 @@ def test_sgd_is_torch_sgd_with_weight_decay_in_the_gradient():
     buf = mu * buf + (np.asarray(g) + wd * p_ref)
     p_ref = p_ref - lr * buf
   np.testing.assert_allclose(p, p_ref, rtol=1e-6)
+
+
+def test_make_optimizer_takes_a_learning_rate_override():
+  opt = ml_collections.ConfigDict({"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.0,
+                                   "schedule": "constant", "decay_every_epochs": 0,
+                                   "decay_factor": 0.1})
+  _, own = train.make_optimizer(opt, num_steps=10, steps_per_epoch=5)
+  _, override = train.make_optimizer(opt, num_steps=10, steps_per_epoch=5, learning_rate=0.001)
+  assert float(own(3)) == pytest.approx(0.1) and float(override(3)) == pytest.approx(0.001)
 
 
 def test_step_schedule_decays_every_k_epochs():

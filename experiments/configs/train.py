@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200  # and at the end
   config.max_to_keep = 2  # newest checkpoints kept
   config.progress = True  # tqdm progress bar
+  # Build everything, run one step, print the mesh, placement, per-device batch and
+  # an estimate of the run's time; read no data, write nothing (mechconn.dry_run).
+  config.dry_run = False
   return config
 
 
