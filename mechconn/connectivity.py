@@ -24,15 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechconn import align
+from mechconn import barriers
 from mechconn import checkpoint
 from mechconn import counterfactual
 from mechconn import curves
+from mechconn import dry_run as dry_run_lib
 from mechconn import mesh as mesh_lib
 from mechconn import report
 from mechconn import train
 from mechconn import workdir as workdir_lib
 from mechconn.data import batching
+from mechconn.data import datasets
 from mechconn.data import pipeline
+from mechconn.data.views import VIEWS
+from mechconn.models import get_model
 
 CURVE_FILE = "curve.json"
 EVAL_PATH_FILE = "eval_path.json"
@@ -65,12 +70,64 @@ def check_curve_config(config: Any, num_devices: int) -> None:
       raise ValueError(f"config.{key} is empty: give the workdir of a finished train run.")
 
 
+def _dry_run_endpoints(config: Any) -> tuple[Any, Any, str]:
+  """(start, end) TrainedModel-likes for a dry run and where they came from.
+
+  The finished train runs when both exist; otherwise fresh inits of
+  `config.endpoint_model` (a dry run may come before the end points).
+  """
+  try:
+    start, end = (train.load_trained(w) for w in (config.start_workdir, config.end_workdir))
+    return start, end, "the end points' train runs"
+  except FileNotFoundError:
+    pass
+  model = get_model(config.endpoint_model.name, datasets.NUM_CLASSES[config.data.dataset],
+                    **config.endpoint_model.kwargs)
+  sample = jnp.zeros((1, *dry_run_lib.image_shape(config.data)), jnp.float32)
+  runs = []
+  for seed in (0, 1):
+    variables = model.init(jax.random.key(seed), sample)
+    runs.append(train.TrainedModel(model=model, params=variables["params"],
+                                   batch_stats=variables.get("batch_stats", {}), config={},
+                                   checkpoint=""))
+  return runs[0], runs[1], "fresh inits (the end points' runs are not there yet)"
+
+
+def dry_run_fit_curve(config: Any) -> dict:
+  """The fit_curve task's dry run: one timed curve step, the fit's estimate."""
+  mesh = mesh_lib.data_mesh()
+  check_curve_config(config, mesh.devices.size)
+  start_run, end_run, source = _dry_run_endpoints(config)
+  steps_per_epoch, num_steps = train.steps_of(config,
+                                              dry_run_lib.num_train_examples(config.data))
+  tx, _ = train.make_optimizer(config.optimizer, num_steps=num_steps,
+                               steps_per_epoch=steps_per_epoch)
+  model = start_run.model
+  loss_fn = mesh_lib.replicate(
+      curves.CurveLoss(model.apply, config.curve.kind, start_run.params, end_run.params,
+                       start_run.batch_stats), mesh)
+  free = curves.init_free_points(loss_fn.start, loss_fn.end, config.curve.num_free, "linear")
+  state = mesh_lib.replicate(train.TrainState(step=jnp.zeros((), jnp.int32), params=free,
+                                              batch_stats={}, opt_state=tx.init(free)), mesh)
+  step = functools.partial(train.train_step, root_key=mesh_lib.replicate(jax.random.key(0), mesh),
+                           loss_fn=loss_fn, tx=tx)
+  state, timing, batch = dry_run_lib.time_on_zero_batches(
+      "curve step", step, state, config.data, mesh, global_batch=config.batch_size,
+      num_steps=num_steps)
+  return dry_run_lib.report(
+      f"fit_curve: {config.curve.kind} with {config.curve.num_free} free point(s) of "
+      f"{type(model).__name__} on {config.data.dataset} (p={config.data.cue_proportion}); "
+      f"end points: {source}", mesh, {"curve state": state, "batch": batch}, [timing])
+
+
 def fit_curve(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   """Fits a curve between two trained models; writes checkpoints and curve.json.
 
   Returns:
     The curve.json record (the curve's provenance and its final fit metrics).
   """
+  if config.get("dry_run", False):
+    return dry_run_fit_curve(config)
   mesh = mesh_lib.data_mesh()
   check_curve_config(config, mesh.devices.size)
   start_run = train.load_trained(config.start_workdir)
@@ -167,12 +224,51 @@ def check_eval_path_config(config: Any, num_devices: int) -> None:
   train.check_choice(config.barrier_metric, ("error", "loss"), "barrier_metric")
 
 
+def dry_run_eval_path(config: Any) -> dict:
+  """The eval_path task's dry run: one t of a path timed, the evaluation's estimate.
+
+  A "step" is one t: BatchNorm statistics from `bn.num_examples` examples and
+  the four views of the test split; the timed one uses one batch of each. The
+  estimate leaves out the alignment (seconds for weight matching).
+  """
+  mesh = mesh_lib.data_mesh()
+  check_eval_path_config(config, mesh.devices.size)
+  start_run, end_run, source = _dry_run_endpoints(config)
+  model = start_run.model
+  points = (start_run.params, end_run.params)
+
+  def as_eval_sets(zeros):  # one eval batch, and one BatchNorm batch of the same size
+    n = zeros["label"].shape[0]
+    return ({"clean": {"image": zeros["image"][None], "label": zeros["label"][None],
+                       "mask": jnp.ones((1, n), jnp.float32)}}, {"image": zeros["image"][None]})
+
+  def two_ts(state, sets):  # ts (0, 1), the shortest grid: two points
+    eval_sets, bn_batches = sets
+    return state, barriers.evaluate_path_sets(model.apply, points, np.linspace(0, 1, 2),
+                                              eval_sets, bn_batches=bn_batches, mesh=mesh)
+
+  # A "step" is one t: BatchNorm statistics from bn.num_examples examples plus the four
+  # views, i.e. bn.num_examples + 4 x num_test examples; two_ts at batch n does 2 x 2n.
+  examples_per_t = config.bn.num_examples + len(VIEWS) * dry_run_lib.num_test_examples(
+      config.data)
+  num_paths = 1 + (config.align != "none") + len(config.curve_workdirs)
+  _, timing, sets = dry_run_lib.time_on_zero_batches(
+      "path point (one t)", two_ts, None, config.data, mesh,
+      global_batch=examples_per_t // 4, num_steps=num_paths * config.num_t, to_batch=as_eval_sets)
+  return dry_run_lib.report(
+      f"eval_path: {num_paths} path(s) x {config.num_t} t of {type(model).__name__} on "
+      f"{config.data.dataset}; end points: {source}", mesh,
+      {"end point params": points, "eval batch": sets[0]}, [timing])
+
+
 def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   """LMC, LMC-P and fitted curves between two trained models, on the four views.
 
   Returns:
     The eval_path.json record.
   """
+  if config.get("dry_run", False):
+    return dry_run_eval_path(config)
   mesh = mesh_lib.data_mesh()
   check_eval_path_config(config, mesh.devices.size)
   start_run = train.load_trained(config.start_workdir)

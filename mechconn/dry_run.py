@@ -5,12 +5,16 @@ writes nothing: it checks that a config builds and compiles on the devices at
 hand, and prints the mesh, how state and batches are placed, the per-device
 batch, and an estimate of the full run's time from one timed step:
 
-  estimate = steps x (seconds per timed step) x (global batch / timed batch).
+  estimate = steps x (seconds per step at the global batch).
 
-On accelerators the timed step uses the config's global batch; on CPU a tiny
-one (`CPU_EXAMPLES_PER_DEVICE` per device), so that a paper preset's dry run
-takes seconds there, and the estimate scales it linearly (a rough CPU figure).
-The estimate covers training steps only (no evaluation or checkpoints).
+On accelerators the timed step uses the config's global batch. On CPU, so that
+a paper preset's dry run takes seconds, steps are timed at two tiny batches
+(`CPU_EXAMPLES_PER_DEVICE` per device) and the time per step at the global
+batch is extrapolated from the straight line through them (a fixed cost per
+step plus a cost per example): a rough CPU figure. Each timing is the third
+call at its batch (the first compiles, the second settles the state's
+placement). The estimate covers the timed kinds of step only (no evaluation
+or checkpoints).
 """
 
 from collections.abc import Callable
@@ -25,7 +29,7 @@ import numpy as np
 from mechconn import mesh as mesh_lib
 from mechconn.data import datasets
 
-CPU_EXAMPLES_PER_DEVICE = 2
+CPU_EXAMPLES_PER_DEVICE = (2, 8)
 TRAIN_SIZES = {"shapes10": datasets.EMBEDDED_SIZES["train"],
                "glyphs10": datasets.EMBEDDED_SIZES["train"], "cifar10": 50_000,
                "cifar100": 50_000, "fashion_mnist": 60_000, "mnist": 60_000}
@@ -44,11 +48,17 @@ def num_train_examples(data: Any) -> int:
   return full if data.num_train == -1 else min(data.num_train, full)
 
 
-def timed_batch_size(global_batch: int, num_devices: int, backend: str) -> int:
-  """The global batch of the timed step: the real one, or a tiny one on CPU."""
+def num_test_examples(data: Any) -> int:
+  """Test examples per view of a data config without loading it (10,000 for every set here)."""
+  full = 10_000
+  return full if data.num_test == -1 else min(data.num_test, full)
+
+
+def timed_batch_sizes(global_batch: int, num_devices: int, backend: str) -> tuple[int, ...]:
+  """The global batches of the timed steps: the real one, or two tiny ones on CPU."""
   if backend == "cpu":
-    return min(global_batch, CPU_EXAMPLES_PER_DEVICE * num_devices)
-  return global_batch
+    return tuple(sorted({min(global_batch, n * num_devices) for n in CPU_EXAMPLES_PER_DEVICE}))
+  return (global_batch,)
 
 
 def zero_batch(data: Any, batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -81,33 +91,66 @@ def summarize_placement(tree: Any) -> str:
 
 @dataclasses.dataclass
 class StepTiming:
-  """One step's compile time and steady-state time, and the batch it ran at."""
+  """Steady-state step times at one or two batch sizes; the estimate at the global batch."""
 
   name: str
   compile_seconds: float
-  step_seconds: float
-  timed_batch: int
+  timed_batches: tuple[int, ...]
+  step_seconds: tuple[float, ...]
   global_batch: int
   num_steps: int
 
   @property
+  def seconds_per_step(self) -> float:
+    """At the global batch: proportional to one timing, or on the line through two."""
+    if len(self.timed_batches) == 1:
+      return self.step_seconds[0] * self.global_batch / self.timed_batches[0]
+    (n1, n2), (t1, t2) = self.timed_batches, self.step_seconds
+    per_example = max((t2 - t1) / (n2 - n1), 0.0)
+    return t1 + per_example * (self.global_batch - n1)
+
+  @property
   def estimate_seconds(self) -> float:
-    return self.num_steps * self.step_seconds * self.global_batch / self.timed_batch
+    return self.num_steps * self.seconds_per_step
 
 
-def time_step(name: str, step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batch: Any, *,
-              global_batch: int, num_steps: int) -> tuple[Any, StepTiming]:
-  """Runs `step` twice (compile, then steady state) and times both; returns the new state."""
-  start = time.perf_counter()
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  compile_seconds = time.perf_counter() - start
-  start = time.perf_counter()
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  timed_batch = int(jax.tree.leaves(batch)[0].shape[0])
-  return state, StepTiming(name, compile_seconds, time.perf_counter() - start, timed_batch,
+def time_step(name: str, step: Callable[[Any, Any], tuple[Any, Any]], state: Any,
+              make_batch: Callable[[int], Any], *, global_batch: int, num_steps: int,
+              timed_batches: tuple[int, ...]) -> tuple[Any, StepTiming]:
+  """Times `step` at each of `timed_batches` (make_batch(n): a batch of n); the new state."""
+  compile_seconds, step_seconds = 0.0, []
+  for n in timed_batches:
+    batch = make_batch(n)
+    for call in range(3):  # compile, settle the state's placement, time
+      start = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      if call == 0:
+        compile_seconds += time.perf_counter() - start
+    step_seconds.append(time.perf_counter() - start)
+  return state, StepTiming(name, compile_seconds, tuple(timed_batches), tuple(step_seconds),
                            global_batch, num_steps)
+
+
+def time_on_zero_batches(name: str, step: Callable[[Any, Any], tuple[Any, Any]], state: Any,
+                         data: Any, mesh: jax.sharding.Mesh, *, global_batch: int,
+                         num_steps: int, to_batch: Callable[[dict], Any] = lambda b: b
+                         ) -> tuple[Any, StepTiming, Any]:
+  """`time_step` on zero batches of `data`'s images (mapped by `to_batch`) at the timed sizes.
+
+  Returns (state, timing, the last batch).
+  """
+  made = []
+
+  def make_batch(n):
+    made.append(to_batch(zero_batch(data, n, mesh)))
+    return made[-1]
+
+  state, timing = time_step(name, step, state, make_batch, global_batch=global_batch,
+                            num_steps=num_steps,
+                            timed_batches=timed_batch_sizes(global_batch, mesh.devices.size,
+                                                            jax.default_backend()))
+  return state, timing, made[-1]
 
 
 def report(title: str, mesh: jax.sharding.Mesh, placements: dict[str, Any],
@@ -123,20 +166,23 @@ def report(title: str, mesh: jax.sharding.Mesh, placements: dict[str, Any],
       "placement": {name: summarize_placement(tree) for name, tree in placements.items()},
       "steps": [{**dataclasses.asdict(t),
                  "per_device_batch": t.global_batch // len(devices),
-                 "timed_per_device_batch": t.timed_batch // len(devices),
+                 "seconds_per_step": round(t.seconds_per_step, 4),
                  "estimate_seconds": round(t.estimate_seconds, 1)} for t in timings],
       "estimate_seconds": round(sum(t.estimate_seconds for t in timings), 1),
   }
+  record = json.loads(json.dumps(record))  # tuples -> lists: the record as it is printed
   lines = [f"dry run: {title}",
            f"  backend {record['backend']}, mesh {record['mesh']}, {record['devices']}"]
   lines += [f"  {name}: {text}" for name, text in record["placement"].items()]
   for t in record["steps"]:
+    timed = ", ".join(f"{s:.3f} s at {n}" for n, s in zip(t["timed_batches"],
+                                                             t["step_seconds"]))
     lines.append(
         f"  {t['name']}: global batch {t['global_batch']} = {t['per_device_batch']} per device; "
-        f"timed at {t['timed_batch']} ({t['timed_per_device_batch']} per device): compile "
-        f"{t['compile_seconds']:.1f} s, step {t['step_seconds']:.3f} s; {t['num_steps']:,} "
-        f"steps -> {_hours(t['estimate_seconds'])}")
-  lines.append(f"  estimate for the whole run (training steps only): "
+        f"compile {t['compile_seconds']:.1f} s; timed {timed} -> {t['seconds_per_step']:.3f} s "
+        f"per step at {t['global_batch']}; {t['num_steps']:,} steps -> "
+        f"{_hours(t['estimate_seconds'])}")
+  lines.append(f"  estimate for the whole run (the steps above; no evaluation or checkpoints): "
                f"{_hours(record['estimate_seconds'])}")
   print("\n".join(lines))
   if jax.process_index() == 0:

@@ -158,26 +158,25 @@ def dry_run(config: Any) -> dict:
   mesh = mesh_lib.data_mesh()
   train.check_train_config(config.train, mesh.devices.size)
   check_finetune_config(config, mesh.devices.size)
-  model, state, _, cue_timing = train.dry_run_train_step(config.train, mesh, "cue model step")
+  model, state, batch, cue_timing = train.dry_run_train_step(config.train, mesh,
+                                                             "cue model step")
   if config.cue_model_workdir:
     cue_timing.num_steps = 0
   ft = config.finetune
   steps_per_epoch, num_steps = train.steps_of(ft, ft.num_clean)
   tx, _ = train.make_optimizer(ft.optimizer, num_steps=num_steps,
                                steps_per_epoch=steps_per_epoch)
-  timed = dry_run_lib.timed_batch_size(ft.batch_size, mesh.devices.size, jax.default_backend())
-  batch = dry_run_lib.zero_batch(config.train.data, timed, mesh)
   key = mesh_lib.replicate(jax.random.key(0), mesh)
-  ft_state = jax.tree.map(jnp.copy, state.replace(  # steps donate their state
-      step=jnp.zeros_like(state.step), opt_state=tx.init(state.params)))
+  ft_state = mesh_lib.replicate(jax.tree.map(jnp.copy, state.replace(  # steps donate state
+      step=jnp.zeros_like(state.step), opt_state=tx.init(state.params))), mesh)
   timings = [cue_timing]
   naive_runs = sum(m in ("naive", "lp_ft") for m in ft.methods) * len(config.seeds)
   if naive_runs:
     step = functools.partial(train.train_step, root_key=key,
                              loss_fn=train.ClassificationLoss(model.apply), tx=tx)
-    ft_state, timing = dry_run_lib.time_step("naive / lp_ft step", step, ft_state, batch,
-                                             global_batch=ft.batch_size,
-                                             num_steps=naive_runs * num_steps)
+    ft_state, timing, _ = dry_run_lib.time_on_zero_batches(
+        "naive / lp_ft step", step, ft_state, config.train.data, mesh,
+        global_batch=ft.batch_size, num_steps=naive_runs * num_steps)
     timings.append(timing)
   if "cbft" in ft.methods:
     loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
@@ -186,11 +185,11 @@ def dry_run(config: Any) -> dict:
         t_distribution=ft.cbft.t_distribution), mesh)
     step = functools.partial(finetune.cbft_step, root_key=key, loss_fn=loss_fn, tx=tx,
                              warmup_steps=ft.cbft.warmup_epochs * steps_per_epoch)
-    cbft_batch = {"clean_image": batch["image"], "clean_label": batch["label"],
-                  "cue_image": batch["image"], "cue_label": batch["label"]}
-    _, timing = dry_run_lib.time_step("cbft step", step, ft_state, cbft_batch,
-                                      global_batch=ft.batch_size,
-                                      num_steps=len(config.seeds) * num_steps)
+    _, timing, _ = dry_run_lib.time_on_zero_batches(
+        "cbft step", step, ft_state, config.train.data, mesh, global_batch=ft.batch_size,
+        num_steps=len(config.seeds) * num_steps,
+        to_batch=lambda b: {"clean_image": b["image"], "clean_label": b["label"],
+                            "cue_image": b["image"], "cue_label": b["label"]})
     timings.append(timing)
   data = config.train.data
   return dry_run_lib.report(

@@ -553,9 +553,6 @@ def dry_run_train_step(config: Any, mesh: jax.sharding.Mesh, name: str = "train 
   model = get_model(config.model.name, datasets.NUM_CLASSES[config.data.dataset],
                     **config.model.kwargs)
   tx, _ = make_optimizer(config.optimizer, num_steps=num_steps, steps_per_epoch=steps_per_epoch)
-  timed = dry_run_lib.timed_batch_size(config.batch_size, mesh.devices.size,
-                                       jax.default_backend())
-  batch = dry_run_lib.zero_batch(config.data, timed, mesh)
   root = jax.random.key(config.seed)
   state = mesh_lib.replicate(create_train_state(
       model, tx, jax.random.fold_in(root, 0),
@@ -563,8 +560,8 @@ def dry_run_train_step(config: Any, mesh: jax.sharding.Mesh, name: str = "train 
   step = functools.partial(train_step, root_key=mesh_lib.replicate(jax.random.fold_in(root, 1),
                                                                    mesh),
                            loss_fn=ClassificationLoss(model.apply), tx=tx)
-  state, timing = dry_run_lib.time_step(name, step, state, batch,
-                                        global_batch=config.batch_size, num_steps=num_steps)
+  state, timing, batch = dry_run_lib.time_on_zero_batches(
+      name, step, state, config.data, mesh, global_batch=config.batch_size, num_steps=num_steps)
   return model, state, batch, timing
 
 

@@ -14,6 +14,7 @@ from mechconn import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from experiments.configs import fit_curve as fit_curve_config  # noqa: E402
 from experiments.configs import reproduce as reproduce_config  # noqa: E402
 from experiments.configs import train as train_config  # noqa: E402
 
@@ -24,43 +25,50 @@ def _unlocked(module, preset):
   return config
 
 
-def test_estimate_is_steps_times_step_time_scaled_by_batch():
-  timing = dry_run.StepTiming("step", compile_seconds=3.0, step_seconds=0.5, timed_batch=2,
-                              global_batch=256, num_steps=1000)
-  assert timing.estimate_seconds == pytest.approx(1000 * 0.5 * 256 / 2)
-  assert dry_run.timed_batch_size(256, 1, "cpu") == 2
-  assert dry_run.timed_batch_size(256, 8, "cpu") == 16
-  assert dry_run.timed_batch_size(256, 8, "gpu") == 256
-  assert dry_run.timed_batch_size(1, 1, "cpu") == 1
+def test_estimate_extrapolates_the_line_through_two_timings():
+  # 0.1 s fixed + 0.01 s per example: 0.12 s at 2, 0.18 s at 8 -> 2.66 s at 256.
+  timing = dry_run.StepTiming("step", compile_seconds=3.0, timed_batches=(2, 8),
+                              step_seconds=(0.12, 0.18), global_batch=256, num_steps=1000)
+  assert timing.seconds_per_step == pytest.approx(0.1 + 0.01 * 256)
+  assert timing.estimate_seconds == pytest.approx(1000 * 2.66)
+  flat = dry_run.StepTiming("step", 1.0, (2, 8), (0.2, 0.19), 256, 10)  # noise: no slope < 0
+  assert flat.seconds_per_step == pytest.approx(0.2)
+  one = dry_run.StepTiming("step", 1.0, (256,), (0.5,), 256, 10)  # the real batch
+  assert one.estimate_seconds == pytest.approx(5.0)
+  assert dry_run.timed_batch_sizes(256, 1, "cpu") == (2, 8)
+  assert dry_run.timed_batch_sizes(256, 8, "cpu") == (16, 64)
+  assert dry_run.timed_batch_sizes(256, 8, "gpu") == (256,)
+  assert dry_run.timed_batch_sizes(4, 1, "cpu") == (2, 4)
 
 
 def test_train_dry_run_reads_no_data_and_writes_nothing(tmp_path, capsys):
-  config = _unlocked(train_config, "cifar100_box80_vgg13,quicktest")  # CIFAR is not here
-  config.dry_run = True
+  config = _unlocked(train_config, "cpu_cue,quicktest")
+  config.data.dataset, config.dry_run = "cifar100", True  # CIFAR is not on this machine
   record = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   out = capsys.readouterr().out
   assert "mesh {'data': 1}" in out and "estimate for the whole run" in out
   (step,) = record["steps"]
   num_steps = config.num_epochs * (512 // config.batch_size)  # quicktest: 512 examples
-  assert step["num_steps"] == num_steps and step["timed_batch"] == 2
+  assert step["num_steps"] == num_steps and step["timed_batches"] == [2, 8]
   assert step["global_batch"] == config.batch_size
   assert record["estimate_seconds"] == pytest.approx(
-      num_steps * step["step_seconds"] * config.batch_size / 2, abs=0.051)  # rounded to 0.1 s
+      num_steps * step["seconds_per_step"], abs=0.051)  # rounded to 0.1 s
   assert record["placement"]["batch"].startswith("2 arrays")
 
 
 def test_dominoes_dry_run_uses_the_stacked_image_shape():
-  config = _unlocked(train_config, "cifar10_dominoes80_resnet18,quicktest")
+  config = _unlocked(train_config, "cpu_cue,quicktest")
+  config.data.cue = "dominoes"
   assert dry_run.image_shape(config.data) == (64, 32, 3)
   mesh = mesh_lib.data_mesh()
   _, state, batch, timing = train.dry_run_train_step(config, mesh)
-  assert batch["image"].shape == (2, 64, 32, 3) and int(state.step) == 2
-  assert timing.step_seconds > 0
+  assert batch["image"].shape == (8, 64, 32, 3) and int(state.step) == 6  # 3 calls x 2 sizes
+  assert min(timing.step_seconds) > 0
 
 
 def test_reproduce_dry_run_times_cue_naive_and_cbft_steps(capsys):
-  config = _unlocked(reproduce_config, "cifar10_box80_vgg13,quicktest")
+  config = _unlocked(reproduce_config, "cpu,quicktest")
   config.dry_run = True
   record = reproduce.reproduce(config, "/nonexistent/never/written")
   names = [s["name"] for s in record["steps"]]
@@ -72,6 +80,16 @@ def test_reproduce_dry_run_times_cue_naive_and_cbft_steps(capsys):
   assert "DRY_RUN " in capsys.readouterr().out
 
 
+def test_fit_curve_dry_run_before_the_end_points_exist(tmp_path):
+  from mechconn import connectivity
+  config = _unlocked(fit_curve_config, "cpu_cue,quicktest")
+  config.start_workdir, config.end_workdir = str(tmp_path / "a"), str(tmp_path / "b")
+  config.dry_run = True
+  record = connectivity.fit_curve(config, str(tmp_path / "curve"))
+  assert "fresh inits" in record["dry_run"] and record["steps"][0]["name"] == "curve step"
+  assert not os.listdir(tmp_path)
+
+
 def test_unknown_dataset_is_named():
   config = _unlocked(train_config, "cpu_cue").data
   config.dataset = "imagenet"
@@ -80,9 +98,9 @@ def test_unknown_dataset_is_named():
 
 
 @pytest.mark.parametrize("preset", ["train.py:cifar10_box80_vgg13",
-                                    "train.py:cifar100_box60_resnet18"])
+                                    "eval_path.py:cifar100_box60_resnet18"])
 def test_paper_preset_dry_run_through_the_launcher_on_two_devices(preset, tmp_path):
-  """Full-width paper models, tiny batch, a 2-device mesh; prints mesh and estimate."""
+  """Full-width paper models, tiny batches, a 2-device mesh; prints mesh and estimate."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run(
@@ -94,9 +112,12 @@ def test_paper_preset_dry_run_through_the_launcher_on_two_devices(preset, tmp_pa
                        if ln.startswith("DRY_RUN ")][-1][len("DRY_RUN "):])
   assert record["mesh"] == {"data": 2}
   (step,) = record["steps"]
-  assert step["global_batch"] == 256 and step["per_device_batch"] == 128
-  assert step["timed_batch"] == 4 and step["timed_per_device_batch"] == 2
-  assert step["num_steps"] == 100 * (50_000 // 256)
+  assert step["timed_batches"] == [4, 16]  # 2 and 8 per device
+  if preset.startswith("train"):
+    assert step["global_batch"] == 256 and step["per_device_batch"] == 128
+    assert step["num_steps"] == 100 * (50_000 // 256)
+  else:  # 4 paths x 11 t; a t is 1,024 BatchNorm examples and 4 views of 10,000
+    assert step["num_steps"] == 44 and step["global_batch"] == (1024 + 40_000) // 4
   assert record["estimate_seconds"] > 0
   assert not (tmp_path / "w").exists()
 

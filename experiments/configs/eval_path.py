@@ -28,8 +28,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   name, *modifiers = (preset or "cpu").split(",")
   config = train_config.unlocked_config("cpu_cue" if name == "cpu" else name)
   config.task = "eval_path"
+  # The end points' model is theirs; this copy only builds a dry run before they exist.
+  config.endpoint_model = ml_collections.ConfigDict(config.model.to_dict())
   for key in ("model", "optimizer", "num_epochs", "batch_size", "log_every_steps",
               "eval_every_steps", "checkpoint_every_steps", "max_to_keep", "progress"):
+    # (dry_run stays: build, time one t, estimate; see mechconn.dry_run)
     del config[key]
   config.start_workdir, config.end_workdir = fit_curve_config.endpoint_workdirs(name)
   prefix = "workdir/curve" if name == "cpu" else f"workdir/curve_{name}"

@@ -44,7 +44,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
                      "{cifar10,cifar100}_box{percent}_{vgg13,resnet18}_{clean,cue}.")
   config = train_config.unlocked_config("cpu_cue" if base == "cpu" else base)
   config.task = "fit_curve"
-  del config.model  # the end points' model
+  # The end points' model is theirs; this copy only builds a dry run before they exist.
+  config.endpoint_model = ml_collections.ConfigDict(config.model.to_dict())
+  del config.model
   # t = 0: the cue model's train run; t = 1: the no-cue model's.
   config.start_workdir, config.end_workdir = endpoint_workdirs(base)
   config.data.cue_proportion = FIT_DATA[fit_on]  # of the data the curve is fitted on
