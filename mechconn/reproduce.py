@@ -16,12 +16,14 @@ cue model's training split and are disjoint; the official code samples them
 with replacement, so its clean and cue sets can overlap.
 """
 
+from collections.abc import Callable
 import functools
 import json
 import os
 import time
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,23 @@ from mechconn.data import pipeline
 RESULT_FILE = "result.json"
 REPRODUCE_FILE = "reproduce.json"
 REPORT_FILE = "report.md"
+
+LOOP_METHODS = ("naive", "lp_ft", "cbft")  # methods that run train-loop steps
+SEED_MODES = ("auto", "sequential", "vmap")
+# How `reproduce` runs the seeds of a loop method. Measured with
+# benchmarks/seed_ensemble.py on the 2-core CPU (3 seeds, batch 128 each): one
+# vmapped step is 0.52-0.78x the speed of three separate steps (XLA:CPU turns
+# per-seed convolutions into slower grouped ones), so CPU runs them in turn.
+# GPU and TPU have not been measured (no accelerator was lent to this work):
+# vmap there, on the expectation that a small model's step leaves most of an
+# accelerator idle; run the benchmark there and change this if it loses.
+DEFAULT_SEED_MODE = {"cpu": "sequential", "gpu": "vmap", "tpu": "vmap"}
+
+
+def seed_mode(mode: str) -> str:
+  """'sequential' or 'vmap': `mode`, or the backend's default for 'auto'."""
+  train.check_choice(mode, SEED_MODES, "seed_mode")
+  return DEFAULT_SEED_MODE.get(jax.default_backend(), "sequential") if mode == "auto" else mode
 
 
 def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, seed: int
@@ -77,75 +96,138 @@ def _evaluate(model, variables, view_batches) -> dict:
       counterfactual.evaluate_views(model.apply, variables, view_batches)).items()}
 
 
-def run_method(method: str, seed: int, cue_model: train.TrainedModel, clean_split, cue_split,
-               view_batches, ft: Any, workdir: str, mesh) -> dict:
-  """Fine-tunes the cue model with one method and seed; returns {'variables', 'views', ...}.
+def _start_params(method: str, seed: int, cue_model: train.TrainedModel, clean_split,
+                  ft: Any) -> Any:
+  """The cue model's params with the head that lp, lp_ft and dfr fit (others: unchanged)."""
+  model, params = cue_model.model, cue_model.params
+  if method not in ("lp", "lp_ft", "dfr"):
+    return params
+  examples = clean_split.examples(np.arange(len(clean_split)))
+  images, labels = examples["image"], examples["label"]
+  if method == "dfr":
+    idx = finetune.balanced_subset(labels, model.num_classes, seed)
+    images, labels = images[idx], labels[idx]
+  feats = finetune.extract_features(model.apply, cue_model.variables, images)
+  if method == "dfr":
+    head = finetune.fit_dfr_head(feats, labels, model.num_classes, l2=ft.dfr.l2)
+  else:
+    head = finetune.fit_head(feats, labels, model.num_classes, epochs=ft.lp.num_epochs,
+                             learning_rate=ft.lp.learning_rate, batch_size=ft.batch_size,
+                             seed=seed)
+  return finetune.with_head(params, head)
 
-  Loop methods (naive, lp_ft's second half, cbft) checkpoint into workdir and resume.
+
+def _member_step(method: str, cue_model: train.TrainedModel, ft: Any, tx, steps_per_epoch: int,
+                 mesh) -> Callable:
+  """(state, batch, root_key) -> (state, metrics): one seed's step of a loop method."""
+  model = cue_model.model
+  if method == "cbft":
+    loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
+        model.apply, cue_model.params, model.num_classes, margin=ft.cbft.margin,
+        invariance_weight=ft.cbft.invariance_weight,
+        t_distribution=ft.cbft.t_distribution), mesh)
+    return functools.partial(finetune.cbft_step, loss_fn=loss_fn, tx=tx,
+                             warmup_steps=ft.cbft.warmup_epochs * steps_per_epoch)
+  return functools.partial(train.train_step, loss_fn=train.ClassificationLoss(model.apply), tx=tx)
+
+
+def _local_batch(method: str, clean_split, cue_split, batch_size: int, seed: int, step: int
+                 ) -> dict[str, np.ndarray]:
+  """This host's rows of one seed's batch at `step` (clean, and cue for CBFT)."""
+  rows = mesh_lib.process_rows(batch_size)
+  clean = pipeline.batch_at_step(clean_split, batch_size, seed=seed, step=step, rows=rows)
+  if method != "cbft":
+    return clean
+  cue = pipeline.batch_at_step(cue_split, batch_size, seed=seed + 1000, step=step, rows=rows)
+  return {"clean_image": clean["image"], "clean_label": clean["label"],
+          "cue_image": cue["image"], "cue_label": cue["label"]}
+
+
+def _step_key(seed: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+@flax.struct.dataclass
+class SeedEnsemble:
+  """Several seeds' train states stacked on a leading axis, advanced by one vmapped step."""
+
+  step: jax.Array  # scalar: the loop's step (every member's step equals it)
+  members: train.TrainState  # leaves [num_seeds, ...]
+
+
+def run_method(method: str, seeds: list[int], cue_model: train.TrainedModel, clean_split,
+               cue_split, view_batches, ft: Any, workdirs: list[str], mesh, *,
+               ensemble: bool = False) -> list[dict]:
+  """Fine-tunes the cue model with one method for each seed: [{'variables', 'views', ...}].
+
+  Loop methods (naive, lp_ft's second half, cbft) run `train.train_loop`,
+  checkpointed and resumable: one loop per seed in `workdirs[i]`, or with
+  `ensemble` one loop over a `SeedEnsemble` (all seeds in one compiled,
+  vmapped step) in `workdirs[0]`. Each seed draws the same batches and step
+  keys either way.
   """
   model = cue_model.model
-  num_classes = cue_model.model.num_classes
   start = time.perf_counter()
-  params, batch_stats = cue_model.params, cue_model.batch_stats
-  if method in ("lp", "lp_ft", "dfr"):
-    examples = clean_split.examples(np.arange(len(clean_split)))
-    images, labels = examples["image"], examples["label"]
-    if method == "dfr":
-      idx = finetune.balanced_subset(labels, num_classes, seed)
-      images, labels = images[idx], labels[idx]
-    feats = finetune.extract_features(model.apply, cue_model.variables, images)
-    if method == "dfr":
-      head = finetune.fit_dfr_head(feats, labels, num_classes, l2=ft.dfr.l2)
-    else:
-      head = finetune.fit_head(feats, labels, num_classes, epochs=ft.lp.num_epochs,
-                               learning_rate=ft.lp.learning_rate, batch_size=ft.batch_size,
-                               seed=seed)
-    params = finetune.with_head(params, head)
+  params = [_start_params(method, seed, cue_model, clean_split, ft) for seed in seeds]
+  batch_stats = [cue_model.batch_stats] * len(seeds)
   if method in LOOP_METHODS:
     steps_per_epoch, num_steps = train.steps_of(ft, len(clean_split))
     tx, schedule = train.make_optimizer(
         ft.optimizer, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
         learning_rate=ft.naive.learning_rate if method == "naive" else None)
-    init_params, init_stats = params, batch_stats
+    member_step = _member_step(method, cue_model, ft, tx, steps_per_epoch, mesh)
+    options = functools.partial(train.loop_options, ft, num_steps, steps_per_epoch)
+    loop = functools.partial(train.train_loop, mesh=mesh, learning_rate_fn=schedule,
+                             examples_per_step=ft.batch_size * (len(seeds) if ensemble else 1))
 
-    def init_fn():
-      return train.TrainState(step=jnp.zeros((), jnp.int32), params=init_params,
-                              batch_stats=init_stats, opt_state=tx.init(init_params))
+    def fresh(p):
+      return train.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                              batch_stats=cue_model.batch_stats, opt_state=tx.init(p))
 
-    key = jax.device_put(jax.random.fold_in(jax.random.key(seed), 1), mesh_lib.replicated(mesh))
-    clean_batches = train.batch_fn_for(clean_split, ft.batch_size, seed, mesh)
-    if method == "cbft":
-      cue_batches = train.batch_fn_for(cue_split, ft.batch_size, seed + 1000, mesh)
-      loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
-          model.apply, cue_model.params, num_classes, margin=ft.cbft.margin,
-          invariance_weight=ft.cbft.invariance_weight,
-          t_distribution=ft.cbft.t_distribution), mesh)
-      step_fn = functools.partial(finetune.cbft_step, root_key=key, loss_fn=loss_fn, tx=tx,
-                                  warmup_steps=ft.cbft.warmup_epochs * steps_per_epoch)
+    def local(seed, step):
+      return _local_batch(method, clean_split, cue_split, ft.batch_size, seed, step)
+
+    if ensemble:
+      keys = mesh_lib.replicate(jnp.stack([_step_key(s) for s in seeds]), mesh)
+
+      @functools.partial(jax.jit, donate_argnums=0)
+      def step_fn(state, batch):
+        members, metrics = jax.vmap(member_step)(state.members, batch, keys)
+        return SeedEnsemble(step=state.step + 1, members=members), metrics
 
       def batch_fn(step):
-        clean, cue = clean_batches(step), cue_batches(step)
-        return {"clean_image": clean["image"], "clean_label": clean["label"],
-                "cue_image": cue["image"], "cue_label": cue["label"]}
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *[local(s, step) for s in seeds])
+        return mesh_lib.shard_batch(stacked, mesh, batch_axis=1)
+
+      def init_fn():
+        members = jax.tree.map(lambda *xs: jnp.stack(xs), *[fresh(p) for p in params])
+        return SeedEnsemble(step=jnp.zeros((), jnp.int32), members=members)
+
+      state = loop(init_fn, step_fn, batch_fn, workdirs[0],
+                   options(f"{method} seeds {list(seeds)}"))
+      params = [jax.tree.map(lambda x, i=i: x[i], state.members.params)
+                for i in range(len(seeds))]
+      batch_stats = [jax.tree.map(lambda x, i=i: x[i], state.members.batch_stats)
+                     for i in range(len(seeds))]
     else:
-      step_fn = functools.partial(train.train_step, root_key=key,
-                                  loss_fn=train.ClassificationLoss(model.apply), tx=tx)
-      batch_fn = clean_batches
-    options = train.loop_options(ft, num_steps, steps_per_epoch, f"{method} seed {seed}")
-    state = train.train_loop(init_fn, step_fn, batch_fn, workdir, options, mesh=mesh,
-                             learning_rate_fn=schedule, examples_per_step=ft.batch_size)
-    params, batch_stats = state.params, state.batch_stats
-  variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {
-      "params": params}
-  return {"variables": variables, "views": _evaluate(model, variables, view_batches),
-          "seconds": round(time.perf_counter() - start, 1)}
+      for i, seed in enumerate(seeds):
+        step_fn = functools.partial(member_step,
+                                    root_key=mesh_lib.replicate(_step_key(seed), mesh))
+        state = loop(functools.partial(fresh, params[i]), step_fn,
+                     lambda step, seed=seed: mesh_lib.shard_batch(local(seed, step), mesh),
+                     workdirs[i], options(f"{method} seed {seed}"))
+        params[i], batch_stats[i] = state.params, state.batch_stats
+  seconds = round((time.perf_counter() - start) / len(seeds), 1)
+  outs = []
+  for p, stats in zip(params, batch_stats):
+    variables = {"params": p, "batch_stats": stats} if stats else {"params": p}
+    outs.append({"variables": variables, "views": _evaluate(model, variables, view_batches),
+                 "seconds": seconds})
+  return outs
 
 
 def _summary(values: list[float]) -> dict:
   return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
-
-
-LOOP_METHODS = ("naive", "lp_ft", "cbft")  # methods that run train-loop steps
 
 
 def dry_run(config: Any) -> dict:
@@ -205,6 +287,7 @@ def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   mesh = mesh_lib.data_mesh()
   train.check_train_config(config.train, mesh.devices.size)
   check_finetune_config(config, mesh.devices.size)
+  ensemble = seed_mode(config.seed_mode) == "vmap"
   config_dict = train.start_run(config, workdir, overwrite)
   wall = time.perf_counter()
 
@@ -229,30 +312,42 @@ def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   # 3. Every method and seed; each run's record is kept, so a relaunch skips it.
   runs = {}
   for method in ft.methods:
+    todo = []
     for seed in config.seeds:
-      run_dir = os.path.join(workdir, "runs", f"{method}_seed{seed}")
-      result_path = os.path.join(run_dir, RESULT_FILE)
+      result_path = os.path.join(workdir, "runs", f"{method}_seed{seed}", RESULT_FILE)
       if os.path.exists(result_path):
         with open(result_path) as f:
           runs[(method, seed)] = json.load(f)
-        continue
-      os.makedirs(run_dir, exist_ok=True)
-      out = run_method(method, seed, cue_model, clean_split, cue_split, view_batches, ft,
-                       run_dir, mesh)
+      else:
+        todo.append(seed)
+    if not todo:
+      continue
+    together = ensemble and method in LOOP_METHODS and len(todo) > 1
+    run_dirs = ([os.path.join(workdir, "runs", f"{method}_seeds{'-'.join(map(str, todo))}")]
+                if together else
+                [os.path.join(workdir, "runs", f"{method}_seed{seed}") for seed in todo])
+    for d in run_dirs:
+      os.makedirs(d, exist_ok=True)
+    outs = run_method(method, todo, cue_model, clean_split, cue_split, view_batches, ft,
+                      run_dirs, mesh, ensemble=together)
+    for seed, out in zip(todo, outs):
       path = jax.device_get(barriers.evaluate_path_sets(
           cue_model.model.apply, (cue_model.params, out["variables"]["params"]), ts, cue_eval,
           bn_batches=bn_batches, mesh=mesh)["cue"])
       record = {"method": method, "seed": seed, "views": out["views"],
-                "seconds": out["seconds"],
+                "seconds": out["seconds"], "seeds_vmapped": together,
                 "path_to_cue_model": {"sharded_over": path.sharded_over,
                                       "loss": np.asarray(path.loss).tolist(),
                                       "accuracy": np.asarray(path.accuracy).tolist(),
                                       **{f"{k}_barrier": v for k, v in path.barriers().items()}}}
-      workdir_lib.write_json_atomic(result_path, record)
+      result_dir = os.path.join(workdir, "runs", f"{method}_seed{seed}")
+      os.makedirs(result_dir, exist_ok=True)
+      workdir_lib.write_json_atomic(os.path.join(result_dir, RESULT_FILE), record)
       runs[(method, seed)] = record
       print(f"{method} seed {seed}: " + ", ".join(
           f"{v} {r['accuracy']:.3f}" for v, r in out["views"].items()) +
-          f"; loss barrier to the cue model on cue data {record['path_to_cue_model']['loss_barrier']:.3f}")
+          f"; loss barrier to the cue model on cue data "
+          f"{record['path_to_cue_model']['loss_barrier']:.3f}")
 
   # 4. Aggregate, write the JSON, the report and the figures.
   table = {}
@@ -335,8 +430,8 @@ def finetune_task(config: Any, workdir: str, *, overwrite: bool = False) -> dict
   ft = config.finetune
   clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed)
   view_batches = train.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
-  out = run_method(config.method, config.seed, cue_model, clean_split, cue_split, view_batches,
-                   ft, workdir, mesh)
+  (out,) = run_method(config.method, [config.seed], cue_model, clean_split, cue_split,
+                      view_batches, ft, [workdir], mesh)
   record = {"method": config.method, "seed": config.seed, "views": out["views"],
             "cue_model": cue_model.checkpoint, "num_clean": len(clean_split),
             "num_cue": len(cue_split), "seconds": out["seconds"], "config": config_dict}

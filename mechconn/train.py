@@ -187,9 +187,11 @@ epoch_permutation = pipeline.epoch_permutation
 
 
 def _check_finite(stacked: dict[str, np.ndarray], first_step: int) -> None:
-  bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
+  """Raises at the first step whose loss (or any member's, for ensembles) is not finite."""
+  loss = np.asarray(stacked["loss"]).reshape(len(stacked["loss"]), -1)
+  bad = np.flatnonzero(~np.all(np.isfinite(loss), axis=1))
   if bad.size:
-    raise FloatingPointError(f"Non-finite training loss {stacked['loss'][bad[0]]} at step "
+    raise FloatingPointError(f"Non-finite training loss {loss[bad[0]].tolist()} at step "
                              f"{first_step + bad[0]} (0-based).")
 
 

@@ -76,3 +76,27 @@ def test_finetune_task_runs_one_method(study, tmp_path):
   assert result["num_clean"] == 100
   with pytest.raises(ValueError, match="valid methods"):
     reproduce.check_finetune_config(finetune_config.get_config("sgd,quicktest"), 1)
+
+
+def test_vmapped_seed_ensemble_matches_separate_runs(study, tmp_path):
+  """seed_mode='vmap': one compiled step for all seeds gives each seed's separate run."""
+  workdir, config, record = study
+  config = reproduce_config.get_config("cpu,quicktest")
+  config.cue_model_workdir = os.path.join(workdir, "cue_model")
+  config.finetune.methods = ("naive", "cbft")
+  config.seed_mode = "vmap"
+  together = reproduce.reproduce(config, str(tmp_path / "vmap"))
+  assert os.path.isdir(tmp_path / "vmap" / "runs" / "naive_seeds0-1" / "checkpoints")
+  for method in ("naive", "cbft"):
+    for seed in config.seeds:
+      with open(os.path.join(workdir, "runs", f"{method}_seed{seed}", reproduce.RESULT_FILE)) as f:
+        alone = json.load(f)
+      with open(tmp_path / "vmap" / "runs" / f"{method}_seed{seed}" / reproduce.RESULT_FILE) as f:
+        vmapped = json.load(f)
+      assert vmapped["seeds_vmapped"] and not alone["seeds_vmapped"]
+      for view, r in alone["views"].items():
+        assert vmapped["views"][view]["loss"] == pytest.approx(r["loss"], rel=1e-3)
+        assert vmapped["views"][view]["accuracy"] == pytest.approx(r["accuracy"], abs=0.011)
+  assert set(together["methods"]) == {"naive", "cbft"}
+  with pytest.raises(ValueError, match=r"seed_mode='pool' .*valid"):
+    reproduce.seed_mode("pool")

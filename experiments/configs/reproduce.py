@@ -82,6 +82,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.task = "reproduce"
   config.seed = 0  # draws the clean and cue sets
   config.seeds = (0, 1, 2)  # fine-tuning seeds
+  # sequential, vmap (a loop method's seeds in one vmapped step) or auto (the backend's
+  # default, mechconn.reproduce.DEFAULT_SEED_MODE).
+  config.seed_mode = "auto"
   config.train = train_config.unlocked_config("cpu_cue" if name == "cpu" else name)
   del config.train.dry_run  # the study's own dry_run below
   config.dry_run = False  # time one cue-model, naive and CBFT step; estimate; no data, no files
