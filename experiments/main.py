@@ -21,10 +21,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from mechconn import connectivity
-from mechconn import drivers
-from mechconn import reproduce
-from mechconn import train
+from experiments.tasks import TASKS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
                                           lock_config=True)
@@ -33,16 +30,14 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Replace a run of a different config in --workdir.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host jobs).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host without a cluster "
+    "manager jax detects; implies --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (with "
+                                      "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with "
+                                   "--coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-TASKS = {
-    "linear_barrier": drivers.linear_barrier,
-    "train": train.train_and_evaluate,
-    "fit_curve": connectivity.fit_curve,
-    "eval_path": connectivity.eval_path,
-    "reproduce": reproduce.reproduce,
-    "finetune": reproduce.finetune_task,
-}
 
 
 def main(argv):
@@ -51,8 +46,10 @@ def main(argv):
   config = _CONFIG.value
   if config.task not in TASKS:
     raise app.UsageError(f"Unknown task {config.task!r}; valid tasks: {sorted(TASKS)}.")
-  if _DISTRIBUTED.value or "JAX_COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize()
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize()  # TPU pods, SLURM, Open MPI, ...: detected by jax
   logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   TASKS[config.task](config, _WORKDIR.value, overwrite=_OVERWRITE.value)

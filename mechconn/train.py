@@ -362,7 +362,16 @@ def check_data_config(data: Any) -> None:
 
 
 def check_optimization_config(config: Any, num_devices: int) -> None:
-  """Validates `optimizer`, epochs, batch sizes (divisible by the devices) and periods."""
+  """Validates `optimizer`, epochs, batch sizes (divisible by the devices) and periods.
+
+  A positive `per_device_batch_size` (a config field where present) first sets
+  `batch_size` to it times `num_devices`, so one config follows the device
+  count of the job it runs in (the learning rate is not rescaled).
+  """
+  per_device = config.get("per_device_batch_size", 0)
+  if per_device:
+    check_positive_int(per_device, "per_device_batch_size")
+    config.batch_size = per_device * num_devices
   opt = config.optimizer
   check_choice(opt.name, OPTIMIZERS, "optimizer.name")
   check_choice(opt.schedule, SCHEDULES, "optimizer.schedule")

@@ -105,7 +105,8 @@ def test_paper_preset_dry_run_through_the_launcher_on_two_devices(preset, tmp_pa
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.main", f"--config=experiments/configs/{preset}",
-       f"--workdir={tmp_path / 'w'}", "--config.dry_run=True"],
+       f"--workdir={tmp_path / 'w'}", "--config.dry_run=True"] +
+      (["--config.per_device_batch_size=96"] if preset.startswith("train") else []),
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads([ln for ln in proc.stdout.splitlines()
@@ -113,11 +114,24 @@ def test_paper_preset_dry_run_through_the_launcher_on_two_devices(preset, tmp_pa
   assert record["mesh"] == {"data": 2}
   (step,) = record["steps"]
   assert step["timed_batches"] == [4, 16]  # 2 and 8 per device
-  if preset.startswith("train"):
-    assert step["global_batch"] == 256 and step["per_device_batch"] == 128
-    assert step["num_steps"] == 100 * (50_000 // 256)
+  if preset.startswith("train"):  # the batch follows the device count
+    assert step["global_batch"] == 192 and step["per_device_batch"] == 96
+    assert step["num_steps"] == 100 * (50_000 // 192)
   else:  # 4 paths x 11 t; a t is 1,024 BatchNorm examples and 4 views of 10,000
     assert step["num_steps"] == 44 and step["global_batch"] == (1024 + 40_000) // 4
   assert record["estimate_seconds"] > 0
   assert not (tmp_path / "w").exists()
 
+
+
+def test_preset_sweep_lists_every_paper_preset_of_every_task():
+  from experiments import dry_run_presets
+  names = [name for name, _ in dry_run_presets.presets()]
+  assert len(names) == len(set(names))
+  for preset in train_config.paper_presets():
+    assert f"train.py:{preset}" in names
+  assert "fit_curve.py:cifar100_box90_resnet18_cue" in names
+  assert "eval_path.py:cifar10_box60_vgg13" in names
+  assert "reproduce.py:cifar10_dominoes80_resnet18" in names
+  for name, module in dry_run_presets.presets():  # each builds (locked, with dry_run)
+    assert "dry_run" in module.get_config(name.split(":", 1)[1])

@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.num_epochs = 3
   config.batch_size = 128  # global; divisible by the device count (<= 128 per CPU device)
+  config.per_device_batch_size = 0  # > 0: batch_size = this x the job's device count
   config.eval_batch_size = 512  # global, for the views
   config.log_every_steps = 50  # a metrics line (and progress bar update) this often
   config.eval_every_steps = 390  # evaluate the four views this often; 0: only at the end
