@@ -70,24 +70,20 @@ def zero_batch(data: Any, batch_size: int, mesh: jax.sharding.Mesh) -> dict[str,
   return mesh_lib.shard_batch({k: v[rows] for k, v in local.items()}, mesh)
 
 
-def describe_placement(tree: Any) -> dict[str, str]:
-  """{leaf path: 'shape dtype spec'} of jax.Arrays (spec 'replicated' or the PartitionSpec)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    sharding = leaf.sharding
-    spec = ("replicated" if sharding.is_fully_replicated
-            else str(getattr(sharding, "spec", sharding)))
-    out[jax.tree_util.keystr(path)] = f"{list(leaf.shape)} {leaf.dtype} {spec}"
-  return out
+def _spec(leaf: jax.Array) -> str:
+  sharding = leaf.sharding
+  if hasattr(sharding, "spec"):
+    return "replicated" if sharding.spec == jax.sharding.PartitionSpec() else str(sharding.spec)
+  return "replicated" if sharding.is_fully_replicated else str(sharding)
 
 
 def summarize_placement(tree: Any) -> str:
-  """'N leaves (M parameters): K replicated, J sharded' for a pytree of jax.Arrays."""
+  """'N arrays (M values): K x <spec>, ...' for a pytree of jax.Arrays: how it is sharded."""
   leaves = jax.tree.leaves(tree)
-  replicated = sum(leaf.sharding.is_fully_replicated for leaf in leaves)
+  specs = [_spec(leaf) for leaf in leaves]
   size = sum(int(np.prod(leaf.shape)) for leaf in leaves)
-  return (f"{len(leaves)} arrays ({size:,} values): {replicated} replicated, "
-          f"{len(leaves) - replicated} sharded")
+  counts = ", ".join(f"{specs.count(spec)} x {spec}" for spec in sorted(set(specs)))
+  return f"{len(leaves)} arrays ({size:,} values): {counts}"
 
 
 @dataclasses.dataclass
