@@ -117,13 +117,12 @@ def _start_params(method: str, seed: int, cue_model: train.TrainedModel, clean_s
   return finetune.with_head(params, head)
 
 
-def _member_step(method: str, cue_model: train.TrainedModel, ft: Any, tx, steps_per_epoch: int,
+def _member_step(method: str, model, cue_params, ft: Any, tx, steps_per_epoch: int,
                  mesh) -> Callable:
   """(state, batch, root_key) -> (state, metrics): one seed's step of a loop method."""
-  model = cue_model.model
   if method == "cbft":
     loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
-        model.apply, cue_model.params, model.num_classes, margin=ft.cbft.margin,
+        model.apply, cue_params, model.num_classes, margin=ft.cbft.margin,
         invariance_weight=ft.cbft.invariance_weight,
         t_distribution=ft.cbft.t_distribution), mesh)
     return functools.partial(finetune.cbft_step, loss_fn=loss_fn, tx=tx,
@@ -175,7 +174,7 @@ def run_method(method: str, seeds: list[int], cue_model: train.TrainedModel, cle
     tx, schedule = train.make_optimizer(
         ft.optimizer, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
         learning_rate=ft.naive.learning_rate if method == "naive" else None)
-    member_step = _member_step(method, cue_model, ft, tx, steps_per_epoch, mesh)
+    member_step = _member_step(method, model, cue_model.params, ft, tx, steps_per_epoch, mesh)
     options = functools.partial(train.loop_options, ft, num_steps, steps_per_epoch)
     loop = functools.partial(train.train_loop, mesh=mesh, learning_rate_fn=schedule,
                              examples_per_step=ft.batch_size * (len(seeds) if ensemble else 1))
@@ -254,19 +253,15 @@ def dry_run(config: Any) -> dict:
   timings = [cue_timing]
   naive_runs = sum(m in ("naive", "lp_ft") for m in ft.methods) * len(config.seeds)
   if naive_runs:
-    step = functools.partial(train.train_step, root_key=key,
-                             loss_fn=train.ClassificationLoss(model.apply), tx=tx)
+    step = functools.partial(_member_step("naive", model, state.params, ft, tx, steps_per_epoch,
+                                          mesh), root_key=key)
     ft_state, timing, _ = dry_run_lib.time_on_zero_batches(
         "naive / lp_ft step", step, ft_state, config.train.data, mesh,
         global_batch=ft.batch_size, num_steps=naive_runs * num_steps)
     timings.append(timing)
   if "cbft" in ft.methods:
-    loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
-        model.apply, state.params, model.num_classes, margin=ft.cbft.margin,
-        invariance_weight=ft.cbft.invariance_weight,
-        t_distribution=ft.cbft.t_distribution), mesh)
-    step = functools.partial(finetune.cbft_step, root_key=key, loss_fn=loss_fn, tx=tx,
-                             warmup_steps=ft.cbft.warmup_epochs * steps_per_epoch)
+    step = functools.partial(_member_step("cbft", model, state.params, ft, tx, steps_per_epoch,
+                                          mesh), root_key=key)
     _, timing, _ = dry_run_lib.time_on_zero_batches(
         "cbft step", step, ft_state, config.train.data, mesh, global_batch=ft.batch_size,
         num_steps=len(config.seeds) * num_steps,
