@@ -11,8 +11,14 @@ one library driver chosen by `config.task`. All the work lives in `mechconn`.
 Multi-host (TPU pod slices, several GPU hosts): run the same command on every
 host with --distributed (or with JAX_COORDINATOR_ADDRESS set); the mesh then
 spans every host's devices.
+
+Logging: third-party INFO lines (orbax writes about 150 per launch) are kept off
+the terminal, so the result or the error is what a run prints last; pass
+--verbosity=0 (absl's INFO) or set MECHCONN_VERBOSITY=0 to see them. Progress
+bars and warnings always show.
 """
 
+import logging as std_logging
 import os
 
 from absl import app
@@ -40,9 +46,22 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _set_verbosity() -> None:
+  """WARNING and above unless --verbosity (or MECHCONN_VERBOSITY) asks for more."""
+  if flags.FLAGS["verbosity"].present:
+    return
+  if "MECHCONN_VERBOSITY" in os.environ:
+    logging.set_verbosity(int(os.environ["MECHCONN_VERBOSITY"]))
+  else:
+    logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger().setLevel(std_logging.getLevelName(
+      logging.get_absl_logger().getEffectiveLevel()))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _set_verbosity()
   config = _CONFIG.value
   if config.task not in TASKS:
     raise app.UsageError(f"Unknown task {config.task!r}; valid tasks: {sorted(TASKS)}.")

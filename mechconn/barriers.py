@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from mechconn import batchnorm
+from mechconn import finite
 from mechconn import mesh as mesh_lib
 from mechconn import paths
 
@@ -149,15 +150,17 @@ def evaluate_point(apply_fn: batchnorm.ApplyFn, params: Params, eval_batches: Ba
 
 
 def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size):
-  """{set: (loss [K], accuracy [K])} over the grid `ts` with the given strategy."""
+  """({set: (loss [K], accuracy [K])}, statistics finite [K]) over `ts` with the strategy."""
   def at(t):
     params = path_fn(points, t)
     variables = {"params": params}
+    stats_finite = jnp.asarray(True)
     if bn_batches is not None:  # once per t, shared by every eval set
       variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables,
                                                                  bn_batches)
+      stats_finite = finite.all_finite(variables["batch_stats"])
     return {name: evaluate_variables(apply_fn, variables, batches)
-            for name, batches in eval_sets.items()}
+            for name, batches in eval_sets.items()}, stats_finite
 
   if strategy == "vmap":
     return jax.vmap(at)(ts)
@@ -233,6 +236,14 @@ def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: che
     PathEval(ts, loss, accuracy), each [K], with `sharded_over` and
     `num_devices` saying how the work was spread.
 
+  Raises:
+    ValueError: malformed batches (keys, shapes, dtypes), labels outside the
+      model's classes, an eval set without a real example.
+    finite.NonFiniteError: NaN or infinity in a point's parameters, the eval
+      or BatchNorm images, the recomputed statistics or the loss at some t
+      (checked by cheap in-graph reductions; XLA can otherwise turn NaN
+      activations into finite logits, and a barrier of 0).
+
   Example:
     >>> ts = np.linspace(0, 1, 11)
     >>> result = evaluate_path(model.apply, (params_a, params_b), ts, eval_batches,
@@ -257,13 +268,102 @@ def evaluate_path_sets(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts
   call, plan, ts_arr, num_t = _prepare(apply_fn, points, ts, eval_sets, path=path,
                                       bn_batches=bn_batches, strategy=strategy,
                                       chunk_size=chunk_size, mesh=mesh)
-  out = call()
+  placed_points, _, placed_sets, placed_bn = call.args
+  n = len(placed_points)
+  check_inputs(apply_fn, {f"the parameters of path point {i} of {n} (point 0 is t = 0)": p
+                          for i, p in enumerate(placed_points)}, placed_sets, placed_bn)
+  out, stats_finite = call()
   if plan == "t":  # drop the padding of the grid
-    out = jax.tree.map(lambda x: x[:num_t], out)
+    out, stats_finite = jax.tree.map(lambda x: x[:num_t], (out, stats_finite))
+  _check_results(np.asarray(ts_arr), out, stats_finite)
   num_devices = 1 if mesh is None else int(mesh.size)
   return {name: PathEval(ts=ts_arr, loss=loss, accuracy=accuracy, sharded_over=plan,
                          num_devices=num_devices)
           for name, (loss, accuracy) in out.items()}
+
+
+def num_classes_of(apply_fn: batchnorm.ApplyFn, params: Params, image_shape: tuple[int, ...],
+                   dtype=jnp.float32) -> int:
+  """The number of logits of the model for a batch of `image_shape` (abstract, no compute)."""
+  def logits(p, x):
+    return apply_fn({"params": p}, x, train=True, mutable=["batch_stats"])[0]
+  return int(jax.eval_shape(logits, params, jax.ShapeDtypeStruct(image_shape, dtype)).shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def _input_flags(named_trees, eval_sets, bn_batches, *, num_classes):
+  """({what: finite?}, {problem: absent?}) over the parameters and data, in one program."""
+  finite_flags = {what: finite.all_finite(tree) for what, tree in named_trees.items()}
+  valid_flags = {}
+  for name, batches in eval_sets.items():
+    images, labels, mask = batches["image"], batches["label"], batches["mask"]
+    real = mask > 0
+    real_images = real.reshape(real.shape + (1,) * (images.ndim - 2))
+    finite_flags[f"the images of eval set {name!r}"] = jnp.all(
+        jnp.isfinite(images) | ~real_images)
+    valid_flags[f"eval set {name!r} has labels outside [0, {num_classes}) (the model's "
+                "number of classes)"] = jnp.all(~real | ((labels >= 0) & (labels < num_classes)))
+    valid_flags[f"eval set {name!r} has a mask outside [0, 1]"] = jnp.all(
+        (mask >= 0) & (mask <= 1))
+    valid_flags[f"eval set {name!r} has no real example (its mask is all zero)"] = jnp.any(real)
+  if bn_batches is not None:
+    finite_flags["the BatchNorm images (bn_batches)"] = finite.all_finite(bn_batches["image"])
+  return finite_flags, valid_flags
+
+
+def check_inputs(apply_fn: batchnorm.ApplyFn, named_params: dict[str, Params],
+                 eval_sets: dict[str, Batches], bn_batches: Batches | None = None) -> None:
+  """Raises unless all parameters and images are finite and the labels valid.
+
+  One small compiled reduction over the data (no model evaluation), run before
+  the evaluation itself, so that a bad input fails in seconds.
+
+  Args:
+    apply_fn: the model's apply (its number of classes bounds the labels).
+    named_params: {description for messages: a params tree (or batch_stats)};
+      the first value is the model's 'params'.
+    eval_sets: {name: stacked {'image', 'label', 'mask'}}.
+    bn_batches: stacked {'image'} or None.
+
+  Raises:
+    ValueError: labels outside the model's classes, a mask outside [0, 1] or
+      all zero (an eval set without a real example).
+    finite.NonFiniteError: a NaN or infinity in a point's parameters, in the
+      real rows of an eval set's images, or in the BatchNorm images.
+  """
+  image = next(iter(eval_sets.values()))["image"]
+  num_classes = num_classes_of(apply_fn, next(iter(named_params.values())), image.shape[1:],
+                               image.dtype)
+  finite_flags, valid_flags = jax.device_get(
+      _input_flags(dict(named_params), dict(eval_sets), bn_batches, num_classes=num_classes))
+  invalid = [problem for problem, ok in valid_flags.items() if not ok]
+  if invalid:
+    raise ValueError("Evaluation refused: " + "; ".join(invalid) + ".")
+  finite.raise_if_any(finite_flags, "Evaluation refused")
+
+
+def check_losses(losses: dict[str, jax.Array], context: str, ts: np.ndarray | None = None
+                 ) -> None:
+  """Raises NonFiniteError naming each set (and t) whose loss is not finite."""
+  flags = {}
+  for name, loss in jax.device_get(losses).items():
+    bad = ~np.isfinite(np.atleast_1d(np.asarray(loss)))
+    if bad.any():
+      where = "" if ts is None else " at t = " + ", ".join(f"{t:.3g}" for t in ts[bad])
+      flags[f"the loss on {name!r}{where}"] = False
+  finite.raise_if_any(flags, context)
+
+
+def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array) -> None:
+  """Raises NonFiniteError naming the t at which statistics or losses are not finite."""
+  stats_finite = np.asarray(jax.device_get(stats_finite))
+  flags = {}
+  if not stats_finite.all():
+    flags["the recomputed BatchNorm statistics at t = " + ", ".join(
+        f"{t:.3g}" for t in ts[~stats_finite]) + " (the inputs are finite: the activations "
+        "overflow)"] = False
+  finite.raise_if_any(flags, "Path evaluation")
+  check_losses({name: loss for name, (loss, _) in out.items()}, "Path evaluation", ts)
 
 
 def compiled_memory(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
@@ -309,9 +409,9 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
   if not eval_sets:
     raise ValueError("eval_sets is empty: pass {name: stacked batches}.")
   for name, batches in eval_sets.items():
-    _check_batches(batches, ("image", "label", "mask"), f"eval set {name!r}")
+    check_batches(batches, ("image", "label", "mask"), f"eval set {name!r}")
   if bn_batches is not None:
-    _check_batches(bn_batches, ("image",), "bn_batches")
+    check_batches(bn_batches, ("image",), "bn_batches")
     bn_batches = {"image": bn_batches["image"]}
   elif batchnorm.has_batchnorm(apply_fn, {"params": points[0]},
                                next(iter(eval_sets.values()))["image"][0]):
@@ -323,7 +423,8 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
   eval_sets = dict(eval_sets)
   ts_arr = jnp.asarray(ts_np, jnp.float32)
   if plan == "none":
-    call = _Call(_evaluate_path_jit, points, ts_arr, eval_sets, bn_batches, **static)
+    call = _Call(_evaluate_path_jit, _place(points, None), ts_arr, _place(eval_sets, None),
+                 _place(bn_batches, None), **static)
   elif plan == "t":
     padded = np.concatenate([ts_np, np.full(-len(ts_np) % mesh.size, ts_np[-1])])
     replicated = mesh_lib.replicated(mesh)
@@ -342,11 +443,29 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
   return call, plan, ts_arr, len(ts_np)
 
 
-def _check_batches(batches, keys, name):
+def check_batches(batches, keys, name):
+  """Keys, shapes and dtypes of stacked batches (static: no data is read)."""
   missing = [k for k in keys if k not in batches]
   if missing:
     raise ValueError(f"{name} lacks keys {missing}; expected {list(keys)} stacked "
                      "[num_batches, batch_size, ...] (see stack_batches).")
-  if batches["image"].ndim < 3:
-    raise ValueError(f"{name}['image'] must be [num_batches, batch_size, ...], "
-                     f"got shape {batches['image'].shape}.")
+  shape = tuple(batches["image"].shape)
+  if len(shape) < 3:
+    raise ValueError(f"{name}['image'] must be [num_batches, batch_size, ...], got shape "
+                     f"{shape}.")
+  if shape[0] == 0 or shape[1] == 0:
+    raise ValueError(f"{name} is empty: its images have shape {shape}; expected at least one "
+                     "batch of at least one example.")
+  if not jnp.issubdtype(batches["image"].dtype, jnp.floating):
+    raise ValueError(f"{name}['image'] has dtype {batches['image'].dtype}; expected floating "
+                     "point (normalised images).")
+  for key, kind in (("label", jnp.integer), ("mask", jnp.number)):
+    if key not in keys:
+      continue
+    leaf = batches[key]
+    if tuple(leaf.shape) != shape[:2]:
+      raise ValueError(f"{name}[{key!r}] has shape {tuple(leaf.shape)}; expected {shape[:2]} "
+                       "(one per image: [num_batches, batch_size]).")
+    if not jnp.issubdtype(leaf.dtype, kind):
+      raise ValueError(f"{name}[{key!r}] has dtype {leaf.dtype}; expected "
+                       f"{'integer class indices' if key == 'label' else 'a number'}.")

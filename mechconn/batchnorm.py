@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mechconn import finite
+
 Variables = chex.ArrayTree
 Batch = dict[str, jax.Array]
 
@@ -95,6 +97,12 @@ def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables, batches: Batc
   Returns:
     A 'batch_stats' pytree ({} for a model without BatchNorm), float32.
 
+  Raises:
+    finite.NonFiniteError: (when called outside jit) the statistics are not
+      finite; the message names the images, the parameters or the first
+      non-finite layer. Under jit, check the result with `finite.all_finite`
+      (as `barriers.evaluate_path` does at every t).
+
   Example:
     >>> stats = recompute_batch_stats(model.apply, {'params': params}, bn_batches)
     >>> logits = model.apply({'params': params, 'batch_stats': stats}, x, train=False)
@@ -112,4 +120,18 @@ def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables, batches: Batc
                        jax.eval_shape(lambda x: batch_moments(apply_fn, variables, x),
                                       images_N[0]))
   total, _ = jax.lax.scan(accumulate, zeros, images_N)
-  return jax.tree.map(lambda s: s / num_batches, total)
+  stats = jax.tree.map(lambda s: s / num_batches, total)
+  if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((stats, variables))):
+    _check_finite(stats, variables, images_N)  # called eagerly: name what is not finite
+  return stats
+
+
+def _check_finite(stats: Variables, variables: Variables, images: jax.Array) -> None:
+  """Raises NonFiniteError naming the images, the parameters or the statistics' first bad leaf."""
+  if bool(finite.all_finite_jit(stats)):
+    return
+  finite.raise_if_any({
+      "the BatchNorm images": finite.all_finite_jit(images),
+      "the parameters": finite.all_finite_jit(variables.get("params", {})),
+      f"the recomputed statistics (first at {finite.first_nonfinite_leaf(stats)})": False,
+  }, "recompute_batch_stats")

@@ -139,15 +139,24 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No checkpoint to read in {self.directory}.")
+    where = self.step_dir(step)
     try:
-      stored = self._manager.item_metadata(step).tree
-    except Exception as e:
-      raise CheckpointError(f"Checkpoint {self.step_dir(step)} is unreadable "
-                            f"({type(e).__name__}: {e}).") from e
+      metadata = self._manager.item_metadata(step)
+      stored = getattr(metadata, "tree", None)
+    except Exception as e:  # orbax raises several types for an unreadable step
+      raise CheckpointError(f"Checkpoint {where} is unreadable ({type(e).__name__}: "
+                            f"{str(e)[:500]}). It was left as is.") from e
+    if stored is None:
+      raise CheckpointError(f"Checkpoint {where} has no readable metadata (incomplete or "
+                            "corrupt). It was left as is.")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           stored)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:
+      raise CheckpointError(f"Checkpoint {where} could not be read ({type(e).__name__}: "
+                            f"{str(e)[:500]}). It was left as is.") from e
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""

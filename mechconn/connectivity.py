@@ -13,6 +13,7 @@ runs:
     `eval_path.png` (accuracy along t, one panel per path, one line per view).
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 from mechconn import align
 from mechconn import barriers
 from mechconn import checkpoint
+from mechconn import config_checks as checks
 from mechconn import counterfactual
 from mechconn import curves
 from mechconn import dry_run as dry_run_lib
@@ -43,31 +45,39 @@ CURVE_FILE = "curve.json"
 EVAL_PATH_FILE = "eval_path.json"
 EVAL_PATH_FIGURE = "eval_path.png"
 ALIGNMENTS = ("none", "weight", "activation")
+CURVE_LAYOUT = dataclasses.replace(train.LOOP_LAYOUT,
+                                   files=train.LOOP_LAYOUT.files + (CURVE_FILE,))
+EVAL_PATH_LAYOUT = workdir_lib.Layout(files=(EVAL_PATH_FILE, EVAL_PATH_FIGURE))
 BN_DATA = ("clean", "train")
 
 
-def _check_endpoints(start: train.TrainedModel, end: train.TrainedModel, dataset: str) -> None:
+def _check_endpoints(start: train.TrainedModel, end: train.TrainedModel, data: Any) -> None:
+  """The end points share one model, and were trained on this config's dataset and cue kind."""
   for key in ("name", "kwargs"):
     if start.config["model"][key] != end.config["model"][key]:
       raise ValueError(f"The end points' models differ in model.{key}: "
                        f"{start.config['model'][key]!r} vs {end.config['model'][key]!r}.")
   for run in (start, end):
-    if run.config["data"]["dataset"] != dataset:
-      raise ValueError(f"The end point {run.checkpoint} was trained on "
-                       f"{run.config['data']['dataset']!r} but config.data.dataset is "
-                       f"{dataset!r}.")
+    for key in ("dataset", "cue"):
+      if run.config["data"][key] != data[key]:
+        raise ValueError(f"The end point {run.checkpoint} was trained with data.{key}="
+                         f"{run.config['data'][key]!r} but this config has config.data.{key}="
+                         f"{data[key]!r}; set it to match, or use end points trained on it.")
 
 
 def check_curve_config(config: Any, num_devices: int) -> None:
   """Validates a `fit_curve` config before any work (ValueError naming the key)."""
+  checks.check_int(config.seed, "seed")
   train.check_data_config(config.data)
+  train.check_model_config(config.endpoint_model, "endpoint_model")
   train.check_optimization_config(config, num_devices)
-  train.check_choice(config.curve.kind, curves.CURVE_KINDS, "curve.kind")
-  train.check_choice(config.curve.init, curves.INITS, "curve.init")
-  train.check_positive_int(config.curve.num_free, "curve.num_free")
+  checks.check_choice(config.curve.kind, curves.CURVE_KINDS, "curve.kind")
+  checks.check_choice(config.curve.init, curves.INITS, "curve.init")
+  checks.check_positive_int(config.curve.num_free, "curve.num_free")
   for key in ("start_workdir", "end_workdir"):
     if not config[key]:
       raise ValueError(f"config.{key} is empty: give the workdir of a finished train run.")
+  train.steps_of(config, dry_run_lib.num_train_examples(config.data))
 
 
 def _dry_run_endpoints(config: Any) -> tuple[Any, Any, str]:
@@ -132,9 +142,12 @@ def fit_curve(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   check_curve_config(config, mesh.devices.size)
   start_run = train.load_trained(config.start_workdir)
   end_run = train.load_trained(config.end_workdir)
-  _check_endpoints(start_run, end_run, config.data.dataset)
-  config_dict = train.start_run(config, workdir, overwrite)
+  _check_endpoints(start_run, end_run, config.data)
+  with train.claimed(config, workdir, CURVE_LAYOUT, overwrite) as config_dict:
+    return _fit_curve(config, workdir, mesh, config_dict, start_run, end_run)
 
+
+def _fit_curve(config, workdir, mesh, config_dict, start_run, end_run) -> dict:
   split, test_views, _ = train.load_data(config.data)
   steps_per_epoch, num_steps = train.steps_of(config, len(split))
   tx, schedule = train.make_optimizer(config.optimizer, num_steps=num_steps,
@@ -210,18 +223,26 @@ def curve_label(record: dict) -> str:
 
 def check_eval_path_config(config: Any, num_devices: int) -> None:
   """Validates an `eval_path` config before any work (ValueError naming the key)."""
+  checks.check_int(config.seed, "seed")
   train.check_data_config(config.data)
-  train.check_choice(config.align, ALIGNMENTS, "align")
-  train.check_choice(config.bn.data, BN_DATA, "bn.data")
-  train.check_positive_int(config.bn.num_examples, "bn.num_examples")
-  if config.num_t < 2:
-    raise ValueError(f"config.num_t={config.num_t} must be at least 2.")
-  train.check_positive_int(config.eval_batch_size, "eval_batch_size")
+  train.check_model_config(config.endpoint_model, "endpoint_model")
+  checks.check_choice(config.align, ALIGNMENTS, "align")
+  checks.check_choice(config.bn.data, BN_DATA, "bn.data")
+  checks.check_positive_int(config.bn.num_examples, "bn.num_examples")
+  checks.check_int(config.num_t, "num_t", minimum=2)
+  checks.check_positive_int(config.eval_batch_size, "eval_batch_size")
   mesh_lib.check_batch_size(config.eval_batch_size, num_devices, "config.eval_batch_size")
   if config.bn.num_examples < config.eval_batch_size:
     raise ValueError(f"config.bn.num_examples={config.bn.num_examples} makes no full batch "
                      f"of eval_batch_size={config.eval_batch_size}.")
-  train.check_choice(config.barrier_metric, ("error", "loss"), "barrier_metric")
+  if config.bn.num_examples > dry_run_lib.num_train_examples(config.data):
+    raise ValueError(f"config.bn.num_examples={config.bn.num_examples} exceeds the "
+                     f"{dry_run_lib.num_train_examples(config.data)} training examples.")
+  checks.check_choice(config.barrier_metric, ("error", "loss"), "barrier_metric")
+  checks.check_number(config.barrier_tolerance, "barrier_tolerance", low=0.0)
+  for i, w in enumerate(config.curve_workdirs):
+    if not w:
+      raise ValueError(f"config.curve_workdirs[{i}] is empty: give a finished fit_curve run.")
 
 
 def dry_run_eval_path(config: Any) -> dict:
@@ -273,7 +294,7 @@ def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   check_eval_path_config(config, mesh.devices.size)
   start_run = train.load_trained(config.start_workdir)
   end_run = train.load_trained(config.end_workdir)
-  _check_endpoints(start_run, end_run, config.data.dataset)
+  _check_endpoints(start_run, end_run, config.data)
   fitted = [load_curve(w) for w in config.curve_workdirs]
   for (record, _), w in zip(fitted, config.curve_workdirs):
     if (record["start_checkpoint"], record["end_checkpoint"]) != (start_run.checkpoint,
@@ -281,12 +302,11 @@ def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
       raise ValueError(f"The curve in {w} was fitted between {record['start_checkpoint']} and "
                        f"{record['end_checkpoint']}, not between this config's end points "
                        f"{start_run.checkpoint} and {end_run.checkpoint}.")
-  out_path = os.path.join(workdir, EVAL_PATH_FILE)
-  config_dict = workdir_lib.config_to_dict(config)
-  os.makedirs(workdir, exist_ok=True)
-  if not overwrite:
-    workdir_lib.check_result_compatible(out_path, config_dict)
+  with train.claimed(config, workdir, EVAL_PATH_LAYOUT, overwrite) as config_dict:
+    return _eval_path(config, workdir, mesh, config_dict, start_run, end_run, fitted)
 
+
+def _eval_path(config, workdir, mesh, config_dict, start_run, end_run, fitted) -> dict:
   # Data: the views to evaluate on, and the training data BatchNorm is recomputed from.
   data = config.data
   data_args = train.loader_args(data)
@@ -364,7 +384,7 @@ def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   }
   print(format_barrier_table(record))
   if jax.process_index() == 0:
-    workdir_lib.write_json_atomic(out_path, record)
+    workdir_lib.write_json_atomic(os.path.join(workdir, EVAL_PATH_FILE), record)
     report.plot_path_views(record, os.path.join(workdir, EVAL_PATH_FIGURE))
   return record
 

@@ -33,6 +33,14 @@ def stack_views(views: dict[str, np.ndarray], labels: np.ndarray, batch_size: in
 
 
 @functools.partial(jax.jit, static_argnames="apply_fn")
+def _evaluate_views(apply_fn, variables, view_batches):
+  out = {}
+  for name, batches in view_batches.items():
+    loss, accuracy = barriers.evaluate_variables(apply_fn, variables, batches)
+    out[name] = {"loss": loss, "accuracy": accuracy}
+  return out
+
+
 def evaluate_views(apply_fn: batchnorm.ApplyFn, variables: dict[str, Params],
                    view_batches: ViewBatches) -> dict[str, dict[str, jax.Array]]:
   """Loss and accuracy of one model on each view, in one compiled program.
@@ -44,11 +52,21 @@ def evaluate_views(apply_fn: batchnorm.ApplyFn, variables: dict[str, Params],
 
   Returns:
     {view: {'loss': scalar, 'accuracy': scalar}}, exact means over real examples.
+
+  Raises:
+    ValueError: labels outside the model's classes or a view without examples.
+    finite.NonFiniteError: NaN or infinity in the variables, a view's images
+      or a view's loss.
   """
-  out = {}
+  if not view_batches:
+    raise ValueError("view_batches is empty: pass {view: stacked batches} (see stack_views).")
   for name, batches in view_batches.items():
-    loss, accuracy = barriers.evaluate_variables(apply_fn, variables, batches)
-    out[name] = {"loss": loss, "accuracy": accuracy}
+    barriers.check_batches(batches, ("image", "label", "mask"), f"view {name!r}")
+  barriers.check_inputs(apply_fn, {"the model's params": variables["params"],
+                                   "the model's batch_stats": variables.get("batch_stats", {})},
+                        view_batches)
+  out = _evaluate_views(apply_fn, variables, view_batches)
+  barriers.check_losses({name: r["loss"] for name, r in out.items()}, "View evaluation")
   return out
 
 

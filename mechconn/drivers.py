@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from mechconn import barriers
+from mechconn import config_checks as checks
 from mechconn import train
 from mechconn import workdir as workdir_lib
 from mechconn.data import batching
@@ -19,20 +20,48 @@ from mechconn.data import prototypes
 from mechconn.models import get_model
 
 RESULT_FILE = "linear_barrier.json"
+LAYOUT = workdir_lib.Layout(files=(RESULT_FILE,))
+
+
+def check_quickstart_config(config: Any) -> None:
+  """Validates a quickstart (`linear_barrier`) config before any work, naming the field."""
+  checks.check_int(config.seed, "seed")
+  data = config.data
+  checks.check_int(data.num_classes, "data.num_classes", minimum=2)
+  checks.check_int(data.image_size, "data.image_size", minimum=4)
+  checks.check_number(data.noise, "data.noise", low=0.0)
+  for key in ("num_train", "num_test"):
+    checks.check_positive_int(data[key], f"data.{key}")
+  for key in ("train_seed", "test_seed"):
+    checks.check_int(data[key], f"data.{key}")
+  train.check_model_config(config.model)
+  for key in ("batch_size", "num_epochs", "eval_batch_size", "bn_batches"):
+    checks.check_positive_int(config[key], key)
+  checks.check_number(config.learning_rate, "learning_rate", low=0.0, low_open=True)
+  checks.check_number(config.momentum, "momentum", low=0.0, high=1.0, high_open=True)
+  checks.check_number(config.weight_decay, "weight_decay", low=0.0)
+  checks.check_int(config.num_t, "num_t", minimum=2)
+  train.steps_of(config, data.num_train)
+  if config.bn_batches * config.eval_batch_size > data.num_train:
+    raise ValueError(f"config.bn_batches={config.bn_batches} batches of eval_batch_size="
+                     f"{config.eval_batch_size} need {config.bn_batches * config.eval_batch_size}"
+                     f" training examples; config.data.num_train is {data.num_train}.")
 
 
 def linear_barrier(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   """Trains two models from different seeds and evaluates the linear path between them.
 
   Writes `linear_barrier.json` (curves, barriers, config) into workdir and
-  returns the same record. A result of a different config already there is
-  refused unless overwrite=True.
+  returns the same record. The config is validated first; a workdir holding a
+  run of a different config is refused unless overwrite=True.
   """
-  os.makedirs(workdir, exist_ok=True)
+  check_quickstart_config(config)
+  with train.claimed(config, workdir, LAYOUT, overwrite) as config_dict:
+    return _linear_barrier(config, workdir, config_dict)
+
+
+def _linear_barrier(config: Any, workdir: str, config_dict: dict) -> dict:
   out_path = os.path.join(workdir, RESULT_FILE)
-  config_dict = workdir_lib.config_to_dict(config)
-  if not overwrite:
-    workdir_lib.check_result_compatible(out_path, config_dict)
   data = config.data
   train_x, train_y = prototypes.make_prototype_images(
       data.train_seed, data.num_train, num_classes=data.num_classes,

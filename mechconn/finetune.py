@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from mechconn import batchnorm
+from mechconn import finite
 from mechconn import paths
 from mechconn import train
 
@@ -85,6 +86,7 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epoc
   steps_per_epoch = n // batch_size
   tx = train.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch),
                  momentum=momentum, weight_decay=weight_decay)
+  check_features(features, "fit_head")
   head = fresh_head(jax.random.key(seed), features.shape[1], num_classes)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=head, batch_stats={},
                            opt_state=tx.init(head))
@@ -92,11 +94,25 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epoc
   key = jax.random.key(seed)
   for epoch in range(epochs):
     order = train.epoch_permutation(seed, epoch, n)
+    epoch_metrics = []
     for i in range(steps_per_epoch):
       idx = order[i * batch_size:(i + 1) * batch_size]
-      state, _ = train.train_step(state, {"feature": feats[idx], "label": labs[idx]}, key,
-                                  loss_fn=HeadLoss(), tx=tx)
+      state, metrics = train.train_step(state, {"feature": feats[idx], "label": labs[idx]}, key,
+                                        loss_fn=HeadLoss(), tx=tx)
+      epoch_metrics.append(metrics)
+    train.raise_if_diverged(jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                        *epoch_metrics)),
+                            epoch * steps_per_epoch, "fit_head keeps no checkpoints")
   return state.params
+
+
+def check_features(features: np.ndarray, where: str) -> None:
+  """Raises NonFiniteError when cached features hold NaN or infinity (a broken backbone)."""
+  bad = ~np.isfinite(features)
+  if bad.any():
+    raise finite.NonFiniteError(
+        f"{where}: the features hold NaN or infinity in {int(bad.any(1).sum())} of "
+        f"{len(features)} examples; the backbone's parameters or the images are not finite.")
 
 
 def balanced_subset(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
@@ -115,6 +131,7 @@ def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   (optax.lbfgs); the standardisation is folded back into the returned head, so
   it applies to raw features: logits = features @ kernel + bias.
   """
+  check_features(features, "fit_dfr_head")
   mean, std = features.mean(0), features.std(0) + 1e-6
   x = jnp.asarray((features - mean) / std)
   y = jnp.asarray(labels)
@@ -146,6 +163,8 @@ def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   head = carry[0]
   kernel = head["kernel"] / jnp.asarray(std)[:, None]
   bias = head["bias"] - jnp.asarray(mean / std) @ head["kernel"]
+  finite.raise_if_any({"the fitted head": finite.all_finite_jit((kernel, bias))},
+                      "fit_dfr_head (L-BFGS)")
   return {"kernel": kernel, "bias": bias}
 
 

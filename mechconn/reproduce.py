@@ -17,6 +17,8 @@ with replacement, so its clean and cue sets can overlap.
 """
 
 from collections.abc import Callable
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechconn import barriers
+from mechconn import config_checks as checks
 from mechconn import counterfactual
 from mechconn import dry_run as dry_run_lib
 from mechconn import finetune
@@ -44,6 +47,16 @@ REPRODUCE_FILE = "reproduce.json"
 REPORT_FILE = "report.md"
 
 LOOP_METHODS = ("naive", "lp_ft", "cbft")  # methods that run train-loop steps
+# What each task writes (all that --overwrite may delete). A run directory under
+# runs/ also records the config that produced it (config.json) and its lock.
+RUN_LAYOUT = dataclasses.replace(train.LOOP_LAYOUT,
+                                 files=train.LOOP_LAYOUT.files + (RESULT_FILE,))
+FINETUNE_LAYOUT = RUN_LAYOUT
+LAYOUT = workdir_lib.Layout(
+    files=(REPRODUCE_FILE, REPORT_FILE, "views.png", "paths.png"),
+    nested=(("runs", workdir_lib.Layout(nested=((
+        "*_seed*", dataclasses.replace(RUN_LAYOUT, files=RUN_LAYOUT.files + (
+            workdir_lib.CONFIG_FILE, workdir_lib.LOCK_FILE))),))),))
 SEED_MODES = ("auto", "sequential", "vmap")
 # How `reproduce` runs the seeds of a loop method. Measured with
 # benchmarks/seed_ensemble.py on the 2-core CPU (3 seeds, batch 128 each): one
@@ -57,7 +70,7 @@ DEFAULT_SEED_MODE = {"cpu": "sequential", "gpu": "vmap", "tpu": "vmap"}
 
 def seed_mode(mode: str) -> str:
   """'sequential' or 'vmap': `mode`, or the backend's default for 'auto'."""
-  train.check_choice(mode, SEED_MODES, "seed_mode")
+  checks.check_choice(mode, SEED_MODES, "seed_mode")
   return DEFAULT_SEED_MODE.get(jax.default_backend(), "sequential") if mode == "auto" else mode
 
 
@@ -76,19 +89,85 @@ def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, 
 
 def check_finetune_config(config: Any, num_devices: int) -> None:
   """Validates the fine-tuning fields shared by `finetune` and `reproduce` configs."""
+  checks.check_int(config.seed, "seed")
   ft = config.finetune
+  if not ft.methods:
+    raise ValueError("config.finetune.methods is empty; valid methods: "
+                     f"{list(finetune.METHODS)}.")
   for method in ft.methods:
     finetune.check_method(method)
-  train.check_positive_int(ft.num_clean, "finetune.num_clean")
+  checks.check_positive_int(ft.num_clean, "finetune.num_clean")
   if ft.num_cue != -1:
-    train.check_positive_int(ft.num_cue, "finetune.num_cue (or -1 for the rest)")
-  train.check_choice(ft.cbft.t_distribution, finetune.T_DISTRIBUTIONS,
-                     "finetune.cbft.t_distribution")
-  train.check_optimization_config(ft, num_devices)
-  if not ft.naive.learning_rate > 0:
-    raise ValueError(f"finetune.naive.learning_rate={ft.naive.learning_rate} must be > 0.")
-  if config.path.num_t < 2:
-    raise ValueError(f"config.path.num_t={config.path.num_t} must be at least 2.")
+    checks.check_positive_int(ft.num_cue, "finetune.num_cue", " (or -1: the rest)")
+  checks.check_choice(ft.cbft.t_distribution, finetune.T_DISTRIBUTIONS,
+                      "finetune.cbft.t_distribution")
+  train.check_optimization_config(ft, num_devices, prefix="finetune.")
+  checks.check_number(ft.naive.learning_rate, "finetune.naive.learning_rate", low=0.0,
+                      low_open=True)
+  checks.check_number(ft.lp.learning_rate, "finetune.lp.learning_rate", low=0.0, low_open=True)
+  checks.check_positive_int(ft.lp.num_epochs, "finetune.lp.num_epochs")
+  checks.check_number(ft.dfr.l2, "finetune.dfr.l2", low=0.0)
+  checks.check_number(ft.cbft.margin, "finetune.cbft.margin", low=0.0)
+  checks.check_number(ft.cbft.invariance_weight, "finetune.cbft.invariance_weight", low=0.0)
+  checks.check_int(ft.cbft.warmup_epochs, "finetune.cbft.warmup_epochs")
+  checks.check_positive_int(config.eval_batch_size, "eval_batch_size")
+  mesh_lib.check_batch_size(config.eval_batch_size, num_devices, "config.eval_batch_size")
+  checks.check_int(config.path.num_t, "path.num_t", minimum=2)
+
+
+def check_study_config(config: Any, num_devices: int) -> None:
+  """Validates a `reproduce` config, and that its sets fit the cue model's training split."""
+  train.check_train_config(config.train, num_devices)
+  check_finetune_config(config, num_devices)
+  checks.check_seeds(config.seeds, "seeds")
+  checks.check_choice(config.seed_mode, SEED_MODES, "seed_mode")
+  checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
+  check_set_sizes(config.finetune, dry_run_lib.num_train_examples(config.train.data),
+                  bn_examples=config.path.bn_examples, eval_batch_size=config.eval_batch_size)
+
+
+def check_set_sizes(ft: Any, num_train: int, *, bn_examples: int = 0,
+                    eval_batch_size: int = 1) -> None:
+  """The clean and cue sets fit the training split, and each makes a batch (before any work)."""
+  num_cue = num_train - ft.num_clean if ft.num_cue == -1 else ft.num_cue
+  if ft.num_clean + max(num_cue, 1) > num_train:
+    raise ValueError(f"config.finetune.num_clean={ft.num_clean} + finetune.num_cue="
+                     f"{ft.num_cue} exceed the {num_train} training examples of the cue model's "
+                     "data (the two sets are disjoint).")
+  train.steps_of(ft, ft.num_clean, prefix="finetune.")
+  if "cbft" in ft.methods and num_cue < ft.batch_size:
+    raise ValueError(f"config.finetune.num_cue={num_cue} makes no CBFT cue batch of "
+                     f"finetune.batch_size={ft.batch_size}.")
+  if bn_examples and min(bn_examples, num_cue) < eval_batch_size:
+    raise ValueError(f"config.path.bn_examples={bn_examples} (of {num_cue} cue examples) makes "
+                     f"no full BatchNorm batch of eval_batch_size={eval_batch_size}.")
+
+
+# The fields of a cue model's train config that the study's statements depend on.
+CUE_MODEL_FIELDS = ("data.dataset", "data.cue", "data.cue_proportion", "data.num_train",
+                    "data.seed", "model.")
+
+
+def check_cue_model(cue_model: train.TrainedModel, workdir: str, train_config: Any) -> None:
+  """Raises unless a given cue model was trained with `train_config`'s data and model.
+
+  Compares dataset, cue kind and proportion, training set size, data seed
+  (and the simple dataset of Dominoes), model name and attributes.
+  """
+  recorded = workdir_lib.flatten(cue_model.config)
+  expected = workdir_lib.flatten(workdir_lib.config_to_dict(train_config))
+  fields = CUE_MODEL_FIELDS + (("data.simple_dataset",) if expected["data.cue"] == "dominoes"
+                               else ())
+  keys = sorted(k for k in set(recorded) | set(expected)
+                if any(k == f or (f.endswith(".") and k.startswith(f)) for f in fields))
+  diff = [k for k in keys if recorded.get(k) != expected.get(k)]
+  if diff:
+    raise ValueError(
+        f"config.cue_model_workdir={workdir!r} holds a model trained with "
+        + ", ".join(f"{k}={recorded.get(k)!r}" for k in diff) + " but config.train has "
+        + ", ".join(f"{k}={expected.get(k)!r}" for k in diff)
+        + ". Set config.train to the cue model's recipe (e.g. --config.train."
+        f"{diff[0]}={recorded.get(diff[0])!r}), or give a cue model trained with this one.")
 
 
 def _evaluate(model, variables, view_batches) -> dict:
@@ -276,21 +355,56 @@ def dry_run(config: Any) -> dict:
 
 
 def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
-  """The fine-tuning study: cue model, every method x seed, views table, path barriers."""
+  """The fine-tuning study: cue model, every method x seed, views table, path barriers.
+
+  Everything that can fail cheaply (the config's ranges, the set sizes, a
+  given cue model's presence, finiteness and recipe) is checked before the
+  workdir is claimed.
+  """
   if config.get("dry_run", False):
     return dry_run(config)
   mesh = mesh_lib.data_mesh()
-  train.check_train_config(config.train, mesh.devices.size)
-  check_finetune_config(config, mesh.devices.size)
+  check_study_config(config, mesh.devices.size)
+  given = None
+  if config.cue_model_workdir:
+    given = train.load_trained(config.cue_model_workdir)
+    check_cue_model(given, config.cue_model_workdir, config.train)
+  with train.claimed(config, workdir, LAYOUT, overwrite) as config_dict:
+    return _reproduce(config, workdir, mesh, config_dict, given, overwrite)
+
+
+def _run_config(config_dict: dict, cue_checkpoint: str, method: str, seeds: list[int]) -> dict:
+  """What determines one run's numbers: the study's config but its seed list, the method,
+  the seed(s) and the cue model's checkpoint. Recorded in each run directory."""
+  study = {k: v for k, v in config_dict.items() if k not in ("seeds", "dry_run", "task")}
+  study["finetune"] = {k: v for k, v in study["finetune"].items() if k != "methods"}
+  return {"task": "reproduce run", "method": method, "seeds": list(seeds),
+          "cue_model_checkpoint": cue_checkpoint, "study": study}
+
+
+def _finished(run_dir: str, run_config: dict) -> dict | None:
+  """The run's result when the directory holds one of exactly `run_config`, else None."""
+  result_path = os.path.join(run_dir, RESULT_FILE)
+  config_path = os.path.join(run_dir, workdir_lib.CONFIG_FILE)
+  if not (os.path.exists(result_path) and os.path.exists(config_path)):
+    return None
+  with open(config_path) as f:
+    recorded = json.load(f)
+  if workdir_lib.config_differences(recorded, run_config):
+    return None  # a run of another config: redone (its outputs are cleared when claimed)
+  with open(result_path) as f:
+    return json.load(f)
+
+
+def _reproduce(config, workdir, mesh, config_dict, given, overwrite) -> dict:
   ensemble = seed_mode(config.seed_mode) == "vmap"
-  config_dict = train.start_run(config, workdir, overwrite)
   wall = time.perf_counter()
 
   # 1. The cue model: a finished train run, or trained here (resumable).
   cue_dir = config.cue_model_workdir or os.path.join(workdir, "cue_model")
-  if not config.cue_model_workdir:
+  if given is None:
     train.train_and_evaluate(config.train, cue_dir, overwrite=overwrite)
-  cue_model = train.load_trained(cue_dir)
+  cue_model = given or train.load_trained(cue_dir)
 
   # 2. Data: clean and cue sets from the cue model's training split; test views.
   split, test_views, test_labels = train.load_data(config.train.data)
@@ -304,45 +418,54 @@ def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
                                                 drop_remainder=True)["image"]}
   ts = np.linspace(0.0, 1.0, config.path.num_t)
 
-  # 3. Every method and seed; each run's record is kept, so a relaunch skips it.
+  # 3. Every method and seed. Each run directory records the config that produced it;
+  #    a relaunch reuses a finished run of the same config and redoes any other.
   runs = {}
+  primary = jax.process_index() == 0
   for method in ft.methods:
     todo = []
     for seed in config.seeds:
-      result_path = os.path.join(workdir, "runs", f"{method}_seed{seed}", RESULT_FILE)
-      if os.path.exists(result_path):
-        with open(result_path) as f:
-          runs[(method, seed)] = json.load(f)
-      else:
+      run_dir = os.path.join(workdir, "runs", f"{method}_seed{seed}")
+      done = _finished(run_dir, _run_config(config_dict, cue_model.checkpoint, method, [seed]))
+      if done is None:
         todo.append(seed)
+      else:
+        runs[(method, seed)] = done
     if not todo:
       continue
     together = ensemble and method in LOOP_METHODS and len(todo) > 1
-    run_dirs = ([os.path.join(workdir, "runs", f"{method}_seeds{'-'.join(map(str, todo))}")]
-                if together else
-                [os.path.join(workdir, "runs", f"{method}_seed{seed}") for seed in todo])
-    for d in run_dirs:
-      os.makedirs(d, exist_ok=True)
-    outs = run_method(method, todo, cue_model, clean_split, cue_split, view_batches, ft,
-                      run_dirs, mesh, ensemble=together)
-    for seed, out in zip(todo, outs):
-      path = jax.device_get(barriers.evaluate_path_sets(
-          cue_model.model.apply, (cue_model.params, out["variables"]["params"]), ts, cue_eval,
-          bn_batches=bn_batches, mesh=mesh)["cue"])
-      record = {"method": method, "seed": seed, "views": out["views"],
-                "seconds": out["seconds"], "seeds_vmapped": together,
-                "path_to_cue_model": {"sharded_over": path.sharded_over,
-                                      "loss": np.asarray(path.loss).tolist(),
-                                      "accuracy": np.asarray(path.accuracy).tolist(),
-                                      **{f"{k}_barrier": v for k, v in path.barriers().items()}}}
-      result_dir = os.path.join(workdir, "runs", f"{method}_seed{seed}")
-      os.makedirs(result_dir, exist_ok=True)
-      workdir_lib.write_json_atomic(os.path.join(result_dir, RESULT_FILE), record)
-      runs[(method, seed)] = record
-      print(f"{method} seed {seed}: " + ", ".join(
-          f"{v} {r['accuracy']:.3f}" for v, r in out["views"].items()) +
-          f"; loss barrier to the cue model on cue data "
-          f"{record['path_to_cue_model']['loss_barrier']:.3f}")
+    result_dirs = [os.path.join(workdir, "runs", f"{method}_seed{seed}") for seed in todo]
+    with contextlib.ExitStack() as claims:
+      for seed, d in zip(todo, result_dirs):  # stale outputs of another config are cleared
+        claims.enter_context(workdir_lib.claim(
+            d, _run_config(config_dict, cue_model.checkpoint, method, [seed]), RUN_LAYOUT,
+            overwrite=True, primary=primary))
+      run_dirs = result_dirs
+      if together:
+        run_dirs = [os.path.join(workdir, "runs", f"{method}_seeds{'-'.join(map(str, todo))}")]
+        claims.enter_context(workdir_lib.claim(
+            run_dirs[0], _run_config(config_dict, cue_model.checkpoint, method, todo),
+            RUN_LAYOUT, overwrite=True, primary=primary))
+      outs = run_method(method, todo, cue_model, clean_split, cue_split, view_batches, ft,
+                        run_dirs, mesh, ensemble=together)
+      for seed, out, result_dir in zip(todo, outs, result_dirs):
+        path = jax.device_get(barriers.evaluate_path_sets(
+            cue_model.model.apply, (cue_model.params, out["variables"]["params"]), ts,
+            cue_eval, bn_batches=bn_batches, mesh=mesh)["cue"])
+        record = {"method": method, "seed": seed, "views": out["views"],
+                  "seconds": out["seconds"], "seeds_vmapped": together,
+                  "path_to_cue_model": {
+                      "sharded_over": path.sharded_over,
+                      "loss": np.asarray(path.loss).tolist(),
+                      "accuracy": np.asarray(path.accuracy).tolist(),
+                      **{f"{k}_barrier": v for k, v in path.barriers().items()}}}
+        if primary:
+          workdir_lib.write_json_atomic(os.path.join(result_dir, RESULT_FILE), record)
+        runs[(method, seed)] = record
+        print(f"{method} seed {seed}: " + ", ".join(
+            f"{v} {r['accuracy']:.3f}" for v, r in out["views"].items()) +
+            f"; loss barrier to the cue model on cue data "
+            f"{record['path_to_cue_model']['loss_barrier']:.3f}")
 
   # 4. Aggregate, write the JSON, the report and the figures.
   table = {}
@@ -362,8 +485,11 @@ def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
       "methods": table,
       "seeds": list(config.seeds),
       "ts": ts.tolist(),
-      "data": {"dataset": config.train.data.dataset, "cue": config.train.data.cue,
-               "cue_proportion_of_cue_model": config.train.data.cue_proportion,
+      # What the cue model was trained on, from its own run record (checked against
+      # config.train before the study started), so the report states what ran.
+      "data": {"dataset": cue_model.config["data"]["dataset"],
+               "cue": cue_model.config["data"]["cue"],
+               "cue_proportion_of_cue_model": cue_model.config["data"]["cue_proportion"],
                "num_clean": len(clean_split), "num_cue": len(cue_split),
                "num_test_per_view": int(len(test_labels)),
                "path_eval": "cue view of the test split",
@@ -414,25 +540,35 @@ def format_report(record: dict) -> str:
 
 
 def finetune_task(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
-  """One method and seed from a finished train run; writes result.json."""
+  """One method and seed from a finished train run; writes result.json.
+
+  The data is the cue model's own (its recorded data config).
+  """
   mesh = mesh_lib.data_mesh()
   check_finetune_config(config, mesh.devices.size)
-  config_dict = train.start_run(config, workdir, overwrite)
+  checks.check_choice(config.method, finetune.METHODS, "method")
+  if not config.cue_model_workdir:
+    raise ValueError("config.cue_model_workdir is empty: give the workdir of a finished train "
+                     "run.")
   cue_model = train.load_trained(config.cue_model_workdir)
-  data = cue_model.config["data"]
-  data_config = _AttrDict(data)
-  split, test_views, test_labels = train.load_data(data_config)
-  ft = config.finetune
-  clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed)
-  view_batches = train.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
-  (out,) = run_method(config.method, [config.seed], cue_model, clean_split, cue_split,
-                      view_batches, ft, [workdir], mesh)
-  record = {"method": config.method, "seed": config.seed, "views": out["views"],
-            "cue_model": cue_model.checkpoint, "num_clean": len(clean_split),
-            "num_cue": len(cue_split), "seconds": out["seconds"], "config": config_dict}
-  workdir_lib.write_json_atomic(os.path.join(workdir, RESULT_FILE), record)
-  print(counterfactual.format_view_table(out["views"], f"{config.method}, seed {config.seed}:"))
-  return record
+  data_config = _AttrDict(cue_model.config["data"])
+  check_set_sizes(config.finetune, dry_run_lib.num_train_examples(data_config))
+  with train.claimed(config, workdir, FINETUNE_LAYOUT, overwrite) as config_dict:
+    split, test_views, test_labels = train.load_data(data_config)
+    ft = config.finetune
+    clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed)
+    view_batches = train.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
+    (out,) = run_method(config.method, [config.seed], cue_model, clean_split, cue_split,
+                        view_batches, ft, [workdir], mesh)
+    record = {"method": config.method, "seed": config.seed, "views": out["views"],
+              "cue_model": cue_model.checkpoint, "cue_model_data": cue_model.config["data"],
+              "num_clean": len(clean_split), "num_cue": len(cue_split),
+              "seconds": out["seconds"], "config": config_dict}
+    if jax.process_index() == 0:
+      workdir_lib.write_json_atomic(os.path.join(workdir, RESULT_FILE), record)
+    print(counterfactual.format_view_table(out["views"],
+                                           f"{config.method}, seed {config.seed}:"))
+    return record
 
 
 class _AttrDict(dict):

@@ -13,12 +13,13 @@
 - `fit`: a small in-memory loop without checkpoints, for quick experiments.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import dataclasses
 import functools
 import json
+import numbers
 import os
-import shutil
 import time
 from typing import Any, Protocol
 
@@ -34,8 +35,10 @@ import tqdm
 
 from mechconn import batchnorm
 from mechconn import checkpoint
+from mechconn import config_checks as checks
 from mechconn import counterfactual
 from mechconn import dry_run as dry_run_lib
+from mechconn import finite
 from mechconn import mesh as mesh_lib
 from mechconn import workdir as workdir_lib
 from mechconn.data import datasets
@@ -51,6 +54,10 @@ SCHEDULES = ("constant", "cosine", "step")
 OPTIMIZERS = ("sgd",)
 CHECKPOINT_DIR = "checkpoints"
 FINAL_EVAL_FILE = "final_eval.json"
+# What a resumable loop writes into its workdir (its task adds its result files).
+LOOP_LAYOUT = workdir_lib.Layout(files=(workdir_lib.METRICS_FILE,),
+                                 checkpoint_dirs=(CHECKPOINT_DIR,))
+LAYOUT = dataclasses.replace(LOOP_LAYOUT, files=LOOP_LAYOUT.files + (FINAL_EVAL_FILE,))
 
 
 @flax.struct.dataclass
@@ -186,13 +193,44 @@ def sgd_cosine(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
 epoch_permutation = pipeline.epoch_permutation
 
 
-def _check_finite(stacked: dict[str, np.ndarray], first_step: int) -> None:
-  """Raises at the first step whose loss (or any member's, for ensembles) is not finite."""
-  loss = np.asarray(stacked["loss"]).reshape(len(stacked["loss"]), -1)
-  bad = np.flatnonzero(~np.all(np.isfinite(loss), axis=1))
-  if bad.size:
-    raise FloatingPointError(f"Non-finite training loss {loss[bad[0]].tolist()} at step "
-                             f"{first_step + bad[0]} (0-based).")
+def first_nonfinite_step(stacked: dict[str, np.ndarray]) -> tuple[int, dict] | None:
+  """(index, that step's metrics) of the first step with a non-finite metric, or None.
+
+  `stacked` holds each metric over steps (leading axis), e.g. loss, grad_norm
+  and param_norm: the norms are one reduction each over every gradient and
+  parameter leaf, so a single NaN anywhere shows in them. Ensemble metrics
+  ([steps, members]) count when any member's value is not finite.
+  """
+  num_steps = len(next(iter(stacked.values())))
+  ok = np.ones(num_steps, bool)
+  for value in stacked.values():
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.inexact):
+      ok &= np.isfinite(value.reshape(num_steps, -1)).all(axis=1)
+  if ok.all():
+    return None
+  i = int(np.argmin(ok))
+  return i, {k: np.asarray(v)[i].tolist() for k, v in stacked.items()}
+
+
+def raise_if_diverged(stacked: dict[str, np.ndarray], first_step: int, saved: str) -> None:
+  """Raises NonFiniteError at the first step of the window whose metrics are not finite.
+
+  Args:
+    stacked: metrics over the steps of the window.
+    first_step: the 0-based step of the window's first entry.
+    saved: what was saved before it (e.g. the last good checkpoint), for the message.
+  """
+  found = first_nonfinite_step(stacked)
+  if found is None:
+    return
+  i, values = found
+  bad = {k: v for k, v in values.items() if not np.all(np.isfinite(v))}
+  raise finite.NonFiniteError(
+      f"Training diverged at step {first_step + i + 1} (the update from step "
+      f"{first_step + i} to {first_step + i + 1}; step numbers count updates, as the "
+      f"checkpoints and metrics do): non-finite {bad}. Nothing from that step on was saved; "
+      f"{saved}. Lower the learning rate, or look for NaN or infinity in the data.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,16 +300,37 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
                   disable=not options.progress or jax.process_index() != 0,
                   dynamic_ncols=True, leave=False)
   pending, window_start, tick = [], start, time.perf_counter()
+
+  def saved_so_far():
+    ckpt.wait()
+    last_good = ckpt.latest_step()
+    return (f"the last good checkpoint is {ckpt.step_dir(last_good)}" if last_good is not None
+            else "no checkpoint had been written")
+
+  def check_state(state, done, why):
+    # Metrics cover params and gradients; this also covers batch_stats and the
+    # optimiser state: one compiled reduction, before anything is saved or evaluated.
+    if not bool(finite.all_finite_jit(state)):
+      raise finite.NonFiniteError(
+          f"The training state after step {done} holds NaN or infinity (first at "
+          f"{finite.first_nonfinite_leaf(state)}), found before {why}; it was not saved. "
+          f"{saved_so_far().capitalize()}.")
+
   try:
     for step in range(start, options.num_steps):
       state, metrics = step_fn(state, batch_fn(step))
-      pending.append(metrics)  # stays on device until the next log step
+      pending.append(metrics)  # stays on device until the next log, eval or checkpoint
       done = step + 1
       bar.update(1)
       last = done == options.num_steps
-      if done % options.log_every == 0 or last:
+      log_now = done % options.log_every == 0 or last
+      eval_now = eval_fn is not None and (
+          (options.eval_every and done % options.eval_every == 0) or last)
+      save_now = done % options.checkpoint_every == 0 or last
+      if log_now or eval_now or save_now:  # read the window's metrics: finite?
         stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
-        _check_finite(stacked, window_start)
+        raise_if_diverged(stacked, window_start, saved_so_far())
+      if log_now:
         elapsed = time.perf_counter() - tick
         record = {"step": done}
         if options.steps_per_epoch:
@@ -287,10 +346,11 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
                         lr=f"{record.get('learning_rate', float('nan')):.3g}",
                         ex_s=f"{record.get('examples_per_s', 0):.0f}")
         pending, window_start, tick = [], done, time.perf_counter()
-      if eval_fn is not None and ((options.eval_every and done % options.eval_every == 0)
-                                  or last):
+      if eval_now:
+        check_state(state, done, "evaluating it")
         writer.write({"step": done, **eval_fn(state)})
-      if done % options.checkpoint_every == 0 or last:
+      if save_now:
+        check_state(state, done, "saving it")
         ckpt.save(done, state)
   finally:
     bar.close()
@@ -305,7 +365,9 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
   """Trains `model` in memory from a fresh init; returns (state, per-epoch metrics).
 
   No checkpoints, one device: for small experiments and the quickstart. Partial
-  last batches are dropped (one compiled shape). A non-finite loss raises.
+  last batches are dropped (one compiled shape). A non-finite loss, gradient
+  norm or parameter norm raises `finite.NonFiniteError` naming the step (read
+  once per epoch).
   """
   steps_per_epoch = len(images) // batch_size
   if steps_per_epoch == 0:
@@ -325,7 +387,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
       state, metrics = step_fn(state, batch, step_key)
       epoch_metrics.append(metrics)
     stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics))
-    _check_finite(stacked, epoch * steps_per_epoch)
+    raise_if_diverged(stacked, epoch * steps_per_epoch, "fit keeps no checkpoints")
     history.append({"epoch": epoch, **{k: float(np.mean(v)) for k, v in stacked.items()}})
     bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['accuracy']:.3f}")
   return state, history
@@ -335,33 +397,36 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
 # The `train` task.
 
 
-def check_choice(value, valid, key: str) -> None:
-  """Raises ValueError naming config.<key> and the valid choices unless value is one."""
-  if value not in valid:
-    raise ValueError(f"config.{key}={value!r} is not valid; valid choices: {sorted(valid)}.")
-
-
-def check_positive_int(value, key: str) -> None:
-  """Raises ValueError naming config.<key> unless value is a positive integer."""
-  if not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"config.{key}={value!r} must be a positive integer.")
-
-
 def check_data_config(data: Any) -> None:
   """Validates a config's `data` section (see experiments/configs/train.py)."""
-  check_choice(data.dataset, datasets.NUM_CLASSES, "data.dataset")
-  check_choice(data.cue, pipeline.CUE_KINDS, "data.cue")
+  checks.check_choice(data.dataset, datasets.NUM_CLASSES, "data.dataset")
+  checks.check_choice(data.cue, pipeline.CUE_KINDS, "data.cue")
   if data.cue == "dominoes":
-    check_choice(data.simple_dataset, datasets.NUM_CLASSES, "data.simple_dataset")
-  if not 0.0 <= data.cue_proportion <= 1.0:
-    raise ValueError(f"config.data.cue_proportion={data.cue_proportion!r} must be in [0, 1].")
+    checks.check_choice(data.simple_dataset, datasets.NUM_CLASSES, "data.simple_dataset")
+  checks.check_number(data.cue_proportion, "data.cue_proportion", low=0.0, high=1.0)
   for key in ("num_train", "num_test"):
     value = data[key]
     if value != -1:
-      check_positive_int(value, f"data.{key} (or -1 for the whole split)")
+      checks.check_positive_int(value, f"data.{key}", " (or -1: the whole split)")
+  checks.check_int(data.seed, "data.seed")
 
 
-def check_optimization_config(config: Any, num_devices: int) -> None:
+def check_optimizer_config(opt: Any, prefix: str = "optimizer") -> None:
+  """Validates an `optimizer` section: name, schedule, and every number's range."""
+  checks.check_choice(opt.name, OPTIMIZERS, f"{prefix}.name")
+  checks.check_choice(opt.schedule, SCHEDULES, f"{prefix}.schedule")
+  checks.check_number(opt.learning_rate, f"{prefix}.learning_rate", low=0.0, low_open=True)
+  checks.check_number(opt.momentum, f"{prefix}.momentum", low=0.0, high=1.0, high_open=True)
+  checks.check_number(opt.weight_decay, f"{prefix}.weight_decay", low=0.0)
+  checks.check_number(opt.decay_factor, f"{prefix}.decay_factor", low=0.0, high=1.0,
+                      low_open=True)
+  if opt.schedule == "step":
+    checks.check_positive_int(opt.decay_every_epochs, f"{prefix}.decay_every_epochs")
+  else:
+    checks.check_int(opt.decay_every_epochs, f"{prefix}.decay_every_epochs")
+
+
+def check_optimization_config(config: Any, num_devices: int, prefix: str = "") -> None:
   """Validates `optimizer`, epochs, batch sizes (divisible by the devices) and periods.
 
   A positive `per_device_batch_size` (a config field where present) first sets
@@ -370,42 +435,46 @@ def check_optimization_config(config: Any, num_devices: int) -> None:
   """
   per_device = config.get("per_device_batch_size", 0)
   if per_device:
-    check_positive_int(per_device, "per_device_batch_size")
+    checks.check_positive_int(per_device, f"{prefix}per_device_batch_size")
     config.batch_size = per_device * num_devices
-  opt = config.optimizer
-  check_choice(opt.name, OPTIMIZERS, "optimizer.name")
-  check_choice(opt.schedule, SCHEDULES, "optimizer.schedule")
-  if opt.learning_rate <= 0:
-    raise ValueError(f"config.optimizer.learning_rate={opt.learning_rate!r} must be > 0.")
-  if opt.schedule == "step":
-    check_positive_int(opt.decay_every_epochs, "optimizer.decay_every_epochs")
+  check_optimizer_config(config.optimizer, f"{prefix}optimizer")
   for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
               "checkpoint_every_steps", "max_to_keep"):
-    check_positive_int(config[key], key)
-  if config.eval_every_steps < 0:
-    raise ValueError(f"config.eval_every_steps={config.eval_every_steps!r} must be >= 0 "
-                     "(0: evaluate only at the end).")
+    checks.check_positive_int(config[key], f"{prefix}{key}")
+  checks.check_int(config.eval_every_steps, f"{prefix}eval_every_steps",
+                   hint=" (0: evaluate only at the end)")
   for key in ("batch_size", "eval_batch_size"):
-    mesh_lib.check_batch_size(config[key], num_devices, f"config.{key}")
+    mesh_lib.check_batch_size(config[key], num_devices, f"config.{prefix}{key}")
+
+
+def check_model_config(model: Any, key: str = "model") -> None:
+  """Validates a `model` section: a known model and attributes it has."""
+  checks.check_choice(model.name, MODELS, f"{key}.name")
+  fields = {f.name for f in dataclasses.fields(MODELS[model.name])} - {
+      "parent", "name", "num_classes"}
+  unknown = sorted(set(model.kwargs) - fields)
+  if unknown:
+    raise ValueError(f"config.{key}.kwargs has {unknown}, not attributes of "
+                     f"{model.name}; valid: {sorted(fields)}.")
+  for name, value in model.kwargs.items():
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+      checks.check_number(value, f"{key}.kwargs.{name}", low=0.0, low_open=True)
 
 
 def check_train_config(config: Any, num_devices: int) -> None:
   """Validates a `train` config before any work; raises ValueError naming the key.
 
   Checks names against the valid choices (datasets, cue kinds, models,
-  optimisers, schedules), cue_proportion in [0, 1], positive sizes and
-  periods, batch sizes divisible by the device count, and that the model
-  accepts its kwargs.
+  optimisers, schedules), every number's range (finite; cue_proportion in
+  [0, 1], momentum in [0, 1), positive learning rate, non-negative weight
+  decay), positive sizes and periods, batch sizes divisible by the device
+  count, that the model accepts its kwargs, and that the batch fits the data.
   """
+  checks.check_int(config.seed, "seed")
   check_data_config(config.data)
-  check_choice(config.model.name, MODELS, "model.name")
-  fields = {f.name for f in dataclasses.fields(MODELS[config.model.name])} - {
-      "parent", "name", "num_classes"}
-  unknown = sorted(set(config.model.kwargs) - fields)
-  if unknown:
-    raise ValueError(f"config.model.kwargs has {unknown}, not attributes of "
-                     f"{config.model.name}; valid: {sorted(fields)}.")
+  check_model_config(config.model)
   check_optimization_config(config, num_devices)
+  steps_of(config, dry_run_lib.num_train_examples(config.data))
 
 
 def examples_or_all(value: int) -> int | None:
@@ -443,12 +512,15 @@ def make_optimizer(opt: Any, *, num_steps: int, steps_per_epoch: int,
   return sgd(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay), schedule
 
 
-def steps_of(config: Any, num_examples: int) -> tuple[int, int]:
-  """(steps per epoch, total steps) for the config's batch size and epochs."""
+def steps_of(config: Any, num_examples: int, prefix: str = "") -> tuple[int, int]:
+  """(steps per epoch, total steps) for the config's batch size and epochs.
+
+  `prefix` names the config section in the error (e.g. 'finetune.').
+  """
   steps_per_epoch = num_examples // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_examples} "
-                     "training examples.")
+    raise ValueError(f"config.{prefix}batch_size={config.batch_size} exceeds the "
+                     f"{num_examples} training examples: it makes no full batch.")
   return steps_per_epoch, config.num_epochs * steps_per_epoch
 
 
@@ -481,12 +553,18 @@ def loop_options(config: Any, num_steps: int, steps_per_epoch: int, desc: str) -
                      steps_per_epoch=steps_per_epoch, progress=config.progress, desc=desc)
 
 
-def start_run(config: Any, workdir: str, overwrite: bool) -> dict:
-  """Claims the workdir for this config (clearing an old run if overwriting); the config dict."""
+@contextlib.contextmanager
+def claimed(config: Any, workdir: str, layout: workdir_lib.Layout, overwrite: bool
+            ) -> Iterator[dict]:
+  """Holds the workdir for this config while inside (see `workdir.claim`); yields the config dict.
+
+  Process 0 locks the workdir and writes config.json (clearing the old run's
+  `layout` when overwriting); every process checks the recorded config.
+  """
   config_dict = workdir_lib.config_to_dict(config)
-  if workdir_lib.claim(workdir, config_dict, overwrite=overwrite):
-    _clear_run(workdir)
-  return config_dict
+  with workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite,
+                         primary=jax.process_index() == 0):
+    yield config_dict
 
 
 def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
@@ -496,7 +574,8 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) ->
   (train metrics every log step, view metrics every eval step) and
   final_eval.json (view losses and accuracies of the last step). Resumes
   from the latest checkpoint when the workdir holds a run of the same config;
-  refuses one of a different config unless overwrite=True (which deletes it).
+  refuses one of a different config unless overwrite=True (which deletes only
+  that run's `LAYOUT`). The config is validated before the workdir is touched.
 
   Returns:
     The final_eval record.
@@ -505,8 +584,12 @@ def train_and_evaluate(config: Any, workdir: str, *, overwrite: bool = False) ->
     return dry_run(config)
   mesh = mesh_lib.data_mesh()
   check_train_config(config, mesh.devices.size)
-  config_dict = start_run(config, workdir, overwrite)
+  with claimed(config, workdir, LAYOUT, overwrite) as config_dict:
+    return _train_and_evaluate(config, workdir, mesh, config_dict)
 
+
+def _train_and_evaluate(config: Any, workdir: str, mesh: jax.sharding.Mesh,
+                        config_dict: dict) -> dict:
   # Data: every host builds the same split and takes its rows of each batch.
   split, test_views, test_labels = load_data(config.data)
   steps_per_epoch, num_steps = steps_of(config, len(split))
@@ -654,19 +737,17 @@ def load_trained(workdir: str) -> TrainedModel:
     raise ValueError(f"{workdir} holds a {config.get('task')!r} run, not a 'train' run.")
   model = get_model(config["model"]["name"], datasets.NUM_CLASSES[config["data"]["dataset"]],
                     **config["model"]["kwargs"])
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
-  step = ckpt.latest_step()
-  state = ckpt.read(step)
+  with checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR)) as ckpt:
+    step = ckpt.latest_step()
+    state = ckpt.read(step)
+  if not bool(finite.all_finite_jit(state)):
+    raise finite.NonFiniteError(
+        f"The train run in {workdir} ended with NaN or infinity in its checkpoint "
+        f"{ckpt.step_dir(step)} (first at {finite.first_nonfinite_leaf(state)}): it diverged "
+        "and cannot serve as a model. Retrain it (e.g. with a lower learning rate).")
   return TrainedModel(model=model, params=state["params"],
                       batch_stats=state.get("batch_stats", {}), config=config,
                       checkpoint=ckpt.step_dir(step))
 
 
-def _clear_run(workdir: str) -> None:
-  """Deletes the files a previous run wrote (only mechconn's own) before an overwrite."""
-  logging.warning("Overwriting the run in %s", workdir)
-  shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
-  for name in (workdir_lib.METRICS_FILE, FINAL_EVAL_FILE):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path):
-      os.remove(path)
+

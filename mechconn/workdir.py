@@ -1,8 +1,10 @@
 """What a job keeps in its workdir: its config, JSON results and JSON-lines metrics.
 
 The rules, so that nothing a user saved is lost:
-  - a workdir belongs to one config: a job refuses a workdir whose recorded
-    config differs (naming the differing keys) unless told to overwrite;
+  - a workdir belongs to one config and one live job at a time (`claim`: a
+    lock naming its holder; a config.json that is not this task's is never
+    written over; a different config is refused, naming the differing keys,
+    unless told to overwrite, which deletes only the task's own `Layout`);
   - JSON files are written to a temporary file and renamed into place;
   - metrics are JSON lines, one object per log step with a "step" key (read
     them with `read_metrics`, `pandas.read_json(path, lines=True)` or plain
@@ -10,12 +12,27 @@ The rules, so that nothing a user saved is lost:
     file of a killed-and-resumed run equals that of an uninterrupted one.
 """
 
+from collections.abc import Iterator
+import contextlib
+import dataclasses
+import fcntl
+import glob
 import json
 import os
+import re
+import shutil
+import socket
+import sys
+import time
 from typing import Any
+
+from absl import logging
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".mechconn.lock"
+# What orbax writes in a checkpoint directory: '<step>' and its temporaries.
+CHECKPOINT_ENTRY = re.compile(r"\d+(\.orbax-checkpoint-tmp(-\d+)?)?")
 
 
 def config_to_dict(config: Any) -> dict:
@@ -69,36 +86,204 @@ def check_result_compatible(path: str, config_dict: dict) -> None:
         "use a new --workdir. Nothing was overwritten.")
 
 
-def claim(workdir: str, config_dict: dict, *, overwrite: bool = False) -> bool:
-  """Records `config_dict` as the workdir's config, or checks it matches.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a task writes into its workdir: the only things `--overwrite` deletes.
+
+  Paths are relative to the workdir; patterns are `glob` patterns.
+
+  Attributes:
+    files: files mechconn wrote (metrics, results, figures).
+    checkpoint_dirs: orbax checkpoint directories; only their step entries
+      ('<step>' and '<step>.orbax-checkpoint-tmp-<time>') are deleted, and
+      the directory itself only when nothing else is left in it.
+    nested: (subdirectory pattern, its layout) for runs inside a run (e.g.
+      reproduce's runs/); a subdirectory is removed only when left empty.
+  """
+
+  files: tuple[str, ...] = ()
+  checkpoint_dirs: tuple[str, ...] = ()
+  nested: tuple[tuple[str, "Layout"], ...] = ()
+
+  def existing(self, workdir: str) -> list[str]:
+    """The paths of this layout present in `workdir` (files and checkpoint steps)."""
+    return self._walk(workdir, remove=False)
+
+  def clear(self, workdir: str) -> list[str]:
+    """Deletes this layout's files and checkpoint steps from `workdir`; returns what went."""
+    return self._walk(workdir, remove=True)
+
+  def _walk(self, workdir: str, remove: bool) -> list[str]:
+    found = []
+    for path in _matches(workdir, self.files):
+      if os.path.isfile(path) or os.path.islink(path):
+        found.append(path)
+        if remove:
+          os.remove(path)
+    for directory in _matches(workdir, self.checkpoint_dirs):
+      if not os.path.isdir(directory):
+        continue
+      for entry in sorted(os.listdir(directory)):
+        if CHECKPOINT_ENTRY.fullmatch(entry):
+          path = os.path.join(directory, entry)
+          found.append(path)
+          if remove:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+      if remove:
+        _remove_if_empty(directory)
+    for pattern, layout in self.nested:
+      for directory in _matches(workdir, (pattern,)):
+        if os.path.isdir(directory):
+          found += layout._walk(directory, remove)
+          if remove:
+            _remove_if_empty(directory)
+    return found
+
+
+def _matches(workdir: str, patterns: tuple[str, ...]) -> list[str]:
+  return sorted({p for pattern in patterns
+                 for p in glob.glob(os.path.join(glob.escape(workdir), pattern))})
+
+
+def _remove_if_empty(directory: str) -> None:
+  try:
+    os.rmdir(directory)
+  except OSError:  # not empty: something that is not ours is there
+    pass
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live job holds the workdir's lock."""
+
+
+_HELD: set[str] = set()  # workdirs this process has locked
+
+
+def _holder_text(record: dict | None) -> str:
+  if not record:
+    return "owner unknown"
+  return (f"pid {record.get('pid')} on host {record.get('host')!r}, since "
+          f"{record.get('since')}: {' '.join(record.get('argv', []))}")
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds the workdir's lock (an `fcntl.flock` on workdir/.mechconn.lock) while inside.
+
+  The lock file records the holder's pid, host, start time and command line.
+  A second job is refused with `WorkdirBusyError` naming the holder. The
+  kernel releases a flock when its process dies, so the lock of a killed job
+  is stale by construction: the next job takes it over (and logs whose it was).
+
+  Raises:
+    WorkdirBusyError: another live process (or this one) holds the lock.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  key = os.path.realpath(workdir)
+  path = os.path.join(workdir, LOCK_FILE)
+  if key in _HELD:
+    raise WorkdirBusyError(f"{workdir} is already claimed by this process (pid {os.getpid()}).")
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirBusyError(
+          f"{workdir} is in use by another mechconn job ({_holder_text(_read_lock(fd))}). "
+          "Wait for it to finish or stop it, or use another --workdir. Nothing was "
+          "changed.") from None
+    previous = _read_lock(fd)
+    if previous and (previous.get("pid"), previous.get("host")) != (os.getpid(),
+                                                                     socket.gethostname()):
+      logging.info("Taking over the lock of %s, which ended without releasing it (%s).",
+                   workdir, _holder_text(previous))
+    record = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    _HELD.add(key)
+    try:
+      yield
+    finally:
+      _HELD.discard(key)
+  finally:
+    os.close(fd)  # releases the flock
+
+
+def _read_lock(fd: int) -> dict | None:
+  try:
+    record = json.loads(os.pread(fd, 65536, 0).decode() or "null")
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) else None
+
+
+@contextlib.contextmanager
+def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = False,
+          primary: bool = True) -> Iterator[None]:
+  """Locks the workdir and records `config_dict` as its config for the duration of a run.
+
+  Resuming (the same config recorded) is allowed; everything else that could
+  lose a user's data is refused before anything is written:
+    - a workdir held by a live job (see `lock`);
+    - a config.json that is not a mechconn config of this task (e.g. another
+      project's model directory), with or without `overwrite`;
+    - a different config of this task, unless `overwrite`; then only the files
+      of `layout` are deleted (never anything else) before the new config is
+      recorded;
+    - outputs of `layout` without a config.json, unless `overwrite`.
 
   Args:
     workdir: the job's directory (created if missing).
-    config_dict: the job's config as a plain dict.
-    overwrite: allow a different recorded config; the caller then clears the
-      old run's files (see `clear_run`).
-
-  Returns:
-    True when the workdir already held a run of a different config (only
-    possible with overwrite=True), else False.
+    config_dict: the job's config as a plain dict, with its 'task'.
+    layout: what the task writes there.
+    overwrite: replace a run of a different config.
+    primary: whether this process locks and writes (process 0 of a
+      multi-host job); the others only check.
 
   Raises:
-    FileExistsError: the workdir holds a run of a different config (the
-      message names the differing keys) and overwrite is False.
+    FileExistsError: the workdir holds another config or foreign files.
+    WorkdirBusyError: another job holds the workdir.
   """
-  os.makedirs(workdir, exist_ok=True)
+  context = lock(workdir) if primary else contextlib.nullcontext()
+  with context:
+    _check_and_record(workdir, config_dict, layout, overwrite=overwrite, primary=primary)
+    yield
+
+
+def _check_and_record(workdir, config_dict, layout, *, overwrite, primary):
   path = os.path.join(workdir, CONFIG_FILE)
-  replaced = False
+  task = config_dict.get("task")
   if os.path.exists(path):
-    diff = config_differences(_read_json(path), config_dict)
+    recorded = _read_json(path)
+    if not isinstance(recorded, dict) or recorded.get("task") != task:
+      what = (f"a mechconn {recorded['task']!r} run" if isinstance(recorded, dict) and
+              isinstance(recorded.get("task"), str) else "a config.json that mechconn did not "
+              "write")
+      raise FileExistsError(
+          f"{workdir} holds {what}, not a {task!r} run (see {path}). mechconn does not write "
+          "into it, with or without --overwrite: use another --workdir. Nothing was changed.")
+    diff = config_differences(recorded, config_dict)
     if diff and not overwrite:
       raise FileExistsError(
           f"{workdir} holds a run of a different config (see {path}; differs in {diff}). "
-          "Use a new --workdir, or pass --overwrite to delete that run. Nothing was "
+          "Use a new --workdir, or pass --overwrite to delete that run's outputs. Nothing was "
           "overwritten.")
-    replaced = bool(diff)
-  write_json_atomic(path, config_dict)
-  return replaced
+    stale = bool(diff)
+  else:
+    existing = layout.existing(workdir) if os.path.isdir(workdir) else []
+    if existing and not overwrite:
+      raise FileExistsError(
+          f"{workdir} holds mechconn outputs ({existing[:3]}) but no {CONFIG_FILE} saying "
+          "which config produced them. Use a new --workdir, or pass --overwrite to delete "
+          "them. Nothing was overwritten.")
+    stale = bool(existing)
+  if primary:
+    if stale:
+      removed = layout.clear(workdir)
+      logging.warning("--overwrite: removed %d outputs of the previous run in %s: %s",
+                      len(removed), workdir, removed[:10])
+    write_json_atomic(path, config_dict)
 
 
 def write_json_atomic(path: str, record: Any) -> None:

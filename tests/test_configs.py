@@ -72,7 +72,7 @@ def test_unknown_presets_and_modifiers_list_the_valid_ones():
     ("optimizer.learning_rate", 0.0, r"learning_rate=0.0 must be > 0"),
     ("batch_size", 100, r"config.batch_size=100 is not divisible by the 8 devices"),
     ("eval_batch_size", 508, r"eval_batch_size=508 is not divisible by the 8 devices"),
-    ("eval_every_steps", -1, r"eval_every_steps=-1 must be >= 0"),
+    ("eval_every_steps", -1, r"eval_every_steps=-1 must be a non-negative integer"),
 ])
 def test_invalid_values_name_the_key_and_the_valid_choices(key, value, message):
   config = train_configs.get_config("cpu_cue")
