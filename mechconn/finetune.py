@@ -203,7 +203,12 @@ def invariance_loss(features_clean: jax.Array, labels_clean: jax.Array,
     return (onehot.T @ z) / jnp.maximum(counts, 1.0)[:, None], counts > 0
 
   def normalize(m):
-    return m / jnp.maximum(jnp.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
+    # ||m|| with a finite gradient at m = 0 (a class whose features are all zero,
+    # e.g. dead ReLUs): sqrt's derivative there is infinite, and 0 * inf = NaN.
+    squared = jnp.sum(m * m, axis=-1, keepdims=True)
+    positive = squared > 0
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+    return m / jnp.maximum(norm, 1e-12)
 
   mean_clean, has_clean = class_means(features_clean, labels_clean)
   mean_cue, has_cue = class_means(features_cue, labels_cue)

@@ -57,6 +57,19 @@ def test_invariance_loss_by_definition():
                              rtol=1e-5)
 
 
+def test_invariance_loss_gradient_is_finite_when_a_class_mean_is_zero():
+  # Dead ReLUs give all-zero features; the norm's derivative at 0 used to make the
+  # gradient NaN (and CBFT's parameters with it), silently.
+  z = np.zeros((6, 5), np.float32)
+  z_cue = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+  y = np.array([0, 1, 2, 0, 1, 2])
+  grads = jax.grad(lambda a, b: finetune.invariance_loss(a, y, b, y, 3), argnums=(0, 1))(
+      jnp.asarray(z), jnp.asarray(z_cue))
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+  # By definition a zero mean normalises to zero: each class contributes |unit vector|^2 = 1.
+  assert float(finetune.invariance_loss(z, y, z_cue, y, 3)) == pytest.approx(1.0, rel=1e-6)
+
+
 def test_t_distributions_stay_in_the_middle_half():
   keys = jax.random.split(jax.random.key(0), 2000)
   for dist in finetune.T_DISTRIBUTIONS:
