@@ -30,6 +30,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from mechconn import batchnorm
+from mechconn import paths
 
 Params = chex.ArrayTree
 Permutation = dict[str, np.ndarray]
@@ -217,6 +218,25 @@ def random_permutation(spec: PermutationSpec, params: Params, seed: int) -> Perm
   return {name: rng.permutation(n) for name, n in sorted(group_sizes(spec, params).items())}
 
 
+def check_pair(spec: PermutationSpec, reference: Params, other: Params) -> None:
+  """Raises ValueError unless both params fit the spec and have the same leaves and shapes.
+
+  Names the spec's missing or extra leaves (a spec of another architecture),
+  or the first leaf whose shape differs (models of different widths).
+  """
+  for name, params in (("reference", reference), ("other", other)):
+    try:
+      check_spec(spec, {"params": params})
+    except ValueError as e:
+      raise ValueError(f"The permutation spec does not fit the {name} model (a spec of "
+                       f"another architecture?): {e}") from None
+  try:
+    paths.check_matching((reference, other))
+  except ValueError as e:
+    raise ValueError("Only models of one architecture and width can be aligned (point 0 is "
+                     f"the reference, point 1 the other): {e}") from None
+
+
 # --- Weight matching (Git Re-Basin, Algorithm 1). ------------------------------------
 
 
@@ -238,7 +258,12 @@ def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
 
   Returns:
     perm such that `apply_permutation(spec, perm, other)` is aligned to reference.
+
+  Raises:
+    ValueError: the spec does not fit the params, or the two models differ in
+      a leaf's shape (`check_pair`).
   """
+  check_pair(spec, reference, other)
   ref = {k: np.asarray(v, np.float64) for k, v in _flat({"params": reference}).items()}
   oth = {k: np.asarray(v, np.float64) for k, v in _flat({"params": other}).items()}
   perm_to_axes = {name: [(p, a) for p, a in where if p in ref]
@@ -357,5 +382,6 @@ def activation_matching(apply_fn: batchnorm.ApplyFn, spec: PermutationSpec,
   the unpermuted networks: permuting units does not change any other group's
   activations, so the groups are independent.
   """
+  check_pair(spec, variables_ref["params"], variables_other["params"])
   correlations = activation_statistics(apply_fn, spec, variables_ref, variables_other, batches)
   return {name: linear_sum_assignment(c, maximize=True)[1] for name, c in correlations.items()}

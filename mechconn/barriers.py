@@ -298,9 +298,8 @@ def _input_flags(named_trees, eval_sets, bn_batches, *, num_classes):
   for name, batches in eval_sets.items():
     images, labels, mask = batches["image"], batches["label"], batches["mask"]
     real = mask > 0
-    real_images = real.reshape(real.shape + (1,) * (images.ndim - 2))
-    finite_flags[f"the images of eval set {name!r}"] = jnp.all(
-        jnp.isfinite(images) | ~real_images)
+    # Padding rows too: their loss is multiplied by a mask of 0, and NaN x 0 is NaN.
+    finite_flags[f"the images of eval set {name!r}"] = finite.all_finite(images)
     valid_flags[f"eval set {name!r} has labels outside [0, {num_classes}) (the model's "
                 "number of classes)"] = jnp.all(~real | ((labels >= 0) & (labels < num_classes)))
     valid_flags[f"eval set {name!r} has a mask outside [0, 1]"] = jnp.all(

@@ -63,27 +63,9 @@ def _read_json(path: str) -> Any:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise FileExistsError(f"{path} exists but is not readable JSON ({e}); use a new "
-                          "--workdir. Nothing was overwritten.") from e
-
-
-def check_result_compatible(path: str, config_dict: dict) -> None:
-  """Refuses a result file (a JSON object with a "config") of a different config.
-
-  Re-running the same config (same seeds, so the same numbers on this machine)
-  may replace its own result; anything else would lose a user's result.
-  """
-  if not os.path.exists(path):
-    return
-  previous = _read_json(path)
-  if not isinstance(previous, dict) or not isinstance(previous.get("config"), dict):
-    raise FileExistsError(f"{path} exists but is not a readable mechconn result (no "
-                          "'config'); use a new --workdir. Nothing was overwritten.")
-  diff = config_differences(previous["config"], config_dict)
-  if diff:
-    raise FileExistsError(
-        f"{path} already holds a result of a different config (differs in {diff}); "
-        "use a new --workdir. Nothing was overwritten.")
+    raise FileExistsError(f"{path} exists but is not readable JSON ({e}); mechconn does not "
+                          "write into a directory it cannot read: use another --workdir. "
+                          "Nothing was changed.") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +109,10 @@ class Layout:
         if CHECKPOINT_ENTRY.fullmatch(entry):
           path = os.path.join(directory, entry)
           found.append(path)
-          if remove:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+          if remove and os.path.isdir(path):
+            shutil.rmtree(path)
+          elif remove:
+            os.remove(path)
       if remove:
         _remove_if_empty(directory)
     for pattern, layout in self.nested:
@@ -245,13 +229,23 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
     FileExistsError: the workdir holds another config or foreign files.
     WorkdirBusyError: another job holds the workdir.
   """
-  context = lock(workdir) if primary else contextlib.nullcontext()
-  with context:
-    _check_and_record(workdir, config_dict, layout, overwrite=overwrite, primary=primary)
+  # Checked before locking, so that nothing (not even a lock file) is written into
+  # a directory that is refused; checked again under the lock, where it counts.
+  _check(workdir, config_dict, layout, overwrite=overwrite)
+  if not primary:
+    yield
+    return
+  with lock(workdir):
+    if _check(workdir, config_dict, layout, overwrite=overwrite):
+      removed = layout.clear(workdir)
+      logging.warning("--overwrite: removed %d outputs of the previous run in %s: %s",
+                      len(removed), workdir, removed[:10])
+    write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict)
     yield
 
 
-def _check_and_record(workdir, config_dict, layout, *, overwrite, primary):
+def _check(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool) -> bool:
+  """Raises if the workdir may not take this config; whether an old run must be cleared."""
   path = os.path.join(workdir, CONFIG_FILE)
   task = config_dict.get("task")
   if os.path.exists(path):
@@ -278,12 +272,7 @@ def _check_and_record(workdir, config_dict, layout, *, overwrite, primary):
           "which config produced them. Use a new --workdir, or pass --overwrite to delete "
           "them. Nothing was overwritten.")
     stale = bool(existing)
-  if primary:
-    if stale:
-      removed = layout.clear(workdir)
-      logging.warning("--overwrite: removed %d outputs of the previous run in %s: %s",
-                      len(removed), workdir, removed[:10])
-    write_json_atomic(path, config_dict)
+  return stale
 
 
 def write_json_atomic(path: str, record: Any) -> None:

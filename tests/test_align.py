@@ -126,3 +126,16 @@ def test_spec_errors_name_the_leaves():
                             variables["params"], variables["batch_stats"])
   with pytest.raises(ValueError, match="No permutation spec for model 'vit'"):
     align.permutation_spec("vit", variables["params"])
+
+
+def test_matching_models_of_other_widths_or_another_spec_is_a_named_error():
+  _, narrow, _ = _init("small_cnn", 0)
+  model = get_model("small_cnn", 10, width=8)
+  wide = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
+  spec = align.permutation_spec("small_cnn", narrow["params"])
+  with pytest.raises(ValueError, match=r"one architecture and width.*'BatchNorm_0'\]\['bias'\].*\(4,\).*\(8,\)"):
+    align.weight_matching(spec, narrow["params"], wide["params"])
+  with pytest.raises(ValueError, match=r"one architecture and width"):
+    align.activation_matching(model.apply, spec, narrow, wide, [jnp.zeros((4, 8, 8, 3))])
+  with pytest.raises(ValueError, match=r"does not fit the reference model.*another architecture"):
+    align.weight_matching(align.resnet18_spec(), narrow["params"], narrow["params"])

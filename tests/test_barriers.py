@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from mechconn import barriers, batchnorm, paths
+from mechconn import barriers, batchnorm, finite, paths
 from mechconn.data.batching import stack_batches
 from mechconn.models import get_model
 
@@ -169,3 +169,66 @@ def test_vmap_working_memory_grows_with_the_number_of_t(cnn_setup):
                                       strategy="vmap")["temp"]
           for k in (16, 256)}
   assert temp[256] > 8 * temp[16], temp
+
+
+# ---------------------------------------------------------------- bad input is a named error
+
+TS = np.linspace(0, 1, 3)
+
+
+def _with(batches, key, index, value):
+  out = {k: np.array(v) for k, v in batches.items()}
+  out[key][index] = value
+  return out
+
+
+def test_a_nan_eval_image_is_an_error_not_a_correct_prediction(cnn_setup):
+  model, pa, pb, _, _, eval_batches, bn_batches = cnn_setup
+  bad = _with(eval_batches, "image", (1, 3, 2, 2, 0), np.nan)
+  with pytest.raises(finite.NonFiniteError, match=r"images of eval set 'eval'"):
+    barriers.evaluate_path(model.apply, (pa, pb), TS, bad, bn_batches=bn_batches)
+  # Padding rows (mask 0) too: a NaN there would turn the masked sum into NaN.
+  padded = _with(eval_batches, "image", (4, 15, 0, 0, 0), np.nan)
+  with pytest.raises(finite.NonFiniteError, match=r"images of eval set 'eval'"):
+    barriers.evaluate_path(model.apply, (pa, pb), TS, padded, bn_batches=bn_batches)
+
+
+def test_one_nan_batchnorm_pixel_is_an_error_not_a_zero_barrier(cnn_setup):
+  model, pa, pb, _, _, eval_batches, bn_batches = cnn_setup
+  bad = _with(bn_batches, "image", (2, 0, 1, 1, 2), np.nan)
+  with pytest.raises(finite.NonFiniteError, match=r"the BatchNorm images"):
+    barriers.evaluate_path(model.apply, (pa, pb), TS, eval_batches, bn_batches=bad)
+  with pytest.raises(finite.NonFiniteError, match=r"recompute_batch_stats.*the BatchNorm images"):
+    batchnorm.recompute_batch_stats(model.apply, {"params": pa}, bad)
+
+
+def test_non_finite_end_point_or_statistics_are_named(cnn_setup):
+  model, pa, pb, _, _, eval_batches, bn_batches = cnn_setup
+  nan_b = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.nan), pb)
+  with pytest.raises(finite.NonFiniteError, match=r"parameters of path point 1 of 2"):
+    barriers.evaluate_path(model.apply, (pa, nan_b), TS, eval_batches, bn_batches=bn_batches)
+  # Finite but huge weights: the activations' squares overflow float32 in the statistics.
+  huge = jax.tree.map(lambda p: p * 1e15, pb)
+  with pytest.raises(finite.NonFiniteError,
+                     match=r"recomputed BatchNorm statistics at t = 0\.5, 1 \(the inputs are "
+                           r"finite"):
+    barriers.evaluate_path(model.apply, (pa, huge), TS, eval_batches, bn_batches=bn_batches)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("label", lambda b: b["label"].astype(np.float32), r"\['label'\] has dtype float32; expected "
+                                                       r"integer class indices"),
+    ("label", lambda b: b["label"][:, :-1], r"\['label'\] has shape \(5, 15\); expected \(5, 16\)"),
+    ("label", lambda b: np.where(b["mask"] > 0, 7, 0).astype(np.int32),
+     r"labels outside \[0, 4\) \(the model's number of classes\)"),
+    ("label", lambda b: b["label"] - 1, r"labels outside \[0, 4\)"),
+    ("mask", lambda b: np.zeros_like(b["mask"]), r"no real example \(its mask is all zero\)"),
+    ("image", lambda b: b["image"][:0], r"is empty: its images have shape \(0, 16, 8, 8, 3\)"),
+])
+def test_bad_eval_sets_are_named_errors(cnn_setup, key, value, message):
+  model, pa, pb, _, _, eval_batches, bn_batches = cnn_setup
+  bad = {**eval_batches, key: value(eval_batches)}
+  if key == "image":
+    bad = {k: v[:0] for k, v in eval_batches.items()}
+  with pytest.raises(ValueError, match=message):
+    barriers.evaluate_path(model.apply, (pa, pb), TS, bad, bn_batches=bn_batches)

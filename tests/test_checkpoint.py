@@ -76,6 +76,9 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(checkpoint.CheckpointError, match=r"Checkpoint .*/5 .*left as is"):
       ckpt.restore(jax.eval_shape(lambda: state))
+    # read() (no target) wraps orbax's failure the same way (it was a raw traceback).
+    with pytest.raises(checkpoint.CheckpointError, match=r"Checkpoint .*/5 .*left as is"):
+      ckpt.read(5)
   assert _files(str(tmp_path)) == before
 
 
@@ -86,6 +89,8 @@ def test_empty_step_directory_is_reported(tmp_path):
     assert ckpt.latest_step() == 7
     with pytest.raises(checkpoint.CheckpointError, match=r"/7 is unreadable"):
       ckpt.restore(jax.eval_shape(lambda: _state(4)))
+    with pytest.raises(checkpoint.CheckpointError, match=r"/7 (is unreadable|has no readable)"):
+      ckpt.read(7)
     with pytest.raises(checkpoint.CheckpointError, match="No checkpoint"):
       checkpoint.Checkpointer(str(tmp_path / "empty")).restore({})
 

@@ -7,6 +7,7 @@ import pytest
 
 from mechconn import barriers
 from mechconn import counterfactual
+from mechconn import finite
 from mechconn.data import datasets, views
 from mechconn.models import get_model
 
@@ -76,3 +77,23 @@ def test_verdict_by_hand():
   assert lenient["mechanistically_connected"] and lenient["metric"] == "loss"
   with pytest.raises(ValueError, match="valid: \\['error', 'loss'\\]"):
     counterfactual.path_verdict({"cue": dip}, metric="accuracy")
+
+
+def test_views_of_non_finite_variables_or_images_are_named_errors():
+  x, y = datasets.load_base("shapes10", "test", num_examples=20)
+  test_views = views.box_views(datasets.normalize(x), y, 10, seed=0)
+  model = get_model("small_cnn", 10, width=4)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  batches = counterfactual.stack_views(test_views, y, batch_size=8)
+  nan_stats = {**variables, "batch_stats": jax.tree.map(lambda s: s * np.nan,
+                                                        variables["batch_stats"])}
+  with pytest.raises(finite.NonFiniteError, match="the model's batch_stats"):
+    counterfactual.evaluate_views(model.apply, nan_stats, batches)
+  image = np.array(batches["rand_img"]["image"])
+  image[1, 2, 3, 4, 0] = np.inf
+  bad = {**batches, "rand_img": {**batches["rand_img"], "image": image}}
+  with pytest.raises(finite.NonFiniteError, match="images of eval set 'rand_img'"):
+    counterfactual.evaluate_views(model.apply, variables, bad)
+  wrong = {**batches, "cue": {**batches["cue"], "label": batches["cue"]["label"] + 10}}
+  with pytest.raises(ValueError, match=r"eval set 'cue' has labels outside \[0, 10\)"):
+    counterfactual.evaluate_views(model.apply, variables, wrong)

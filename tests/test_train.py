@@ -1,6 +1,8 @@
 """The training step and loop learn the embedded task and are deterministic."""
 
 import functools
+import os
+import sys
 
 import chex
 import jax
@@ -10,11 +12,17 @@ import numpy as np
 import optax
 import pytest
 
+from mechconn import checkpoint
+from mechconn import finite
 from mechconn import mesh as mesh_lib
 from mechconn import train
 from mechconn import workdir as workdir_lib
 from mechconn.data.prototypes import make_prototype_images
 from mechconn.models import get_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from experiments.configs import train as train_configs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +123,23 @@ def test_step_schedule_decays_every_k_epochs():
 def test_non_finite_loss_raises_with_its_step(data):
   (x, y), _ = data
   model = get_model("mlp", 10, hidden=(8,))
-  with pytest.raises(FloatingPointError, match=r"at step \d+"):
+  with pytest.raises(finite.NonFiniteError, match=r"diverged at step \d+"):
     train.fit(model, optax.sgd(1e30), x, y, batch_size=64, num_epochs=2, seed=0,
               progress=False)
 
 
-def _tiny_loop(workdir, num_steps, **option_kwargs):
+def test_fit_with_one_nan_image_raises_at_its_step(data):
+  (x, y), _ = data
+  x = x.copy()
+  order = train.epoch_permutation(0, 0, len(x))
+  x[order[3 * 64 + 5], 2, 2, 1] = np.nan  # in the 4th batch of epoch 0
+  model = get_model("small_cnn", 10, width=4)
+  with pytest.raises(finite.NonFiniteError, match=r"diverged at step 4 .*param_norm"):
+    train.fit(model, optax.sgd(0.01), x, y, batch_size=64, num_epochs=1, seed=0,
+              progress=False)
+
+
+def _tiny_loop(workdir, num_steps, poison=None, **option_kwargs):
   """train_loop on a 1-device mesh for an MLP on prototype images."""
   (x, y) = make_prototype_images(1, 256, image_size=8, noise=0.8)
   model = get_model("mlp", 10, hidden=(16,))
@@ -137,8 +156,67 @@ def _tiny_loop(workdir, num_steps, **option_kwargs):
 
   options = train.LoopOptions(num_steps=num_steps, log_every=3, checkpoint_every=5,
                               progress=False, **option_kwargs)
-  return train.train_loop(init_fn, step_fn, batch_fn, str(workdir), options, mesh=mesh,
-                          eval_fn=lambda s: {"eval/step_seen": int(s.step)})
+  return train.train_loop(init_fn, (poison or (lambda f: f))(step_fn), batch_fn, str(workdir),
+                          options, mesh=mesh, eval_fn=lambda s: {"eval/step_seen": int(s.step)})
+
+
+def _saved_steps(workdir):
+  with checkpoint.Checkpointer(str(workdir / train.CHECKPOINT_DIR)) as ckpt:
+    steps = ckpt.all_steps()
+    assert all(bool(finite.all_finite_jit(ckpt.read(s))) for s in steps)
+  return steps
+
+
+def test_a_nan_in_a_batch_stops_the_loop_at_its_step_and_nothing_after_is_saved(tmp_path):
+  def nan_at_step_6(step_fn):  # the update from step 6 to 7 sees a NaN image
+    def step(state, batch):
+      if int(state.step) == 6:
+        batch = {**batch, "image": batch["image"].at[0, 0, 0, 0].set(jnp.nan)}
+      return step_fn(state, batch)
+    return step
+
+  with pytest.raises(finite.NonFiniteError,
+                     match=r"diverged at step 7 \(the update from step 6 to 7.*"
+                           r"last good checkpoint is .*checkpoints/5\b"):
+    _tiny_loop(tmp_path, 32, poison=nan_at_step_6)
+  assert _saved_steps(tmp_path) == [5]  # the next save (step 10) would have held NaN
+
+
+def test_a_nan_the_metrics_do_not_see_is_caught_before_the_checkpoint(tmp_path):
+  def nan_params_at_step_10(step_fn):  # finite metrics, a NaN parameter
+    def step(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == 10:
+        params = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params)
+        state = state.replace(params=params)
+      return state, metrics
+    return step
+
+  with pytest.raises(finite.NonFiniteError,
+                     match=r"state after step 10 holds NaN or infinity \(first at params/.*\)"
+                           r".*before saving it.*checkpoints/5\b"):
+    _tiny_loop(tmp_path, 32, poison=nan_params_at_step_10)
+  assert _saved_steps(tmp_path) == [5]
+
+
+def test_diverging_train_task_writes_no_result_and_no_bad_checkpoint(tmp_path):
+  config = train_configs.get_config("cpu_cue,quicktest")
+  config.optimizer.learning_rate = 1e3  # was: exit 0, NaN parameters, a normal final_eval
+  with pytest.raises(finite.NonFiniteError, match="diverged at step"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / train.FINAL_EVAL_FILE).exists()
+  _saved_steps(tmp_path)  # every checkpoint left is finite
+
+
+def test_a_diverged_run_is_refused_as_a_model(tmp_path):
+  config = train_configs.get_config("cpu_cue,quicktest")
+  train.train_and_evaluate(config, str(tmp_path))
+  with checkpoint.Checkpointer(str(tmp_path / train.CHECKPOINT_DIR)) as ckpt:
+    state = ckpt.read()
+    state["params"]["head"]["bias"] = state["params"]["head"]["bias"] * np.nan
+    ckpt.save(1000, state)  # as an older mechconn could have left it
+  with pytest.raises(finite.NonFiniteError, match=r"checkpoints/1000 \(first at params/head/bias"):
+    train.load_trained(str(tmp_path))
 
 
 def test_train_loop_continues_where_a_shorter_run_stopped(tmp_path):

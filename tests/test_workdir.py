@@ -1,43 +1,128 @@
 """mechconn.workdir: a workdir belongs to one config; metrics survive a kill."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from mechconn import workdir as workdir_lib
 
-CONFIG = {"seed": 0, "num_t": 5, "model": {"name": "small_cnn", "kwargs": {"width": 4}}}
+CONFIG = {"task": "train", "seed": 0, "num_t": 5,
+          "model": {"name": "small_cnn", "kwargs": {"width": 4}}}
 OTHER = {**CONFIG, "model": {"name": "small_cnn", "kwargs": {"width": 8}}}
 
 
-def test_same_config_may_rerun_and_different_config_is_refused(tmp_path):
-  path = tmp_path / "result.json"
-  workdir_lib.check_result_compatible(str(path), CONFIG)  # no file yet: fine
-  workdir_lib.write_json_atomic(str(path), {"config": CONFIG, "loss": [1.0]})
-  workdir_lib.check_result_compatible(str(path), CONFIG)  # same config: fine
-  with pytest.raises(FileExistsError, match=r"differs in \['model.kwargs.width'\]"):
-    workdir_lib.check_result_compatible(str(path), OTHER)
-  assert json.loads(path.read_text())["loss"] == [1.0]
-  assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp file left
+LAYOUT = workdir_lib.Layout(files=("metrics.jsonl", "result.json"),
+                            checkpoint_dirs=("checkpoints",))
 
 
-def test_unreadable_result_is_refused_and_kept(tmp_path):
-  path = tmp_path / "result.json"
-  path.write_text("{not json")
-  with pytest.raises(FileExistsError, match="not readable JSON"):
-    workdir_lib.check_result_compatible(str(path), CONFIG)
-  assert path.read_text() == "{not json"
+def _claim(workdir, config, **kwargs):
+  with workdir_lib.claim(str(workdir), config, LAYOUT, **kwargs):
+    pass
+
+
+def _tree(root):
+  """Files and directories (these with a trailing '/') under root, relative to it."""
+  return sorted([os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root)
+                 for f in fs] + [os.path.relpath(os.path.join(d, x), root) + "/"
+                                 for d, dirs, _ in os.walk(root) for x in dirs])
 
 
 def test_claim_refuses_another_config_unless_overwriting(tmp_path):
-  assert workdir_lib.claim(str(tmp_path / "w"), CONFIG) is False
-  assert workdir_lib.claim(str(tmp_path / "w"), CONFIG) is False  # resume: fine
+  w = tmp_path / "w"
+  _claim(w, CONFIG)
+  _claim(w, CONFIG)  # resume: fine
   with pytest.raises(FileExistsError, match=r"differs in \['model.kwargs.width'\].*--overwrite"):
-    workdir_lib.claim(str(tmp_path / "w"), OTHER)
-  recorded = json.loads((tmp_path / "w" / workdir_lib.CONFIG_FILE).read_text())
-  assert recorded == CONFIG
-  assert workdir_lib.claim(str(tmp_path / "w"), OTHER, overwrite=True) is True
-  assert json.loads((tmp_path / "w" / workdir_lib.CONFIG_FILE).read_text()) == OTHER
+    _claim(w, OTHER)
+  assert json.loads((w / workdir_lib.CONFIG_FILE).read_text()) == CONFIG
+  _claim(w, OTHER, overwrite=True)
+  assert json.loads((w / workdir_lib.CONFIG_FILE).read_text()) == OTHER
+
+
+def test_overwrite_deletes_only_what_the_task_wrote(tmp_path):
+  w = tmp_path / "w"
+  _claim(w, CONFIG)
+  for name in ("metrics.jsonl", "result.json", "notes.txt", "checkpoints/README",
+               "checkpoints/10/state", "checkpoints/20.orbax-checkpoint-tmp-171/state",
+               "checkpoints/best/state", "data/train.npz"):
+    (w / name).parent.mkdir(parents=True, exist_ok=True)
+    (w / name).write_text("x")
+  _claim(w, OTHER, overwrite=True)
+  assert _tree(w) == sorted([".mechconn.lock", "config.json", "notes.txt", "checkpoints/",
+                             "checkpoints/README", "checkpoints/best/",
+                             "checkpoints/best/state", "data/", "data/train.npz"])
+
+
+def test_a_config_json_that_is_not_this_tasks_is_never_written_over(tmp_path):
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+  (hf / "metrics.jsonl").write_text("theirs")
+  before = _tree(hf)
+  for overwrite in (False, True):
+    with pytest.raises(FileExistsError, match="mechconn did not write.*with or without"):
+      _claim(hf, {**CONFIG, "task": "train"}, overwrite=overwrite)
+  other_task = tmp_path / "other"
+  _claim(other_task, {**CONFIG, "task": "eval_path"})
+  with pytest.raises(FileExistsError, match=r"holds a mechconn 'eval_path' run, not a 'train'"):
+    _claim(other_task, {**CONFIG, "task": "train"}, overwrite=True)
+  assert _tree(hf) == before and (hf / "metrics.jsonl").read_text() == "theirs"
+
+
+def test_outputs_without_a_config_are_refused_unless_overwriting(tmp_path):
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / "result.json").write_text("{}")
+  with pytest.raises(FileExistsError, match=r"holds mechconn outputs .*result.json.* no config"):
+    _claim(w, CONFIG)
+  assert (w / "result.json").exists() and not (w / "config.json").exists()
+  _claim(w, CONFIG, overwrite=True)
+  assert not (w / "result.json").exists()
+
+
+def test_unreadable_config_is_refused_and_kept(tmp_path):
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(FileExistsError, match="not readable JSON"):
+    _claim(tmp_path, CONFIG, overwrite=True)
+  assert (tmp_path / "config.json").read_text() == "{not json"
+
+
+HOLD = """
+import sys, time
+from mechconn import workdir
+with workdir.lock(sys.argv[1]):
+  print("holding", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_lock_names_a_live_holder_and_takes_over_from_a_killed_one(tmp_path):
+  w = str(tmp_path / "w")
+  holder = subprocess.Popen([sys.executable, "-c", HOLD, w], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "holding"
+    with pytest.raises(workdir_lib.WorkdirBusyError,
+                       match=rf"in use by another mechconn job \(pid {holder.pid} on host "
+                             rf"'{socket.gethostname()}'"):
+      _claim(w, CONFIG)
+    assert not os.path.exists(os.path.join(w, workdir_lib.CONFIG_FILE))  # nothing written
+  finally:
+    holder.kill()  # SIGKILL: the lock file stays behind, naming the dead holder
+    holder.wait()
+  assert str(holder.pid) in open(os.path.join(w, workdir_lib.LOCK_FILE)).read()
+  _claim(w, CONFIG)  # the kernel released the dead process's lock: taken over
+  record = json.loads(open(os.path.join(w, workdir_lib.LOCK_FILE)).read())
+  assert record["pid"] == os.getpid()
+
+
+def test_a_workdir_claimed_in_this_process_is_refused_again(tmp_path):
+  with workdir_lib.claim(str(tmp_path), CONFIG, LAYOUT):
+    with pytest.raises(workdir_lib.WorkdirBusyError, match="already claimed by this process"):
+      _claim(tmp_path, CONFIG)
+  _claim(tmp_path, CONFIG)  # released on exit
 
 
 def test_metrics_truncate_and_skip_a_torn_last_line(tmp_path):
