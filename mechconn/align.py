@@ -30,6 +30,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from mechconn import batchnorm
+from mechconn import finite
 from mechconn import paths
 
 Params = chex.ArrayTree
@@ -222,7 +223,8 @@ def check_pair(spec: PermutationSpec, reference: Params, other: Params) -> None:
   """Raises ValueError unless both params fit the spec and have the same leaves and shapes.
 
   Names the spec's missing or extra leaves (a spec of another architecture),
-  or the first leaf whose shape differs (models of different widths).
+  or the first leaf whose shape differs (models of different widths); raises
+  `finite.NonFiniteError` naming the first NaN or infinite leaf.
   """
   for name, params in (("reference", reference), ("other", other)):
     try:
@@ -235,6 +237,11 @@ def check_pair(spec: PermutationSpec, reference: Params, other: Params) -> None:
   except ValueError as e:
     raise ValueError("Only models of one architecture and width can be aligned (point 0 is "
                      f"the reference, point 1 the other): {e}") from None
+  for name, params in (("reference", reference), ("other", other)):
+    if not bool(finite.all_finite_jit(params)):
+      raise finite.NonFiniteError(f"The {name} model's parameters hold NaN or infinity "
+                                  f"(first at {finite.first_nonfinite_leaf(params)}); they "
+                                  "cannot be aligned.")
 
 
 # --- Weight matching (Git Re-Basin, Algorithm 1). ------------------------------------

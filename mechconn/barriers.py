@@ -82,6 +82,8 @@ def check_grid(ts) -> np.ndarray:
   ts = np.asarray(ts)
   if ts.ndim != 1 or ts.size < 2:
     raise ValueError(f"A t grid must be 1-D with at least 2 values, got shape {ts.shape}.")
+  if not np.issubdtype(ts.dtype, np.number) or not np.all(np.isfinite(ts)):
+    raise ValueError(f"A t grid must hold finite numbers, got {ts.tolist()}.")
   if ts[0] != 0 or ts[-1] != 1:
     raise ValueError(
         f"A t grid must start at 0 and end at 1 (use np.linspace(0, 1, n)); "

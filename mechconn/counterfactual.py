@@ -15,6 +15,7 @@ import numpy as np
 
 from mechconn import barriers
 from mechconn import batchnorm
+from mechconn import finite
 from mechconn.data import batching
 from mechconn.data.views import VIEWS
 
@@ -131,6 +132,10 @@ def path_verdict(results: dict[str, barriers.PathEval], *,
                    "loss_t": barriers.barrier_location(ts, loss),
                    "error": float(barriers.barrier_height(ts, error)),
                    "error_t": barriers.barrier_location(ts, error)}
+  bad = sorted(v for v, b in table.items() if not all(np.isfinite(list(b.values()))))
+  if bad:  # NaN > tolerance is False: a NaN barrier would read as "connected"
+    raise finite.NonFiniteError(f"path_verdict: the barriers on views {bad} are not finite "
+                                f"({ {v: table[v] for v in bad} }); no verdict from them.")
   broken = [v for v in VIEWS if v in table and table[v][metric] > tolerance]
   return {"barriers": table, "broken_views": broken,
           "mechanistically_connected": not broken, "metric": metric, "tolerance": tolerance}

@@ -316,8 +316,7 @@ def dry_run(config: Any) -> dict:
   cached features: seconds, left out).
   """
   mesh = mesh_lib.data_mesh()
-  train.check_train_config(config.train, mesh.devices.size)
-  check_finetune_config(config, mesh.devices.size)
+  check_study_config(config, mesh.devices.size)
   model, state, batch, cue_timing = train.dry_run_train_step(config.train, mesh,
                                                              "cue model step")
   if config.cue_model_workdir:

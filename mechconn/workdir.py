@@ -162,6 +162,9 @@ def lock(workdir: str) -> Iterator[None]:
   Raises:
     WorkdirBusyError: another live process (or this one) holds the lock.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FileExistsError(f"The workdir {workdir} is a file, not a directory; use another "
+                          "--workdir. Nothing was changed.")
   os.makedirs(workdir, exist_ok=True)
   key = os.path.realpath(workdir)
   path = os.path.join(workdir, LOCK_FILE)

@@ -9,6 +9,7 @@ import pytest
 from mechconn import align
 from mechconn import barriers
 from mechconn import batchnorm
+from mechconn import finite
 from mechconn.data import batching
 from mechconn.models import get_model
 
@@ -139,3 +140,6 @@ def test_matching_models_of_other_widths_or_another_spec_is_a_named_error():
     align.activation_matching(model.apply, spec, narrow, wide, [jnp.zeros((4, 8, 8, 3))])
   with pytest.raises(ValueError, match=r"does not fit the reference model.*another architecture"):
     align.weight_matching(align.resnet18_spec(), narrow["params"], narrow["params"])
+  diverged = jax.tree.map(lambda p: p * jnp.nan, narrow["params"])
+  with pytest.raises(finite.NonFiniteError, match=r"other model's parameters hold NaN .*first at"):
+    align.weight_matching(spec, narrow["params"], diverged)

@@ -33,7 +33,8 @@ def test_asymmetric_closed_form():
 
 
 @pytest.mark.parametrize("ts", [np.linspace(0.1, 1, 5), np.linspace(0, 0.9, 5),
-                                np.arange(0, 1 + 1 / 6, 1 / 6), [0.0, 0.5, 0.4, 1.0]])
+                                np.arange(0, 1 + 1 / 6, 1 / 6), [0.0, 0.5, 0.4, 1.0],
+                                [0.0, np.nan, 1.0]])
 def test_bad_grids_raise(ts):
   with pytest.raises(ValueError, match="grid"):
     barriers.barrier_height(ts, np.zeros(len(ts)))

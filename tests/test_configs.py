@@ -194,3 +194,67 @@ def test_finetune_presets_are_the_methods():
     config = finetune_configs.get_config(f"{method},quicktest")
     assert config.method == method and tuple(config.finetune.methods) == (method,)
     reproduce.check_finetune_config(config, num_devices=8)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optimizer.momentum", -3.0, r"config.optimizer.momentum=-3.0 must be in \[0, 1\)"),
+    ("optimizer.momentum", 1.0, r"config.optimizer.momentum=1.0 must be in \[0, 1\)"),
+    ("optimizer.weight_decay", -5.0, r"config.optimizer.weight_decay=-5.0 must be >= 0"),
+    ("optimizer.learning_rate", float("nan"), r"learning_rate=nan must be a finite number"),
+    ("optimizer.learning_rate", float("inf"), r"learning_rate=inf must be a finite number"),
+    ("optimizer.learning_rate", -0.1, r"learning_rate=-0.1 must be > 0"),
+    ("optimizer.decay_factor", 0.0, r"decay_factor=0.0 must be in \(0, 1\]"),
+    ("data.cue_proportion", float("nan"), r"cue_proportion=nan must be a finite number"),
+    ("seed", -1, r"config.seed=-1 must be a non-negative integer"),
+    ("data.seed", -2, r"config.data.seed=-2 must be a non-negative integer"),
+    ("data.num_train", 100, r"config.batch_size=128 exceeds the 100 training examples"),
+])
+def test_every_number_is_range_checked(key, value, message):
+  config = train_configs.get_config("cpu_cue")
+  section, _, field = key.rpartition(".")
+  (config[section] if section else config)[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.check_train_config(config, num_devices=1)
+
+
+def test_a_refused_launch_writes_nothing(tmp_path):
+  # Batch larger than the data: refused before the workdir is claimed, so the
+  # corrected command is not then refused as "a different config".
+  config = train_configs.get_config("cpu_cue,quicktest")
+  config.data.num_train = 16
+  with pytest.raises(ValueError, match=r"config.batch_size=32 exceeds the 16 training"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_task_configs_range_check_their_own_numbers():
+  from mechconn import connectivity, drivers, reproduce
+  quickstart = _load("quickstart")
+  config = quickstart.get_config("quicktest")
+  config.learning_rate = -0.05  # was: gradient ascent, and a result written
+  with pytest.raises(ValueError, match=r"config.learning_rate=-0.05 must be > 0"):
+    drivers.check_quickstart_config(config)
+  config = quickstart.get_config("quicktest")
+  config.bn_batches = 100
+  with pytest.raises(ValueError, match=r"config.bn_batches=100 batches .* need 12800"):
+    drivers.check_quickstart_config(config)
+  config = eval_path_configs.get_config("cpu")
+  config.barrier_tolerance = float("nan")
+  with pytest.raises(ValueError, match=r"config.barrier_tolerance=nan must be a finite number"):
+    connectivity.check_eval_path_config(config, 1)
+  config = fit_curve_configs.get_config("cpu_clean")
+  config.optimizer.momentum = -1.0
+  with pytest.raises(ValueError, match=r"config.optimizer.momentum=-1.0 must be in \[0, 1\)"):
+    connectivity.check_curve_config(config, 1)
+  config = reproduce_configs.get_config("cpu")
+  config.finetune.optimizer.weight_decay = -5.0
+  with pytest.raises(ValueError, match=r"config.finetune.optimizer.weight_decay=-5.0 must be >= 0"):
+    reproduce.check_study_config(config, 1)
+  config = reproduce_configs.get_config("cpu")
+  config.finetune.cbft.margin = float("inf")
+  with pytest.raises(ValueError, match=r"config.finetune.cbft.margin=inf must be a finite"):
+    reproduce.check_study_config(config, 1)
+  config = reproduce_configs.get_config("cpu")
+  config.seeds = (0, 0)
+  with pytest.raises(ValueError, match=r"config.seeds=\(0, 0\) repeats a seed"):
+    reproduce.check_study_config(config, 1)

@@ -77,6 +77,10 @@ def test_verdict_by_hand():
   assert lenient["mechanistically_connected"] and lenient["metric"] == "loss"
   with pytest.raises(ValueError, match="valid: \\['error', 'loss'\\]"):
     counterfactual.path_verdict({"cue": dip}, metric="accuracy")
+  nan = barriers.PathEval(ts=ts, loss=jnp.asarray([1.0, jnp.nan, 1.0, 1.0, 1.0]),
+                          accuracy=jnp.full(5, 0.9))
+  with pytest.raises(finite.NonFiniteError, match=r"barriers on views \['cue'\] are not finite"):
+    counterfactual.path_verdict({"clean": flat, "cue": nan})  # was: "connected"
 
 
 def test_views_of_non_finite_variables_or_images_are_named_errors():

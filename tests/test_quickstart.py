@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -50,3 +51,28 @@ def test_unknown_config_key_and_preset_are_refused(tmp_path):
        "--config=experiments/configs/quickstart.py:huge", f"--workdir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "valid presets" in proc.stderr
+
+
+def test_bad_value_is_refused_before_the_workdir_is_touched(tmp_path):
+  proc = run_main(tmp_path / "w", "--config.learning_rate=-0.05")
+  assert proc.returncode != 0
+  assert "config.learning_rate=-0.05 must be > 0" in proc.stderr.splitlines()[-1]
+  assert not (tmp_path / "w").exists()
+
+
+def _train_launch(workdir, *extra):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/train.py:cpu_cue,quicktest", f"--workdir={workdir}",
+       *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_launcher_keeps_third_party_info_lines_off_the_terminal(tmp_path):
+  quiet = _train_launch(tmp_path / "quiet")
+  assert quiet.returncode == 0, quiet.stderr[-3000:]
+  info = re.compile(r"^I\d{4} ", re.MULTILINE)  # absl's INFO lines (orbax writes ~150)
+  assert not info.search(quiet.stderr)
+  assert quiet.stdout.strip().splitlines()[-1].startswith("rand_img")  # the result comes last
+  verbose = _train_launch(tmp_path / "verbose", "--verbosity=0")
+  assert verbose.returncode == 0, verbose.stderr[-3000:]
+  assert len(info.findall(verbose.stderr)) > 10

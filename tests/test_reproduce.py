@@ -9,6 +9,7 @@ import pytest
 
 from mechconn import barriers
 from mechconn import reproduce
+from mechconn import workdir as workdir_lib
 from mechconn.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,10 +51,71 @@ def test_reproduce_writes_every_number_and_the_report(study):
     assert os.path.getsize(os.path.join(workdir, figure)) > 5_000
 
 
+def _result_mtimes(workdir):
+  runs = os.path.join(workdir, "runs")
+  return {d: os.stat(os.path.join(runs, d, reproduce.RESULT_FILE)).st_mtime_ns
+          for d in sorted(os.listdir(runs))
+          if os.path.exists(os.path.join(runs, d, reproduce.RESULT_FILE))}
+
+
 def test_relaunch_skips_finished_runs(study):
   workdir, config, record = study
+  before = _result_mtimes(workdir)
   again = reproduce.reproduce(config, workdir)
   assert again["methods"] == record["methods"]
+  assert _result_mtimes(workdir) == before  # reused, not recomputed
+
+
+def _naive_study(cue_dir):
+  config = reproduce_config.get_config("cpu,quicktest")
+  config.cue_model_workdir = cue_dir  # the study's cue model: no training here
+  config.finetune.methods = ("naive",)
+  config.seeds = (0,)
+  return config
+
+
+def test_overwrite_after_a_change_never_reuses_old_runs(study, tmp_path):
+  cue_dir = os.path.join(study[0], "cue_model")
+  workdir = str(tmp_path / "w")
+  config = _naive_study(cue_dir)
+  first = reproduce.reproduce(config, workdir)
+  changed = _naive_study(cue_dir)
+  changed.finetune.naive.learning_rate = 0.05
+  with pytest.raises(FileExistsError, match=r"differs in \['finetune.naive.learning_rate'\]"):
+    reproduce.reproduce(changed, workdir)
+  second = reproduce.reproduce(changed, workdir, overwrite=True)
+  run_dir = os.path.join(workdir, "runs", "naive_seed0")
+  with open(os.path.join(run_dir, "config.json")) as f:
+    assert json.load(f)["study"]["finetune"]["naive"]["learning_rate"] == 0.05
+  assert (second["methods"]["naive"]["views"]["clean"]["values"] !=
+          first["methods"]["naive"]["views"]["clean"]["values"])
+  # A run directory whose recorded config is not the study's (stale) is redone, not read.
+  with open(os.path.join(run_dir, "config.json")) as f:
+    recorded = json.load(f)
+  recorded["study"]["finetune"]["naive"]["learning_rate"] = 0.5
+  workdir_lib.write_json_atomic(os.path.join(run_dir, "config.json"), recorded)
+  before = _result_mtimes(workdir)
+  third = reproduce.reproduce(changed, workdir)
+  assert _result_mtimes(workdir) != before
+  assert third["methods"]["naive"]["views"] == second["methods"]["naive"]["views"]
+
+
+def test_a_given_cue_model_must_match_the_study_recipe(study, tmp_path):
+  config = _naive_study(os.path.join(study[0], "cue_model"))
+  config.train.data.cue_proportion = 0.0
+  config.train.model.kwargs.width = 8
+  with pytest.raises(ValueError, match=r"holds a model trained with data.cue_proportion=0.8, "
+                                       r"model.kwargs.width=4 but config.train has "
+                                       r"data.cue_proportion=0.0, model.kwargs.width=8"):
+    reproduce.reproduce(config, str(tmp_path / "w"))
+  config = _naive_study(str(tmp_path / "no_such_run"))
+  with pytest.raises(FileNotFoundError, match="no finished train run"):
+    reproduce.reproduce(config, str(tmp_path / "w"))
+  config = _naive_study(os.path.join(study[0], "cue_model"))
+  config.finetune.num_clean = 10_000  # more than the cue model's 512 training examples
+  with pytest.raises(ValueError, match=r"num_clean=10000 \+ finetune.num_cue=200 exceed the 512"):
+    reproduce.reproduce(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # refused before the workdir was claimed
 
 
 def test_clean_and_cue_sets_are_disjoint_and_cued_as_asked():

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import subprocess
 import sys
 
 import chex
@@ -237,3 +238,37 @@ def test_epoch_permutation_depends_only_on_seed_and_epoch():
   np.testing.assert_array_equal(a, train.epoch_permutation(0, 1, 100))
   assert not np.array_equal(a, train.epoch_permutation(0, 2, 100))
   assert sorted(a) == list(range(100))
+
+
+def test_overwrite_replaces_the_run_and_keeps_the_users_files(tmp_path):
+  config = train_configs.get_config("cpu_cue,quicktest")
+  train.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / "notes.md").write_text("mine")
+  (tmp_path / train.CHECKPOINT_DIR / "best_by_hand").mkdir()
+  (tmp_path / train.CHECKPOINT_DIR / "best_by_hand" / "weights.npz").write_text("mine")
+  other = train_configs.get_config("cpu_cue,quicktest")
+  other.seed = 3
+  with pytest.raises(FileExistsError, match=r"differs in \['seed'\]"):
+    train.train_and_evaluate(other, str(tmp_path))
+  record = train.train_and_evaluate(other, str(tmp_path), overwrite=True)
+  assert record["config"]["seed"] == 3
+  assert (tmp_path / "notes.md").read_text() == "mine"
+  assert (tmp_path / train.CHECKPOINT_DIR / "best_by_hand" / "weights.npz").read_text() == "mine"
+  steps = [r["step"] for r in workdir_lib.read_metrics(str(tmp_path / workdir_lib.METRICS_FILE))
+           if "train/loss" in r]
+  assert steps == sorted(set(steps))  # one run's metrics, not two appended
+
+
+def test_a_workdir_held_by_a_live_job_is_refused(tmp_path):
+  hold = ("import sys, time\nfrom mechconn import workdir\n"
+          "with workdir.lock(sys.argv[1]):\n  print('holding', flush=True)\n  time.sleep(60)\n")
+  holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "holding"
+    with pytest.raises(workdir_lib.WorkdirBusyError, match=rf"pid {holder.pid}"):
+      train.train_and_evaluate(train_configs.get_config("cpu_cue,quicktest"), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [workdir_lib.LOCK_FILE]
+  finally:
+    holder.kill()
+    holder.wait()

@@ -83,6 +83,13 @@ def test_outputs_without_a_config_are_refused_unless_overwriting(tmp_path):
   assert not (w / "result.json").exists()
 
 
+def test_a_file_as_workdir_is_refused(tmp_path):
+  (tmp_path / "model.bin").write_text("weights")
+  with pytest.raises(FileExistsError, match=r"model.bin is a file, not a directory"):
+    _claim(tmp_path / "model.bin", CONFIG)
+  assert (tmp_path / "model.bin").read_text() == "weights"
+
+
 def test_unreadable_config_is_refused_and_kept(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(FileExistsError, match="not readable JSON"):
