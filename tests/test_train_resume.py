@@ -107,8 +107,13 @@ def test_eight_fake_devices_match_one_device(tmp_path):
   assert record["devices"] == 8
   a, b = _final_state(one), _final_state(eight)
   assert int(a["step"]) == int(b["step"]) == 16
-  chex.assert_trees_all_close(b["params"], a["params"], rtol=1e-4, atol=1e-5)
-  chex.assert_trees_all_close(b["batch_stats"], a["batch_stats"], rtol=1e-4, atol=1e-5)
+  # Equal up to the order of the gradient sums (an all-reduce over 8 devices vs one
+  # device's reduction), which 16 SGD-with-momentum steps amplify: on this 2-core
+  # CPU (jax 0.10.2) a few conv weights of ~0.03 differ by up to 3e-5 (relative
+  # 1e-3, deterministic), whereas a device's rows lost or counted twice would change
+  # every step's gradient by a large fraction.
+  chex.assert_trees_all_close(b["params"], a["params"], rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(b["batch_stats"], a["batch_stats"], rtol=1e-4, atol=1e-4)
   with open(os.path.join(one, train.FINAL_EVAL_FILE)) as f:
     views_one = json.load(f)["views"]
   for view, r in record["views"].items():
