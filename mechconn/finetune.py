@@ -102,7 +102,7 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epoc
       epoch_metrics.append(metrics)
     train.raise_if_diverged(jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs),
                                                         *epoch_metrics)),
-                            epoch * steps_per_epoch, "fit_head keeps no checkpoints")
+                            epoch * steps_per_epoch, lambda: "fit_head keeps no checkpoints")
   return state.params
 
 

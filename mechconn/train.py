@@ -213,13 +213,15 @@ def first_nonfinite_step(stacked: dict[str, np.ndarray]) -> tuple[int, dict] | N
   return i, {k: np.asarray(v)[i].tolist() for k, v in stacked.items()}
 
 
-def raise_if_diverged(stacked: dict[str, np.ndarray], first_step: int, saved: str) -> None:
+def raise_if_diverged(stacked: dict[str, np.ndarray], first_step: int,
+                      saved: Callable[[], str]) -> None:
   """Raises NonFiniteError at the first step of the window whose metrics are not finite.
 
   Args:
     stacked: metrics over the steps of the window.
     first_step: the 0-based step of the window's first entry.
-    saved: what was saved before it (e.g. the last good checkpoint), for the message.
+    saved: () -> what was saved before it (e.g. the last good checkpoint), for
+      the message; called only when raising.
   """
   found = first_nonfinite_step(stacked)
   if found is None:
@@ -230,7 +232,7 @@ def raise_if_diverged(stacked: dict[str, np.ndarray], first_step: int, saved: st
       f"Training diverged at step {first_step + i + 1} (the update from step "
       f"{first_step + i} to {first_step + i + 1}; step numbers count updates, as the "
       f"checkpoints and metrics do): non-finite {bad}. Nothing from that step on was saved; "
-      f"{saved}. Lower the learning rate, or look for NaN or infinity in the data.")
+      f"{saved()}. Lower the learning rate, or look for NaN or infinity in the data.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +303,7 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
                   dynamic_ncols=True, leave=False)
   pending, window_start, tick = [], start, time.perf_counter()
 
-  def saved_so_far():
+  def saved_so_far():  # only on the error path: it waits for pending saves
     ckpt.wait()
     last_good = ckpt.latest_step()
     return (f"the last good checkpoint is {ckpt.step_dir(last_good)}" if last_good is not None
@@ -329,7 +331,7 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
       save_now = done % options.checkpoint_every == 0 or last
       if log_now or eval_now or save_now:  # read the window's metrics: finite?
         stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
-        raise_if_diverged(stacked, window_start, saved_so_far())
+        raise_if_diverged(stacked, window_start, saved_so_far)
       if log_now:
         elapsed = time.perf_counter() - tick
         record = {"step": done}
@@ -387,7 +389,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
       state, metrics = step_fn(state, batch, step_key)
       epoch_metrics.append(metrics)
     stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics))
-    raise_if_diverged(stacked, epoch * steps_per_epoch, "fit keeps no checkpoints")
+    raise_if_diverged(stacked, epoch * steps_per_epoch, lambda: "fit keeps no checkpoints")
     history.append({"epoch": epoch, **{k: float(np.mean(v)) for k, v in stacked.items()}})
     bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['accuracy']:.3f}")
   return state, history
