@@ -6,7 +6,9 @@
   orbax checkpoints, JSON-lines metrics, a tqdm bar and auto-resume. Batches
   and step keys are functions of the step number, so a run killed at any step
   and resumed ends with the parameters of an uninterrupted run (bitwise, on
-  the same machine).
+  the same machine). A step whose loss, gradient norm or parameter norm is not
+  finite stops the run (`finite.NonFiniteError`, naming the step and the last
+  good checkpoint); the whole state is checked before every save.
 - `train_and_evaluate(config, workdir)`: the `train` task. Builds the cued data,
   the model and the optimiser from a config, trains, evaluates on the four
   counterfactual views every `eval_every_steps` and at the end.

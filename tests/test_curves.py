@@ -1,5 +1,7 @@
 """Curve fitting: the gradient reaches the control point through the path, by autodiff."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,10 @@ import numpy as np
 import optax
 import pytest
 
+from mechconn import checkpoint
 from mechconn import curves
+from mechconn import finite
+from mechconn import mesh as mesh_lib
 from mechconn import paths
 from mechconn import train
 from mechconn.models import get_model
@@ -80,3 +85,22 @@ def test_init_free_points():
     curves.init_free_points(a, b, 1, "random")
   with pytest.raises(ValueError, match="shape"):
     curves.init_free_points(a, b, 1, "fresh", [{"w": jnp.ones(4)}])
+
+
+def test_a_diverging_curve_fit_stops_and_saves_nothing_non_finite(setup, tmp_path):
+  model, batch, a, m, b, loss_fn = setup
+  tx = optax.sgd(1e8)
+  free = (m["params"],)
+
+  def init():
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=free, batch_stats={},
+                            opt_state=tx.init(free))
+
+  step = functools.partial(train.train_step, root_key=jax.random.key(0), loss_fn=loss_fn, tx=tx)
+  with pytest.raises(finite.NonFiniteError, match=r"diverged at step \d+"):
+    train.train_loop(init, step, lambda s: batch, str(tmp_path),
+                     train.LoopOptions(num_steps=40, log_every=1, checkpoint_every=1,
+                                       progress=False),
+                     mesh=mesh_lib.data_mesh(jax.devices()[:1]))
+  with checkpoint.Checkpointer(str(tmp_path / train.CHECKPOINT_DIR)) as ckpt:
+    assert all(bool(finite.all_finite_jit(ckpt.read(s))) for s in ckpt.all_steps())

@@ -1,5 +1,7 @@
 """Fine-tuning methods: CBFT's gradients and losses by definition; each method lowers its objective."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,8 @@ import optax
 import pytest
 
 from mechconn import finetune
+from mechconn import finite
+from mechconn import mesh as mesh_lib
 from mechconn import paths
 from mechconn import train
 from mechconn.models import get_model
@@ -144,3 +148,33 @@ def test_dfr_head_solves_its_regularised_problem(setup):
 def test_unknown_method_lists_the_valid_ones():
   with pytest.raises(ValueError, match=r"valid methods: \['naive', 'lp', 'lp_ft', 'dfr', 'cbft'\]"):
     finetune.check_method("ft")
+
+
+def test_cbft_and_heads_stop_on_non_finite_numbers(setup, tmp_path):
+  model, images, labels, reference, theta = setup
+  loss = finetune.CBFTLoss(model.apply, reference["params"], 10)
+  tx = optax.sgd(0.02, momentum=0.9)
+  cue = np.array(images[16:])
+  cue[3, 0, 0, 0] = np.nan  # one NaN pixel in the cue batch of the barrier step
+  batch = {"clean_image": images[:16], "clean_label": labels[:16], "cue_image": cue,
+           "cue_label": labels[16:]}
+
+  def init():
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=theta["params"],
+                            batch_stats=theta["batch_stats"], opt_state=tx.init(theta["params"]))
+
+  step = functools.partial(finetune.cbft_step, root_key=jax.random.key(0), loss_fn=loss, tx=tx)
+  with pytest.raises(finite.NonFiniteError, match=r"diverged at step 1 .*param_norm"):
+    train.train_loop(init, step, lambda s: batch, str(tmp_path),
+                     train.LoopOptions(num_steps=4, log_every=2, progress=False),
+                     mesh=mesh_lib.data_mesh(jax.devices()[:1]))
+  feats = finetune.extract_features(model.apply, reference, images, batch_size=8)
+  feats[5, 2] = np.inf
+  with pytest.raises(finite.NonFiniteError, match=r"fit_head: the features hold NaN or infinity "
+                                                  r"in 1 of 32 examples"):
+    finetune.fit_head(feats, labels, 10, epochs=2, learning_rate=0.5, batch_size=16, seed=0)
+  with pytest.raises(finite.NonFiniteError, match="fit_dfr_head: the features"):
+    finetune.fit_dfr_head(feats, labels, 10)
+  with pytest.raises(finite.NonFiniteError, match=r"diverged at step \d+"):
+    finetune.fit_head(np.nan_to_num(feats, posinf=0.0), labels, 10, epochs=3,
+                      learning_rate=1e30, batch_size=16, seed=0)
