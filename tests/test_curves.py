@@ -88,9 +88,9 @@ def test_init_free_points():
 
 
 def test_a_diverging_curve_fit_stops_and_saves_nothing_non_finite(setup, tmp_path):
-  model, batch, a, m, b, loss_fn = setup
+  model, batch, _, _, _, loss_fn = setup
   tx = optax.sgd(1e8)
-  free = (m["params"],)
+  free = (model.init(jax.random.key(9), batch["image"])["params"],)  # the loop donates it
 
   def init():
     return train.TrainState(step=jnp.zeros((), jnp.int32), params=free, batch_stats={},
