@@ -31,6 +31,17 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into the requested target."""
 
 
+def _cause(e: BaseException, limit: int = 300) -> str:
+  """'Type: message' of the innermost exception in e's chain (where orbax and
+  TensorStore put the actual reason, e.g. a failed decompression of one leaf)."""
+  seen = set()
+  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split()).split(" [tensorstore_spec=")[0]  # drop the spec dump
+  return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def _leaves_by_path(tree: PyTree) -> dict[str, Any]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
@@ -114,9 +125,8 @@ class Checkpointer:
     try:
       metadata = self._manager.item_metadata(step)
     except Exception as e:  # orbax raises several types for an unreadable step
-      raise CheckpointError(f"Checkpoint {where} is unreadable ({type(e).__name__}: {e}). "
-                            "It was left as is; move it away to resume from an earlier "
-                            "step.") from e
+      raise CheckpointError(f"Checkpoint {where} is unreadable ({_cause(e)}). It was left "
+                            "as is; move it away to resume from an earlier step.") from e
     if metadata is None or getattr(metadata, "tree", None) is None:
       raise CheckpointError(f"Checkpoint {where} has no readable metadata (incomplete or "
                             "corrupt). It was left as is; move it away to resume from an "
@@ -125,9 +135,8 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:
-      raise CheckpointError(f"Checkpoint {where} could not be read ({type(e).__name__}: "
-                            f"{str(e)[:500]}). It was left as is; move it away to resume "
-                            "from an earlier step.") from e
+      raise CheckpointError(f"Checkpoint {where} could not be read ({_cause(e)}). It was "
+                            "left as is; move it away to resume from an earlier step.") from e
     return flax.serialization.from_state_dict(abstract_tree, restored)
 
   def read(self, step: int | None = None) -> dict:
@@ -144,8 +153,8 @@ class Checkpointer:
       metadata = self._manager.item_metadata(step)
       stored = getattr(metadata, "tree", None)
     except Exception as e:  # orbax raises several types for an unreadable step
-      raise CheckpointError(f"Checkpoint {where} is unreadable ({type(e).__name__}: "
-                            f"{str(e)[:500]}). It was left as is.") from e
+      raise CheckpointError(f"Checkpoint {where} is unreadable ({_cause(e)}). It was left "
+                            "as is; move it away to read an earlier step.") from e
     if stored is None:
       raise CheckpointError(f"Checkpoint {where} has no readable metadata (incomplete or "
                             "corrupt). It was left as is.")
@@ -155,8 +164,8 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:
-      raise CheckpointError(f"Checkpoint {where} could not be read ({type(e).__name__}: "
-                            f"{str(e)[:500]}). It was left as is.") from e
+      raise CheckpointError(f"Checkpoint {where} could not be read ({_cause(e)}). It was "
+                            "left as is; move it away to read an earlier step.") from e
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""

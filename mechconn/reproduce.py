@@ -47,16 +47,14 @@ REPRODUCE_FILE = "reproduce.json"
 REPORT_FILE = "report.md"
 
 LOOP_METHODS = ("naive", "lp_ft", "cbft")  # methods that run train-loop steps
-# What each task writes (all that --overwrite may delete). A run directory under
-# runs/ also records the config that produced it (config.json) and its lock.
+# What each task writes (all that --overwrite may delete). The study's --overwrite
+# replaces its summary; each run under runs/ is its own claimed workdir recording the
+# config that produced it, kept while that config is the current one (same numbers:
+# runs are deterministic) and cleared and redone otherwise.
 RUN_LAYOUT = dataclasses.replace(train.LOOP_LAYOUT,
                                  files=train.LOOP_LAYOUT.files + (RESULT_FILE,))
 FINETUNE_LAYOUT = RUN_LAYOUT
-LAYOUT = workdir_lib.Layout(
-    files=(REPRODUCE_FILE, REPORT_FILE, "views.png", "paths.png"),
-    nested=(("runs", workdir_lib.Layout(nested=((
-        "*_seed*", dataclasses.replace(RUN_LAYOUT, files=RUN_LAYOUT.files + (
-            workdir_lib.CONFIG_FILE, workdir_lib.LOCK_FILE))),))),))
+LAYOUT = workdir_lib.Layout(files=(REPRODUCE_FILE, REPORT_FILE, "views.png", "paths.png"))
 SEED_MODES = ("auto", "sequential", "vmap")
 # How `reproduce` runs the seeds of a loop method. Measured with
 # benchmarks/seed_ensemble.py on the 2-core CPU (3 seeds, batch 128 each): one
@@ -372,11 +370,20 @@ def reproduce(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
     return _reproduce(config, workdir, mesh, config_dict, given, overwrite)
 
 
+# The finetune subsections each method reads; the others do not change its numbers.
+METHOD_SECTIONS = {"naive": ("naive",), "lp": ("lp",), "lp_ft": ("lp",), "dfr": ("dfr",),
+                   "cbft": ("cbft",)}
+
+
 def _run_config(config_dict: dict, cue_checkpoint: str, method: str, seeds: list[int]) -> dict:
-  """What determines one run's numbers: the study's config but its seed list, the method,
-  the seed(s) and the cue model's checkpoint. Recorded in each run directory."""
+  """What determines one run's numbers, recorded in its directory: the study's config
+  without its seed and method lists and the other methods' subsections, the method, the
+  seed(s) and the cue model's checkpoint."""
   study = {k: v for k, v in config_dict.items() if k not in ("seeds", "dry_run", "task")}
-  study["finetune"] = {k: v for k, v in study["finetune"].items() if k != "methods"}
+  others = {name for sections in METHOD_SECTIONS.values() for name in sections} - set(
+      METHOD_SECTIONS[method])
+  study["finetune"] = {k: v for k, v in study["finetune"].items()
+                       if k != "methods" and k not in others}
   return {"task": "reproduce run", "method": method, "seeds": list(seeds),
           "cue_model_checkpoint": cue_checkpoint, "study": study}
 

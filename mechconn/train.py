@@ -25,7 +25,6 @@ import os
 import time
 from typing import Any, Protocol
 
-from absl import logging
 import chex
 import flax
 import flax.linen as nn
@@ -234,7 +233,8 @@ def raise_if_diverged(stacked: dict[str, np.ndarray], first_step: int,
       f"Training diverged at step {first_step + i + 1} (the update from step "
       f"{first_step + i} to {first_step + i + 1}; step numbers count updates, as the "
       f"checkpoints and metrics do): non-finite {bad}. Nothing from that step on was saved; "
-      f"{saved()}. Lower the learning rate, or look for NaN or infinity in the data.")
+      f"{saved()}. Look for NaN or infinity in the data, or lower the learning rate (then "
+      "relaunch into a new --workdir, or here with --overwrite).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +292,9 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
   if latest is not None:
     abstract = mesh_lib.abstract_like(jax.eval_shape(init_fn), replicated)
     state = ckpt.restore(abstract, latest)
-    logging.info("Resumed from %s", ckpt.step_dir(latest))
+    if jax.process_index() == 0:  # said on the terminal: a resume is not a fresh start
+      print(f"{options.desc}: resumed from {ckpt.step_dir(latest)} (step {latest} of "
+            f"{options.num_steps})")
   else:
     state = jax.jit(init_fn, out_shardings=replicated)()
   start = int(state.step)
@@ -376,6 +378,10 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
   steps_per_epoch = len(images) // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"{len(images)} examples make no batch of {batch_size}.")
+  bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+  if bad.any():
+    raise finite.NonFiniteError(f"fit: {int(bad.sum())} of the {len(images)} training images "
+                                f"hold NaN or infinity (first: index {int(np.argmax(bad))}).")
   root = jax.random.key(seed)
   state = create_train_state(model, tx, jax.random.fold_in(root, 0), jnp.asarray(images[:2]))
   step_fn = functools.partial(train_step, loss_fn=ClassificationLoss(model.apply), tx=tx)

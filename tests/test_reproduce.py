@@ -66,10 +66,10 @@ def test_relaunch_skips_finished_runs(study):
   assert _result_mtimes(workdir) == before  # reused, not recomputed
 
 
-def _naive_study(cue_dir):
+def _naive_study(cue_dir, methods=("naive",)):
   config = reproduce_config.get_config("cpu,quicktest")
   config.cue_model_workdir = cue_dir  # the study's cue model: no training here
-  config.finetune.methods = ("naive",)
+  config.finetune.methods = methods
   config.seeds = (0,)
   return config
 
@@ -77,13 +77,17 @@ def _naive_study(cue_dir):
 def test_overwrite_after_a_change_never_reuses_old_runs(study, tmp_path):
   cue_dir = os.path.join(study[0], "cue_model")
   workdir = str(tmp_path / "w")
-  config = _naive_study(cue_dir)
+  config = _naive_study(cue_dir, ("naive", "lp"))
   first = reproduce.reproduce(config, workdir)
-  changed = _naive_study(cue_dir)
+  changed = _naive_study(cue_dir, ("naive", "lp"))
   changed.finetune.naive.learning_rate = 0.05
   with pytest.raises(FileExistsError, match=r"differs in \['finetune.naive.learning_rate'\]"):
     reproduce.reproduce(changed, workdir)
+  lp_before = _result_mtimes(workdir)["lp_seed0"]
   second = reproduce.reproduce(changed, workdir, overwrite=True)
+  # lp does not read naive's learning rate: its run (same recorded config) is kept.
+  assert _result_mtimes(workdir)["lp_seed0"] == lp_before
+  assert second["methods"]["lp"] == first["methods"]["lp"]
   run_dir = os.path.join(workdir, "runs", "naive_seed0")
   with open(os.path.join(run_dir, "config.json")) as f:
     assert json.load(f)["study"]["finetune"]["naive"]["learning_rate"] == 0.05
@@ -96,7 +100,8 @@ def test_overwrite_after_a_change_never_reuses_old_runs(study, tmp_path):
   workdir_lib.write_json_atomic(os.path.join(run_dir, "config.json"), recorded)
   before = _result_mtimes(workdir)
   third = reproduce.reproduce(changed, workdir)
-  assert _result_mtimes(workdir) != before
+  after = _result_mtimes(workdir)
+  assert after["naive_seed0"] != before["naive_seed0"] and after["lp_seed0"] == before["lp_seed0"]
   assert third["methods"]["naive"]["views"] == second["methods"]["naive"]["views"]
 
 
