@@ -371,9 +371,9 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
   """Trains `model` in memory from a fresh init; returns (state, per-epoch metrics).
 
   No checkpoints, one device: for small experiments and the quickstart. Partial
-  last batches are dropped (one compiled shape). A non-finite loss, gradient
-  norm or parameter norm raises `finite.NonFiniteError` naming the step (read
-  once per epoch).
+  last batches are dropped (one compiled shape). Images holding NaN or infinity
+  are refused up front; a non-finite loss, gradient norm or parameter norm
+  raises `finite.NonFiniteError` naming the step (read once per epoch).
   """
   steps_per_epoch = len(images) // batch_size
   if steps_per_epoch == 0:

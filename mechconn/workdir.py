@@ -79,13 +79,10 @@ class Layout:
     checkpoint_dirs: orbax checkpoint directories; only their step entries
       ('<step>' and '<step>.orbax-checkpoint-tmp-<time>') are deleted, and
       the directory itself only when nothing else is left in it.
-    nested: (subdirectory pattern, its layout) for runs inside a run (e.g.
-      reproduce's runs/); a subdirectory is removed only when left empty.
   """
 
   files: tuple[str, ...] = ()
   checkpoint_dirs: tuple[str, ...] = ()
-  nested: tuple[tuple[str, "Layout"], ...] = ()
 
   def existing(self, workdir: str) -> list[str]:
     """The paths of this layout present in `workdir` (files and checkpoint steps)."""
@@ -115,12 +112,6 @@ class Layout:
             os.remove(path)
       if remove:
         _remove_if_empty(directory)
-    for pattern, layout in self.nested:
-      for directory in _matches(workdir, (pattern,)):
-        if os.path.isdir(directory):
-          found += layout._walk(directory, remove)
-          if remove:
-            _remove_if_empty(directory)
     return found
 
 
@@ -193,6 +184,7 @@ def lock(workdir: str) -> Iterator[None]:
       yield
     finally:
       _HELD.discard(key)
+      os.ftruncate(fd, 0)  # released cleanly: a record left behind means a killed holder
   finally:
     os.close(fd)  # releases the flock
 

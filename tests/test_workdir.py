@@ -120,9 +120,10 @@ def test_lock_names_a_live_holder_and_takes_over_from_a_killed_one(tmp_path):
     holder.kill()  # SIGKILL: the lock file stays behind, naming the dead holder
     holder.wait()
   assert str(holder.pid) in open(os.path.join(w, workdir_lib.LOCK_FILE)).read()
-  _claim(w, CONFIG)  # the kernel released the dead process's lock: taken over
-  record = json.loads(open(os.path.join(w, workdir_lib.LOCK_FILE)).read())
-  assert record["pid"] == os.getpid()
+  with workdir_lib.claim(w, CONFIG, LAYOUT):  # the kernel released the dead one's lock
+    record = json.loads(open(os.path.join(w, workdir_lib.LOCK_FILE)).read())
+    assert record["pid"] == os.getpid()
+  assert open(os.path.join(w, workdir_lib.LOCK_FILE)).read() == ""  # released cleanly
 
 
 def test_a_workdir_claimed_in_this_process_is_refused_again(tmp_path):
