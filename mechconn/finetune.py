@@ -203,11 +203,12 @@ def invariance_loss(features_clean: jax.Array, labels_clean: jax.Array,
     return (onehot.T @ z) / jnp.maximum(counts, 1.0)[:, None], counts > 0
 
   def normalize(m):
-    # ||m|| with a finite gradient at m = 0 (a class whose features are all zero,
-    # e.g. dead ReLUs): sqrt's derivative there is infinite, and 0 * inf = NaN.
-    squared = jnp.sum(m * m, axis=-1, keepdims=True)
-    positive = squared > 0
-    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+    # m / max(||m||, eps), as torch's F.normalize, with a finite gradient at m = 0 (a
+    # class whose features are all zero, e.g. dead ReLUs: the norm's derivative there
+    # is 0/0 = NaN). Elsewhere bitwise the plain formula, values and gradients.
+    nonzero = jnp.any(m != 0, axis=-1, keepdims=True)
+    norm = jnp.where(nonzero, jnp.linalg.norm(jnp.where(nonzero, m, 1.0), axis=-1,
+                                              keepdims=True), 0.0)
     return m / jnp.maximum(norm, 1e-12)
 
   mean_clean, has_clean = class_means(features_clean, labels_clean)
