@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mechconn import finite
+
 PyTree = Any
 
 
@@ -44,8 +46,7 @@ def _cause(e: BaseException, limit: int = 300) -> str:
 
 def _leaves_by_path(tree: PyTree) -> dict[str, Any]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-          for path, leaf in flat}
+  return {finite.leaf_path(path): leaf for path, leaf in flat}
 
 
 def check_compatible(stored: PyTree, target: PyTree, where: str) -> None:

@@ -52,16 +52,23 @@ BN_DATA = ("clean", "train")
 
 
 def _check_endpoints(start: train.TrainedModel, end: train.TrainedModel, data: Any) -> None:
-  """The end points share one model, and were trained on this config's dataset and cue kind."""
+  """The end points share one model, and were trained on this config's dataset and views."""
   for key in ("name", "kwargs"):
     if start.config["model"][key] != end.config["model"][key]:
       raise ValueError(f"The end points' models differ in model.{key}: "
                        f"{start.config['model'][key]!r} vs {end.config['model'][key]!r}.")
+  def views(cue):  # cue 'none' (plain data) is evaluated on box views
+    return "box" if cue == "none" else cue
+
+  keys = ("dataset", "cue") + (("simple_dataset",) if data.cue == "dominoes" else ())
   for run in (start, end):
-    for key in ("dataset", "cue"):
-      if run.config["data"][key] != data[key]:
+    recorded = run.config["data"]
+    for key in keys:
+      same = (views(recorded[key]) == views(data[key]) if key == "cue"
+              else recorded[key] == data[key])
+      if not same:
         raise ValueError(f"The end point {run.checkpoint} was trained with data.{key}="
-                         f"{run.config['data'][key]!r} but this config has config.data.{key}="
+                         f"{recorded[key]!r} but this config has config.data.{key}="
                          f"{data[key]!r}; set it to match, or use end points trained on it.")
 
 
@@ -240,6 +247,8 @@ def check_eval_path_config(config: Any, num_devices: int) -> None:
                      f"{dry_run_lib.num_train_examples(config.data)} training examples.")
   checks.check_choice(config.barrier_metric, ("error", "loss"), "barrier_metric")
   checks.check_number(config.barrier_tolerance, "barrier_tolerance", low=0.0)
+  checks.check_int(config.get("per_device_batch_size", 0), "per_device_batch_size",
+                   hint=" (unused by eval_path: it sets eval_batch_size)")
   for i, w in enumerate(config.curve_workdirs):
     if not w:
       raise ValueError(f"config.curve_workdirs[{i}] is empty: give a finished fit_curve run.")

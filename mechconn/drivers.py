@@ -117,7 +117,8 @@ def _linear_barrier(config: Any, workdir: str, config_dict: dict) -> dict:
       "config": config_dict,
   }
   print(format_path_table(record))
-  workdir_lib.write_json_atomic(out_path, record)
+  if jax.process_index() == 0:
+    workdir_lib.write_json_atomic(out_path, record)
   print(f"wrote {out_path}")
   return record
 

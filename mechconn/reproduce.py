@@ -49,8 +49,8 @@ REPORT_FILE = "report.md"
 LOOP_METHODS = ("naive", "lp_ft", "cbft")  # methods that run train-loop steps
 # What each task writes (all that --overwrite may delete). The study's --overwrite
 # replaces its summary; each run under runs/ is its own claimed workdir recording the
-# config that produced it, kept while that config is the current one (same numbers:
-# runs are deterministic) and cleared and redone otherwise.
+# config that produced it: kept while that config is the current one (same numbers:
+# runs are deterministic), otherwise refused, or with --overwrite cleared and redone.
 RUN_LAYOUT = dataclasses.replace(train.LOOP_LAYOUT,
                                  files=train.LOOP_LAYOUT.files + (RESULT_FILE,))
 FINETUNE_LAYOUT = RUN_LAYOUT
@@ -76,10 +76,7 @@ def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, 
                         ) -> tuple[pipeline.CueSplit, pipeline.CueSplit]:
   """Disjoint (clean set without cue, cue set all with cue), drawn without replacement."""
   n = len(split)
-  num_cue = n - num_clean if num_cue == -1 else num_cue
-  if num_clean + num_cue > n:
-    raise ValueError(f"num_clean={num_clean} + num_cue={num_cue} exceed the {n} training "
-                     "examples.")
+  num_cue = set_sizes(n, num_clean, num_cue)
   order = np.random.default_rng([seed, 7]).permutation(n)
   clean_idx, cue_idx = np.sort(order[:num_clean]), np.sort(order[num_clean:num_clean + num_cue])
   return split.subset(clean_idx, cued=False), split.subset(cue_idx, cued=True)
@@ -121,19 +118,26 @@ def check_study_config(config: Any, num_devices: int) -> None:
   checks.check_choice(config.seed_mode, SEED_MODES, "seed_mode")
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
   check_set_sizes(config.finetune, dry_run_lib.num_train_examples(config.train.data),
-                  bn_examples=config.path.bn_examples, eval_batch_size=config.eval_batch_size)
+                  tuple(config.finetune.methods), bn_examples=config.path.bn_examples,
+                  eval_batch_size=config.eval_batch_size)
 
 
-def check_set_sizes(ft: Any, num_train: int, *, bn_examples: int = 0,
+def set_sizes(num_train: int, num_clean: int, num_cue: int) -> int:
+  """The number of cue examples (num_cue, or -1: the rest); raises unless both sets fit."""
+  num_cue = num_train - num_clean if num_cue == -1 else num_cue
+  if num_cue < 1 or num_clean + num_cue > num_train:
+    raise ValueError(f"config.finetune.num_clean={num_clean} + finetune.num_cue={num_cue} "
+                     f"exceed the {num_train} training examples of the cue model's data (the "
+                     "clean and cue sets are disjoint).")
+  return num_cue
+
+
+def check_set_sizes(ft: Any, num_train: int, methods: tuple[str, ...], *, bn_examples: int = 0,
                     eval_batch_size: int = 1) -> None:
   """The clean and cue sets fit the training split, and each makes a batch (before any work)."""
-  num_cue = num_train - ft.num_clean if ft.num_cue == -1 else ft.num_cue
-  if ft.num_clean + max(num_cue, 1) > num_train:
-    raise ValueError(f"config.finetune.num_clean={ft.num_clean} + finetune.num_cue="
-                     f"{ft.num_cue} exceed the {num_train} training examples of the cue model's "
-                     "data (the two sets are disjoint).")
+  num_cue = set_sizes(num_train, ft.num_clean, ft.num_cue)
   train.steps_of(ft, ft.num_clean, prefix="finetune.")
-  if "cbft" in ft.methods and num_cue < ft.batch_size:
+  if "cbft" in methods and num_cue < ft.batch_size:
     raise ValueError(f"config.finetune.num_cue={num_cue} makes no CBFT cue batch of "
                      f"finetune.batch_size={ft.batch_size}.")
   if bn_examples and min(bn_examples, num_cue) < eval_batch_size:
@@ -375,17 +379,21 @@ METHOD_SECTIONS = {"naive": ("naive",), "lp": ("lp",), "lp_ft": ("lp",), "dfr": 
                    "cbft": ("cbft",)}
 
 
-def _run_config(config_dict: dict, cue_checkpoint: str, method: str, seeds: list[int]) -> dict:
+def _run_config(config_dict: dict, cue_model: train.TrainedModel, method: str,
+                seeds: list[int]) -> dict:
   """What determines one run's numbers, recorded in its directory: the study's config
   without its seed and method lists and the other methods' subsections, the method, the
-  seed(s) and the cue model's checkpoint."""
+  seed(s), and the cue model by its recorded config and step (not its path, which moves
+  with the study's directory)."""
   study = {k: v for k, v in config_dict.items() if k not in ("seeds", "dry_run", "task")}
   others = {name for sections in METHOD_SECTIONS.values() for name in sections} - set(
       METHOD_SECTIONS[method])
   study["finetune"] = {k: v for k, v in study["finetune"].items()
                        if k != "methods" and k not in others}
-  return {"task": "reproduce run", "method": method, "seeds": list(seeds),
-          "cue_model_checkpoint": cue_checkpoint, "study": study}
+  cue = {"config": cue_model.config,
+         "step": int(os.path.basename(os.path.normpath(cue_model.checkpoint)))}
+  return {"task": "reproduce run", "method": method, "seeds": list(seeds), "cue_model": cue,
+          "study": study}
 
 
 def _finished(run_dir: str, run_config: dict) -> dict | None:
@@ -432,7 +440,7 @@ def _reproduce(config, workdir, mesh, config_dict, given, overwrite) -> dict:
     todo = []
     for seed in config.seeds:
       run_dir = os.path.join(workdir, "runs", f"{method}_seed{seed}")
-      done = _finished(run_dir, _run_config(config_dict, cue_model.checkpoint, method, [seed]))
+      done = _finished(run_dir, _run_config(config_dict, cue_model, method, [seed]))
       if done is None:
         todo.append(seed)
       else:
@@ -442,16 +450,16 @@ def _reproduce(config, workdir, mesh, config_dict, given, overwrite) -> dict:
     together = ensemble and method in LOOP_METHODS and len(todo) > 1
     result_dirs = [os.path.join(workdir, "runs", f"{method}_seed{seed}") for seed in todo]
     with contextlib.ExitStack() as claims:
-      for seed, d in zip(todo, result_dirs):  # stale outputs of another config are cleared
-        claims.enter_context(workdir_lib.claim(
-            d, _run_config(config_dict, cue_model.checkpoint, method, [seed]), RUN_LAYOUT,
-            overwrite=True, primary=primary))
+      # A run directory of another config is refused, or with --overwrite cleared.
+      for seed, d in zip(todo, result_dirs):
+        claims.enter_context(train.claimed(
+            _run_config(config_dict, cue_model, method, [seed]), d, RUN_LAYOUT, overwrite))
       run_dirs = result_dirs
       if together:
         run_dirs = [os.path.join(workdir, "runs", f"{method}_seeds{'-'.join(map(str, todo))}")]
-        claims.enter_context(workdir_lib.claim(
-            run_dirs[0], _run_config(config_dict, cue_model.checkpoint, method, todo),
-            RUN_LAYOUT, overwrite=True, primary=primary))
+        claims.enter_context(train.claimed(
+            _run_config(config_dict, cue_model, method, todo), run_dirs[0], RUN_LAYOUT,
+            overwrite))
       outs = run_method(method, todo, cue_model, clean_split, cue_split, view_batches, ft,
                         run_dirs, mesh, ensemble=together)
       for seed, out, result_dir in zip(todo, outs, result_dirs):
@@ -558,7 +566,8 @@ def finetune_task(config: Any, workdir: str, *, overwrite: bool = False) -> dict
                      "run.")
   cue_model = train.load_trained(config.cue_model_workdir)
   data_config = _AttrDict(cue_model.config["data"])
-  check_set_sizes(config.finetune, dry_run_lib.num_train_examples(data_config))
+  check_set_sizes(config.finetune, dry_run_lib.num_train_examples(data_config),
+                  (config.method,))
   with train.claimed(config, workdir, FINETUNE_LAYOUT, overwrite) as config_dict:
     split, test_views, test_labels = train.load_data(data_config)
     ft = config.finetune

@@ -15,20 +15,22 @@
 - `fit`: a small in-memory loop without checkpoints, for quick experiments.
 """
 
+import collections.abc
 from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import functools
 import json
-import numbers
 import os
 import time
+import typing
 from typing import Any, Protocol
 
 import chex
 import flax
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -466,9 +468,18 @@ def check_model_config(model: Any, key: str = "model") -> None:
   if unknown:
     raise ValueError(f"config.{key}.kwargs has {unknown}, not attributes of "
                      f"{model.name}; valid: {sorted(fields)}.")
-  for name, value in model.kwargs.items():
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-      checks.check_number(value, f"{key}.kwargs.{name}", low=0.0, low_open=True)
+  hints = typing.get_type_hints(MODELS[model.name])
+  for name, value in model.kwargs.items():  # sizes: positive, integers where declared so
+    field = f"{key}.kwargs.{name}"
+    if hints.get(name) is int:
+      checks.check_positive_int(value, field)
+    elif hints.get(name) is float:
+      checks.check_number(value, field, low=0.0, low_open=True)
+    elif typing.get_origin(hints.get(name)) is collections.abc.Sequence:  # e.g. MLP hidden
+      if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Sequence):
+        raise ValueError(f"config.{field}={value!r} must be a sequence of positive integers.")
+      for i, size in enumerate(value):
+        checks.check_positive_int(size, f"{field}[{i}]")
 
 
 def check_train_config(config: Any, num_devices: int) -> None:
@@ -568,12 +579,28 @@ def claimed(config: Any, workdir: str, layout: workdir_lib.Layout, overwrite: bo
             ) -> Iterator[dict]:
   """Holds the workdir for this config while inside (see `workdir.claim`); yields the config dict.
 
-  Process 0 locks the workdir and writes config.json (clearing the old run's
-  `layout` when overwriting); every process checks the recorded config.
+  In a multi-process job process 0 alone checks, locks and writes config.json
+  (clearing the old run's `layout` when overwriting); the others wait for its
+  outcome, so a refusal stops every process instead of leaving some waiting in
+  a collective.
   """
   config_dict = workdir_lib.config_to_dict(config)
-  with workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite,
-                         primary=jax.process_index() == 0):
+  if jax.process_count() == 1:
+    with workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite):
+      yield config_dict
+    return
+  with contextlib.ExitStack() as held:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        held.enter_context(workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite))
+      except Exception as e:  # re-raised below, after every process has heard
+        error = e
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if error is not None:
+      raise error
+    if not ok:
+      raise RuntimeError(f"Process 0 could not claim {workdir}; its error says why.")
     yield config_dict
 
 

@@ -52,10 +52,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+# Config fields that never change a run's numbers: a relaunch may change them (e.g.
+# to point at the data after a first launch failed to find it).
+UNCOMPARED_FIELDS = ("progress", "data_dir", "download")
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
-  """Dotted keys whose values differ between two config dicts (sorted)."""
+  """Dotted keys whose values differ between two config dicts (sorted).
+
+  Keys whose last part is in `UNCOMPARED_FIELDS` are not compared.
+  """
   old, new = flatten(old), flatten(json.loads(json.dumps(new)))
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  return sorted(k for k in set(old) | set(new)
+                if old.get(k) != new.get(k) and k.rpartition(".")[2] not in UNCOMPARED_FIELDS)
 
 
 def _read_json(path: str) -> Any:
@@ -173,8 +182,8 @@ def lock(workdir: str) -> Iterator[None]:
     previous = _read_lock(fd)
     if previous and (previous.get("pid"), previous.get("host")) != (os.getpid(),
                                                                      socket.gethostname()):
-      logging.info("Taking over the lock of %s, which ended without releasing it (%s).",
-                   workdir, _holder_text(previous))
+      logging.warning("Taking over the lock of %s from a job that ended without releasing "
+                      "it (%s).", workdir, _holder_text(previous))
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
     os.ftruncate(fd, 0)
@@ -198,8 +207,8 @@ def _read_lock(fd: int) -> dict | None:
 
 
 @contextlib.contextmanager
-def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = False,
-          primary: bool = True) -> Iterator[None]:
+def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = False
+          ) -> Iterator[None]:
   """Locks the workdir and records `config_dict` as its config for the duration of a run.
 
   Resuming (the same config recorded) is allowed; everything else that could
@@ -210,15 +219,18 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
     - a different config of this task, unless `overwrite`; then only the files
       of `layout` are deleted (never anything else) before the new config is
       recorded;
-    - outputs of `layout` without a config.json, unless `overwrite`.
+    - files named like `layout`'s outputs without a config.json saying that
+      mechconn wrote them, with or without `overwrite`.
+
+  Fields that do not change results (`UNCOMPARED_FIELDS`: progress bars, where
+  the data is read from) may differ between the recorded config and this one.
+  One process claims (process 0 of a multi-host job: see `train.claimed`).
 
   Args:
     workdir: the job's directory (created if missing).
     config_dict: the job's config as a plain dict, with its 'task'.
     layout: what the task writes there.
     overwrite: replace a run of a different config.
-    primary: whether this process locks and writes (process 0 of a
-      multi-host job); the others only check.
 
   Raises:
     FileExistsError: the workdir holds another config or foreign files.
@@ -227,9 +239,6 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
   # Checked before locking, so that nothing (not even a lock file) is written into
   # a directory that is refused; checked again under the lock, where it counts.
   _check(workdir, config_dict, layout, overwrite=overwrite)
-  if not primary:
-    yield
-    return
   with lock(workdir):
     if _check(workdir, config_dict, layout, overwrite=overwrite):
       removed = layout.clear(workdir)
@@ -261,12 +270,13 @@ def _check(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool) 
     stale = bool(diff)
   else:
     existing = layout.existing(workdir) if os.path.isdir(workdir) else []
-    if existing and not overwrite:
+    if existing:  # another program's files, or an older mechconn's: not ours to delete
       raise FileExistsError(
-          f"{workdir} holds mechconn outputs ({existing[:3]}) but no {CONFIG_FILE} saying "
-          "which config produced them. Use a new --workdir, or pass --overwrite to delete "
-          "them. Nothing was overwritten.")
-    stale = bool(existing)
+          f"{workdir} holds files named like this task's outputs ({existing[:3]}) but no "
+          f"{CONFIG_FILE} saying mechconn wrote them, so mechconn neither writes over nor "
+          "deletes them, with or without --overwrite: use another --workdir, or move them "
+          "away. Nothing was changed.")
+    stale = False
   return stale
 
 

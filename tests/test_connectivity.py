@@ -80,3 +80,26 @@ def test_unfinished_end_point_is_refused(tmp_path):
   config.start_workdir = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="no finished train run"):
     connectivity.fit_curve(config, str(tmp_path / "curve"))
+
+
+def test_end_points_must_match_the_path_config_data():
+  import ml_collections
+  from types import SimpleNamespace
+
+  def run(**data):
+    return SimpleNamespace(config={"model": {"name": "small_cnn", "kwargs": {"width": 4}},
+                                   "data": {"dataset": "shapes10", "cue": "box",
+                                            "simple_dataset": "glyphs10", **data}},
+                           checkpoint="ckpt")
+
+  box = ml_collections.ConfigDict({"dataset": "shapes10", "cue": "box",
+                                   "simple_dataset": "glyphs10"})
+  connectivity._check_endpoints(run(), run(cue="none"), box)  # 'none' is evaluated on box views
+  with pytest.raises(ValueError, match=r"trained with data.cue='dominoes' but this config has "
+                                       r"config.data.cue='box'"):
+    connectivity._check_endpoints(run(), run(cue="dominoes"), box)
+  dominoes = ml_collections.ConfigDict({"dataset": "shapes10", "cue": "dominoes",
+                                        "simple_dataset": "glyphs10"})
+  with pytest.raises(ValueError, match=r"data.simple_dataset='mnist'"):
+    connectivity._check_endpoints(run(cue="dominoes"), run(cue="dominoes", simple_dataset="mnist"),
+                                  dominoes)

@@ -93,13 +93,18 @@ def test_overwrite_after_a_change_never_reuses_old_runs(study, tmp_path):
     assert json.load(f)["study"]["finetune"]["naive"]["learning_rate"] == 0.05
   assert (second["methods"]["naive"]["views"]["clean"]["values"] !=
           first["methods"]["naive"]["views"]["clean"]["values"])
-  # A run directory whose recorded config is not the study's (stale) is redone, not read.
+  # A run directory whose recorded config is not the study's (stale) is never read: it is
+  # refused, and with --overwrite redone.
   with open(os.path.join(run_dir, "config.json")) as f:
     recorded = json.load(f)
   recorded["study"]["finetune"]["naive"]["learning_rate"] = 0.5
   workdir_lib.write_json_atomic(os.path.join(run_dir, "config.json"), recorded)
   before = _result_mtimes(workdir)
-  third = reproduce.reproduce(changed, workdir)
+  with pytest.raises(FileExistsError, match=r"runs/naive_seed0 holds a run of a different "
+                                            r"config .*study.finetune.naive.learning_rate"):
+    reproduce.reproduce(changed, workdir)
+  assert _result_mtimes(workdir) == before  # refused: nothing deleted
+  third = reproduce.reproduce(changed, workdir, overwrite=True)
   after = _result_mtimes(workdir)
   assert after["naive_seed0"] != before["naive_seed0"] and after["lp_seed0"] == before["lp_seed0"]
   assert third["methods"]["naive"]["views"] == second["methods"]["naive"]["views"]

@@ -72,15 +72,23 @@ def test_a_config_json_that_is_not_this_tasks_is_never_written_over(tmp_path):
   assert _tree(hf) == before and (hf / "metrics.jsonl").read_text() == "theirs"
 
 
-def test_outputs_without_a_config_are_refused_unless_overwriting(tmp_path):
+def test_files_named_like_outputs_without_a_config_are_never_deleted(tmp_path):
   w = tmp_path / "w"
-  w.mkdir()
-  (w / "result.json").write_text("{}")
-  with pytest.raises(FileExistsError, match=r"holds mechconn outputs .*result.json.* no config"):
-    _claim(w, CONFIG)
-  assert (w / "result.json").exists() and not (w / "config.json").exists()
-  _claim(w, CONFIG, overwrite=True)
-  assert not (w / "result.json").exists()
+  (w / "checkpoints" / "1000").mkdir(parents=True)  # e.g. another orbax project's
+  (w / "metrics.jsonl").write_text("theirs")
+  before = _tree(w)
+  for overwrite in (False, True):
+    with pytest.raises(FileExistsError, match=r"files named like this task's outputs .*"
+                                              r"no config.json.*with or without --overwrite"):
+      _claim(w, CONFIG, overwrite=overwrite)
+  assert _tree(w) == before
+
+
+def test_fields_that_do_not_change_results_may_change_on_a_relaunch(tmp_path):
+  config = {**CONFIG, "progress": True, "data": {"data_dir": "", "download": False}}
+  _claim(tmp_path, config)
+  _claim(tmp_path, {**config, "progress": False,
+                    "data": {"data_dir": "/data/tfds", "download": True}})
 
 
 def test_a_file_as_workdir_is_refused(tmp_path):
