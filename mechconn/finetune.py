@@ -204,8 +204,9 @@ def invariance_loss(features_clean: jax.Array, labels_clean: jax.Array,
 
   def normalize(m):
     # m / max(||m||, eps), as torch's F.normalize, with a finite gradient at m = 0 (a
-    # class whose features are all zero, e.g. dead ReLUs: the norm's derivative there
-    # is 0/0 = NaN). Elsewhere bitwise the plain formula, values and gradients.
+    # class absent from the batch, or whose features are all zero: the norm's
+    # derivative there is 0/0 = NaN, and a masked-out NaN is still NaN). Elsewhere
+    # bitwise the plain formula, values and gradients.
     nonzero = jnp.any(m != 0, axis=-1, keepdims=True)
     norm = jnp.where(nonzero, jnp.linalg.norm(jnp.where(nonzero, m, 1.0), axis=-1,
                                               keepdims=True), 0.0)
