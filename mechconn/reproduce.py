@@ -433,7 +433,13 @@ def _reproduce(config, workdir, mesh, config_dict, given, overwrite) -> dict:
   ts = np.linspace(0.0, 1.0, config.path.num_t)
 
   # 3. Every method and seed. Each run directory records the config that produced it;
-  #    a relaunch reuses a finished run of the same config and redoes any other.
+  #    a relaunch reuses a finished run of the same config; one of another config is
+  #    refused (before any run starts) or, with --overwrite, cleared and redone.
+  for method in ft.methods:
+    for seed in config.seeds:
+      workdir_lib.check_claim(os.path.join(workdir, "runs", f"{method}_seed{seed}"),
+                              _run_config(config_dict, cue_model, method, [seed]), RUN_LAYOUT,
+                              overwrite=overwrite)
   runs = {}
   primary = jax.process_index() == 0
   for method in ft.methods:

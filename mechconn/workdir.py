@@ -238,9 +238,9 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
   """
   # Checked before locking, so that nothing (not even a lock file) is written into
   # a directory that is refused; checked again under the lock, where it counts.
-  _check(workdir, config_dict, layout, overwrite=overwrite)
+  check_claim(workdir, config_dict, layout, overwrite=overwrite)
   with lock(workdir):
-    if _check(workdir, config_dict, layout, overwrite=overwrite):
+    if check_claim(workdir, config_dict, layout, overwrite=overwrite):
       removed = layout.clear(workdir)
       logging.warning("--overwrite: removed %d outputs of the previous run in %s: %s",
                       len(removed), workdir, removed[:10])
@@ -248,8 +248,9 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
     yield
 
 
-def _check(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool) -> bool:
-  """Raises if the workdir may not take this config; whether an old run must be cleared."""
+def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool
+                ) -> bool:
+  """Raises as `claim` would, reading only; True when `claim` would clear an old run."""
   path = os.path.join(workdir, CONFIG_FILE)
   task = config_dict.get("task")
   if os.path.exists(path):
