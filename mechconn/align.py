@@ -189,6 +189,13 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, params: Params,
   if batch_stats:
     variables["batch_stats"] = batch_stats
   check_spec(spec, variables)
+  for name, n in group_sizes(spec, params).items():
+    if name not in perm:
+      raise ValueError(f"The permutation has no group {name!r}; it needs {spec.names}.")
+    indices = np.asarray(perm[name])
+    if indices.shape != (n,) or not np.array_equal(np.sort(indices), np.arange(n)):
+      raise ValueError(f"perm[{name!r}] must be a permutation of range({n}) (the group's "
+                       f"units), got {indices.tolist()[:12]} (shape {indices.shape}).")
   flat = _flat(variables)
   for path, leaf in flat.items():
     for axis, p in enumerate(spec.axes[path]):

@@ -150,7 +150,8 @@ def fit_curve(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   start_run = train.load_trained(config.start_workdir)
   end_run = train.load_trained(config.end_workdir)
   _check_endpoints(start_run, end_run, config.data)
-  with train.claimed(config, workdir, CURVE_LAYOUT, overwrite) as config_dict:
+  inputs = {"start": train.run_identity(start_run), "end": train.run_identity(end_run)}
+  with train.claimed(config, workdir, CURVE_LAYOUT, overwrite, inputs=inputs) as config_dict:
     return _fit_curve(config, workdir, mesh, config_dict, start_run, end_run)
 
 
@@ -204,6 +205,30 @@ def _fit_curve(config, workdir, mesh, config_dict, start_run, end_run) -> dict:
         f"{config.data.dataset} p={config.data.cue_proportion}; last train loss "
         f"{record['final_train_loss']:.4f}")
   return record
+
+
+def _check_curve_ends(record: dict, workdir: str, ends: dict, start_run, end_run) -> dict:
+  """The curve's recorded config; raises unless it was fitted between exactly these end points.
+
+  Compares the end points' recorded configs and steps (what the curve's
+  config.json holds under 'inputs'): a path alone does not tell a model
+  retrained in place from the one the curve was fitted to.
+  """
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
+    curve_config = json.load(f)
+  recorded = curve_config.get("inputs")
+  if recorded is None:  # fitted before curves recorded their end points: paths only
+    same = (record["start_checkpoint"], record["end_checkpoint"]) == (start_run.checkpoint,
+                                                                      end_run.checkpoint)
+    diff = [] if same else ["start/end checkpoint paths"]
+  else:
+    diff = workdir_lib.config_differences({k: recorded.get(k) for k in ends}, ends)
+  if diff:
+    raise ValueError(f"The curve in {workdir} was fitted between other end points than this "
+                     f"config's {start_run.checkpoint} and {end_run.checkpoint} (they differ in "
+                     f"{diff[:5]}): an end point was retrained or replaced since. Refit the "
+                     "curve.")
+  return curve_config
 
 
 def load_curve(workdir: str) -> tuple[dict, tuple]:
@@ -305,13 +330,12 @@ def eval_path(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
   end_run = train.load_trained(config.end_workdir)
   _check_endpoints(start_run, end_run, config.data)
   fitted = [load_curve(w) for w in config.curve_workdirs]
-  for (record, _), w in zip(fitted, config.curve_workdirs):
-    if (record["start_checkpoint"], record["end_checkpoint"]) != (start_run.checkpoint,
-                                                                  end_run.checkpoint):
-      raise ValueError(f"The curve in {w} was fitted between {record['start_checkpoint']} and "
-                       f"{record['end_checkpoint']}, not between this config's end points "
-                       f"{start_run.checkpoint} and {end_run.checkpoint}.")
-  with train.claimed(config, workdir, EVAL_PATH_LAYOUT, overwrite) as config_dict:
+  ends = {"start": train.run_identity(start_run), "end": train.run_identity(end_run)}
+  curve_configs = [_check_curve_ends(record, w, ends, start_run, end_run)
+                   for (record, _), w in zip(fitted, config.curve_workdirs)]
+  inputs = {**ends, "curves": [{"config": c, "step": r["step"]}
+                               for c, (r, _) in zip(curve_configs, fitted)]}
+  with train.claimed(config, workdir, EVAL_PATH_LAYOUT, overwrite, inputs=inputs) as config_dict:
     return _eval_path(config, workdir, mesh, config_dict, start_run, end_run, fitted)
 
 
@@ -349,10 +373,12 @@ def _eval_path(config, workdir, mesh, config_dict, start_run, end_run, fitted) -
                  "matched_on": (f"{len(bn_batches['image']) * config.eval_batch_size} "
                                 f"{config.bn.data} training images"
                                 if config.align == "activation" else "weights")}
-  for record, free in fitted:
-    path_points[curve_label(record)] = (record["kind"],
-                                        curves.curve_points(start_run.params, free,
-                                                            end_run.params))
+  for (record, free), w in zip(fitted, config.curve_workdirs):
+    label = curve_label(record)
+    if label in path_points:  # two curves of one kind on one dataset: name them apart
+      label = f"{label} [{os.path.basename(os.path.normpath(w))}]"
+    path_points[label] = (record["kind"],
+                          curves.curve_points(start_run.params, free, end_run.params))
 
   start = time.perf_counter()
   results = {}

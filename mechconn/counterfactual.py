@@ -125,6 +125,10 @@ def path_verdict(results: dict[str, barriers.PathEval], *,
   """
   if metric not in ("error", "loss"):
     raise ValueError(f"Unknown barrier metric {metric!r}; valid: ['error', 'loss'].")
+  if not results:
+    raise ValueError("path_verdict needs at least one evaluated view: results is empty.")
+  if not (isinstance(tolerance, (int, float)) and np.isfinite(tolerance) and tolerance >= 0):
+    raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0.")
   table = {}
   for view, r in results.items():
     ts, loss, error = (np.asarray(x) for x in (r.ts, r.loss, r.error))
@@ -136,6 +140,7 @@ def path_verdict(results: dict[str, barriers.PathEval], *,
   if bad:  # NaN > tolerance is False: a NaN barrier would read as "connected"
     raise finite.NonFiniteError(f"path_verdict: the barriers on views {bad} are not finite "
                                 f"({ {v: table[v] for v in bad} }); no verdict from them.")
-  broken = [v for v in VIEWS if v in table and table[v][metric] > tolerance]
+  order = [v for v in VIEWS if v in table] + sorted(set(table) - set(VIEWS))
+  broken = [v for v in order if table[v][metric] > tolerance]  # every set judged
   return {"barriers": table, "broken_views": broken,
           "mechanistically_connected": not broken, "metric": metric, "tolerance": tolerance}

@@ -49,10 +49,12 @@ def num_train_examples(data: Any) -> int:
   return full if data.num_train == -1 else min(data.num_train, full)
 
 
+TEST_SIZE = 10_000  # test examples of every base dataset here
+
+
 def num_test_examples(data: Any) -> int:
   """Test examples per view of a data config without loading it (10,000 for every set here)."""
-  full = 10_000
-  return full if data.num_test == -1 else min(data.num_test, full)
+  return TEST_SIZE if data.num_test == -1 else min(data.num_test, TEST_SIZE)
 
 
 def timed_batch_sizes(global_batch: int, num_devices: int, backend: str) -> tuple[int, ...]:

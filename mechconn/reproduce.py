@@ -390,10 +390,8 @@ def _run_config(config_dict: dict, cue_model: train.TrainedModel, method: str,
       METHOD_SECTIONS[method])
   study["finetune"] = {k: v for k, v in study["finetune"].items()
                        if k != "methods" and k not in others}
-  cue = {"config": cue_model.config,
-         "step": int(os.path.basename(os.path.normpath(cue_model.checkpoint)))}
-  return {"task": "reproduce run", "method": method, "seeds": list(seeds), "cue_model": cue,
-          "study": study}
+  return {"task": "reproduce run", "method": method, "seeds": list(seeds),
+          "cue_model": train.run_identity(cue_model), "study": study}
 
 
 def _finished(run_dir: str, run_config: dict) -> dict | None:
@@ -574,7 +572,8 @@ def finetune_task(config: Any, workdir: str, *, overwrite: bool = False) -> dict
   data_config = _AttrDict(cue_model.config["data"])
   check_set_sizes(config.finetune, dry_run_lib.num_train_examples(data_config),
                   (config.method,))
-  with train.claimed(config, workdir, FINETUNE_LAYOUT, overwrite) as config_dict:
+  with train.claimed(config, workdir, FINETUNE_LAYOUT, overwrite,
+                     inputs={"cue_model": train.run_identity(cue_model)}) as config_dict:
     split, test_views, test_labels = train.load_data(data_config)
     ft = config.finetune
     clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed)

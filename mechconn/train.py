@@ -416,10 +416,15 @@ def check_data_config(data: Any) -> None:
   if data.cue == "dominoes":
     checks.check_choice(data.simple_dataset, datasets.NUM_CLASSES, "data.simple_dataset")
   checks.check_number(data.cue_proportion, "data.cue_proportion", low=0.0, high=1.0)
-  for key in ("num_train", "num_test"):
+  sizes = {"num_train": dry_run_lib.TRAIN_SIZES.get(data.dataset),
+           "num_test": dry_run_lib.TEST_SIZE}
+  for key, available in sizes.items():
     value = data[key]
     if value != -1:
       checks.check_positive_int(value, f"data.{key}", " (or -1: the whole split)")
+      if available is not None and value > available:
+        raise ValueError(f"config.data.{key}={value} exceeds the {available} examples of "
+                         f"{data.dataset}'s split (-1: all of them).")
   checks.check_int(data.seed, "data.seed")
 
 
@@ -575,9 +580,14 @@ def loop_options(config: Any, num_steps: int, steps_per_epoch: int, desc: str) -
 
 
 @contextlib.contextmanager
-def claimed(config: Any, workdir: str, layout: workdir_lib.Layout, overwrite: bool
-            ) -> Iterator[dict]:
+def claimed(config: Any, workdir: str, layout: workdir_lib.Layout, overwrite: bool,
+            inputs: dict | None = None) -> Iterator[dict]:
   """Holds the workdir for this config while inside (see `workdir.claim`); yields the config dict.
+
+  `inputs` ({name: `run_identity(...)`}) are the finished runs the job reads;
+  they are recorded with the config under 'inputs', so a relaunch after one of
+  them was retrained in place is refused as a different config, never resumed
+  or reported against the old one.
 
   In a multi-process job process 0 alone checks, locks and writes config.json
   (clearing the old run's `layout` when overwriting); the others wait for its
@@ -585,6 +595,8 @@ def claimed(config: Any, workdir: str, layout: workdir_lib.Layout, overwrite: bo
   a collective.
   """
   config_dict = workdir_lib.config_to_dict(config)
+  if inputs:
+    config_dict["inputs"] = workdir_lib.config_to_dict(inputs)
   if jax.process_count() == 1:
     with workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite):
       yield config_dict
@@ -736,6 +748,15 @@ def views_of(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     _, view, name = key.split("/")
     out.setdefault(view, {})[name] = value
   return out
+
+
+def run_identity(run: "TrainedModel") -> dict:
+  """What identifies a finished run's model: its recorded config and final step.
+
+  Not its path: a run retrained in place keeps the path, and a moved one keeps
+  its identity.
+  """
+  return {"config": run.config, "step": int(os.path.basename(os.path.normpath(run.checkpoint)))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,8 +31,10 @@ from absl import logging
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".mechconn.lock"
-# What orbax writes in a checkpoint directory: '<step>' and its temporaries.
+# What orbax writes in a checkpoint directory: '<step>' and its temporaries, holding
+# only these entries (a step directory holding anything else is never deleted).
 CHECKPOINT_ENTRY = re.compile(r"\d+(\.orbax-checkpoint-tmp(-\d+)?)?")
+ORBAX_STEP_ENTRIES = {"default", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 
 def config_to_dict(config: Any) -> dict:
@@ -86,8 +88,9 @@ class Layout:
   Attributes:
     files: files mechconn wrote (metrics, results, figures).
     checkpoint_dirs: orbax checkpoint directories; only their step entries
-      ('<step>' and '<step>.orbax-checkpoint-tmp-<time>') are deleted, and
-      the directory itself only when nothing else is left in it.
+      ('<step>' and '<step>.orbax-checkpoint-tmp-<time>' holding nothing but
+      what orbax writes) are deleted, and the directory itself only when
+      nothing else is left in it.
   """
 
   files: tuple[str, ...] = ()
@@ -112,13 +115,20 @@ class Layout:
       if not os.path.isdir(directory):
         continue
       for entry in sorted(os.listdir(directory)):
-        if CHECKPOINT_ENTRY.fullmatch(entry):
-          path = os.path.join(directory, entry)
-          found.append(path)
-          if remove and os.path.isdir(path):
-            shutil.rmtree(path)
-          elif remove:
-            os.remove(path)
+        path = os.path.join(directory, entry)
+        if not CHECKPOINT_ENTRY.fullmatch(entry):
+          continue
+        foreign = sorted(set(os.listdir(path)) - ORBAX_STEP_ENTRIES) if os.path.isdir(
+            path) else []
+        if foreign:  # something else lives in it (a workdir nested there, a user's files)
+          logging.warning("Keeping %s: it holds %s, which orbax did not write.", path,
+                          foreign[:5])
+          continue
+        found.append(path)
+        if remove and os.path.isdir(path):
+          shutil.rmtree(path)
+        elif remove:
+          os.remove(path)
       if remove:
         _remove_if_empty(directory)
     return found

@@ -143,3 +143,14 @@ def test_matching_models_of_other_widths_or_another_spec_is_a_named_error():
   diverged = jax.tree.map(lambda p: p * jnp.nan, narrow["params"])
   with pytest.raises(finite.NonFiniteError, match=r"other model's parameters hold NaN .*first at"):
     align.weight_matching(spec, narrow["params"], diverged)
+
+
+def test_a_permutation_of_the_wrong_size_or_with_repeats_is_refused():
+  _, variables, _ = _init("small_cnn", 0)
+  spec = align.permutation_spec("small_cnn", variables["params"])
+  perm = align.identity_permutation(spec, variables["params"])
+  short = {**perm, "P_0": perm["P_0"][:-1]}  # was: a BatchNorm with 3 units of 4, silently
+  with pytest.raises(ValueError, match=r"perm\['P_0'\] must be a permutation of range\(4\)"):
+    align.apply_permutation(spec, short, variables["params"])
+  with pytest.raises(ValueError, match=r"perm\['P_1'\] must be a permutation"):
+    align.apply_permutation(spec, {**perm, "P_1": np.zeros(4, int)}, variables["params"])

@@ -84,6 +84,9 @@ def test_unknown_presets_and_modifiers_list_the_valid_ones():
     ("seed", -1, r"config.seed=-1 must be a non-negative integer"),
     ("data.seed", -2, r"config.data.seed=-2 must be a non-negative integer"),
     ("data.num_train", 100, r"config.batch_size=128 exceeds the 100 training examples"),
+    ("data.num_train", 10_000_000, r"config.data.num_train=10000000 exceeds the 50000 "
+                                   r"examples of shapes10's split"),
+    ("data.num_test", 20_000, r"config.data.num_test=20000 exceeds the 10000 examples"),
 ])
 def test_invalid_values_name_the_key_and_the_valid_choices(key, value, message):
   config = train_configs.get_config("cpu_cue")

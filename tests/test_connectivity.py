@@ -103,3 +103,24 @@ def test_end_points_must_match_the_path_config_data():
   with pytest.raises(ValueError, match=r"data.simple_dataset='mnist'"):
     connectivity._check_endpoints(run(cue="dominoes"), run(cue="dominoes", simple_dataset="mnist"),
                                   dominoes)
+
+
+def test_a_curve_of_an_end_point_retrained_in_place_is_refused(runs, tmp_path):
+  workdirs, _, _ = runs
+  cue = str(tmp_path / "cue")
+  train.train_and_evaluate(train_config.get_config("cpu_cue,quicktest"), cue)
+  fit = fit_curve_config.get_config("cpu_clean,quicktest")
+  fit.start_workdir, fit.end_workdir, fit.num_epochs = cue, workdirs["nocue"], 1
+  connectivity.fit_curve(fit, str(tmp_path / "curve"))
+  retrained = train_config.get_config("cpu_cue,quicktest")
+  retrained.seed = 5  # same path, same final step, another model
+  train.train_and_evaluate(retrained, cue, overwrite=True)
+  config = eval_path_config.get_config("cpu,quicktest")
+  config.start_workdir, config.end_workdir = cue, workdirs["nocue"]
+  config.curve_workdirs = (str(tmp_path / "curve"),)
+  with pytest.raises(ValueError, match=r"fitted between other end points .*differ in "
+                                       r"\['start.config.seed'\].*Refit"):
+    connectivity.eval_path(config, str(tmp_path / "eval"))
+  # The fit itself, relaunched, is refused too (it would resume against the new end point).
+  with pytest.raises(FileExistsError, match=r"differs in \['inputs.start.config.seed'\]"):
+    connectivity.fit_curve(fit, str(tmp_path / "curve"))

@@ -81,6 +81,12 @@ def test_verdict_by_hand():
                           accuracy=jnp.full(5, 0.9))
   with pytest.raises(finite.NonFiniteError, match=r"barriers on views \['cue'\] are not finite"):
     counterfactual.path_verdict({"clean": flat, "cue": nan})  # was: "connected"
+  # A set under another name is judged too (was: ignored, and "connected").
+  assert counterfactual.path_verdict({"eval": dip})["broken_views"] == ["eval"]
+  with pytest.raises(ValueError, match="results is empty"):
+    counterfactual.path_verdict({})
+  with pytest.raises(ValueError, match=r"tolerance=nan must be a finite number >= 0"):
+    counterfactual.path_verdict({"cue": dip}, tolerance=float("nan"))
 
 
 def test_views_of_non_finite_variables_or_images_are_named_errors():

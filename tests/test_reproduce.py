@@ -150,6 +150,19 @@ def test_finetune_task_runs_one_method(study, tmp_path):
     reproduce.check_finetune_config(finetune_config.get_config("sgd,quicktest"), 1)
 
 
+def test_finetune_of_a_cue_model_retrained_in_place_is_refused(tmp_path):
+  cue = str(tmp_path / "cue")
+  reproduce.train.train_and_evaluate(reproduce_config.get_config("cpu,quicktest").train, cue)
+  config = finetune_config.get_config("lp,quicktest")
+  config.cue_model_workdir = cue
+  reproduce.finetune_task(config, str(tmp_path / "lp"))
+  retrained = reproduce_config.get_config("cpu,quicktest").train
+  retrained.seed = 7
+  reproduce.train.train_and_evaluate(retrained, cue, overwrite=True)
+  with pytest.raises(FileExistsError, match=r"differs in \['inputs.cue_model.config.seed'\]"):
+    reproduce.finetune_task(config, str(tmp_path / "lp"))  # was: old numbers, new provenance
+
+
 def test_vmapped_seed_ensemble_matches_separate_runs(study, tmp_path):
   """seed_mode='vmap': one compiled step for all seeds gives each seed's separate run."""
   workdir, config, record = study

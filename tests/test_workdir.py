@@ -46,14 +46,20 @@ def test_overwrite_deletes_only_what_the_task_wrote(tmp_path):
   w = tmp_path / "w"
   _claim(w, CONFIG)
   for name in ("metrics.jsonl", "result.json", "notes.txt", "checkpoints/README",
-               "checkpoints/10/state", "checkpoints/20.orbax-checkpoint-tmp-171/state",
+               "checkpoints/10/default/d/x", "checkpoints/10/_CHECKPOINT_METADATA",
+               "checkpoints/20.orbax-checkpoint-tmp-171/default/x",
+               "checkpoints/30/default/x", "checkpoints/30/results/eval_path.json",
                "checkpoints/best/state", "data/train.npz"):
     (w / name).parent.mkdir(parents=True, exist_ok=True)
     (w / name).write_text("x")
   _claim(w, OTHER, overwrite=True)
+  # Step 30 holds a workdir nested in it (not orbax's): kept whole.
   assert _tree(w) == sorted([".mechconn.lock", "config.json", "notes.txt", "checkpoints/",
-                             "checkpoints/README", "checkpoints/best/",
-                             "checkpoints/best/state", "data/", "data/train.npz"])
+                             "checkpoints/README", "checkpoints/30/",
+                             "checkpoints/30/default/", "checkpoints/30/default/x",
+                             "checkpoints/30/results/", "checkpoints/30/results/eval_path.json",
+                             "checkpoints/best/", "checkpoints/best/state", "data/",
+                             "data/train.npz"])
 
 
 def test_a_config_json_that_is_not_this_tasks_is_never_written_over(tmp_path):
