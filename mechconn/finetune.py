@@ -86,7 +86,7 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epoc
   steps_per_epoch = n // batch_size
   tx = train.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch),
                  momentum=momentum, weight_decay=weight_decay)
-  check_features(features, "fit_head")
+  check_features(features, "fit_head", labels, num_classes)
   head = fresh_head(jax.random.key(seed), features.shape[1], num_classes)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=head, batch_stats={},
                            opt_state=tx.init(head))
@@ -106,8 +106,21 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epoc
   return state.params
 
 
-def check_features(features: np.ndarray, where: str) -> None:
-  """Raises NonFiniteError when cached features hold NaN or infinity (a broken backbone)."""
+def check_features(features: np.ndarray, where: str, labels: np.ndarray | None = None,
+                   num_classes: int | None = None) -> None:
+  """Raises when cached features are not [N, F] and finite, or labels not N ints in range."""
+  if np.ndim(features) != 2:
+    raise ValueError(f"{where}: features must be [examples, features], got shape "
+                     f"{np.shape(features)}.")
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (len(features),) or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"{where}: labels must be {len(features)} integers (one per feature "
+                       f"row), got {labels.dtype}{list(labels.shape)}.")
+    if num_classes is not None and len(labels) and (labels.min() < 0 or
+                                                    labels.max() >= num_classes):
+      raise ValueError(f"{where}: labels must be in [0, {num_classes}), got "
+                       f"[{labels.min()}, {labels.max()}].")
   bad = ~np.isfinite(features)
   if bad.any():
     raise finite.NonFiniteError(
@@ -131,7 +144,7 @@ def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   (optax.lbfgs); the standardisation is folded back into the returned head, so
   it applies to raw features: logits = features @ kernel + bias.
   """
-  check_features(features, "fit_dfr_head")
+  check_features(features, "fit_dfr_head", labels, num_classes)
   mean, std = features.mean(0), features.std(0) + 1e-6
   x = jnp.asarray((features - mean) / std)
   y = jnp.asarray(labels)

@@ -185,6 +185,11 @@ def test_cbft_and_heads_stop_on_non_finite_numbers(setup, tmp_path):
     finetune.fit_head(feats, labels, 10, epochs=2, learning_rate=0.5, batch_size=16, seed=0)
   with pytest.raises(finite.NonFiniteError, match="fit_dfr_head: the features"):
     finetune.fit_dfr_head(feats, labels, 10)
+  clean = np.nan_to_num(feats, posinf=0.0)
+  with pytest.raises(ValueError, match=r"fit_head: labels must be 32 integers"):
+    finetune.fit_head(clean, labels[:-1], 10, epochs=1, learning_rate=0.5, batch_size=16, seed=0)
+  with pytest.raises(ValueError, match=r"fit_dfr_head: labels must be in \[0, 10\), got \[0, 12\]"):
+    finetune.fit_dfr_head(clean, np.where(labels == 9, 12, labels), 10)
   with pytest.raises(finite.NonFiniteError, match=r"diverged at step \d+"):
     finetune.fit_head(np.nan_to_num(feats, posinf=0.0), labels, 10, epochs=3,
                       learning_rate=1e30, batch_size=16, seed=0)
