@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mechconn import barriers, paths
+from mechconn import barriers, batchnorm, evaluation, paths
 from mechconn.models import get_model
 
 
@@ -50,6 +50,14 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 7) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   matmul = jax.jit(lambda a: a @ a)
   return 2 * n**3 / median_seconds(lambda: matmul(a), repeats)
+
+
+def evaluate_point(apply_fn, params, eval_batches, bn_batches):
+  """Loss and accuracy of one parameter set, BatchNorm statistics recomputed (one t of a path)."""
+  variables = {"params": params}
+  if bn_batches is not None:
+    variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables, bn_batches)
+  return evaluation.evaluate_variables(apply_fn, variables, eval_batches)
 
 
 def forward_flops_per_image(model, variables, image_shape, batch: int = 64) -> float:
@@ -79,8 +87,7 @@ def bench_model(name, model, args, peak):
       n_eval + args.bn_batches * args.bn_batch)
 
   linear = paths.path_fn("linear")
-  point = jax.jit(lambda pts, t, ev, bn: barriers.evaluate_point(
-      model.apply, linear(pts, t), ev, bn))
+  point = jax.jit(lambda pts, t, ev, bn: evaluate_point(model.apply, linear(pts, t), ev, bn))
   ts_dev = [jnp.float32(t) for t in ts]
 
   def loop():

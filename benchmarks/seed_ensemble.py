@@ -1,6 +1,6 @@
 """Benchmark: S fine-tuning seeds as S separate steps or as one vmapped step (reproduce's seed_mode).
 
-For each model and method (naive: `train.train_step`; cbft: `finetune.cbft_step`)
+For each model and method (naive: `step.train_step`; cbft: `finetune.cbft_step`)
 it times advancing all S seeds by one step, two ways, on random 32x32x3
 batches (each seed its own batch of --batch examples):
   sequential  S calls of the jitted step, one per seed's state (the default
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechconn import finetune
-from mechconn import train
+from mechconn import step as step_lib
 from mechconn.models import get_model
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -33,20 +33,20 @@ from path_eval import median_seconds  # noqa: E402
 
 def bench(name, width, method, args):
   model = get_model(name, 10, width=width)
-  tx = train.sgd_cosine(0.01, 10_000)
+  tx = step_lib.sgd_cosine(0.01, 10_000)
   rng = np.random.default_rng(0)
   seeds = list(range(args.seeds))
   images = jnp.asarray(rng.normal(size=(args.seeds, args.batch, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, size=(args.seeds, args.batch)), jnp.int32)
-  init = train.create_train_state(model, tx, jax.random.key(0), images[0, :1])
+  init = step_lib.create_train_state(model, tx, jax.random.key(0), images[0, :1])
   if method == "cbft":
     loss_fn = finetune.CBFTLoss(model.apply, init.params, 10)
     step = functools.partial(finetune.cbft_step, loss_fn=loss_fn, tx=tx)
     batches = [{"clean_image": images[s], "clean_label": labels[s],
                 "cue_image": images[s][::-1], "cue_label": labels[s][::-1]} for s in seeds]
   else:
-    step = functools.partial(train.train_step, loss_fn=train.ClassificationLoss(model.apply),
-                             tx=tx)
+    step = functools.partial(step_lib.train_step,
+                             loss_fn=step_lib.ClassificationLoss(model.apply), tx=tx)
     batches = [{"image": images[s], "label": labels[s]} for s in seeds]
   keys = [jax.random.key(100 + s) for s in seeds]
   separate = {"states": [jax.tree.map(jnp.copy, init) for _ in seeds]}

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from mechconn import counterfactual
-from mechconn import train
+from mechconn import loop
+from mechconn import step as step_lib
 from mechconn.data import datasets, pipeline, shapes, views
 from mechconn.models import get_model
 
@@ -48,14 +49,14 @@ def main():
   view_batches = counterfactual.stack_views(test_views, yt, batch_size=500)
   model = get_model("small_cnn", 10, width=args.width)
   steps = args.epochs * (args.num_train // args.batch_size)
-  tx = train.sgd_cosine(args.lr, steps)
+  tx = step_lib.sgd_cosine(args.lr, steps)
   for proportion in (0.0, args.proportion):
     split = pipeline.make_cue_split(x, y, 10, "box", proportion)
     data = split.examples(np.arange(len(split)))
     start = time.perf_counter()
-    state, history = train.fit(model, tx, data["image"], data["label"],
-                               batch_size=args.batch_size, num_epochs=args.epochs,
-                               seed=args.seed, progress=False)
+    state, history = loop.fit(model, tx, data["image"], data["label"],
+                              batch_size=args.batch_size, num_epochs=args.epochs,
+                              seed=args.seed, progress=False)
     seconds = time.perf_counter() - start
     print(json.dumps({
         "benchmark": "shapes_difficulty", "model": f"small_cnn(width={args.width})",

@@ -1,7 +1,7 @@
 """Benchmark: training throughput of the jitted train step (examples/s).
 
 For each model, on random 32x32x3 batches (default 128 examples):
-  step     `train.train_step` alone (donated state, data already on device);
+  step     `step.train_step` alone (donated state, data already on device);
   loop     the train task's inner loop: `pipeline.batch_at_step` on a shapes10
            box-cue split (host-side cue drawing and normalisation), then
            `mesh.shard_batch` and the step; its ratio to `step` is the host
@@ -41,7 +41,7 @@ import numpy as np
 from mechconn import curves
 from mechconn import finetune
 from mechconn import mesh as mesh_lib
-from mechconn import train
+from mechconn import step as step_lib
 from mechconn.data import pipeline
 from mechconn.models import get_model
 
@@ -58,16 +58,17 @@ def compiled_flops(lowered) -> float:
 
 def bench_model(label, model, args, peak, split):
   mesh = mesh_lib.data_mesh()
-  tx = train.sgd_cosine(0.05, 10_000)
+  tx = step_lib.sgd_cosine(0.05, 10_000)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(rng.integers(0, 10, args.batch))}
-  loss_fn = train.ClassificationLoss(model.apply)
+  loss_fn = step_lib.ClassificationLoss(model.apply)
   key = jax.random.key(1)
-  step = functools.partial(train.train_step, root_key=key, loss_fn=loss_fn, tx=tx)
-  holder = {"state": train.create_train_state(model, tx, jax.random.key(0), batch["image"][:1])}
-  step_flops = compiled_flops(train.train_step.lower(holder["state"], batch, key,
-                                                    loss_fn=loss_fn, tx=tx))
+  step = functools.partial(step_lib.train_step, root_key=key, loss_fn=loss_fn, tx=tx)
+  holder = {"state": step_lib.create_train_state(model, tx, jax.random.key(0),
+                                                 batch["image"][:1])}
+  step_flops = compiled_flops(step_lib.train_step.lower(holder["state"], batch, key,
+                                                       loss_fn=loss_fn, tx=tx))
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   forward_flops = compiled_flops(forward.lower(holder["state"].variables, batch["image"]))
 
@@ -92,11 +93,10 @@ def bench_model(label, model, args, peak, split):
   curve_loss = curves.CurveLoss(model.apply, "bezier", ends[0]["params"], ends[1]["params"],
                                 ends[0].get("batch_stats", {}))
   free = (jax.tree.map(jnp.copy, holder["state"].params),)  # steps donate their state
-  curve_holder = {"state": train.TrainState(step=jnp.zeros((), jnp.int32), params=free,
-                                            batch_stats={}, opt_state=tx.init(free))}
-  curve_step = functools.partial(train.train_step, root_key=key, loss_fn=curve_loss, tx=tx)
-  curve_flops = compiled_flops(train.train_step.lower(curve_holder["state"], batch, key,
-                                                      loss_fn=curve_loss, tx=tx))
+  curve_holder = {"state": step_lib.fresh_state(free, tx)}
+  curve_step = functools.partial(step_lib.train_step, root_key=key, loss_fn=curve_loss, tx=tx)
+  curve_flops = compiled_flops(step_lib.train_step.lower(curve_holder["state"], batch, key,
+                                                         loss_fn=curve_loss, tx=tx))
 
   def curve_steps():
     for _ in range(args.steps):

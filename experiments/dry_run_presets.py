@@ -21,7 +21,7 @@ from absl import flags
 import jax
 
 from experiments.configs import eval_path, fit_curve, reproduce, train
-from experiments.tasks import TASKS
+from mechconn import tasks
 
 _ONLY = flags.DEFINE_string("only", "", "Run only the presets whose 'file:preset' contains this.")
 
@@ -49,7 +49,7 @@ def main(argv):
     config.dry_run = True
     start = time.perf_counter()
     try:
-      record = TASKS[config.task](config, "/nonexistent/dry_run_workdir")
+      record = tasks.run(config, "/nonexistent/dry_run_workdir")
     except Exception:  # report and go on: the sweep's point is to list every failure
       failed.append(name)
       print(f"FAILED {name}\n{traceback.format_exc()}", flush=True)

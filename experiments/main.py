@@ -2,11 +2,13 @@
 
 This file is short on purpose (as flax's examples/*/main.py): it parses
 --config and --workdir, sets up logging and devices, and hands the config to
-one library driver chosen by `config.task`. All the work lives in `mechconn`.
+`mechconn.tasks.run`, which runs the task named by `config.task` through the
+one prologue every task shares (checks, dry run, claim of the workdir). All
+the work lives in `mechconn`.
 
   python -m experiments.main --config=experiments/configs/train.py:cpu_cue --workdir=/tmp/cue
   python -m experiments.main --config=experiments/configs/quickstart.py:quicktest \
-      --workdir=/tmp/mc --config.num_t=11
+      --workdir=/tmp/mc --config.path.num_t=11
 
 Multi-host (TPU pod slices, several GPU hosts): run the same command on every
 host with --distributed (or with JAX_COORDINATOR_ADDRESS set); the mesh then
@@ -27,7 +29,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from experiments.tasks import TASKS
+from mechconn import tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
                                           lock_config=True)
@@ -63,15 +65,15 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _set_verbosity()
   config = _CONFIG.value
-  if config.task not in TASKS:
-    raise app.UsageError(f"Unknown task {config.task!r}; valid tasks: {sorted(TASKS)}.")
+  if config.task not in tasks.TASKS:
+    raise app.UsageError(f"Unknown task {config.task!r}; valid tasks: {sorted(tasks.TASKS)}.")
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value or "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize()  # TPU pods, SLURM, Open MPI, ...: detected by jax
   logging.info("JAX process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  TASKS[config.task](config, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  tasks.run(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

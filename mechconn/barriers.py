@@ -2,9 +2,11 @@
 
 `evaluate_path` compiles one XLA program for a whole grid of t: for each t it
 forms the parameters on the path, recomputes BatchNorm statistics from data
-(when the model has BatchNorm), and scans the eval batches for the exact mean
-loss and accuracy over all real examples. A new grid of the same length, or new
-endpoints of the same shapes, reuse the compiled program.
+(when the model has BatchNorm), and scans each eval set (one, or {name: set},
+e.g. the four counterfactual views) for the exact mean loss and accuracy over
+all real examples. A new grid of the same length, or new endpoints of the same
+shapes, reuse the compiled program. `PathEval.summary()` gives the barriers
+and where they sit.
 
 The loop over t is a `strategy`:
   - 'map': sequential `lax.map` (one parameter copy live at a time);
@@ -29,7 +31,7 @@ BatchNorm batches may be numpy arrays (placed here) or global `jax.Array`s
 the 't' layout XLA gathers them onto every device.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import functools
 
 import chex
@@ -38,15 +40,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import optax
 
 from mechconn import batchnorm
+from mechconn import evaluation
 from mechconn import finite
 from mechconn import mesh as mesh_lib
 from mechconn import paths
-
-Params = chex.ArrayTree
-Batches = dict[str, jax.Array]
+from mechconn.types import ApplyFn, Params, PathFn, StackedBatches
 
 STRATEGIES = ("map", "chunked", "vmap")
 # Measured with benchmarks/path_eval.py (see README): on XLA:CPU a sequential
@@ -71,10 +71,17 @@ class PathEval:
   def error(self) -> jax.Array:
     return 1.0 - self.accuracy
 
-  def barriers(self) -> dict[str, float]:
-    """{'loss': loss barrier, 'error': error (accuracy) barrier} as floats."""
-    return {"loss": float(barrier_height(self.ts, self.loss)),
-            "error": float(barrier_height(self.ts, self.error))}
+  def summary(self) -> dict[str, float]:
+    """The barriers and where they sit: {'loss', 'loss_t', 'error', 'error_t'} as floats.
+
+    'loss' is the loss barrier and 'error' the error (accuracy) barrier
+    (`barrier_height`), '*_t' the t of each maximum (`barrier_location`). The
+    one summary of a path: tasks record it and the Definition 5 verdict
+    (`counterfactual.path_verdict`) judges it.
+    """
+    ts, loss, error = (np.asarray(jax.device_get(x)) for x in (self.ts, self.loss, self.error))
+    return {"loss": float(barrier_height(ts, loss)), "loss_t": barrier_location(ts, loss),
+            "error": float(barrier_height(ts, error)), "error_t": barrier_location(ts, error)}
 
 
 def check_grid(ts) -> np.ndarray:
@@ -118,39 +125,6 @@ def barrier_location(ts: chex.Array, values: chex.Array) -> float:
   return float(ts[np.argmax(values - ((1 - ts) * values[0] + ts * values[-1]))])
 
 
-def evaluate_variables(apply_fn: batchnorm.ApplyFn, variables: dict[str, Params],
-                       eval_batches: Batches) -> tuple[jax.Array, jax.Array]:
-  """Exact mean cross-entropy and accuracy over the real (mask 1) examples of stacked batches.
-
-  Scans the [N, B, ...] batches in inference mode (stored BatchNorm statistics).
-  """
-  def accumulate(totals, batch):
-    logits = apply_fn(variables, batch["image"], train=False)
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["label"])
-    correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
-    mask = batch["mask"].astype(jnp.float32)
-    return (totals[0] + jnp.sum(ce * mask), totals[1] + jnp.sum(correct * mask),
-            totals[2] + jnp.sum(mask)), None
-
-  zero = jnp.zeros((), jnp.float32)
-  (loss_sum, correct_sum, count), _ = jax.lax.scan(accumulate, (zero, zero, zero),
-                                                  eval_batches)
-  return loss_sum / count, correct_sum / count
-
-
-def evaluate_point(apply_fn: batchnorm.ApplyFn, params: Params, eval_batches: Batches,
-                   bn_batches: Batches | None) -> tuple[jax.Array, jax.Array]:
-  """Mean cross-entropy and accuracy of one parameter set over masked eval batches.
-
-  BatchNorm statistics are recomputed from `bn_batches` when given.
-  """
-  variables = {"params": params}
-  if bn_batches is not None:
-    variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables, bn_batches)
-  return evaluate_variables(apply_fn, variables, eval_batches)
-
-
 def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size):
   """({set: (loss [K], accuracy [K])}, statistics finite [K]) over `ts` with the strategy."""
   def at(t):
@@ -161,7 +135,7 @@ def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy
       variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables,
                                                                  bn_batches)
       stats_finite = finite.all_finite(variables["batch_stats"])
-    return {name: evaluate_variables(apply_fn, variables, batches)
+    return {name: evaluation.evaluate_variables(apply_fn, variables, batches)
             for name, batches in eval_sets.items()}, stats_finite
 
   if strategy == "vmap":
@@ -208,22 +182,26 @@ def sharding_plan(num_t: int, mesh: jax.sharding.Mesh | None) -> str:
   return "t" if num_t >= mesh.size else "data"
 
 
-def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
-                  eval_batches: Batches, *, path: str | paths.PathFn = "linear",
-                  bn_batches: Batches | None = None, strategy: str | None = None,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  mesh: jax.sharding.Mesh | None = None) -> PathEval:
+def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
+                  eval_data: StackedBatches | Mapping[str, StackedBatches], *,
+                  path: str | PathFn = "linear", bn_batches: StackedBatches | None = None,
+                  strategy: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  mesh: jax.sharding.Mesh | None = None
+                  ) -> "PathEval | dict[str, PathEval]":
   """Loss and accuracy of the network at every t of a grid along a path.
 
-  One XLA program runs all t (compiled once per grid length and shapes).
+  One XLA program runs all t (compiled once per grid length and shapes). At
+  each t the path's parameters and BatchNorm statistics are formed once and
+  every eval set is evaluated with them (e.g. the four counterfactual views).
 
   Args:
     apply_fn: `model.apply` of a Flax model taking `train=`.
     points: the path's parameter pytrees ('params' collections only), e.g.
       (params_a, params_b) for 'linear', (a, mid, b) for a quadratic 'bezier'.
     ts: [K] grid, np.linspace(0, 1, K).
-    eval_batches: stacked {'image', 'label', 'mask'} [N, B, ...] (see
-      `mechconn.data.batching.stack_batches`); means are over masked examples.
+    eval_data: one eval set, stacked {'image', 'label', 'mask'} [N, B, ...]
+      (see `mechconn.data.batching.stack_batches`; means are over masked
+      examples), or several as {name: set}.
     path: 'linear', 'bezier', 'polychain', or a `path_fn(points, t)`.
     bn_batches: stacked {'image': [M, B, ...]} full batches from which BatchNorm
       statistics are recomputed at every t; required when the model has BatchNorm.
@@ -235,8 +213,9 @@ def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: che
       default device.
 
   Returns:
-    PathEval(ts, loss, accuracy), each [K], with `sharded_over` and
-    `num_devices` saying how the work was spread.
+    For one set, PathEval(ts, loss, accuracy), each [K], with `sharded_over`
+    and `num_devices` saying how the work was spread; for {name: set},
+    {name: PathEval}.
 
   Raises:
     ValueError: malformed batches (keys, shapes, dtypes), labels outside the
@@ -250,110 +229,41 @@ def evaluate_path(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: che
     >>> ts = np.linspace(0, 1, 11)
     >>> result = evaluate_path(model.apply, (params_a, params_b), ts, eval_batches,
     ...                        bn_batches=bn_batches)
-    >>> result.barriers()   # {'loss': ..., 'error': ...}
+    >>> result.summary()   # {'loss': ..., 'loss_t': ..., 'error': ..., 'error_t': ...}
+    >>> views = evaluate_path(model.apply, (params_a, params_b), ts, view_batches,
+    ...                       bn_batches=bn_batches)   # {'clean': PathEval, 'cue': ...}
   """
-  return evaluate_path_sets(apply_fn, points, ts, {"eval": eval_batches}, path=path,
-                            bn_batches=bn_batches, strategy=strategy,
-                            chunk_size=chunk_size, mesh=mesh)["eval"]
-
-
-def evaluate_path_sets(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
-                       eval_sets: dict[str, Batches], *, path: str | paths.PathFn = "linear",
-                       bn_batches: Batches | None = None, strategy: str | None = None,
-                       chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       mesh: jax.sharding.Mesh | None = None) -> dict[str, PathEval]:
-  """`evaluate_path` on several eval sets at once: {name: PathEval}.
-
-  At each t the path's parameters and BatchNorm statistics are formed once and
-  every set is evaluated with them (e.g. the four counterfactual views).
-  """
+  single = is_single_set(eval_data)
+  eval_sets = {"eval": eval_data} if single else dict(eval_data)
   call, plan, ts_arr, num_t = _prepare(apply_fn, points, ts, eval_sets, path=path,
                                       bn_batches=bn_batches, strategy=strategy,
                                       chunk_size=chunk_size, mesh=mesh)
   placed_points, _, placed_sets, placed_bn = call.args
   n = len(placed_points)
-  check_inputs(apply_fn, {f"the parameters of path point {i} of {n} (point 0 is t = 0)": p
+  evaluation.check_inputs(apply_fn, {f"the parameters of path point {i} of {n} (point 0 is t = 0)": p
                           for i, p in enumerate(placed_points)}, placed_sets, placed_bn)
   out, stats_finite = call()
   if plan == "t":  # drop the padding of the grid
     out, stats_finite = jax.tree.map(lambda x: x[:num_t], (out, stats_finite))
   _check_results(np.asarray(ts_arr), out, stats_finite)
   num_devices = 1 if mesh is None else int(mesh.size)
-  return {name: PathEval(ts=ts_arr, loss=loss, accuracy=accuracy, sharded_over=plan,
-                         num_devices=num_devices)
-          for name, (loss, accuracy) in out.items()}
+  results = {name: PathEval(ts=ts_arr, loss=loss, accuracy=accuracy, sharded_over=plan,
+                            num_devices=num_devices)
+             for name, (loss, accuracy) in out.items()}
+  return results["eval"] if single else results
 
 
-def num_classes_of(apply_fn: batchnorm.ApplyFn, params: Params, image_shape: tuple[int, ...],
-                   dtype=jnp.float32) -> int:
-  """The number of logits of the model for a batch of `image_shape` (abstract, no compute)."""
-  def logits(p, x):
-    return apply_fn({"params": p}, x, train=True, mutable=["batch_stats"])[0]
-  return int(jax.eval_shape(logits, params, jax.ShapeDtypeStruct(image_shape, dtype)).shape[-1])
-
-
-@functools.partial(jax.jit, static_argnames="num_classes")
-def _input_flags(named_trees, eval_sets, bn_batches, *, num_classes):
-  """({what: finite?}, {problem: absent?}) over the parameters and data, in one program."""
-  finite_flags = {what: finite.all_finite(tree) for what, tree in named_trees.items()}
-  valid_flags = {}
-  for name, batches in eval_sets.items():
-    images, labels, mask = batches["image"], batches["label"], batches["mask"]
-    real = mask > 0
-    # Padding rows too: their loss is multiplied by a mask of 0, and NaN x 0 is NaN.
-    finite_flags[f"the images of eval set {name!r}"] = finite.all_finite(images)
-    valid_flags[f"eval set {name!r} has labels outside [0, {num_classes}) (the model's "
-                "number of classes)"] = jnp.all(~real | ((labels >= 0) & (labels < num_classes)))
-    valid_flags[f"eval set {name!r} has a mask outside [0, 1]"] = jnp.all(
-        (mask >= 0) & (mask <= 1))
-    valid_flags[f"eval set {name!r} has no real example (its mask is all zero)"] = jnp.any(real)
-  if bn_batches is not None:
-    finite_flags["the BatchNorm images (bn_batches)"] = finite.all_finite(bn_batches["image"])
-  return finite_flags, valid_flags
-
-
-def check_inputs(apply_fn: batchnorm.ApplyFn, named_params: dict[str, Params],
-                 eval_sets: dict[str, Batches], bn_batches: Batches | None = None) -> None:
-  """Raises unless all parameters and images are finite and the labels valid.
-
-  One small compiled reduction over the data (no model evaluation), run before
-  the evaluation itself, so that a bad input fails in seconds.
-
-  Args:
-    apply_fn: the model's apply (its number of classes bounds the labels).
-    named_params: {description for messages: a params tree (or batch_stats)};
-      the first value is the model's 'params'.
-    eval_sets: {name: stacked {'image', 'label', 'mask'}}.
-    bn_batches: stacked {'image'} or None.
-
-  Raises:
-    ValueError: labels outside the model's classes, a mask outside [0, 1] or
-      all zero (an eval set without a real example).
-    finite.NonFiniteError: a NaN or infinity in the parameters, in an eval
-      set's images (padding rows included: NaN x mask 0 is NaN), or in the
-      BatchNorm images.
-  """
-  image = next(iter(eval_sets.values()))["image"]
-  num_classes = num_classes_of(apply_fn, next(iter(named_params.values())), image.shape[1:],
-                               image.dtype)
-  finite_flags, valid_flags = jax.device_get(
-      _input_flags(dict(named_params), dict(eval_sets), bn_batches, num_classes=num_classes))
-  invalid = [problem for problem, ok in valid_flags.items() if not ok]
-  if invalid:
-    raise ValueError("Evaluation refused: " + "; ".join(invalid) + ".")
-  finite.raise_if_any(finite_flags, "Evaluation refused")
-
-
-def check_losses(losses: dict[str, jax.Array], context: str, ts: np.ndarray | None = None
-                 ) -> None:
-  """Raises NonFiniteError naming each set (and t) whose loss is not finite."""
-  flags = {}
-  for name, loss in jax.device_get(losses).items():
-    bad = ~np.isfinite(np.atleast_1d(np.asarray(loss)))
-    if bad.any():
-      where = "" if ts is None else " at t = " + ", ".join(f"{t:.3g}" for t in ts[bad])
-      flags[f"the loss on {name!r}{where}"] = False
-  finite.raise_if_any(flags, context)
+def is_single_set(eval_data: Mapping) -> bool:
+  """True for one stacked set ({'image': array, ...}), False for {name: set}."""
+  if not isinstance(eval_data, Mapping) or not eval_data:
+    raise ValueError("eval_data must be one stacked set {'image', 'label', 'mask'} or a "
+                     f"non-empty {{name: set}}; got {type(eval_data).__name__} "
+                     f"{'(empty)' if isinstance(eval_data, Mapping) else ''}.")
+  nested = [isinstance(v, Mapping) for v in eval_data.values()]
+  if any(nested) and not all(nested):
+    raise ValueError("eval_data mixes arrays and sets: pass one stacked set or {name: set}; "
+                     f"got keys {sorted(eval_data)}.")
+  return not any(nested)
 
 
 def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array) -> None:
@@ -365,18 +275,21 @@ def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array) -> None:
         f"{t:.3g}" for t in ts[~stats_finite]) + " (the inputs are finite: the activations "
         "overflow)"] = False
   finite.raise_if_any(flags, "Path evaluation")
-  check_losses({name: loss for name, (loss, _) in out.items()}, "Path evaluation", ts)
+  evaluation.check_losses({name: loss for name, (loss, _) in out.items()}, "Path evaluation", ts)
 
 
-def compiled_memory(apply_fn: batchnorm.ApplyFn, points: Sequence[Params], ts: chex.Array,
-                    eval_sets: dict[str, Batches], **kwargs) -> dict[str, int]:
+def compiled_memory(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
+                    eval_data: StackedBatches | Mapping[str, StackedBatches], **kwargs
+                    ) -> dict[str, int]:
   """XLA's memory analysis of the compiled path evaluation, in bytes per device.
 
   {'argument', 'output', 'temp', 'total'}: `temp` is the working memory of the
   program (parameter copies at t, activations, BatchNorm moments); it is what
   grows with the number of t for 'vmap' and stays flat for 'map' and
-  'chunked'. Arguments as `evaluate_path_sets`; compiles, does not run.
+  'chunked'. Arguments as `evaluate_path` (the same names); compiles, does
+  not run.
   """
+  eval_sets = {"eval": eval_data} if is_single_set(eval_data) else dict(eval_data)
   call, *_ = _prepare(apply_fn, points, ts, eval_sets, **kwargs)
   analysis = call.lower().compile().memory_analysis()
   sizes = {"argument": int(analysis.argument_size_in_bytes),
@@ -411,9 +324,9 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
   if not eval_sets:
     raise ValueError("eval_sets is empty: pass {name: stacked batches}.")
   for name, batches in eval_sets.items():
-    check_batches(batches, ("image", "label", "mask"), f"eval set {name!r}")
+    evaluation.check_batches(batches, ("image", "label", "mask"), f"eval set {name!r}")
   if bn_batches is not None:
-    check_batches(bn_batches, ("image",), "bn_batches")
+    evaluation.check_batches(bn_batches, ("image",), "bn_batches")
     bn_batches = {"image": bn_batches["image"]}
   elif batchnorm.has_batchnorm(apply_fn, {"params": points[0]},
                                next(iter(eval_sets.values()))["image"][0]):
@@ -443,29 +356,3 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
     call = _Call(_evaluate_path_jit, _place(points, mesh_lib.replicated(mesh)), ts_arr,
                  _place(eval_sets, by_example), _place(bn_batches, by_example), **static)
   return call, plan, ts_arr, len(ts_np)
-
-
-def check_batches(batches, keys, name):
-  """Keys, shapes and dtypes of stacked batches (static: no data is read)."""
-  missing = [k for k in keys if k not in batches]
-  if missing:
-    raise ValueError(f"{name} lacks keys {missing}; expected {list(keys)} stacked "
-                     "[num_batches, batch_size, ...] (see stack_batches).")
-  shape = tuple(batches["image"].shape)
-  if len(shape) < 3:
-    raise ValueError(f"{name}['image'] must be [num_batches, batch_size, ...], got shape "
-                     f"{shape}.")
-  if shape[0] == 0 or shape[1] == 0:
-    raise ValueError(f"{name} is empty: its images have shape {shape}; expected at least one "
-                     "batch of at least one example.")
-  for key in ("label", "mask"):
-    if key not in keys:
-      continue
-    leaf = batches[key]
-    if tuple(leaf.shape) != shape[:2]:
-      raise ValueError(f"{name}[{key!r}] has shape {tuple(leaf.shape)}; expected {shape[:2]} "
-                       "(one per image: [num_batches, batch_size]).")
-  label_dtype = batches["label"].dtype if "label" in keys else None
-  if label_dtype is not None and not jnp.issubdtype(label_dtype, jnp.integer):
-    raise ValueError(f"{name}['label'] has dtype {label_dtype}; expected integer class "
-                     "indices.")

@@ -14,27 +14,15 @@ training mode and records that batch's moments (float32) in a side collection,
 so any Linen model works unchanged, with no per-layer code.
 """
 
-from typing import Any, Protocol
-
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mechconn import finite
+from mechconn.types import ApplyFn, StackedBatches, Variables
 
-Variables = chex.ArrayTree
-Batch = dict[str, jax.Array]
 
 MOMENTS = "batch_moments"  # side collection holding one batch's moments
-
-
-class ApplyFn(Protocol):
-  """`apply_fn(variables, images, *, train, mutable=False)` as Flax `Module.apply`."""
-
-  def __call__(self, variables: Variables, images: jax.Array, *, train: bool,
-               mutable: Any = False) -> Any:
-    ...
 
 
 def _record_moments(next_fun, args, kwargs, context):
@@ -78,7 +66,7 @@ def has_batchnorm(apply_fn: ApplyFn, variables: Variables, images: jax.Array) ->
   return bool(jax.tree_util.tree_leaves(moments))
 
 
-def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables, batches: Batch) -> Variables:
+def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables, batches: StackedBatches) -> Variables:
   """Exact BatchNorm statistics of `variables['params']` over a set of batches.
 
   For every BatchNorm layer l:

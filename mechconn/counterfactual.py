@@ -5,22 +5,27 @@ The views (`mechconn.data.views`): `clean` (no cue), `cue` (own label's cue),
 `rand_img` (own label's cue on another image: high accuracy = predicts from the
 cue). A cue-reliant model scores high on cue and rand_img, low on clean and
 rand_cue; a shape-reliant one the opposite, with rand_img near chance.
+
+- `stack_views`: the views as stacked, masked batches;
+- `evaluate_views`: one model on every view, in one compiled program;
+- `path_verdict`: Definition 5 on a path evaluated on the views
+  (`barriers.evaluate_path(apply_fn, points, ts, view_batches, ...)` gives
+  {view: PathEval}; each view's `PathEval.summary()` is judged).
 """
 
 import functools
 
-import chex
 import jax
 import numpy as np
 
 from mechconn import barriers
-from mechconn import batchnorm
+from mechconn import evaluation
 from mechconn import finite
 from mechconn.data import batching
 from mechconn.data.views import VIEWS
+from mechconn.types import ApplyFn, Params, StackedBatches
 
-Params = chex.ArrayTree
-ViewBatches = dict[str, dict[str, np.ndarray]]
+ViewBatches = dict[str, StackedBatches]
 
 
 def stack_views(views: dict[str, np.ndarray], labels: np.ndarray, batch_size: int
@@ -37,12 +42,12 @@ def stack_views(views: dict[str, np.ndarray], labels: np.ndarray, batch_size: in
 def _evaluate_views(apply_fn, variables, view_batches):
   out = {}
   for name, batches in view_batches.items():
-    loss, accuracy = barriers.evaluate_variables(apply_fn, variables, batches)
+    loss, accuracy = evaluation.evaluate_variables(apply_fn, variables, batches)
     out[name] = {"loss": loss, "accuracy": accuracy}
   return out
 
 
-def evaluate_views(apply_fn: batchnorm.ApplyFn, variables: dict[str, Params],
+def evaluate_views(apply_fn: ApplyFn, variables: dict[str, Params],
                    view_batches: ViewBatches) -> dict[str, dict[str, jax.Array]]:
   """Loss and accuracy of one model on each view, in one compiled program.
 
@@ -62,12 +67,12 @@ def evaluate_views(apply_fn: batchnorm.ApplyFn, variables: dict[str, Params],
   if not view_batches:
     raise ValueError("view_batches is empty: pass {view: stacked batches} (see stack_views).")
   for name, batches in view_batches.items():
-    barriers.check_batches(batches, ("image", "label", "mask"), f"view {name!r}")
-  barriers.check_inputs(apply_fn, {"the model's params": variables["params"],
+    evaluation.check_batches(batches, ("image", "label", "mask"), f"view {name!r}")
+  evaluation.check_inputs(apply_fn, {"the model's params": variables["params"],
                                    "the model's batch_stats": variables.get("batch_stats", {})},
                         view_batches)
   out = _evaluate_views(apply_fn, variables, view_batches)
-  barriers.check_losses({name: r["loss"] for name, r in out.items()}, "View evaluation")
+  evaluation.check_losses({name: r["loss"] for name, r in out.items()}, "View evaluation")
   return out
 
 
@@ -90,36 +95,19 @@ DEFAULT_BARRIER_METRIC = "error"
 DEFAULT_BARRIER_TOLERANCE = 0.05
 
 
-def evaluate_path_views(apply_fn: batchnorm.ApplyFn, points, ts, view_batches: ViewBatches,
-                        *, path="linear", bn_batches=None, strategy: str | None = None,
-                        mesh: jax.sharding.Mesh | None = None
-                        ) -> dict[str, barriers.PathEval]:
-  """Loss and accuracy along a path on every view: {view: PathEval}.
-
-  At each t, BatchNorm statistics are recomputed once from `bn_batches` (the
-  paper uses clean training data) and shared by all views. Arguments as
-  `barriers.evaluate_path` (`mesh` spreads t or the data over devices);
-  `view_batches` from `stack_views`.
-  """
-  unknown = sorted(set(view_batches) - set(VIEWS))
-  if unknown:
-    raise ValueError(f"Unknown views {unknown}; valid views: {VIEWS}.")
-  return barriers.evaluate_path_sets(apply_fn, points, ts, view_batches, path=path,
-                                     bn_batches=bn_batches, strategy=strategy, mesh=mesh)
-
-
 def path_verdict(results: dict[str, barriers.PathEval], *,
                  metric: str = DEFAULT_BARRIER_METRIC,
                  tolerance: float = DEFAULT_BARRIER_TOLERANCE) -> dict:
   """Barriers per view and the paper's Definition 5 verdict.
 
   Args:
-    results: {view: PathEval} of one path.
+    results: {view: PathEval} of one path (`barriers.evaluate_path` on the
+      views' batches).
     metric: 'error' (1 - accuracy) or 'loss': which barrier decides.
     tolerance: a barrier above this breaks the path on that view.
 
   Returns:
-    {'barriers': {view: {'loss', 'loss_t', 'error', 'error_t'}},
+    {'barriers': {view: `PathEval.summary()`},
      'broken_views': views whose barrier exceeds the tolerance,
      'mechanistically_connected': no view broken, 'metric', 'tolerance'}.
   """
@@ -129,13 +117,7 @@ def path_verdict(results: dict[str, barriers.PathEval], *,
     raise ValueError("path_verdict needs at least one evaluated view: results is empty.")
   if not (isinstance(tolerance, (int, float)) and np.isfinite(tolerance) and tolerance >= 0):
     raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0.")
-  table = {}
-  for view, r in results.items():
-    ts, loss, error = (np.asarray(x) for x in (r.ts, r.loss, r.error))
-    table[view] = {"loss": float(barriers.barrier_height(ts, loss)),
-                   "loss_t": barriers.barrier_location(ts, loss),
-                   "error": float(barriers.barrier_height(ts, error)),
-                   "error_t": barriers.barrier_location(ts, error)}
+  table = {view: r.summary() for view, r in results.items()}
   bad = sorted(v for v, b in table.items() if not all(np.isfinite(list(b.values()))))
   if bad:  # NaN > tolerance is False: a NaN barrier would read as "connected"
     raise finite.NonFiniteError(f"path_verdict: the barriers on views {bad} are not finite "

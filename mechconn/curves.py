@@ -9,24 +9,22 @@ supplies the path's derivative (for a quadratic Bezier, d theta(t) / d theta_M
 = 2 t (1 - t)). BatchNorm runs in training mode at path(t) (batch statistics),
 as in the paper's code; statistics for evaluation are recomputed per t later.
 
-`CurveLoss` is a `train.LossFn`, so curves train with `train.train_step` and
-`train.train_loop` (checkpointed, resumable). The free points are the state's
+`CurveLoss` is a `types.LossFn`, so curves train with `step.train_step` and
+`loop.train_loop` (checkpointed, resumable). The free points are the state's
 `params`: a tuple of parameter trees.
 """
 
 from collections.abc import Sequence
 
-import chex
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-from mechconn import batchnorm
 from mechconn import paths
-from mechconn import train
+from mechconn import step as step_lib
+from mechconn.types import ApplyFn, Params
 
-Params = chex.ArrayTree
 CURVE_KINDS = ("bezier", "polychain")
 INITS = ("fresh", "linear")
 
@@ -43,7 +41,7 @@ class CurveLoss:
       BatchNorm runs on batch statistics); {} for models without BatchNorm.
   """
 
-  apply_fn: batchnorm.ApplyFn = flax.struct.field(pytree_node=False)
+  apply_fn: ApplyFn = flax.struct.field(pytree_node=False)
   kind: str = flax.struct.field(pytree_node=False)
   start: Params
   end: Params
@@ -52,7 +50,7 @@ class CurveLoss:
   def __call__(self, free, batch_stats, batch, rng):
     t = jax.random.uniform(rng, (), jnp.float32)
     params = paths.path_fn(self.kind)((self.start, *free, self.end), t)
-    logits, _ = train.apply_train_mode(self.apply_fn, params, self.batch_stats, batch["image"])
+    logits, _ = step_lib.apply_train_mode(self.apply_fn, params, self.batch_stats, batch["image"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, (batch_stats, {"accuracy": accuracy, "t": t})

@@ -1,9 +1,11 @@
-"""Dry runs: build a job's model, optimiser, mesh and shardings, run one step, estimate the run.
+"""Dry runs: time a job's step on zero batches and estimate the run (knows no task).
 
-A dry run reads no data (batches are zeros of the dataset's image shape) and
-writes nothing: it checks that a config builds and compiles on the devices at
-hand, and prints the mesh, how state and batches are placed, the per-device
-batch, and an estimate of the full run's time from one timed step:
+A task's dry run (`mechconn.tasks`) builds what its run builds, with the same
+builder, then times its step here: it reads no data (batches are zeros of the
+dataset's image shape) and writes nothing, so it checks that a config builds
+and compiles on the devices at hand, and prints the mesh, how state and
+batches are placed, the per-device batch, and an estimate of the full run's
+time from one timed step:
 
   estimate = steps x (seconds per step at the global batch).
 
@@ -14,8 +16,8 @@ batch is extrapolated from the straight line through them (a fixed cost per
 step plus a cost per example): a rough CPU figure (tiny-batch timings on a
 shared CPU are noisy: repeat dry runs of one preset differed by up to 1.5x
 here). Each timing is the faster of the third and fourth calls at its batch
-(the first compiles, the second settles the state's placement). The estimate covers the timed kinds of step only (no evaluation
-or checkpoints).
+(the first compiles, the second settles the state's placement). The estimate
+covers the timed kinds of step only (no evaluation or checkpoints).
 """
 
 from collections.abc import Callable
@@ -28,33 +30,8 @@ import jax
 import numpy as np
 
 from mechconn import mesh as mesh_lib
-from mechconn.data import datasets
 
 CPU_EXAMPLES_PER_DEVICE = (2, 8)
-TRAIN_SIZES = {"shapes10": datasets.EMBEDDED_SIZES["train"],
-               "glyphs10": datasets.EMBEDDED_SIZES["train"], "cifar10": 50_000,
-               "cifar100": 50_000, "fashion_mnist": 60_000, "mnist": 60_000}
-
-
-def image_shape(data: Any) -> tuple[int, int, int]:
-  """[H, W, C] of a data config's training images (Dominoes stack two 32x32 halves)."""
-  return (64, 32, 3) if data.cue == "dominoes" else (32, 32, 3)
-
-
-def num_train_examples(data: Any) -> int:
-  """Training examples of a data config without loading it."""
-  if data.dataset not in TRAIN_SIZES:
-    raise ValueError(f"Unknown dataset {data.dataset!r}; valid: {sorted(TRAIN_SIZES)}.")
-  full = TRAIN_SIZES[data.dataset]
-  return full if data.num_train == -1 else min(data.num_train, full)
-
-
-TEST_SIZE = 10_000  # test examples of every base dataset here
-
-
-def num_test_examples(data: Any) -> int:
-  """Test examples per view of a data config without loading it (10,000 for every set here)."""
-  return TEST_SIZE if data.num_test == -1 else min(data.num_test, TEST_SIZE)
 
 
 def timed_batch_sizes(global_batch: int, num_devices: int, backend: str) -> tuple[int, ...]:
@@ -64,9 +41,10 @@ def timed_batch_sizes(global_batch: int, num_devices: int, backend: str) -> tupl
   return (global_batch,)
 
 
-def zero_batch(data: Any, batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def zero_batch(image_shape: tuple[int, ...], batch_size: int, mesh: jax.sharding.Mesh
+               ) -> dict[str, jax.Array]:
   """{'image', 'label'} of zeros, sharded over the mesh like a real batch."""
-  local = {"image": np.zeros((batch_size, *image_shape(data)), np.float32),
+  local = {"image": np.zeros((batch_size, *image_shape), np.float32),
            "label": np.zeros((batch_size,), np.int32)}
   rows = mesh_lib.process_rows(batch_size)
   return mesh_lib.shard_batch({k: v[rows] for k, v in local.items()}, mesh)
@@ -133,17 +111,18 @@ def time_step(name: str, step: Callable[[Any, Any], tuple[Any, Any]], state: Any
 
 
 def time_on_zero_batches(name: str, step: Callable[[Any, Any], tuple[Any, Any]], state: Any,
-                         data: Any, mesh: jax.sharding.Mesh, *, global_batch: int,
+                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh, *,
+                         global_batch: int,
                          num_steps: int, to_batch: Callable[[dict], Any] = lambda b: b
                          ) -> tuple[Any, StepTiming, Any]:
-  """`time_step` on zero batches of `data`'s images (mapped by `to_batch`) at the timed sizes.
+  """`time_step` on zero batches of images of `image_shape` (mapped by `to_batch`) at the timed sizes.
 
   Returns (state, timing, the last batch).
   """
   made = []
 
   def make_batch(n):
-    made.append(to_batch(zero_batch(data, n, mesh)))
+    made.append(to_batch(zero_batch(image_shape, n, mesh)))
     return made[-1]
 
   state, timing = time_step(name, step, state, make_batch, global_batch=global_batch,

@@ -2,7 +2,7 @@
 
 Every method starts from the cue model theta_C and uses a small clean set
 (no cue); CBFT also uses cue data. Methods (`METHODS`):
-  - naive: full fine-tuning on the clean set (`train.ClassificationLoss`);
+  - naive: full fine-tuning on the clean set (`step.ClassificationLoss`);
   - lp: last-layer retraining: the backbone frozen in inference mode, a fresh
     head trained on the backbone's penultimate features (`HeadLoss` on
     cached features, so an epoch costs a matmul);
@@ -17,31 +17,73 @@ Every method starts from the cue model theta_C and uses a small clean set
     interpolation by autodiff; then a clean step on CE plus lambda / K times
     the invariance loss between the class means of clean and cue features.
 
-The step functions are pure and jitted, and run under `train.train_loop`.
+`METHODS` declares each method as data (its head, its step, the settings it
+reads). The step functions are pure and jitted, and run under
+`loop.train_loop`.
 """
 
+import dataclasses
 import functools
 
-import chex
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mechconn import batchnorm
 from mechconn import finite
 from mechconn import paths
-from mechconn import train
+from mechconn import step as step_lib
+from mechconn.data import batching
+from mechconn.types import ApplyFn, Params
 
-Params = chex.ArrayTree
-METHODS = ("naive", "lp", "lp_ft", "dfr", "cbft")
 T_DISTRIBUTIONS = ("clip", "truncnorm")
+HEADS = ("none", "lp", "dfr")
+STEPS = ("none", "classification", "cbft")
 
 
-def check_method(name: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a fine-tuning method is, as data.
+
+  Attributes:
+    head: the head it starts from: 'none' (the cue model's own), 'lp' (a fresh
+      head trained on cached features, `fit_head`) or 'dfr' (`fit_dfr_head` on
+      a class-balanced subset).
+    step: the loop it runs afterwards: 'none', 'classification'
+      (`step.train_step` on `step.ClassificationLoss`) or 'cbft' (`cbft_step`).
+    sections: the settings it reads, named as the fine-tuning config's
+      subsections (e.g. 'lp' for the head's epochs and learning rate): a
+      change elsewhere does not change its numbers.
+    learning_rate_from: the subsection whose `learning_rate` replaces the
+      shared optimiser's peak rate for its loop, or None.
+  """
+
+  head: str
+  step: str
+  sections: tuple[str, ...]
+  learning_rate_from: str | None = None
+
+  @property
+  def runs_loop(self) -> bool:
+    return self.step != "none"
+
+
+METHODS = {
+    "naive": Method(head="none", step="classification", sections=("naive",),
+                    learning_rate_from="naive"),
+    "lp": Method(head="lp", step="none", sections=("lp",)),
+    "lp_ft": Method(head="lp", step="classification", sections=("lp",)),
+    "dfr": Method(head="dfr", step="none", sections=("dfr",)),
+    "cbft": Method(head="none", step="cbft", sections=("cbft",)),
+}
+
+
+def check_method(name: str) -> Method:
+  """The method called `name`; raises naming the valid ones."""
   if name not in METHODS:
     raise ValueError(f"Unknown fine-tuning method {name!r}; valid methods: {list(METHODS)}.")
+  return METHODS[name]
 
 
 # --- Features and heads (lp, dfr). -----------------------------------------------
@@ -52,7 +94,7 @@ def _features(apply_fn, variables, images):
   return apply_fn(variables, images, train=False, return_features=True)[1]
 
 
-def extract_features(apply_fn: batchnorm.ApplyFn, variables: dict, images: np.ndarray,
+def extract_features(apply_fn: ApplyFn, variables: dict, images: np.ndarray,
                      batch_size: int = 256) -> np.ndarray:
   """Penultimate features in inference mode, [N, F] float32 (the backbone is not changed)."""
   out = [np.asarray(_features(apply_fn, variables, jnp.asarray(images[i:i + batch_size])))
@@ -84,25 +126,22 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epoc
   n = len(labels)
   batch_size = min(batch_size, n)
   steps_per_epoch = n // batch_size
-  tx = train.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch),
-                 momentum=momentum, weight_decay=weight_decay)
+  tx = step_lib.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch),
+                    momentum=momentum, weight_decay=weight_decay)
   check_features(features, "fit_head", labels, num_classes)
   head = fresh_head(jax.random.key(seed), features.shape[1], num_classes)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=head, batch_stats={},
-                           opt_state=tx.init(head))
+  state = step_lib.fresh_state(head, tx)
   feats, labs = jnp.asarray(features), jnp.asarray(labels)
   key = jax.random.key(seed)
   for epoch in range(epochs):
-    order = train.epoch_permutation(seed, epoch, n)
     epoch_metrics = []
-    for i in range(steps_per_epoch):
-      idx = order[i * batch_size:(i + 1) * batch_size]
-      state, metrics = train.train_step(state, {"feature": feats[idx], "label": labs[idx]}, key,
-                                        loss_fn=HeadLoss(), tx=tx)
+    for idx in batching.epoch_batches(n, batch_size, seed=seed, epoch=epoch):
+      state, metrics = step_lib.train_step(state, {"feature": feats[idx], "label": labs[idx]},
+                                           key, loss_fn=HeadLoss(), tx=tx)
       epoch_metrics.append(metrics)
-    train.raise_if_diverged(jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                        *epoch_metrics)),
-                            epoch * steps_per_epoch, lambda: "fit_head keeps no checkpoints")
+    finite.raise_if_diverged(jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                         *epoch_metrics)),
+                             epoch * steps_per_epoch, lambda: "fit_head keeps no checkpoints")
   return state.params
 
 
@@ -249,7 +288,7 @@ class CBFTLoss:
     t_distribution: 'clip' or 'truncnorm' (see `sample_t`).
   """
 
-  apply_fn: batchnorm.ApplyFn = flax.struct.field(pytree_node=False)
+  apply_fn: ApplyFn = flax.struct.field(pytree_node=False)
   reference: Params
   num_classes: int = flax.struct.field(pytree_node=False)
   margin: float = flax.struct.field(pytree_node=False, default=1.0)
@@ -258,7 +297,7 @@ class CBFTLoss:
 
   def barrier_at(self, point, batch_stats, images, labels):
     """|m - CE(f(x; point), y)| in train-mode BatchNorm."""
-    logits, _ = train.apply_train_mode(self.apply_fn, point, batch_stats, images)
+    logits, _ = step_lib.apply_train_mode(self.apply_fn, point, batch_stats, images)
     return jnp.abs(self.margin - _ce(logits, labels))
 
   def barrier(self, params, batch_stats, images, labels, t):
@@ -292,7 +331,7 @@ class CBFTLoss:
 
 
 @functools.partial(jax.jit, static_argnames=("tx", "warmup_steps"), donate_argnums=0)
-def cbft_step(state: train.TrainState, batch: dict, root_key: jax.Array, *, loss_fn: CBFTLoss,
+def cbft_step(state: step_lib.TrainState, batch: dict, root_key: jax.Array, *, loss_fn: CBFTLoss,
               tx: optax.GradientTransformation, warmup_steps: int = 0):
   """One CBFT iteration: a barrier step on the cue batch, then a clean step.
 
@@ -314,5 +353,5 @@ def cbft_step(state: train.TrainState, batch: dict, root_key: jax.Array, *, loss
   params = optax.apply_updates(params, updates)
   metrics = {"loss": total, "barrier_loss": barrier, "t": t, **aux,
              "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
-  return train.TrainState(step=state.step + 1, params=params, batch_stats=stats,
+  return step_lib.TrainState(step=state.step + 1, params=params, batch_stats=stats,
                           opt_state=opt_state), metrics

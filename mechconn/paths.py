@@ -17,21 +17,14 @@ Example:
 
 from collections.abc import Callable, Sequence
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Params = chex.ArrayTree
-
-
-class PathFn(Protocol):
-  """`path_fn(points, t) -> params`: the point of the path at t in [0, 1]."""
-
-  def __call__(self, points: Sequence[Params], t: chex.Numeric) -> Params:
-    ...
+from mechconn.types import Params, PathFn
 
 
 def _describe(leaf: Any) -> str:

@@ -60,12 +60,16 @@ def cnn_setup():
 
 def loop_reference(model, points, path_kind, ts, x, y, bn_images):
   """Per t: params by tree maths, stats by recompute, loss over all examples unbatched."""
-  losses, accs = [], []
-  for t in ts:
-    params = paths.path_fn(path_kind)(points, float(t))
+  @jax.jit  # one compiled point (eager op-by-op dispatch is slow); the loop over t stays here
+  def logits_at(t):
+    params = paths.path_fn(path_kind)(points, t)
     stats = batchnorm.recompute_batch_stats(model.apply, {"params": params},
                                             {"image": bn_images})
-    logits = model.apply({"params": params, "batch_stats": stats}, x, train=False)
+    return model.apply({"params": params, "batch_stats": stats}, x, train=False)
+
+  losses, accs = [], []
+  for t in ts:
+    logits = logits_at(float(t))
     losses.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()))
     accs.append(float(np.mean(np.argmax(logits, -1) == y)))
   return np.array(losses), np.array(accs)
@@ -99,7 +103,8 @@ def test_same_model_at_both_ends_has_zero_barrier(cnn_setup):
   result = barriers.evaluate_path(model.apply, (pa, pa), np.linspace(0, 1, NUM_T),
                                   eval_batches, bn_batches=bn_batches)
   np.testing.assert_allclose(result.loss, result.loss[0], rtol=1e-5)
-  b = result.barriers()
+  b = result.summary()
+  assert set(b) == {"loss", "loss_t", "error", "error_t"}
   assert abs(b["loss"]) < 1e-5 and abs(b["error"]) < 1e-6
 
 
@@ -151,6 +156,7 @@ def test_bad_strategy_and_grid_raise(cnn_setup):
 # ---------------------------------------------------------------- memory
 
 
+@pytest.mark.slow  # compiles the evaluation at two grid lengths per strategy
 @pytest.mark.parametrize("strategy", ["map", "chunked"])
 def test_working_memory_does_not_grow_with_the_number_of_t(cnn_setup, strategy):
   model, pa, pb, x, y, eval_batches, bn_batches = cnn_setup
@@ -162,6 +168,7 @@ def test_working_memory_does_not_grow_with_the_number_of_t(cnn_setup, strategy):
   assert sizes[256]["total"] <= 1.5 * sizes[16]["total"], sizes
 
 
+@pytest.mark.slow  # compiles the evaluation at two grid lengths
 def test_vmap_working_memory_grows_with_the_number_of_t(cnn_setup):
   """The measure can fail: all t at once hold K parameter copies and activations."""
   model, pa, pb, x, y, eval_batches, bn_batches = cnn_setup

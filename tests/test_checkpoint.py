@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from mechconn import checkpoint
-from mechconn import train
+from mechconn import step as step_lib
 from mechconn.models import get_model
 
 
@@ -19,8 +19,8 @@ orbax_noise = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExcepti
 
 def _state(width):
   model = get_model("small_cnn", 10, width=width)
-  tx = train.sgd_cosine(0.1, 10)
-  return train.create_train_state(model, tx, jax.random.key(width), jnp.zeros((1, 8, 8, 3)))
+  tx = step_lib.sgd_cosine(0.1, 10)
+  return step_lib.create_train_state(model, tx, jax.random.key(width), jnp.zeros((1, 8, 8, 3)))
 
 
 def _files(directory):
@@ -37,7 +37,7 @@ def test_round_trip_is_exact_and_keeps_the_newest(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [2, 3]
     restored = ckpt.restore(jax.eval_shape(lambda: state))
-  assert isinstance(restored, train.TrainState)
+  assert isinstance(restored, step_lib.TrainState)
   assert int(restored.step) == 3
   chex.assert_trees_all_equal(restored.params, state.params)
   chex.assert_trees_all_equal(restored.opt_state, state.opt_state)

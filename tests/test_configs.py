@@ -1,34 +1,61 @@
-"""experiments/configs/train.py: presets build and validate; bad values fail early and clearly."""
+"""experiments/configs: presets build and validate; bad values fail early and clearly."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from mechconn import train
+from conftest import REPO
+from experiments.configs import common
+from experiments.configs import eval_path as eval_path_configs
+from experiments.configs import finetune as finetune_configs
+from experiments.configs import fit_curve as fit_curve_configs
+from experiments.configs import quickstart as quickstart_configs
+from experiments.configs import reproduce as reproduce_configs
+from experiments.configs import train as train_configs
+from mechconn import finetune
+from mechconn import tasks
+from mechconn.tasks import eval_path as eval_path_task
+from mechconn.tasks import finetune as finetune_task
+from mechconn.tasks import fit_curve as fit_curve_task
+from mechconn.tasks import quickstart as quickstart_task
+from mechconn.tasks import reproduce as reproduce_task
+from mechconn.tasks import train as train_task
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
+
+def test_parse_preset_splits_name_and_modifiers():
+  assert common.parse_preset(None, "cpu", ("quicktest",)) == ("cpu", [])
+  assert common.parse_preset("cpu_cue,quicktest", "cpu", ("quicktest",)) == (
+      "cpu_cue", ["quicktest"])
+  with pytest.raises(ValueError, match=r"Unknown preset modifier 'fast'; valid modifiers: "
+                                       r"\['quicktest'\]"):
+    common.parse_preset("cpu,fast", "cpu", ("quicktest",))
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-      f"config_{name}", os.path.join(REPO, "experiments", "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+@pytest.mark.parametrize("module, default", [
+    (train_configs, "cpu_cue"), (fit_curve_configs, "cpu_clean"), (eval_path_configs, "cpu"),
+    (reproduce_configs, "cpu"), (finetune_configs, "naive"), (quickstart_configs, "quicktest")])
+def test_every_config_file_refuses_an_unknown_modifier(module, default):
+  module.get_config(default)
+  with pytest.raises(ValueError, match=r"Unknown preset modifier 'fast'"):
+    module.get_config(f"{default},fast")
 
 
-train_configs = _load("train")
+def test_one_vocabulary_for_path_points_and_batchnorm_examples():
+  for config in (eval_path_configs.get_config("cpu"), reproduce_configs.get_config("cpu"),
+                 quickstart_configs.get_config("default")):
+    assert set(config.path) >= {"num_t", "bn_examples"}
+    assert "num_t" not in config and "bn_batches" not in config and "bn" not in config
+  assert "path" not in finetune_configs.get_config("cbft")  # it evaluates no path
+  assert quickstart_configs.get_config("default").path.bn_examples == 1024  # 8 x 128
 
 
 @pytest.mark.parametrize("preset", list(train_configs.CPU_PRESETS) + train_configs.paper_presets())
 def test_every_preset_builds_locked_and_valid(preset):
   for name in (preset, f"{preset},quicktest"):
     config = train_configs.get_config(name)
-    train.check_train_config(config, num_devices=8)
+    train_task.check(config, num_devices=8)
     with pytest.raises(AttributeError):
       config.not_a_field = 1  # locked: unknown keys are refused
 
@@ -93,7 +120,7 @@ def test_invalid_values_name_the_key_and_the_valid_choices(key, value, message):
   section, _, field = key.rpartition(".")
   (config[section] if section else config)[field] = value
   with pytest.raises(ValueError, match=message):
-    train.check_train_config(config, num_devices=8)
+    train_task.check(config, num_devices=8)
 
 
 def test_unknown_model_attribute_is_named():
@@ -101,17 +128,18 @@ def test_unknown_model_attribute_is_named():
   with config.unlocked():
     config.model.kwargs.depth = 3
   with pytest.raises(ValueError, match=r"config.model.kwargs has \['depth'\].*valid: .*'width'"):
-    train.check_train_config(config, num_devices=1)
+    train_task.check(config, num_devices=1)
 
 
 def test_invalid_config_fails_before_any_work(tmp_path):
   config = train_configs.get_config("cpu_cue")
   config.data.dataset = "imagenet"
   with pytest.raises(ValueError, match="data.dataset"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    tasks.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_launcher_refuses_unknown_keys(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.main",
@@ -123,21 +151,18 @@ def test_launcher_refuses_unknown_keys(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-fit_curve_configs = _load("fit_curve")
-eval_path_configs = _load("eval_path")
 PAPER_BASES = [p for p in train_configs.paper_presets() if "_box" in p and "_box0_" not in p]
 
 
 @pytest.mark.parametrize("base", ["cpu"] + PAPER_BASES)
 def test_connectivity_presets_build_and_validate(base):
-  from mechconn import connectivity
   for fit_on in ("clean", "cue"):
     for modifiers in ("", ",quicktest"):
       config = fit_curve_configs.get_config(f"{base}_{fit_on}{modifiers}")
-      connectivity.check_curve_config(config, num_devices=8)
+      fit_curve_task.check(config, num_devices=8)
       assert config.data.cue_proportion == {"clean": 0.0, "cue": 1.0}[fit_on]
   config = eval_path_configs.get_config(base)
-  connectivity.check_eval_path_config(config, num_devices=8)
+  eval_path_task.check(config, num_devices=8)
   start, end = config.start_workdir, config.end_workdir
   if base == "cpu":
     assert (start, end) == ("workdir/cpu_cue", "workdir/cpu_nocue")
@@ -153,36 +178,32 @@ def test_paper_curve_recipe():
 
 
 def test_connectivity_config_errors_name_the_key():
-  from mechconn import connectivity
   config = eval_path_configs.get_config("cpu")
   config.align = "procrustes"
   with pytest.raises(ValueError, match=r"config.align='procrustes'.*'activation', 'none'"):
-    connectivity.check_eval_path_config(config, 1)
+    eval_path_task.check(config, 1)
   config = eval_path_configs.get_config("cpu")
-  config.num_t = 1
-  with pytest.raises(ValueError, match="num_t=1 must be at least 2"):
-    connectivity.check_eval_path_config(config, 1)
+  config.path.num_t = 1
+  with pytest.raises(ValueError, match="config.path.num_t=1 must be at least 2"):
+    eval_path_task.check(config, 1)
   config = fit_curve_configs.get_config("cpu_clean")
   config.curve.kind = "spline"
   with pytest.raises(ValueError, match=r"config.curve.kind='spline'.*'bezier', 'polychain'"):
-    connectivity.check_curve_config(config, 1)
+    fit_curve_task.check(config, 1)
   with pytest.raises(ValueError, match="must end in _clean or _cue|valid presets"):
     fit_curve_configs.get_config("cpu")
 
 
-reproduce_configs = _load("reproduce")
-finetune_configs = _load("finetune")
 
 
 @pytest.mark.parametrize("preset", ["cpu"] + [p for p in train_configs.paper_presets()
                                               if "0_" in p and "_box0_" not in p
                                               and "dominoes0_" not in p])
 def test_reproduce_presets_build_and_validate(preset):
-  from mechconn import reproduce
   for name in (preset, f"{preset},quicktest"):
     config = reproduce_configs.get_config(name)
-    train.check_train_config(config.train, num_devices=8)
-    reproduce.check_finetune_config(config, num_devices=8)
+    train_task.check(config.train, num_devices=8)
+    finetune_task.check_finetune_config(config, num_devices=8)
   if preset != "cpu":
     ft = reproduce_configs.get_config(preset).finetune
     assert (ft.optimizer.learning_rate, ft.batch_size, ft.num_epochs, ft.num_clean,
@@ -194,20 +215,18 @@ def test_reproduce_presets_build_and_validate(preset):
 
 
 def test_naive_learning_rate_must_be_positive():
-  from mechconn import reproduce
   config = reproduce_configs.get_config("cpu")
   config.unlock()
   config.finetune.naive.learning_rate = 0.0
   with pytest.raises(ValueError, match=r"finetune.naive.learning_rate=0.0 must be > 0"):
-    reproduce.check_finetune_config(config, num_devices=1)
+    finetune_task.check_finetune_config(config, num_devices=1)
 
 
 def test_finetune_presets_are_the_methods():
-  from mechconn import finetune, reproduce
   for method in finetune.METHODS:
     config = finetune_configs.get_config(f"{method},quicktest")
     assert config.method == method and tuple(config.finetune.methods) == (method,)
-    reproduce.check_finetune_config(config, num_devices=8)
+    finetune_task.check_finetune_config(config, num_devices=8)
 
 
 def test_a_refused_launch_writes_nothing(tmp_path):
@@ -216,38 +235,32 @@ def test_a_refused_launch_writes_nothing(tmp_path):
   config = train_configs.get_config("cpu_cue,quicktest")
   config.data.num_train = 16
   with pytest.raises(ValueError, match=r"config.batch_size=32 exceeds the 16 training"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    tasks.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
 def test_task_configs_range_check_their_own_numbers():
-  from mechconn import connectivity, drivers, reproduce
-  quickstart = _load("quickstart")
-  config = quickstart.get_config("quicktest")
-  config.learning_rate = -0.05  # was: gradient ascent, and a result written
-  with pytest.raises(ValueError, match=r"config.learning_rate=-0.05 must be > 0"):
-    drivers.check_quickstart_config(config)
-  config = quickstart.get_config("quicktest")
-  config.bn_batches = 100
-  with pytest.raises(ValueError, match=r"config.bn_batches=100 batches .* need 12800"):
-    drivers.check_quickstart_config(config)
+  config = quickstart_configs.get_config("quicktest")
+  config.optimizer.learning_rate = -0.05  # was: gradient ascent, and a result written
+  with pytest.raises(ValueError, match=r"config.optimizer.learning_rate=-0.05 must be > 0"):
+    quickstart_task.check(config, 1)
   config = eval_path_configs.get_config("cpu")
   config.barrier_tolerance = float("nan")
   with pytest.raises(ValueError, match=r"config.barrier_tolerance=nan must be a finite number"):
-    connectivity.check_eval_path_config(config, 1)
+    eval_path_task.check(config, 1)
   config = fit_curve_configs.get_config("cpu_clean")
   config.optimizer.momentum = -1.0
   with pytest.raises(ValueError, match=r"config.optimizer.momentum=-1.0 must be in \[0, 1\)"):
-    connectivity.check_curve_config(config, 1)
+    fit_curve_task.check(config, 1)
   config = reproduce_configs.get_config("cpu")
   config.finetune.optimizer.weight_decay = -5.0
   with pytest.raises(ValueError, match=r"config.finetune.optimizer.weight_decay=-5.0 must be >= 0"):
-    reproduce.check_study_config(config, 1)
+    reproduce_task.check(config, 1)
   config = reproduce_configs.get_config("cpu")
   config.finetune.cbft.margin = float("inf")
   with pytest.raises(ValueError, match=r"config.finetune.cbft.margin=inf must be a finite"):
-    reproduce.check_study_config(config, 1)
+    reproduce_task.check(config, 1)
   config = reproduce_configs.get_config("cpu")
   config.seeds = (0, 0)
   with pytest.raises(ValueError, match=r"config.seeds=\(0, 0\) repeats a seed"):
-    reproduce.check_study_config(config, 1)
+    reproduce_task.check(config, 1)

@@ -2,20 +2,17 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
+from experiments.configs import eval_path as eval_path_config
+from experiments.configs import fit_curve as fit_curve_config
+from experiments.configs import train as train_config
 from mechconn import barriers
-from mechconn import connectivity
-from mechconn import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from experiments.configs import eval_path as eval_path_config  # noqa: E402
-from experiments.configs import fit_curve as fit_curve_config  # noqa: E402
-from experiments.configs import train as train_config  # noqa: E402
+from mechconn import tasks
+from mechconn.tasks import eval_path as eval_path_task
+from mechconn.tasks import fit_curve as fit_curve_task
 
 
 @pytest.fixture(scope="module")
@@ -24,34 +21,39 @@ def runs(tmp_path_factory):
   workdirs = {}
   for name, preset in (("cue", "cpu_cue"), ("nocue", "cpu_nocue")):
     workdirs[name] = str(root / name)
-    train.train_and_evaluate(train_config.get_config(f"{preset},quicktest"), workdirs[name])
+    tasks.run(train_config.get_config(f"{preset},quicktest"), workdirs[name])
   config = fit_curve_config.get_config("cpu_clean,quicktest")
   config.start_workdir, config.end_workdir = workdirs["cue"], workdirs["nocue"]
   config.num_epochs = 1
   workdirs["curve"] = str(root / "curve")
-  connectivity.fit_curve(config, workdirs["curve"])
+  tasks.run(config, workdirs["curve"])
   config = eval_path_config.get_config("cpu,quicktest")
   config.start_workdir, config.end_workdir = workdirs["cue"], workdirs["nocue"]
   config.curve_workdirs = (workdirs["curve"],)
   workdirs["eval"] = str(root / "eval")
-  record = connectivity.eval_path(config, workdirs["eval"])
+  record = tasks.run(config, workdirs["eval"])
   return workdirs, config, record
 
 
+@pytest.mark.slow
 def test_eval_path_record_is_complete_and_consistent(runs):
   workdirs, config, record = runs
-  with open(os.path.join(workdirs["eval"], connectivity.EVAL_PATH_FILE)) as f:
+  with open(os.path.join(workdirs["eval"], eval_path_task.EVAL_PATH_FILE)) as f:
     assert json.load(f) == json.loads(json.dumps(record))
-  assert os.path.getsize(os.path.join(workdirs["eval"], connectivity.EVAL_PATH_FIGURE)) > 10_000
+  figure = os.path.join(workdirs["eval"], eval_path_task.EVAL_PATH_FIGURE)
+  assert os.path.getsize(figure) > 10_000
   names = list(record["paths"])
   assert names == ["linear", "linear (aligned)", "bezier (fit on clean data)"]
   ts = np.asarray(record["ts"])
-  np.testing.assert_allclose(ts, np.linspace(0, 1, config.num_t))
+  np.testing.assert_allclose(ts, np.linspace(0, 1, config.path.num_t))
   for p in record["paths"].values():
     assert set(p["views"]) == {"clean", "cue", "rand_cue", "rand_img"}
     for view, curve in p["views"].items():
       expected = barriers.barrier_height(ts, 1 - np.asarray(curve["accuracy"]))
+      assert set(p["barriers"][view]) == {"loss", "loss_t", "error", "error_t"}
       assert p["barriers"][view]["error"] == pytest.approx(float(expected), abs=1e-6)
+      expected = barriers.barrier_height(ts, np.asarray(curve["loss"]))
+      assert p["barriers"][view]["loss"] == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
     broken = [v for v, b in p["barriers"].items() if b["error"] > config.barrier_tolerance]
     assert sorted(p["broken_views"]) == sorted(broken)
     assert p["mechanistically_connected"] == (not broken)
@@ -68,18 +70,19 @@ def test_eval_path_record_is_complete_and_consistent(runs):
   assert record["alignment"]["method"] == "weight"
 
 
+@pytest.mark.slow
 def test_curve_of_other_end_points_is_refused(runs, tmp_path):
   workdirs, config, _ = runs
   config.start_workdir, config.end_workdir = workdirs["nocue"], workdirs["cue"]  # swapped
   with pytest.raises(ValueError, match="was fitted between"):
-    connectivity.eval_path(config, str(tmp_path / "other"))
+    tasks.run(config, str(tmp_path / "other"))
 
 
 def test_unfinished_end_point_is_refused(tmp_path):
   config = fit_curve_config.get_config("cpu_clean,quicktest")
   config.start_workdir = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="no finished train run"):
-    connectivity.fit_curve(config, str(tmp_path / "curve"))
+    tasks.run(config, str(tmp_path / "curve"))
 
 
 def test_end_points_must_match_the_path_config_data():
@@ -94,33 +97,34 @@ def test_end_points_must_match_the_path_config_data():
 
   box = ml_collections.ConfigDict({"dataset": "shapes10", "cue": "box",
                                    "simple_dataset": "glyphs10"})
-  connectivity._check_endpoints(run(), run(cue="none"), box)  # 'none' is evaluated on box views
+  fit_curve_task.check_endpoints(run(), run(cue="none"), box)  # 'none' is evaluated on box views
   with pytest.raises(ValueError, match=r"trained with data.cue='dominoes' but this config has "
                                        r"config.data.cue='box'"):
-    connectivity._check_endpoints(run(), run(cue="dominoes"), box)
+    fit_curve_task.check_endpoints(run(), run(cue="dominoes"), box)
   dominoes = ml_collections.ConfigDict({"dataset": "shapes10", "cue": "dominoes",
                                         "simple_dataset": "glyphs10"})
   with pytest.raises(ValueError, match=r"data.simple_dataset='mnist'"):
-    connectivity._check_endpoints(run(cue="dominoes"), run(cue="dominoes", simple_dataset="mnist"),
-                                  dominoes)
+    fit_curve_task.check_endpoints(run(cue="dominoes"),
+                                   run(cue="dominoes", simple_dataset="mnist"), dominoes)
 
 
+@pytest.mark.slow
 def test_a_curve_of_an_end_point_retrained_in_place_is_refused(runs, tmp_path):
   workdirs, _, _ = runs
   cue = str(tmp_path / "cue")
-  train.train_and_evaluate(train_config.get_config("cpu_cue,quicktest"), cue)
+  tasks.run(train_config.get_config("cpu_cue,quicktest"), cue)
   fit = fit_curve_config.get_config("cpu_clean,quicktest")
   fit.start_workdir, fit.end_workdir, fit.num_epochs = cue, workdirs["nocue"], 1
-  connectivity.fit_curve(fit, str(tmp_path / "curve"))
+  tasks.run(fit, str(tmp_path / "curve"))
   retrained = train_config.get_config("cpu_cue,quicktest")
   retrained.seed = 5  # same path, same final step, another model
-  train.train_and_evaluate(retrained, cue, overwrite=True)
+  tasks.run(retrained, cue, overwrite=True)
   config = eval_path_config.get_config("cpu,quicktest")
   config.start_workdir, config.end_workdir = cue, workdirs["nocue"]
   config.curve_workdirs = (str(tmp_path / "curve"),)
   with pytest.raises(ValueError, match=r"fitted between other end points .*differ in "
                                        r"\['start.config.seed'\].*Refit"):
-    connectivity.eval_path(config, str(tmp_path / "eval"))
+    tasks.run(config, str(tmp_path / "eval"))
   # The fit itself, relaunched, is refused too (it would resume against the new end point).
   with pytest.raises(FileExistsError, match=r"differs in \['inputs.start.config.seed'\]"):
-    connectivity.fit_curve(fit, str(tmp_path / "curve"))
+    tasks.run(fit, str(tmp_path / "curve"))

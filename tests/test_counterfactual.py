@@ -24,10 +24,11 @@ def test_view_metrics_match_a_numpy_loop():
   assert batches["cue"]["image"].shape == (4, 16, 32, 32, 3)
   results = jax.device_get(counterfactual.evaluate_views(model.apply, variables, batches))
   assert set(results) == set(views.VIEWS)
+  one_image = jax.jit(lambda image: model.apply(variables, image[None])[0])
   for name, images in test_views.items():
     losses, correct = [], []
-    for i in range(len(y)):
-      logits = np.asarray(model.apply(variables, images[i:i + 1]), np.float64)[0]
+    for i in range(len(y)):  # one image at a time, float64 on the host
+      logits = np.asarray(one_image(images[i]), np.float64)
       log_z = np.log(np.sum(np.exp(logits - logits.max()))) + logits.max()
       losses.append(log_z - logits[y[i]])
       correct.append(np.argmax(logits) == y[i])
@@ -54,11 +55,14 @@ def test_path_views_equal_one_path_per_view_and_the_verdict_reads_them():
   batches = counterfactual.stack_views(test_views, y, batch_size=16)
   bn = {"image": datasets.normalize(x[:32]).reshape(2, 16, 32, 32, 3)}
   ts = np.linspace(0, 1, 4)
-  together = counterfactual.evaluate_path_views(model.apply, (a, b), ts, batches, bn_batches=bn)
+  together = barriers.evaluate_path(model.apply, (a, b), ts, batches, bn_batches=bn)
+  assert set(together) == set(views.VIEWS)
   for name in views.VIEWS:
     alone = barriers.evaluate_path(model.apply, (a, b), ts, batches[name], bn_batches=bn)
     np.testing.assert_allclose(together[name].loss, alone.loss, rtol=1e-5)
     np.testing.assert_allclose(together[name].accuracy, alone.accuracy, atol=1e-6)
+  verdict = counterfactual.path_verdict(together)
+  assert verdict["barriers"] == {name: r.summary() for name, r in together.items()}
 
 
 def test_verdict_by_hand():

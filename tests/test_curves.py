@@ -12,9 +12,10 @@ import pytest
 from mechconn import checkpoint
 from mechconn import curves
 from mechconn import finite
+from mechconn import loop
 from mechconn import mesh as mesh_lib
 from mechconn import paths
-from mechconn import train
+from mechconn import step as step_lib
 from mechconn.models import get_model
 
 
@@ -32,7 +33,7 @@ def test_gradient_is_the_chain_rule_through_the_bezier_path(setup):
   model, batch, a, m, b, loss_fn = setup
   rng = jax.random.key(7)
   t = jax.random.uniform(rng, (), jnp.float32)
-  grads = jax.grad(lambda free: loss_fn(free, {}, batch, rng)[0])((m["params"],))[0]
+  grads = jax.jit(jax.grad(lambda free: loss_fn(free, {}, batch, rng)[0]))((m["params"],))[0]
 
   def loss_at(params):  # the loss as a function of the point on the path
     logits, _ = model.apply({"params": params, "batch_stats": a["batch_stats"]}, batch["image"],
@@ -40,7 +41,7 @@ def test_gradient_is_the_chain_rule_through_the_bezier_path(setup):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
   theta_t = paths.bezier((a["params"], m["params"], b["params"]), t)
-  expected = jax.tree.map(lambda g: 2 * t * (1 - t) * g, jax.grad(loss_at)(theta_t))
+  expected = jax.tree.map(lambda g: 2 * t * (1 - t) * g, jax.jit(jax.grad(loss_at))(theta_t))
   chex.assert_trees_all_close(grads, expected, rtol=2e-4, atol=1e-6)
   _, (_, metrics) = loss_fn((m["params"],), {}, batch, rng)
   np.testing.assert_allclose(metrics["t"], t)
@@ -58,11 +59,10 @@ def test_fitting_lowers_the_midpoint_loss_and_keeps_the_end_points(setup):
   model, batch, a, m, b, loss_fn = setup
   tx = optax.sgd(0.05, momentum=0.9)
   free = curves.init_free_points(a["params"], b["params"], 1, "fresh", [m["params"]])
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=free, batch_stats={},
-                           opt_state=tx.init(free))
+  state = step_lib.fresh_state(free, tx)
   before = _loss_at_t(loss_fn, state.params, batch, 0.5)
   for _ in range(30):
-    state, _ = train.train_step(state, batch, jax.random.key(3), loss_fn=loss_fn, tx=tx)
+    state, _ = step_lib.train_step(state, batch, jax.random.key(3), loss_fn=loss_fn, tx=tx)
   assert _loss_at_t(loss_fn, state.params, batch, 0.5) < before - 0.3
   # The end points are not trained: the fitted curve starts and ends at them, bitwise.
   points = curves.curve_points(loss_fn.start, state.params, loss_fn.end)
@@ -93,14 +93,14 @@ def test_a_diverging_curve_fit_stops_and_saves_nothing_non_finite(setup, tmp_pat
   free = (model.init(jax.random.key(9), batch["image"])["params"],)  # the loop donates it
 
   def init():
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=free, batch_stats={},
-                            opt_state=tx.init(free))
+    return step_lib.fresh_state(free, tx)
 
-  step = functools.partial(train.train_step, root_key=jax.random.key(0), loss_fn=loss_fn, tx=tx)
+  step = functools.partial(step_lib.train_step, root_key=jax.random.key(0), loss_fn=loss_fn,
+                           tx=tx)
   with pytest.raises(finite.NonFiniteError, match=r"diverged at step \d+"):
-    train.train_loop(init, step, lambda s: batch, str(tmp_path),
-                     train.LoopOptions(num_steps=40, log_every=1, checkpoint_every=1,
-                                       progress=False),
-                     mesh=mesh_lib.data_mesh(jax.devices()[:1]))
-  with checkpoint.Checkpointer(str(tmp_path / train.CHECKPOINT_DIR)) as ckpt:
+    loop.train_loop(init, step, lambda s: batch, str(tmp_path),
+                    loop.LoopOptions(num_steps=40, log_every=1, checkpoint_every=1,
+                                     progress=False),
+                    mesh=mesh_lib.data_mesh(jax.devices()[:1]))
+  with checkpoint.Checkpointer(str(tmp_path / loop.CHECKPOINT_DIR)) as ckpt:
     assert all(bool(finite.all_finite_jit(ckpt.read(s))) for s in ckpt.all_steps())

@@ -7,16 +7,16 @@ import sys
 
 import pytest
 
+from conftest import REPO
+from experiments.configs import fit_curve as fit_curve_config
+from experiments.configs import reproduce as reproduce_config
+from experiments.configs import train as train_config
 from mechconn import dry_run
 from mechconn import mesh as mesh_lib
-from mechconn import reproduce
-from mechconn import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from experiments.configs import fit_curve as fit_curve_config  # noqa: E402
-from experiments.configs import reproduce as reproduce_config  # noqa: E402
-from experiments.configs import train as train_config  # noqa: E402
+from mechconn import tasks
+from mechconn.tasks import config as task_config
+from mechconn.tasks import runner
+from mechconn.tasks import train as train_task
 
 
 def _unlocked(module, preset):
@@ -41,10 +41,11 @@ def test_estimate_extrapolates_the_line_through_two_timings():
   assert dry_run.timed_batch_sizes(4, 1, "cpu") == (2, 4)
 
 
+@pytest.mark.slow  # builds and compiles a whole task's steps
 def test_train_dry_run_reads_no_data_and_writes_nothing(tmp_path, capsys):
   config = _unlocked(train_config, "cpu_cue,quicktest")
   config.data.dataset, config.dry_run = "cifar100", True  # CIFAR is not on this machine
-  record = train.train_and_evaluate(config, str(tmp_path / "run"))
+  record = tasks.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   out = capsys.readouterr().out
   assert "mesh {'data': 1}" in out and "estimate for the whole run" in out
@@ -57,46 +58,51 @@ def test_train_dry_run_reads_no_data_and_writes_nothing(tmp_path, capsys):
   assert record["placement"]["batch"].startswith("2 arrays")
 
 
+@pytest.mark.slow  # builds and compiles a whole task's steps
 def test_dominoes_dry_run_uses_the_stacked_image_shape():
   config = _unlocked(train_config, "cpu_cue,quicktest")
   config.data.cue = "dominoes"
-  assert dry_run.image_shape(config.data) == (64, 32, 3)
+  assert task_config.input_shape(config.data) == (64, 32, 3)
   mesh = mesh_lib.data_mesh()
-  _, state, batch, timing = train.dry_run_train_step(config, mesh)
+  state, timing, batch = runner.time_build(train_task.build(config, mesh), mesh)
   assert batch["image"].shape == (8, 64, 32, 3) and int(state.step) == 8  # 4 calls x 2 sizes
   assert min(timing.step_seconds) > 0
 
 
+@pytest.mark.slow  # builds and compiles a whole task's steps
 def test_reproduce_dry_run_times_cue_naive_and_cbft_steps(capsys):
   config = _unlocked(reproduce_config, "cpu,quicktest")
   config.dry_run = True
-  record = reproduce.reproduce(config, "/nonexistent/never/written")
+  record = tasks.run(config, "/nonexistent/never/written")
   names = [s["name"] for s in record["steps"]]
-  assert names == ["cue model step", "naive / lp_ft step", "cbft step"]
+  assert names == ["cue model step", "naive step", "lp_ft step", "cbft step"]  # lp, dfr: heads
   ft = config.finetune
   steps = ft.num_epochs * (ft.num_clean // ft.batch_size)
-  assert record["steps"][1]["num_steps"] == 2 * len(config.seeds) * steps  # naive + lp_ft
-  assert record["steps"][2]["num_steps"] == len(config.seeds) * steps
+  train = config.train
+  assert record["steps"][0]["num_steps"] == train.num_epochs * (512 // train.batch_size)
+  for step in record["steps"][1:]:
+    assert step["num_steps"] == len(config.seeds) * steps
   assert "DRY_RUN " in capsys.readouterr().out
 
 
+@pytest.mark.slow  # builds and compiles a whole task's steps
 def test_fit_curve_dry_run_before_the_end_points_exist(tmp_path):
-  from mechconn import connectivity
   config = _unlocked(fit_curve_config, "cpu_cue,quicktest")
   config.start_workdir, config.end_workdir = str(tmp_path / "a"), str(tmp_path / "b")
   config.dry_run = True
-  record = connectivity.fit_curve(config, str(tmp_path / "curve"))
-  assert "fresh inits" in record["dry_run"] and record["steps"][0]["name"] == "curve step"
+  record = tasks.run(config, str(tmp_path / "curve"))
+  assert "fresh inits" in record["dry_run"] and record["steps"][0]["name"] == "fit bezier"
   assert not os.listdir(tmp_path)
 
 
 def test_unknown_dataset_is_named():
   config = _unlocked(train_config, "cpu_cue").data
   config.dataset = "imagenet"
-  with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'; valid: \["):
-    dry_run.num_train_examples(config)
+  with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'; valid datasets: \["):
+    task_config.num_train_examples(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["train.py:cifar10_box80_vgg13",
                                     "eval_path.py:cifar100_box60_resnet18"])
 def test_paper_preset_dry_run_through_the_launcher_on_two_devices(preset, tmp_path):
@@ -121,7 +127,6 @@ def test_paper_preset_dry_run_through_the_launcher_on_two_devices(preset, tmp_pa
     assert step["num_steps"] == 44 and step["global_batch"] == (1024 + 40_000) // 4
   assert record["estimate_seconds"] > 0
   assert not (tmp_path / "w").exists()
-
 
 
 def test_preset_sweep_lists_every_paper_preset_of_every_task():

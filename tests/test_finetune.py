@@ -11,9 +11,10 @@ import pytest
 
 from mechconn import finetune
 from mechconn import finite
+from mechconn import loop
 from mechconn import mesh as mesh_lib
 from mechconn import paths
-from mechconn import train
+from mechconn import step as step_lib
 from mechconn.models import get_model
 
 
@@ -32,14 +33,14 @@ def test_barrier_gradient_is_one_minus_t_times_the_gradient_at_the_point(setup):
   model, images, labels, reference, theta = setup
   loss = finetune.CBFTLoss(model.apply, reference["params"], 10)
   t = jnp.float32(0.3)
-  grads = jax.grad(lambda p: loss.barrier(p, theta["batch_stats"], images, labels, t)[0])(
-      theta["params"])
+  grads = jax.jit(jax.grad(lambda p: loss.barrier(p, theta["batch_stats"], images, labels,
+                                                   t)[0]))(theta["params"])
   point = paths.linear(theta["params"], reference["params"], t)
 
   def at_point(q):
     return loss.barrier_at(q, theta["batch_stats"], images, labels)
 
-  expected = jax.tree.map(lambda g: (1 - t) * g, jax.grad(at_point)(point))
+  expected = jax.tree.map(lambda g: (1 - t) * g, jax.jit(jax.grad(at_point))(point))
   chex.assert_trees_all_close(grads, expected, rtol=2e-4, atol=1e-7)
 
 
@@ -97,8 +98,7 @@ def test_cbft_step_lowers_both_objectives(setup):
   model, images, labels, reference, theta = setup
   loss = finetune.CBFTLoss(model.apply, reference["params"], 10, margin=1.0)
   tx = optax.sgd(0.02, momentum=0.9)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=theta["params"],
-                           batch_stats=theta["batch_stats"], opt_state=tx.init(theta["params"]))
+  state = step_lib.fresh_state(theta["params"], tx, theta["batch_stats"])
   batch = {"clean_image": images[:16], "clean_label": labels[:16],
            "cue_image": images[16:], "cue_label": labels[16:]}
   t = jnp.float32(0.5)
@@ -156,6 +156,9 @@ def test_dfr_head_solves_its_regularised_problem(setup):
 def test_unknown_method_lists_the_valid_ones():
   with pytest.raises(ValueError, match=r"valid methods: \['naive', 'lp', 'lp_ft', 'dfr', 'cbft'\]"):
     finetune.check_method("ft")
+  method = finetune.check_method("cbft")
+  assert method is finetune.METHODS["cbft"]
+  assert (method.head, method.step, method.sections) == ("none", "cbft", ("cbft",))
 
 
 def test_cbft_and_heads_stop_on_non_finite_numbers(setup, tmp_path):
@@ -170,14 +173,13 @@ def test_cbft_and_heads_stop_on_non_finite_numbers(setup, tmp_path):
            "cue_label": labels[16:]}
 
   def init():
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=theta["params"],
-                            batch_stats=theta["batch_stats"], opt_state=tx.init(theta["params"]))
+    return step_lib.fresh_state(theta["params"], tx, theta["batch_stats"])
 
   step = functools.partial(finetune.cbft_step, root_key=jax.random.key(0), loss_fn=loss, tx=tx)
   with pytest.raises(finite.NonFiniteError, match=r"diverged at step 1 .*param_norm"):
-    train.train_loop(init, step, lambda s: batch, str(tmp_path),
-                     train.LoopOptions(num_steps=4, log_every=2, progress=False),
-                     mesh=mesh_lib.data_mesh(jax.devices()[:1]))
+    loop.train_loop(init, step, lambda s: batch, str(tmp_path),
+                    loop.LoopOptions(num_steps=4, log_every=2, progress=False),
+                    mesh=mesh_lib.data_mesh(jax.devices()[:1]))
   feats = finetune.extract_features(model.apply, reference, images, batch_size=8)
   feats[5, 2] = np.inf
   with pytest.raises(finite.NonFiniteError, match=r"fit_head: the features hold NaN or infinity "

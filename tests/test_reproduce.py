@@ -2,29 +2,28 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
+from experiments.configs import finetune as finetune_config
+from experiments.configs import reproduce as reproduce_config
 from mechconn import barriers
-from mechconn import reproduce
+from mechconn import tasks
 from mechconn import workdir as workdir_lib
 from mechconn.data import pipeline
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from experiments.configs import finetune as finetune_config  # noqa: E402
-from experiments.configs import reproduce as reproduce_config  # noqa: E402
+from mechconn.tasks import finetune as finetune_task
+from mechconn.tasks import reproduce
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reproduce"))
   config = reproduce_config.get_config("cpu,quicktest")
-  return workdir, config, reproduce.reproduce(config, workdir)
+  return workdir, config, tasks.run(config, workdir)
 
 
+@pytest.mark.slow
 def test_reproduce_writes_every_number_and_the_report(study):
   workdir, config, record = study
   with open(os.path.join(workdir, reproduce.REPRODUCE_FILE)) as f:
@@ -40,11 +39,16 @@ def test_reproduce_writes_every_number_and_the_report(study):
       assert summary["values"] == values
       assert summary["mean"] == pytest.approx(np.mean(values))
       assert summary["std"] == pytest.approx(np.std(values))
-    for r in runs:  # the barrier is the barrier of the stored path
+    ts = np.asarray(record["ts"])
+    for r in runs:  # the barriers are the barriers of the stored path
       path = r["path_to_cue_model"]
-      assert path["loss_barrier"] == pytest.approx(
-          float(barriers.barrier_height(np.asarray(record["ts"]), np.asarray(path["loss"]))),
-          abs=1e-6)
+      assert set(path["summary"]) == {"loss", "loss_t", "error", "error_t"}
+      assert path["summary"]["loss"] == pytest.approx(
+          float(barriers.barrier_height(ts, np.asarray(path["loss"]))), abs=1e-6)
+      assert path["summary"]["error"] == pytest.approx(
+          float(barriers.barrier_height(ts, 1 - np.asarray(path["accuracy"]))), abs=1e-6)
+    assert row["loss_barrier_to_cue_model"]["values"] == [
+        r["path_to_cue_model"]["summary"]["loss"] for r in runs]
   text = open(os.path.join(workdir, reproduce.REPORT_FILE)).read()
   assert "| cbft |" in text and "views.png" in text
   for figure in ("views.png", "paths.png"):
@@ -58,10 +62,11 @@ def _result_mtimes(workdir):
           if os.path.exists(os.path.join(runs, d, reproduce.RESULT_FILE))}
 
 
+@pytest.mark.slow
 def test_relaunch_skips_finished_runs(study):
   workdir, config, record = study
   before = _result_mtimes(workdir)
-  again = reproduce.reproduce(config, workdir)
+  again = tasks.run(config, workdir)
   assert again["methods"] == record["methods"]
   assert _result_mtimes(workdir) == before  # reused, not recomputed
 
@@ -74,17 +79,18 @@ def _naive_study(cue_dir, methods=("naive",)):
   return config
 
 
+@pytest.mark.slow
 def test_overwrite_after_a_change_never_reuses_old_runs(study, tmp_path):
   cue_dir = os.path.join(study[0], "cue_model")
   workdir = str(tmp_path / "w")
   config = _naive_study(cue_dir, ("naive", "lp"))
-  first = reproduce.reproduce(config, workdir)
+  first = tasks.run(config, workdir)
   changed = _naive_study(cue_dir, ("naive", "lp"))
   changed.finetune.naive.learning_rate = 0.05
   with pytest.raises(FileExistsError, match=r"differs in \['finetune.naive.learning_rate'\]"):
-    reproduce.reproduce(changed, workdir)
+    tasks.run(changed, workdir)
   lp_before = _result_mtimes(workdir)["lp_seed0"]
-  second = reproduce.reproduce(changed, workdir, overwrite=True)
+  second = tasks.run(changed, workdir, overwrite=True)
   # lp does not read naive's learning rate: its run (same recorded config) is kept.
   assert _result_mtimes(workdir)["lp_seed0"] == lp_before
   assert second["methods"]["lp"] == first["methods"]["lp"]
@@ -102,14 +108,15 @@ def test_overwrite_after_a_change_never_reuses_old_runs(study, tmp_path):
   before = _result_mtimes(workdir)
   with pytest.raises(FileExistsError, match=r"runs/naive_seed0 holds a run of a different "
                                             r"config .*study.finetune.naive.learning_rate"):
-    reproduce.reproduce(changed, workdir)
+    tasks.run(changed, workdir)
   assert _result_mtimes(workdir) == before  # refused: nothing deleted
-  third = reproduce.reproduce(changed, workdir, overwrite=True)
+  third = tasks.run(changed, workdir, overwrite=True)
   after = _result_mtimes(workdir)
   assert after["naive_seed0"] != before["naive_seed0"] and after["lp_seed0"] == before["lp_seed0"]
   assert third["methods"]["naive"]["views"] == second["methods"]["naive"]["views"]
 
 
+@pytest.mark.slow
 def test_a_given_cue_model_must_match_the_study_recipe(study, tmp_path):
   config = _naive_study(os.path.join(study[0], "cue_model"))
   config.train.data.cue_proportion = 0.0
@@ -117,14 +124,14 @@ def test_a_given_cue_model_must_match_the_study_recipe(study, tmp_path):
   with pytest.raises(ValueError, match=r"holds a model trained with data.cue_proportion=0.8, "
                                        r"model.kwargs.width=4 but config.train has "
                                        r"data.cue_proportion=0.0, model.kwargs.width=8"):
-    reproduce.reproduce(config, str(tmp_path / "w"))
+    tasks.run(config, str(tmp_path / "w"))
   config = _naive_study(str(tmp_path / "no_such_run"))
   with pytest.raises(FileNotFoundError, match="no finished train run"):
-    reproduce.reproduce(config, str(tmp_path / "w"))
+    tasks.run(config, str(tmp_path / "w"))
   config = _naive_study(os.path.join(study[0], "cue_model"))
   config.finetune.num_clean = 10_000  # more than the cue model's 512 training examples
   with pytest.raises(ValueError, match=r"num_clean=10000 \+ finetune.num_cue=200 exceed the 512"):
-    reproduce.reproduce(config, str(tmp_path / "w"))
+    tasks.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()  # refused before the workdir was claimed
 
 
@@ -132,37 +139,44 @@ def test_clean_and_cue_sets_are_disjoint_and_cued_as_asked():
   images = np.zeros((50, 32, 32, 3), np.uint8)
   labels = np.arange(50) % 10
   split = pipeline.make_cue_split(images, labels, 10, "box", 0.5)
-  clean, cue = reproduce.split_clean_and_cue(split, 10, -1, seed=0)
+  clean, cue = finetune_task.split_clean_and_cue(split, 10, -1, seed=0)
   assert len(clean) == 10 and len(cue) == 40
   assert not clean.has_cue.any() and cue.has_cue.all()
   with pytest.raises(ValueError, match="exceed the 50 training examples"):
-    reproduce.split_clean_and_cue(split, 30, 30, seed=0)
+    finetune_task.split_clean_and_cue(split, 30, 30, seed=0)
 
 
+@pytest.mark.slow
 def test_finetune_task_runs_one_method(study, tmp_path):
   workdir, _, record = study
   config = finetune_config.get_config("lp,quicktest")
   config.cue_model_workdir = os.path.join(workdir, "cue_model")
-  result = reproduce.finetune_task(config, str(tmp_path / "lp"))
+  result = tasks.run(config, str(tmp_path / "lp"))
   assert set(result["views"]) == {"clean", "cue", "rand_cue", "rand_img"}
   assert result["num_clean"] == 100
+  with pytest.raises(ValueError, match="valid presets"):
+    finetune_config.get_config("sgd,quicktest")
+  unknown = finetune_config.get_config("lp,quicktest")
+  unknown.finetune.methods = ("sgd",)
   with pytest.raises(ValueError, match="valid methods"):
-    reproduce.check_finetune_config(finetune_config.get_config("sgd,quicktest"), 1)
+    finetune_task.check_finetune_config(unknown, 1)
 
 
+@pytest.mark.slow
 def test_finetune_of_a_cue_model_retrained_in_place_is_refused(tmp_path):
   cue = str(tmp_path / "cue")
-  reproduce.train.train_and_evaluate(reproduce_config.get_config("cpu,quicktest").train, cue)
+  tasks.run(reproduce_config.get_config("cpu,quicktest").train, cue)
   config = finetune_config.get_config("lp,quicktest")
   config.cue_model_workdir = cue
-  reproduce.finetune_task(config, str(tmp_path / "lp"))
+  tasks.run(config, str(tmp_path / "lp"))
   retrained = reproduce_config.get_config("cpu,quicktest").train
   retrained.seed = 7
-  reproduce.train.train_and_evaluate(retrained, cue, overwrite=True)
+  tasks.run(retrained, cue, overwrite=True)
   with pytest.raises(FileExistsError, match=r"differs in \['inputs.cue_model.config.seed'\]"):
-    reproduce.finetune_task(config, str(tmp_path / "lp"))  # was: old numbers, new provenance
+    tasks.run(config, str(tmp_path / "lp"))  # was: old numbers, new provenance
 
 
+@pytest.mark.slow
 def test_vmapped_seed_ensemble_matches_separate_runs(study, tmp_path):
   """seed_mode='vmap': one compiled step for all seeds gives each seed's separate run."""
   workdir, config, record = study
@@ -170,7 +184,7 @@ def test_vmapped_seed_ensemble_matches_separate_runs(study, tmp_path):
   config.cue_model_workdir = os.path.join(workdir, "cue_model")
   config.finetune.methods = ("naive", "cbft")
   config.seed_mode = "vmap"
-  together = reproduce.reproduce(config, str(tmp_path / "vmap"))
+  together = tasks.run(config, str(tmp_path / "vmap"))
   assert os.path.isdir(tmp_path / "vmap" / "runs" / "naive_seeds0-1" / "checkpoints")
   for method in ("naive", "cbft"):
     for seed in config.seeds:

@@ -12,9 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import REPO
 from mechconn.data.views import VIEWS
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +29,7 @@ def results():
   return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_t, expected_layout", [(16, "t"), (11, "t"), (3, "data")])
 @pytest.mark.parametrize("run", ["mesh", "mesh_global_arrays", "mesh_chunked"])
 def test_eight_devices_match_one_device(results, num_t, expected_layout, run):
@@ -44,5 +44,6 @@ def test_eight_devices_match_one_device(results, num_t, expected_layout, run):
     np.testing.assert_allclose(sharded[view]["accuracy"], single[view]["accuracy"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_model_without_batchnorm_on_eight_devices(results):
   np.testing.assert_allclose(results["mlp"]["mesh"], results["mlp"]["single"], rtol=2e-5)

@@ -15,11 +15,13 @@ import chex
 import numpy as np
 import pytest
 
+from conftest import REPO
 from mechconn import checkpoint
-from mechconn import train
+from mechconn import loop
+from mechconn.tasks import train as train_task
 from mechconn import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # every test here launches training subprocesses
 CONFIG = "experiments/configs/train.py:cpu_cue,quicktest"
 LONG = ["--config.num_epochs=20", "--config.log_every_steps=1"]  # 16 steps/epoch: 320 steps
 NUM_STEPS = 320
@@ -45,7 +47,7 @@ def _run(workdir, overrides, num_devices=1):
 
 
 def _final_state(workdir):
-  return checkpoint.Checkpointer(os.path.join(workdir, train.CHECKPOINT_DIR)).read()
+  return checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR)).read()
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +73,10 @@ def test_sigkilled_run_resumes_to_bitwise_equal_params(uninterrupted, tmp_path):
     time.sleep(0.005)
   proc.wait(timeout=60)
   assert killed_after is not None and proc.returncode == -signal.SIGKILL, proc.returncode
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, train.CHECKPOINT_DIR))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR))
   killed_at = ckpt.latest_step()
   assert killed_at is not None and killed_at < NUM_STEPS
-  assert not os.path.exists(os.path.join(workdir, train.FINAL_EVAL_FILE))
+  assert not os.path.exists(os.path.join(workdir, train_task.FINAL_EVAL_FILE))
 
   _run(workdir, LONG)  # the same command resumes
 
@@ -82,19 +84,19 @@ def test_sigkilled_run_resumes_to_bitwise_equal_params(uninterrupted, tmp_path):
   # The metrics file reads as one run: every step logged once, in order.
   train_steps = [r["step"] for r in workdir_lib.read_metrics(metrics) if "train/loss" in r]
   assert train_steps == list(range(1, NUM_STEPS + 1))
-  with open(os.path.join(workdir, train.FINAL_EVAL_FILE)) as f:
+  with open(os.path.join(workdir, train_task.FINAL_EVAL_FILE)) as f:
     resumed_eval = json.load(f)["views"]
-  with open(os.path.join(uninterrupted, train.FINAL_EVAL_FILE)) as f:
+  with open(os.path.join(uninterrupted, train_task.FINAL_EVAL_FILE)) as f:
     assert json.load(f)["views"] == resumed_eval
 
 
 def test_workdir_of_a_different_config_is_refused_and_kept(uninterrupted):
-  before = sorted(os.listdir(os.path.join(uninterrupted, train.CHECKPOINT_DIR)))
+  before = sorted(os.listdir(os.path.join(uninterrupted, loop.CHECKPOINT_DIR)))
   proc = subprocess.run(_command(uninterrupted, LONG + ["--config.seed=1"]), cwd=REPO,
                         env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "differs in ['seed']" in proc.stderr and "--overwrite" in proc.stderr
-  assert sorted(os.listdir(os.path.join(uninterrupted, train.CHECKPOINT_DIR))) == before
+  assert sorted(os.listdir(os.path.join(uninterrupted, loop.CHECKPOINT_DIR))) == before
 
 
 def test_eight_fake_devices_match_one_device(tmp_path):
@@ -102,7 +104,7 @@ def test_eight_fake_devices_match_one_device(tmp_path):
   one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
   _run(one, short, num_devices=1)
   _run(eight, short, num_devices=8)
-  with open(os.path.join(eight, train.FINAL_EVAL_FILE)) as f:
+  with open(os.path.join(eight, train_task.FINAL_EVAL_FILE)) as f:
     record = json.load(f)
   assert record["devices"] == 8
   a, b = _final_state(one), _final_state(eight)
@@ -114,7 +116,7 @@ def test_eight_fake_devices_match_one_device(tmp_path):
   # every step's gradient by a large fraction.
   chex.assert_trees_all_close(b["params"], a["params"], rtol=1e-4, atol=1e-4)
   chex.assert_trees_all_close(b["batch_stats"], a["batch_stats"], rtol=1e-4, atol=1e-4)
-  with open(os.path.join(one, train.FINAL_EVAL_FILE)) as f:
+  with open(os.path.join(one, train_task.FINAL_EVAL_FILE)) as f:
     views_one = json.load(f)["views"]
   for view, r in record["views"].items():
     np.testing.assert_allclose(r["accuracy"], views_one[view]["accuracy"], atol=0.011)

@@ -19,41 +19,41 @@ suffix) evaluate the paper's runs in workdir/ with their two fitted curves
 
 import ml_collections
 
+from experiments.configs import common
 from experiments.configs import fit_curve as fit_curve_config
 from experiments.configs import train as train_config
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu')."""
-  name, *modifiers = (preset or "cpu").split(",")
-  config = train_config.unlocked_config("cpu_cue" if name == "cpu" else name)
+  name, modifiers = common.parse_preset(preset, "cpu", train_config.MODIFIERS)
+  if name != "cpu" and name not in train_config.paper_presets():
+    raise ValueError(f"Unknown preset {name!r}; valid presets: cpu and train.py's paper "
+                     "presets ({cifar10,cifar100}_box{percent}_{vgg13,resnet18}, ...).")
+  paper = name != "cpu"
+  recipe = train_config.unlocked_config(name if paper else "cpu_cue")  # the cue model's
+  config = ml_collections.ConfigDict()
   config.task = "eval_path"
+  config.seed = recipe.seed  # weight matching's order of permutation groups
+  config.data = recipe.data
+  config.data.num_test = -1 if paper else 2000  # test examples per view; -1: the whole split
   # The end points' model is theirs; this copy only builds a dry run before they exist.
-  config.endpoint_model = ml_collections.ConfigDict(config.model.to_dict())
-  for key in ("model", "optimizer", "num_epochs", "batch_size", "log_every_steps",
-              "eval_every_steps", "checkpoint_every_steps", "max_to_keep", "progress"):
-    # (dry_run stays: build, time one t, estimate; see mechconn.dry_run)
-    del config[key]
+  config.endpoint_model = recipe.model
   config.start_workdir, config.end_workdir = fit_curve_config.endpoint_workdirs(name)
-  prefix = "workdir/curve" if name == "cpu" else f"workdir/curve_{name}"
+  prefix = f"workdir/curve_{name}" if paper else "workdir/curve"
   config.curve_workdirs = (f"{prefix}_clean", f"{prefix}_cue")  # fitted curves to evaluate
   config.align = "weight"  # none, weight (Git Re-Basin weight matching) or activation
-  config.num_t = 11  # points on each path, np.linspace(0, 1, num_t)
-  config.data.num_test = 2000 if name == "cpu" else -1  # test examples per view
-  config.bn = ml_collections.ConfigDict()
-  config.bn.data = "clean"  # BatchNorm recomputed at each t from clean (or 'train') data
-  config.bn.num_examples = 1024  # training examples for the BatchNorm statistics
-  config.eval_batch_size = 128 if name == "cpu" else 512
+  config.path = common.path_section(num_t=11, bn_examples=1024)
+  config.path.bn_data = "clean"  # BatchNorm statistics at each t from clean (or 'train') data
+  config.eval_batch_size = 512 if paper else 128  # global, for the views and BatchNorm
   config.barrier_metric = "error"  # the barrier that decides Definition 5: error or loss
   config.barrier_tolerance = 0.05  # a barrier above this breaks the path on that view
-  for modifier in modifiers:
-    if modifier == "quicktest":
-      config.data.num_test = 100
-      config.bn.num_examples = 64
-      config.eval_batch_size = 32
-      config.num_t = 3
-    else:
-      raise ValueError(f"Unknown preset modifier {modifier!r}; valid modifiers: "
-                       f"{list(train_config.MODIFIERS)}.")
+  # Build the paths, time one t, estimate the run; read no data, write nothing
+  # (mechconn.tasks.eval_path.dry_run).
+  config.dry_run = False
+  if "quicktest" in modifiers:
+    config.data.num_test = 100
+    config.path.num_t, config.path.bn_examples = 3, 64
+    config.eval_batch_size = 32
   config.lock()
   return config

@@ -13,26 +13,28 @@ CPU for SmallCNN(32): naive about 30 s, cbft about 70 s, lp and dfr a few second
 
 import ml_collections
 
-from experiments.configs import reproduce as reproduce_config
+from experiments.configs import common
+
+MODIFIERS = ("paper", "quicktest")
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `method[,paper][,quicktest]` (None: 'naive')."""
-  method, *modifiers = (preset or "naive").split(",")
+  method, modifiers = common.parse_preset(preset, "naive", MODIFIERS)
+  if method not in common.FINETUNE_METHODS:
+    raise ValueError(f"Unknown preset {method!r}; valid presets: {list(common.FINETUNE_METHODS)}.")
   config = ml_collections.ConfigDict()
   config.task = "finetune"
   config.method = method  # naive, lp, lp_ft, dfr or cbft
   config.seed = 0  # the clean/cue draw and the fine-tuning run
   config.cue_model_workdir = "workdir/cpu_cue"  # a finished train run
-  config.finetune = reproduce_config.finetune_section(paper="paper" in modifiers)
-  config.eval_batch_size = 512
-  config.path = ml_collections.ConfigDict({"num_t": 11})  # unused here; shared checks
-  for modifier in modifiers:
-    if modifier == "quicktest":
-      reproduce_config.shrink_finetune(config.finetune)
-      config.eval_batch_size = 80
-    elif modifier != "paper":
-      raise ValueError(f"Unknown preset modifier {modifier!r}; valid: ['paper', 'quicktest'].")
+  config.finetune = common.finetune_section(paper="paper" in modifiers)
   config.finetune.methods = (method,)
+  config.eval_batch_size = 512  # global, for the four views
+  # Load the cue model, build the method's loop, time one step, estimate; no data, no files.
+  config.dry_run = False
+  if "quicktest" in modifiers:
+    common.shrink_finetune(config.finetune)
+    config.eval_batch_size = 80
   config.lock()
   return config

@@ -22,6 +22,7 @@ Append `,quicktest` to shrink any preset to seconds.
 
 import ml_collections
 
+from experiments.configs import common
 from experiments.configs import train as train_config
 
 FIT_DATA = {"clean": 0.0, "cue": 1.0}  # cue proportion of the data the curve is fitted on
@@ -37,16 +38,17 @@ def endpoint_workdirs(base: str) -> tuple[str, str]:
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu_clean')."""
-  name, *modifiers = (preset or "cpu_clean").split(",")
+  name, modifiers = common.parse_preset(preset, "cpu_clean", train_config.MODIFIERS)
   base, _, fit_on = name.rpartition("_")
-  if fit_on not in FIT_DATA or not base:
-    raise ValueError(f"Unknown preset {name!r}: valid presets are cpu_clean, cpu_cue and "
-                     "{cifar10,cifar100}_box{percent}_{vgg13,resnet18}_{clean,cue}.")
+  if fit_on not in FIT_DATA or not (base == "cpu" or base in train_config.paper_presets()):
+    raise ValueError(f"Unknown preset {name!r}; valid presets: cpu_clean, cpu_cue and "
+                     "{train.py's paper preset}_{clean,cue}, e.g. cifar10_box80_vgg13_clean.")
+  # The cue model's training recipe, less what a curve fit does not use.
   config = train_config.unlocked_config("cpu_cue" if base == "cpu" else base)
   config.task = "fit_curve"
   # The end points' model is theirs; this copy only builds a dry run before they exist.
-  config.endpoint_model = ml_collections.ConfigDict(config.model.to_dict())
-  del config.model
+  config.endpoint_model = config.model
+  del config.model, config.eval_every_steps, config.eval_batch_size  # eval_path evaluates
   # t = 0: the cue model's train run; t = 1: the no-cue model's.
   config.start_workdir, config.end_workdir = endpoint_workdirs(base)
   config.data.cue_proportion = FIT_DATA[fit_on]  # of the data the curve is fitted on
@@ -54,7 +56,6 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.curve.kind = "bezier"  # bezier or polychain
   config.curve.num_free = 1  # free control points: 1 = quadratic Bezier
   config.curve.init = "fresh"  # fresh (a new init, as the paper's code) or linear (midpoint)
-  config.eval_every_steps = 0  # eval_path evaluates the curve
   if base != "cpu":  # the paper code's curve recipe
     config.num_epochs = 15
     config.batch_size = 128

@@ -14,11 +14,19 @@ BatchNorm statistics recomputed at each. Presets (`quickstart.py:PRESET`):
 
 import ml_collections
 
+from experiments.configs import common
+
+PRESETS = ("default", "quicktest")
+MODIFIERS = ("quicktest",)  # 'default,quicktest' is 'quicktest'
+
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """Returns the locked quickstart config for a preset (None = 'default')."""
+  name, modifiers = common.parse_preset(preset, "default", MODIFIERS)
+  if name not in PRESETS:
+    raise ValueError(f"Unknown preset {name!r}; valid presets: {list(PRESETS)}.")
   config = ml_collections.ConfigDict()
-  config.task = "linear_barrier"  # driver in mechconn.drivers
+  config.task = "quickstart"  # runs mechconn.tasks.quickstart
   config.seed = 0  # model i is trained with seed + i
 
   config.data = ml_collections.ConfigDict()
@@ -30,29 +38,20 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.data.train_seed = 1  # draws the training split
   config.data.test_seed = 2  # draws the test split (different from train)
 
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "small_cnn"  # one of mechconn.models.MODELS
-  config.model.kwargs = ml_collections.ConfigDict({"width": 16})  # model attributes
+  config.model = common.model_section("small_cnn", width=16)
+  config.optimizer = common.optimizer_section(0.05)  # cosine decay to 0 over all steps
 
   config.batch_size = 128  # training batch size
   config.num_epochs = 4  # training epochs per model
-  config.learning_rate = 0.05  # peak lr, cosine decay to 0
-  config.momentum = 0.9  # SGD momentum
-  config.weight_decay = 5e-4  # decoupled L2 added to the gradient
-
-  config.num_t = 11  # points on the path, np.linspace(0, 1, num_t)
   config.eval_batch_size = 128  # eval and BatchNorm batch size (<= 128 on CPU: see README)
-  config.bn_batches = 8  # full training batches for BatchNorm recomputation (1,024 examples)
+  # The linear path between the two models; BatchNorm from the first 1,024 training examples.
+  config.path = common.path_section(num_t=11, bn_examples=1024)
 
-  preset = preset or "default"
-  if preset == "quicktest":
+  if name == "quicktest" or "quicktest" in modifiers:
     config.data.num_train = 1024
     config.data.num_test = 300
     config.num_epochs = 1
-    config.num_t = 5
-    config.bn_batches = 2
+    config.path.num_t, config.path.bn_examples = 5, 256
     config.model.kwargs.width = 4
-  elif preset != "default":
-    raise ValueError(f"Unknown preset {preset!r}; valid presets: ['default', 'quicktest'].")
   config.lock()
   return config

@@ -35,6 +35,8 @@ same config and workdir; a different config in the same workdir is refused
 
 import ml_collections
 
+from experiments.configs import common
+
 PAPER_PERCENTS = (0, 60, 70, 80, 90, 100)
 PAPER_DATASETS = ("cifar10", "cifar100")
 PAPER_MODELS = ("vgg13", "resnet18")
@@ -52,44 +54,16 @@ def paper_presets() -> list[str]:
 def base_config() -> ml_collections.ConfigDict:
   """The CPU cue-model recipe; presets change fields of it."""
   config = ml_collections.ConfigDict()
-  config.task = "train"  # driver: mechconn.train.train_and_evaluate
+  config.task = "train"  # runs mechconn.tasks.train
   config.seed = 0  # model init, data order and step randomness
-
-  config.data = ml_collections.ConfigDict()
-  config.data.dataset = "shapes10"  # base images: shapes10 (embedded), cifar10, cifar100, ...
-  config.data.cue = "box"  # 'box' or 'dominoes' ('none': plain data; views are box views)
-  config.data.cue_proportion = 0.8  # fraction of each class's training examples with the cue
-  config.data.simple_dataset = "glyphs10"  # Dominoes' simple half (fashion_mnist for CIFAR)
-  config.data.num_train = -1  # training examples; -1: the whole split
-  config.data.num_test = 5000  # test examples per view; -1: the whole split
-  config.data.seed = 0  # embedded data generation and the views' random draws
-  config.data.data_dir = ""  # TFDS data dir; '': $TFDS_DATA_DIR or ~/tensorflow_datasets
-  config.data.download = False  # let TFDS download (needs the internet)
-
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "small_cnn"  # mlp, small_cnn, vgg13, resnet18
-  config.model.kwargs = ml_collections.ConfigDict({"width": 32})  # model attributes
-
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "sgd"  # SGD with momentum, weight decay added to the gradient
-  config.optimizer.learning_rate = 0.05  # peak learning rate
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.schedule = "cosine"  # constant, cosine (to 0) or step
-  config.optimizer.decay_every_epochs = 0  # 'step': multiply by decay_factor this often
-  config.optimizer.decay_factor = 0.1  # 'step' only
-
-  config.num_epochs = 3
-  config.batch_size = 128  # global; divisible by the device count (<= 128 per CPU device)
-  config.per_device_batch_size = 0  # > 0: batch_size = this x the job's device count
-  config.eval_batch_size = 512  # global, for the views
-  config.log_every_steps = 50  # a metrics line (and progress bar update) this often
-  config.eval_every_steps = 390  # evaluate the four views this often; 0: only at the end
-  config.checkpoint_every_steps = 200  # and at the end
-  config.max_to_keep = 2  # newest checkpoints kept
-  config.progress = True  # tqdm progress bar
+  config.data = common.data_section()
+  config.model = common.model_section("small_cnn", width=32)
+  config.optimizer = common.optimizer_section(0.05)
+  common.add_loop_fields(
+      config, num_epochs=3, batch_size=128, per_device_batch_size=0, eval_batch_size=512,
+      log_every_steps=50, eval_every_steps=390, checkpoint_every_steps=200, max_to_keep=2)
   # Build everything, run one step, print the mesh, placement, per-device batch and
-  # an estimate of the run's time; read no data, write nothing (mechconn.dry_run).
+  # an estimate of the run's time; read no data, write nothing (mechconn.tasks.train.dry_run).
   config.dry_run = False
   return config
 
@@ -125,29 +99,29 @@ def _apply_paper(config: ml_collections.ConfigDict, preset: str) -> None:
 
 
 def apply_quicktest(config: ml_collections.ConfigDict) -> None:
-  """Shrinks a recipe to seconds: tiny data and model, short periods, no progress bar."""
+  """Shrinks a recipe to seconds: tiny data and model, short periods, no progress bar.
+
+  Sets only the loop fields the recipe has (fit_curve's evaluates nothing).
+  """
   config.data.num_train = 512
   config.data.num_test = 200
   if "model" in config:  # fit_curve and eval_path take the end points' model
     config.model.kwargs = ml_collections.ConfigDict(
         {"width": 4 if config.model.name == "small_cnn" else 0.0625}
         if config.model.name != "mlp" else {"hidden": (16,)})
-  config.num_epochs = 2
-  config.batch_size = 32
-  config.eval_batch_size = 80  # divisible by 8 and 16 (fake-device tests)
-  config.log_every_steps = 4
-  config.eval_every_steps = 16
-  config.checkpoint_every_steps = 8
-  config.progress = False
+  quick = {"num_epochs": 2, "batch_size": 32,
+           "eval_batch_size": 80,  # divisible by 8 and 16 (fake-device tests)
+           "log_every_steps": 4, "eval_every_steps": 16, "checkpoint_every_steps": 8,
+           "progress": False}
+  for key, value in quick.items():
+    if key in config:
+      config[key] = value
 
 
 def apply_modifiers(config: ml_collections.ConfigDict, modifiers: list[str]) -> None:
-  for modifier in modifiers:
-    if modifier == "quicktest":
-      apply_quicktest(config)
-    else:
-      raise ValueError(f"Unknown preset modifier {modifier!r}; valid modifiers: "
-                       f"{list(MODIFIERS)}.")
+  """Applies `modifiers` (of MODIFIERS; another raises) to a recipe."""
+  if "quicktest" in common.check_modifiers(modifiers, MODIFIERS):
+    apply_quicktest(config)
 
 
 def unlocked_config(name: str) -> ml_collections.ConfigDict:
@@ -170,7 +144,7 @@ def unlocked_config(name: str) -> ml_collections.ConfigDict:
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu_cue')."""
-  name, *modifiers = (preset or "cpu_cue").split(",")
+  name, modifiers = common.parse_preset(preset, "cpu_cue", MODIFIERS)
   config = unlocked_config(name)
   apply_modifiers(config, modifiers)
   config.lock()

@@ -6,6 +6,8 @@ padding in the last batch), so means over a dataset are exact with a single
 compiled batch shape.
 """
 
+import functools
+
 import numpy as np
 
 Batches = dict[str, np.ndarray]
@@ -55,3 +57,40 @@ def stack_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
 
   return {"image": stacked(images), "label": stacked(labels),
           "mask": stacked(valid_mask(n, total))}
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  order.flags.writeable = False  # shared by the cache
+  return order
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The example order of one epoch: `default_rng([seed, epoch]).permutation(n)`."""
+  return _permutation(int(seed), int(epoch), int(num_examples))
+
+
+def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
+  """[steps_per_epoch, batch_size] example indices of one shuffled epoch's full batches.
+
+  Batch i of the epoch is `epoch_permutation(seed, epoch)[i B:(i + 1) B]`; a
+  partial last batch is dropped (one compiled shape). The one batching rule
+  of every training loop here (`loop.train_loop`'s data, `loop.fit`,
+  `finetune.fit_head`), so a step's batch depends only on (seed, step).
+  """
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{num_examples} examples make no batch of {batch_size}.")
+  order = epoch_permutation(seed, epoch, num_examples)
+  return order[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+
+
+def batch_indices_at_step(num_examples: int, batch_size: int, *, seed: int, step: int
+                          ) -> np.ndarray:
+  """The example indices of global step `step` (0-based): batch step % S of epoch step // S."""
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{num_examples} examples make no batch of {batch_size}.")
+  epoch, i = divmod(step, steps_per_epoch)
+  return epoch_batches(num_examples, batch_size, seed=seed, epoch=epoch)[i]

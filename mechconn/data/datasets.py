@@ -12,6 +12,7 @@ Every loader returns (images uint8 [n, H, W, C], labels int32 [n]).
 `to_simple_half` makes a Dominoes simple image (32x32, 3 channels, [0, 1]).
 """
 
+import dataclasses
 import os
 
 import jax
@@ -19,12 +20,37 @@ import numpy as np
 
 from mechconn.data import shapes
 
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What is known about a base dataset without loading it."""
+
+  num_classes: int
+  train_size: int
+  test_size: int
+  image_shape: tuple[int, int, int]  # [H, W, C] of its uint8 images
+  tfds_name: str | None = None  # None: embedded (generated here, offline)
+
+
+# The one table of dataset facts: loading, config checks and dry runs read it.
+DATASETS = {
+    "shapes10": DatasetInfo(10, 50_000, 10_000, (32, 32, 3)),
+    "glyphs10": DatasetInfo(10, 50_000, 10_000, (32, 32, 3)),
+    "cifar10": DatasetInfo(10, 50_000, 10_000, (32, 32, 3), "cifar10"),
+    "cifar100": DatasetInfo(100, 50_000, 10_000, (32, 32, 3), "cifar100"),
+    "fashion_mnist": DatasetInfo(10, 60_000, 10_000, (28, 28, 1), "fashion_mnist"),
+    "mnist": DatasetInfo(10, 60_000, 10_000, (28, 28, 1), "mnist"),
+}
 EMBEDDED = {"shapes10": shapes.shapes10, "glyphs10": shapes.glyphs10}
-TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion_mnist",
-              "mnist": "mnist"}
-NUM_CLASSES = {"shapes10": 10, "glyphs10": 10, "cifar10": 10, "cifar100": 100,
-               "fashion_mnist": 10, "mnist": 10}
-EMBEDDED_SIZES = {"train": 50_000, "test": 10_000}
+NUM_CLASSES = {name: info.num_classes for name, info in DATASETS.items()}
+TFDS_NAMES = {name: info.tfds_name for name, info in DATASETS.items() if info.tfds_name}
+
+
+def info(name: str) -> DatasetInfo:
+  """The facts of a named dataset; raises naming the valid ones."""
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}.")
+  return DATASETS[name]
 _SPLIT_TAG = {"train": 0, "test": 1}
 
 
@@ -53,12 +79,12 @@ def load_base(name: str, split: str, *, seed: int = 0, num_examples: int | None 
   Returns:
     (images uint8 [n, H, W, C], labels int32 [n]).
   """
-  if name not in NUM_CLASSES:
-    raise ValueError(f"Unknown dataset {name!r}; valid datasets: {sorted(NUM_CLASSES)}.")
+  facts = info(name)
   if split not in _SPLIT_TAG:
     raise ValueError(f"Unknown split {split!r}; valid splits: {sorted(_SPLIT_TAG)}.")
   if name in EMBEDDED:
-    n = EMBEDDED_SIZES[split] if num_examples is None else num_examples
+    full = facts.train_size if split == "train" else facts.test_size
+    n = full if num_examples is None else num_examples
     return EMBEDDED[name](2 * seed + _SPLIT_TAG[split], n)  # distinct seed per split
   return _load_tfds(name, split, num_examples=num_examples, data_dir=data_dir,
                     download=download)

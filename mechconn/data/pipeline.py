@@ -8,13 +8,18 @@ its uint8 bytes, not four times that.
 
 from collections.abc import Iterator
 import dataclasses
-import functools
 
 import numpy as np
 
 from mechconn.data import batching, cues, datasets, views
 
 CUE_KINDS = ("none", "box", "dominoes")
+
+
+def input_shape(dataset: str, cue: str) -> tuple[int, int, int]:
+  """[H, W, C] of the model inputs of a cued dataset (Dominoes stack the simple half on top)."""
+  height, width, channels = datasets.info(dataset).image_shape
+  return (2 * height, width, channels) if cue == "dominoes" else (height, width, channels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,32 +117,19 @@ def batches(split: CueSplit, batch_size: int, *, seed: int | None = None, epoch:
     yield batch
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  order.flags.writeable = False  # shared by the cache
-  return order
-
-
-def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  """The example order of one epoch; depends only on (seed, epoch)."""
-  return _permutation(int(seed), int(epoch), int(num_examples))
+epoch_permutation = batching.epoch_permutation
 
 
 def batch_at_step(split: CueSplit, batch_size: int, *, seed: int, step: int,
                   rows: slice = slice(None)) -> dict[str, np.ndarray]:
   """The training batch of global step `step` (0-based), partial batches dropped.
 
-  A pure function of (split, batch_size, seed, step): step s is batch
-  s % steps_per_epoch of epoch s // steps_per_epoch, in the order of
-  `epoch_permutation(seed, epoch)`. So a resumed run sees exactly the batches
-  an uninterrupted one would. `rows` selects this host's part of the batch.
+  A pure function of (split, batch_size, seed, step)
+  (`batching.batch_indices_at_step`), so a resumed run sees exactly the
+  batches an uninterrupted one would. `rows` selects this host's part of the
+  batch.
   """
-  steps_per_epoch = len(split) // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"{len(split)} examples make no batch of {batch_size}.")
-  epoch, i = divmod(step, steps_per_epoch)
-  idx = epoch_permutation(seed, epoch, len(split))[i * batch_size:(i + 1) * batch_size]
+  idx = batching.batch_indices_at_step(len(split), batch_size, seed=seed, step=step)
   return split.examples(idx[rows])
 
 

@@ -1,0 +1,214 @@
+"""The resumable training loop, and a small in-memory `fit`.
+
+- `train_loop(init_fn, step_fn, batch_fn, workdir, options, *, mesh)`: runs any
+  pure step (`step.train_step` with its statics bound, `finetune.cbft_step`,
+  a vmapped seed ensemble) to a number of steps on a data mesh, with orbax
+  checkpoints, JSON-lines metrics, a tqdm bar and auto-resume. Batches and
+  step keys are functions of the step number, so a run killed at any step and
+  resumed ends with the parameters of an uninterrupted run (bitwise, on the
+  same machine). A step whose loss, gradient norm or parameter norm is not
+  finite stops the run (`finite.NonFiniteError`, naming the step and the last
+  good checkpoint); the whole state is checked before every save and every
+  evaluation.
+- `fit`: a loop without checkpoints on one device, for quick experiments.
+
+Knows no task: what a step computes and where its data comes from are its
+arguments.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from mechconn import checkpoint
+from mechconn import finite
+from mechconn import mesh as mesh_lib
+from mechconn import rngs
+from mechconn import step as step_lib
+from mechconn import workdir as workdir_lib
+from mechconn.data import batching
+from mechconn.types import Batch, Metrics
+
+CHECKPOINT_DIR = "checkpoints"
+# What a resumable loop writes into its workdir (its task adds its result files).
+LAYOUT = workdir_lib.Layout(files=(workdir_lib.METRICS_FILE,), checkpoint_dirs=(CHECKPOINT_DIR,))
+
+
+def stack_metrics(metrics: list[Metrics]) -> dict[str, np.ndarray]:
+  """Per-step metric dicts -> {name: [steps, ...]} on the host (one transfer)."""
+  return jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *metrics))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+  """How `train_loop` runs: lengths and periods are in steps."""
+
+  num_steps: int
+  log_every: int = 50
+  checkpoint_every: int = 500
+  max_to_keep: int = 3
+  eval_every: int = 0  # 0: only at the end
+  steps_per_epoch: int = 0  # for the 'epoch' field of the logs (0: omitted)
+  progress: bool = True
+  desc: str = "train"
+
+
+def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple[Any, Metrics]],
+               batch_fn: Callable[[int], Batch], workdir: str, options: LoopOptions, *,
+               mesh: jax.sharding.Mesh, learning_rate_fn: Callable[[int], float] | None = None,
+               eval_fn: Callable[[Any], dict[str, float]] | None = None,
+               examples_per_step: int = 0) -> Any:
+  """Runs `step_fn` to `options.num_steps`, resuming from the workdir's latest checkpoint.
+
+  Args:
+    init_fn: () -> a fresh state with an integer `.step` (e.g. a TrainState);
+      run under jit, replicated over the mesh.
+    step_fn: (state, batch) -> (state, metrics), e.g. `train_step` with its
+      statics bound; metrics must include 'loss'.
+    batch_fn: step -> the global batch of that 0-based step, sharded over the
+      mesh. Must be a pure function of the step for resumption to be exact.
+    workdir: checkpoints go to workdir/checkpoints, metrics to
+      workdir/metrics.jsonl (one JSON object per log/eval step).
+    options: lengths and periods.
+    mesh: the data mesh (`mesh.data_mesh()`).
+    learning_rate_fn: step -> learning rate, logged.
+    eval_fn: state -> flat dict of evaluation metrics, logged every
+      `options.eval_every` steps and at the end.
+    examples_per_step: for the logged examples/s.
+
+  Returns:
+    The final state (also saved as the last checkpoint).
+  """
+  replicated = mesh_lib.replicated(mesh)
+  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                 max_to_keep=options.max_to_keep)
+  # Resume order:
+  # 1. the latest complete checkpoint, checked leaf by leaf against an abstract
+  #    state (no arrays allocated); a fresh init when there is none;
+  # 2. metrics lines past the restored step are dropped (a killed run may have
+  #    logged steps that it had not checkpointed);
+  # 3. nothing else: batches and step keys are functions of the step number,
+  #    and the optimiser's schedule counts in its restored state.
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = mesh_lib.abstract_like(jax.eval_shape(init_fn), replicated)
+    state = ckpt.restore(abstract, latest)
+    if jax.process_index() == 0:  # said on the terminal: a resume is not a fresh start
+      print(f"{options.desc}: resumed from {ckpt.step_dir(latest)} (step {latest} of "
+            f"{options.num_steps})")
+  else:
+    state = jax.jit(init_fn, out_shardings=replicated)()
+  start = int(state.step)
+  if jax.process_index() == 0:
+    workdir_lib.truncate_metrics(metrics_path, start)
+
+  writer = workdir_lib.MetricsWriter(metrics_path, enabled=jax.process_index() == 0)
+  bar = tqdm.tqdm(total=options.num_steps, initial=start, desc=options.desc,
+                  disable=not options.progress or jax.process_index() != 0,
+                  dynamic_ncols=True, leave=False)
+  pending, window_start, tick = [], start, time.perf_counter()
+
+  def saved_so_far():  # only on the error path: it waits for pending saves
+    ckpt.wait()
+    last_good = ckpt.latest_step()
+    return (f"the last good checkpoint is {ckpt.step_dir(last_good)}" if last_good is not None
+            else "no checkpoint had been written")
+
+  def check_state(state, done, why):
+    # Metrics cover params and gradients; this also covers batch_stats and the
+    # optimiser state: one compiled reduction, before anything is saved or evaluated.
+    if not bool(finite.all_finite_jit(state)):
+      raise finite.NonFiniteError(
+          f"The training state after step {done} holds NaN or infinity (first at "
+          f"{finite.first_nonfinite_leaf(state)}), found before {why}; it was not saved. "
+          f"{saved_so_far().capitalize()}.")
+
+  try:
+    for step in range(start, options.num_steps):
+      state, metrics = step_fn(state, batch_fn(step))
+      pending.append(metrics)  # stays on device until the next log, eval or checkpoint
+      done = step + 1
+      bar.update(1)
+      last = done == options.num_steps
+      log_now = done % options.log_every == 0 or last
+      eval_now = eval_fn is not None and (
+          (options.eval_every and done % options.eval_every == 0) or last)
+      save_now = done % options.checkpoint_every == 0 or last
+      if log_now or eval_now or save_now:  # read the window's metrics: finite?
+        stacked = stack_metrics(pending)
+        finite.raise_if_diverged(stacked, window_start, saved_so_far)
+      if log_now:
+        elapsed = time.perf_counter() - tick
+        record = {"step": done}
+        if options.steps_per_epoch:
+          record["epoch"] = round(done / options.steps_per_epoch, 4)
+        record.update({f"train/{k}": float(np.mean(v)) for k, v in stacked.items()})
+        if learning_rate_fn is not None:
+          record["learning_rate"] = float(learning_rate_fn(step))
+        if examples_per_step:
+          record["examples_per_s"] = round(examples_per_step * len(pending) / elapsed, 1)
+        writer.write(record)
+        bar.set_postfix(loss=f"{record['train/loss']:.3f}",
+                        acc=f"{record.get('train/accuracy', float('nan')):.3f}",
+                        lr=f"{record.get('learning_rate', float('nan')):.3g}",
+                        ex_s=f"{record.get('examples_per_s', 0):.0f}")
+        pending, window_start, tick = [], done, time.perf_counter()
+      if eval_now:
+        check_state(state, done, "evaluating it")
+        writer.write({"step": done, **eval_fn(state)})
+      if save_now:
+        check_state(state, done, "saving it")
+        ckpt.save(done, state)
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  return state
+
+
+def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,
+        labels: np.ndarray, *, batch_size: int, num_epochs: int, seed: int,
+        progress: bool = True, desc: str = "train") -> tuple[step_lib.TrainState, list[dict]]:
+  """Trains `model` in memory from a fresh init; returns (state, per-epoch metrics).
+
+  No checkpoints, one device: for small experiments and the quickstart. Partial
+  last batches are dropped (one compiled shape; `batching.epoch_batches`).
+  Images holding NaN or infinity are refused up front; a non-finite loss,
+  gradient norm or parameter norm raises `finite.NonFiniteError` naming the
+  step (read once per epoch). Keys: `rngs.init_key(seed)`, `rngs.step_key(seed)`.
+  """
+  if len(images) // batch_size == 0:
+    raise ValueError(f"{len(images)} examples make no batch of {batch_size}.")
+  bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+  if bad.any():
+    raise finite.NonFiniteError(f"fit: {int(bad.sum())} of the {len(images)} training images "
+                                f"hold NaN or infinity (first: index {int(np.argmax(bad))}).")
+  state = step_lib.create_train_state(model, tx, rngs.init_key(seed), jnp.asarray(images[:2]))
+  step_fn = functools.partial(step_lib.train_step,
+                              loss_fn=step_lib.ClassificationLoss(model.apply), tx=tx)
+  step_key = rngs.step_key(seed)
+  history = []
+  bar = tqdm.trange(num_epochs, desc=desc, disable=not progress, leave=False)
+  for epoch in bar:
+    epoch_metrics = []
+    order = batching.epoch_batches(len(images), batch_size, seed=seed, epoch=epoch)
+    for idx in order:
+      batch = {"image": jnp.asarray(images[idx]), "label": jnp.asarray(labels[idx])}
+      state, metrics = step_fn(state, batch, step_key)
+      epoch_metrics.append(metrics)
+    stacked = stack_metrics(epoch_metrics)
+    finite.raise_if_diverged(stacked, epoch * len(order), lambda: "fit keeps no checkpoints")
+    history.append({"epoch": epoch, **{k: float(np.mean(v)) for k, v in stacked.items()}})
+    bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['accuracy']:.3f}")
+  return state, history

@@ -1,0 +1,148 @@
+"""The pure training step: state, losses' contract, `train_step`, optimisers.
+
+- `TrainState`: step, params, batch_stats and optimiser state (a pytree).
+- `train_step(state, batch, root_key, *, loss_fn, tx) -> (state, metrics)`:
+  one jitted, state-donating step on any `types.LossFn`; its randomness is
+  `fold_in(root_key, step)`, so it depends only on the root key and the step
+  number.
+- `ClassificationLoss`: mean softmax cross-entropy in training mode.
+- `learning_rate_schedule`, `sgd`: torch-style SGD with the paper's schedules.
+
+Imports only jax, flax, optax and chex: the losses built on it (curves,
+fine-tuning) stay pure. The loop that runs a step with checkpoints is
+`mechconn.loop`.
+"""
+
+import functools
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mechconn.types import ApplyFn, Batch, LossFn, Metrics, Params, PRNGKey
+
+SCHEDULES = ("constant", "cosine", "step")
+OPTIMIZERS = ("sgd",)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training run carries from step to step."""
+
+  step: jax.Array
+  params: Params
+  batch_stats: Params
+  opt_state: optax.OptState
+
+  @property
+  def variables(self) -> dict[str, Params]:
+    """The Flax variables for `model.apply` ('batch_stats' only when present)."""
+    if self.batch_stats:
+      return {"params": self.params, "batch_stats": self.batch_stats}
+    return {"params": self.params}
+
+
+def fresh_state(params: Params, tx: optax.GradientTransformation,
+                batch_stats: Params | None = None) -> TrainState:
+  """A state at step 0 holding `params` (and `batch_stats`) with a fresh optimiser state."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats={} if batch_stats is None else batch_stats,
+                    opt_state=tx.init(params))
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       rng: PRNGKey, sample_images: jax.Array) -> TrainState:
+  """Initialises parameters from `rng` and the optimiser state."""
+  variables = model.init(rng, sample_images, train=False)
+  return fresh_state(variables["params"], tx, variables.get("batch_stats", {}))
+
+
+def apply_train_mode(apply_fn: ApplyFn, params: Params, batch_stats: Params,
+                     images: jax.Array) -> tuple[jax.Array, Params]:
+  """Logits in training mode and the updated batch_stats (unchanged when there are none)."""
+  if not batch_stats:
+    return apply_fn({"params": params}, images, train=True), batch_stats
+  logits, updates = apply_fn({"params": params, "batch_stats": batch_stats}, images,
+                             train=True, mutable=["batch_stats"])
+  return logits, updates["batch_stats"]
+
+
+@flax.struct.dataclass
+class ClassificationLoss:
+  """Mean softmax cross-entropy of `apply_fn` in training mode (a `LossFn`).
+
+  A pytree with no leaves: `apply_fn` is static, so a step bound to equal
+  losses compiles once.
+  """
+
+  apply_fn: ApplyFn = flax.struct.field(pytree_node=False)
+
+  def __call__(self, params, batch_stats, batch, rng):
+    del rng  # deterministic models; dropout-like layers would take it here
+    logits, new_batch_stats = apply_train_mode(self.apply_fn, params, batch_stats,
+                                               batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return loss, (new_batch_stats, {"accuracy": accuracy})
+
+
+@functools.partial(jax.jit, static_argnames="tx", donate_argnums=0)
+def train_step(state: TrainState, batch: Batch, root_key: PRNGKey, *, loss_fn: LossFn,
+               tx: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
+  """One optimiser step on `loss_fn`; returns (new state, metrics).
+
+  The state is donated (its buffers are reused for the new state). The step's
+  key is `fold_in(root_key, state.step)`, so randomness depends only on the
+  root key and the step number: a resumed run draws what an uninterrupted one
+  draws. Metrics: the loss, the loss's own metrics, and the gradient and
+  parameter norms (one reduction each over every leaf: a NaN anywhere shows).
+  """
+  rng = jax.random.fold_in(root_key, state.step)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (batch_stats, aux)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
+             "param_norm": optax.tree.norm(params)}
+  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state)
+  return new_state, metrics
+
+
+def learning_rate_schedule(kind: str, learning_rate: float, *, total_steps: int,
+                           steps_per_epoch: int = 1, decay_every_epochs: int = 0,
+                           decay_factor: float = 0.1) -> optax.Schedule:
+  """An optax schedule: 'constant', 'cosine' (to 0 at total_steps) or 'step'.
+
+  'step' multiplies the rate by `decay_factor` every `decay_every_epochs`
+  epochs (the paper's x0.1 every 40 epochs), as torch's StepLR per epoch.
+  """
+  if kind == "constant":
+    return optax.constant_schedule(learning_rate)
+  if kind == "cosine":
+    return optax.cosine_decay_schedule(learning_rate, decay_steps=max(total_steps, 1))
+  if kind == "step":
+    if decay_every_epochs <= 0:
+      raise ValueError(f"A 'step' schedule needs decay_every_epochs > 0, got "
+                       f"{decay_every_epochs}.")
+    boundaries = range(decay_every_epochs * steps_per_epoch, total_steps,
+                       decay_every_epochs * steps_per_epoch)
+    return optax.piecewise_constant_schedule(learning_rate,
+                                             {b: decay_factor for b in boundaries})
+  raise ValueError(f"Unknown schedule {kind!r}; valid schedules: {SCHEDULES}.")
+
+
+def sgd(schedule: optax.ScalarOrSchedule, *, momentum: float = 0.9,
+        weight_decay: float = 5e-4) -> optax.GradientTransformation:
+  """SGD with momentum; weight decay added to the gradient first, as torch.optim.SGD."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(schedule, momentum=momentum))
+
+
+def sgd_cosine(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
+               weight_decay: float = 5e-4) -> optax.GradientTransformation:
+  """`sgd` with a cosine schedule from `learning_rate` to 0 over total_steps."""
+  return sgd(learning_rate_schedule("cosine", learning_rate, total_steps=total_steps),
+             momentum=momentum, weight_decay=weight_decay)

@@ -1,0 +1,37 @@
+"""Tasks: whole jobs built from the library, one module per task.
+
+  train       a model on a cued dataset, evaluated on the four views
+  fit_curve   a Bezier curve (or polygonal chain) between two finished train runs
+  eval_path   LMC, aligned LMC and fitted curves on the four views; Definition 5
+  finetune    one fine-tuning method and seed from a finished cue model
+  reproduce   the paper's fine-tuning study (every method x seed, report)
+  quickstart  two small models and the linear path between them, in seconds
+
+Each task module has one `build(config, mesh, inputs)` used by its run and
+its dry run, and is launched through `runner.launch` (checks, dry run, claim,
+run). Supporting modules: `runner` (the prologue, `Build`, `write_outputs`),
+`config` (config checks and derived values), `data` (loading and sharding a
+config's data), `runs` (finished runs as inputs). A task takes any attribute
+container as its config (e.g. an ml_collections.ConfigDict) and never parses
+files.
+"""
+
+from typing import Any
+
+from mechconn.tasks import eval_path
+from mechconn.tasks import finetune
+from mechconn.tasks import fit_curve
+from mechconn.tasks import quickstart
+from mechconn.tasks import reproduce
+from mechconn.tasks import runner
+from mechconn.tasks import train
+
+TASKS = {task.NAME: task for task in (train, fit_curve, eval_path, finetune, reproduce,
+                                      quickstart)}
+
+
+def run(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
+  """Runs (or dry-runs) the task named by `config.task` in `workdir`; returns its record."""
+  if config.task not in TASKS:
+    raise ValueError(f"Unknown task {config.task!r}; valid tasks: {sorted(TASKS)}.")
+  return runner.launch(TASKS[config.task], config, workdir, overwrite=overwrite)

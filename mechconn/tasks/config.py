@@ -1,0 +1,188 @@
+"""What the tasks read from their configs: checks that name the field, and values derived.
+
+Validators only check (they never write into the config); values that follow
+from a config and the job (the global batch size for `per_device_batch_size`,
+steps, the optimiser) are functions that return them. Sections are read by
+attribute, so any container works (an `ml_collections.ConfigDict`, a recorded
+config as an `AttrDict`).
+"""
+
+import collections.abc
+import dataclasses
+import typing
+from typing import Any
+
+import optax
+
+from mechconn import config_checks as checks
+from mechconn import loop
+from mechconn import mesh as mesh_lib
+from mechconn import step as step_lib
+from mechconn.data import datasets
+from mechconn.data import pipeline
+from mechconn.models import MODELS
+
+
+class AttrDict(dict):
+  """A dict read by attribute (a run's recorded config section)."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError as e:
+      raise AttributeError(name) from e
+
+
+# --- Data. -----------------------------------------------------------------------
+
+
+def check_data_config(data: Any) -> None:
+  """Validates a `data` section: names, the cue proportion, sizes within the split."""
+  checks.check_choice(data.dataset, datasets.DATASETS, "data.dataset")
+  checks.check_choice(data.cue, pipeline.CUE_KINDS, "data.cue")
+  if data.cue == "dominoes":
+    checks.check_choice(data.simple_dataset, datasets.DATASETS, "data.simple_dataset")
+  checks.check_number(data.cue_proportion, "data.cue_proportion", low=0.0, high=1.0)
+  facts = datasets.info(data.dataset)
+  for key, available in (("num_train", facts.train_size), ("num_test", facts.test_size)):
+    value = data[key]
+    if value != -1:
+      checks.check_positive_int(value, f"data.{key}", " (or -1: the whole split)")
+      if value > available:
+        raise ValueError(f"config.data.{key}={value} exceeds the {available} examples of "
+                         f"{data.dataset}'s split (-1: all of them).")
+  checks.check_int(data.seed, "data.seed")
+
+
+def num_train_examples(data: Any) -> int:
+  """Training examples of a `data` section, without loading it."""
+  full = datasets.info(data.dataset).train_size
+  return full if data.num_train == -1 else min(data.num_train, full)
+
+
+def num_test_examples(data: Any) -> int:
+  """Test examples per view of a `data` section, without loading it."""
+  full = datasets.info(data.dataset).test_size
+  return full if data.num_test == -1 else min(data.num_test, full)
+
+
+def input_shape(data: Any) -> tuple[int, int, int]:
+  """[H, W, C] of the model inputs of a `data` section (Dominoes: 64 x 32 x 3)."""
+  return pipeline.input_shape(data.dataset, data.cue)
+
+
+# --- Model. ----------------------------------------------------------------------
+
+
+def check_model_config(model: Any, key: str = "model") -> None:
+  """Validates a `model` section: a known model and attributes it has, typed as declared."""
+  checks.check_choice(model.name, MODELS, f"{key}.name")
+  fields = {f.name for f in dataclasses.fields(MODELS[model.name])} - {
+      "parent", "name", "num_classes"}
+  unknown = sorted(set(model.kwargs) - fields)
+  if unknown:
+    raise ValueError(f"config.{key}.kwargs has {unknown}, not attributes of "
+                     f"{model.name}; valid: {sorted(fields)}.")
+  hints = typing.get_type_hints(MODELS[model.name])
+  for name, value in model.kwargs.items():  # sizes: positive, integers where declared so
+    field = f"{key}.kwargs.{name}"
+    if hints.get(name) is int:
+      checks.check_positive_int(value, field)
+    elif hints.get(name) is float:
+      checks.check_number(value, field, low=0.0, low_open=True)
+    elif typing.get_origin(hints.get(name)) is collections.abc.Sequence:  # e.g. MLP hidden
+      if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Sequence):
+        raise ValueError(f"config.{field}={value!r} must be a sequence of positive integers.")
+      for i, size in enumerate(value):
+        checks.check_positive_int(size, f"{field}[{i}]")
+
+
+# --- Optimisation and the loop. --------------------------------------------------
+
+
+def check_optimizer_config(opt: Any, prefix: str = "optimizer") -> None:
+  """Validates an `optimizer` section: name, schedule, and every number's range."""
+  checks.check_choice(opt.name, step_lib.OPTIMIZERS, f"{prefix}.name")
+  checks.check_choice(opt.schedule, step_lib.SCHEDULES, f"{prefix}.schedule")
+  checks.check_number(opt.learning_rate, f"{prefix}.learning_rate", low=0.0, low_open=True)
+  checks.check_number(opt.momentum, f"{prefix}.momentum", low=0.0, high=1.0, high_open=True)
+  checks.check_number(opt.weight_decay, f"{prefix}.weight_decay", low=0.0)
+  checks.check_number(opt.decay_factor, f"{prefix}.decay_factor", low=0.0, high=1.0,
+                      low_open=True)
+  if opt.schedule == "step":
+    checks.check_positive_int(opt.decay_every_epochs, f"{prefix}.decay_every_epochs")
+  else:
+    checks.check_int(opt.decay_every_epochs, f"{prefix}.decay_every_epochs")
+
+
+def batch_size_of(config: Any, num_devices: int) -> int:
+  """The global training batch: `per_device_batch_size` x devices when that is positive,
+  else `batch_size` (one config follows the device count of the job it runs in; the
+  learning rate is not rescaled)."""
+  per_device = config.get("per_device_batch_size", 0)
+  return per_device * num_devices if per_device else config.batch_size
+
+
+def check_loop_config(config: Any, num_devices: int, prefix: str = "") -> None:
+  """Validates a resumable loop's fields: optimizer, epochs, batch size, periods.
+
+  `eval_every_steps` and `eval_batch_size` are checked where the section has
+  them (tasks that evaluate during the loop). Batch sizes must divide over the
+  devices.
+  """
+  checks.check_int(config.get("per_device_batch_size", 0), f"{prefix}per_device_batch_size",
+                   hint=" (0: use batch_size)")
+  check_optimizer_config(config.optimizer, f"{prefix}optimizer")
+  for key in ("batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
+              "max_to_keep"):
+    checks.check_positive_int(config[key], f"{prefix}{key}")
+  if "eval_every_steps" in config:
+    checks.check_int(config.eval_every_steps, f"{prefix}eval_every_steps",
+                     hint=" (0: evaluate only at the end)")
+  batch_size = batch_size_of(config, num_devices)
+  mesh_lib.check_batch_size(batch_size, num_devices, f"config.{prefix}batch_size")
+  if "eval_batch_size" in config:
+    check_eval_batch_size(config, num_devices, prefix)
+
+
+def check_eval_batch_size(config: Any, num_devices: int, prefix: str = "") -> None:
+  checks.check_positive_int(config.eval_batch_size, f"{prefix}eval_batch_size")
+  mesh_lib.check_batch_size(config.eval_batch_size, num_devices,
+                            f"config.{prefix}eval_batch_size")
+
+
+def steps_of(batch_size: int, num_epochs: int, num_examples: int, prefix: str = ""
+             ) -> tuple[int, int]:
+  """(steps per epoch, total steps); raises when the examples make no full batch.
+
+  `prefix` names the config section in the error (e.g. 'finetune.').
+  """
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.{prefix}batch_size={batch_size} exceeds the "
+                     f"{num_examples} training examples: it makes no full batch.")
+  return steps_per_epoch, num_epochs * steps_per_epoch
+
+
+def make_optimizer(opt: Any, *, num_steps: int, steps_per_epoch: int,
+                   learning_rate: float | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimiser, learning-rate schedule) of an `optimizer` section.
+
+  `learning_rate` replaces the section's peak learning rate when given.
+  """
+  schedule = step_lib.learning_rate_schedule(
+      opt.schedule, opt.learning_rate if learning_rate is None else learning_rate,
+      total_steps=num_steps, steps_per_epoch=steps_per_epoch,
+      decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor)
+  return step_lib.sgd(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay), schedule
+
+
+def loop_options(config: Any, num_steps: int, steps_per_epoch: int, desc: str
+                 ) -> loop.LoopOptions:
+  """The `loop.LoopOptions` of a section with the loop fields."""
+  return loop.LoopOptions(num_steps=num_steps, log_every=config.log_every_steps,
+                          checkpoint_every=config.checkpoint_every_steps,
+                          max_to_keep=config.max_to_keep,
+                          eval_every=config.get("eval_every_steps", 0),
+                          steps_per_epoch=steps_per_epoch, progress=config.progress, desc=desc)

@@ -1,0 +1,73 @@
+"""The layout's rules, checked on the source: dependencies point down, modules stay small."""
+
+import ast
+import pathlib
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = pathlib.Path(REPO) / "mechconn"
+# Pure maths: no task, no checkpoints or workdirs, no progress bars, no launcher.
+MATHS = ("paths", "batchnorm", "barriers", "evaluation", "align", "curves", "finetune",
+         "counterfactual", "models", "data", "step", "finite", "types", "rngs")
+FORBIDDEN_FOR_MATHS = ("mechconn.tasks", "mechconn.loop", "mechconn.checkpoint",
+                       "mechconn.workdir", "mechconn.dry_run", "orbax", "tqdm", "experiments",
+                       "ml_collections", "absl")
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """Every module a file imports (anywhere in it), as dotted names."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names |= {f"{node.module}.{alias.name}" for alias in node.names}
+  return names
+
+
+GRAPH = {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _closure(module: str) -> set[str]:
+  """The modules `module` imports, transitively through mechconn's own modules."""
+  seen, todo = set(), [m for m in GRAPH if m == module or m.startswith(module + ".")]
+  while todo:
+    current = todo.pop()
+    for name in GRAPH.get(current, ()):
+      if name not in seen:
+        seen.add(name)
+        if name in GRAPH:
+          todo.append(name)
+  return seen
+
+
+@pytest.mark.parametrize("module", MATHS)
+def test_maths_modules_import_no_task_orbax_tqdm_or_launcher(module):
+  imported = _closure(f"mechconn.{module}")
+  bad = sorted(n for n in imported
+               if any(n == f or n.startswith(f + ".") for f in FORBIDDEN_FOR_MATHS))
+  assert not bad, f"mechconn.{module} imports {bad}"
+
+
+def test_the_library_never_imports_experiments():
+  for module, names in GRAPH.items():
+    assert not [n for n in names if n.split(".")[0] == "experiments"], module
+
+
+def test_infrastructure_knows_no_task():
+  for module in ("loop", "checkpoint", "workdir", "mesh", "dry_run", "report"):
+    assert not [n for n in _closure(f"mechconn.{module}") if n.startswith("mechconn.tasks")]
+
+
+def test_no_module_is_over_about_400_lines():
+  sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines())
+           for p in PACKAGE.rglob("*.py")}
+  assert {f: n for f, n in sizes.items() if n > 410} == {}

@@ -1,0 +1,90 @@
+"""mechconn.step: the pure step, its randomness, torch-style SGD and the schedules."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mechconn import step as step_lib
+from mechconn.data.prototypes import make_prototype_images
+from mechconn.models import get_model
+
+
+def test_the_step_module_imports_only_jax_flax_optax_chex():
+  import ast
+  import inspect
+  tree = ast.parse(inspect.getsource(step_lib))
+  roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+           for alias in node.names}
+  roots |= {node.module.split(".")[0] for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)}
+  assert roots <= {"functools", "flax", "jax", "optax", "chex", "mechconn"}, roots
+  mechconn_imports = {node.module for node in ast.walk(tree)
+                      if isinstance(node, ast.ImportFrom) and node.module.startswith("mechconn")}
+  assert mechconn_imports == {"mechconn.types"}
+
+
+def test_train_step_matches_manual_sgd():
+  x, y = make_prototype_images(1, 64, image_size=16, noise=0.8)
+  model = get_model("mlp", 10, hidden=(8,))
+  tx = optax.sgd(0.1)
+  state = step_lib.create_train_state(model, tx, jax.random.key(0), jnp.asarray(x[:2]))
+  params0 = state.params
+  batch = {"image": jnp.asarray(x[:16]), "label": jnp.asarray(y[:16])}
+  grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, batch["image"]), batch["label"]).mean())(params0)
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, params0, grads)
+  new_state, metrics = step_lib.train_step(state, batch, jax.random.key(1),
+                                        loss_fn=step_lib.ClassificationLoss(model.apply), tx=tx)
+  chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
+  assert int(new_state.step) == 1
+  assert set(metrics) == {"loss", "accuracy", "grad_norm", "param_norm"}
+  np.testing.assert_allclose(metrics["param_norm"], optax.tree.norm(expected), rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+
+
+def _noise_loss(params, batch_stats, batch, rng):
+  """A loss whose gradient is the step's random draw: params move by -lr * draw."""
+  draw = jax.random.normal(rng, params["w"].shape)
+  return jnp.sum(params["w"] * draw), (batch_stats, {})
+
+
+def test_step_randomness_is_fold_in_of_root_key_and_step():
+  root = jax.random.key(7)
+  tx = optax.sgd(1.0)
+  params = {"w": jnp.zeros(3)}
+  state = step_lib.fresh_state(params, tx).replace(step=jnp.asarray(5, jnp.int32))
+  state, _ = step_lib.train_step(state, {}, root, loss_fn=jax.tree_util.Partial(_noise_loss), tx=tx)
+  state, _ = step_lib.train_step(state, {}, root, loss_fn=jax.tree_util.Partial(_noise_loss), tx=tx)
+  expected = -(jax.random.normal(jax.random.fold_in(root, 5), (3,)) +
+               jax.random.normal(jax.random.fold_in(root, 6), (3,)))
+  np.testing.assert_allclose(state.params["w"], expected, rtol=1e-6)
+
+
+def test_sgd_is_torch_sgd_with_weight_decay_in_the_gradient():
+  lr, mu, wd = 0.1, 0.9, 0.01
+  tx = step_lib.sgd(lr, momentum=mu, weight_decay=wd)
+  p = jnp.asarray([1.0, -2.0])
+  state = tx.init(p)
+  grads = [jnp.asarray([0.5, 0.25]), jnp.asarray([-1.0, 2.0])]
+  p_ref, buf = np.array([1.0, -2.0]), np.zeros(2)
+  for g in grads:  # torch.optim.SGD: d = g + wd p; buf = mu buf + d; p -= lr buf
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+    buf = mu * buf + (np.asarray(g) + wd * p_ref)
+    p_ref = p_ref - lr * buf
+  np.testing.assert_allclose(p, p_ref, rtol=1e-6)
+
+
+def test_step_schedule_decays_every_k_epochs():
+  schedule = step_lib.learning_rate_schedule("step", 0.1, total_steps=100 * 10, steps_per_epoch=10,
+                                          decay_every_epochs=40, decay_factor=0.1)
+  for step, expected in [(0, 0.1), (399, 0.1), (400, 0.01), (799, 0.01), (800, 0.001),
+                         (999, 0.001)]:
+    np.testing.assert_allclose(schedule(step), expected, rtol=1e-6)
+  cosine = step_lib.learning_rate_schedule("cosine", 0.2, total_steps=10)
+  np.testing.assert_allclose([cosine(0), cosine(5), cosine(10)], [0.2, 0.1, 0.0], atol=1e-7)
+  with pytest.raises(ValueError, match="valid schedules"):
+    step_lib.learning_rate_schedule("linear", 0.1, total_steps=10)
