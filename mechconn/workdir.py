@@ -258,6 +258,11 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
     yield
 
 
+# Tasks recorded under an older name: their workdirs are this task's (a relaunch there is a
+# different config: refused, or with --overwrite cleared).
+RENAMED_TASKS = {"linear_barrier": "quickstart"}
+
+
 def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool
                 ) -> bool:
   """Raises as `claim` would, reading only; True when `claim` would clear an old run."""
@@ -265,7 +270,8 @@ def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: b
   task = config_dict.get("task")
   if os.path.exists(path):
     recorded = _read_json(path)
-    if not isinstance(recorded, dict) or recorded.get("task") != task:
+    if not isinstance(recorded, dict) or RENAMED_TASKS.get(recorded.get("task"),
+                                                           recorded.get("task")) != task:
       what = (f"a mechconn {recorded['task']!r} run" if isinstance(recorded, dict) and
               isinstance(recorded.get("task"), str) else "a config.json that mechconn did not "
               "write")

@@ -78,6 +78,18 @@ def test_a_config_json_that_is_not_this_tasks_is_never_written_over(tmp_path):
   assert _tree(hf) == before and (hf / "metrics.jsonl").read_text() == "theirs"
 
 
+def test_a_run_of_a_renamed_task_is_a_different_config_of_the_new_one(tmp_path):
+  old = {"task": "linear_barrier", "seed": 0, "num_t": 5}  # the quickstart before the rename
+  w = tmp_path / "w"
+  _claim(w, old)
+  new = {"task": "quickstart", "seed": 0, "path": {"num_t": 5}}
+  with pytest.raises(FileExistsError, match=r"different config.*differs in \['num_t', "
+                                            r"'path.num_t', 'task'\]"):
+    _claim(w, new)
+  _claim(w, new, overwrite=True)
+  assert json.loads((w / "config.json").read_text()) == new
+
+
 def test_files_named_like_outputs_without_a_config_are_never_deleted(tmp_path):
   w = tmp_path / "w"
   (w / "checkpoints" / "1000").mkdir(parents=True)  # e.g. another orbax project's

@@ -51,6 +51,8 @@ def info(name: str) -> DatasetInfo:
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}.")
   return DATASETS[name]
+
+
 _SPLIT_TAG = {"train": 0, "test": 1}
 
 
