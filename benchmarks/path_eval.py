@@ -9,12 +9,14 @@ Compared on each model:
               (same work per t);
   vmap   (b): strategy='vmap' (plain jax.vmap over t);
   map, chunked: the other strategies; 'default' is DEFAULT_STRATEGY.
-Also measures this machine's float32 matmul peak in the same run.
+Also measures this machine's float32 and bfloat16 matmul peaks in the same run
+(n = 2048 on CPU, 8192 elsewhere: large enough to saturate the device).
 
 Prints one JSON line per (model, method): median seconds over --repeats runs
 after one warm-up (compile) run, ratios to (a) and (b), achieved GFLOP/s (model
-forward FLOPs from XLA's cost analysis times examples times K) and its
-fraction of the measured peak.
+forward FLOPs from the layer shapes, `mechconn.flops`, times examples times K)
+and its fraction of the measured float32 peak. `--skip` leaves out any of the
+methods (the ratio to the loop is then null).
 
   python benchmarks/path_eval.py                 # SmallCNN(32) and VGG13(0.5)
   python benchmarks/path_eval.py --models=vgg13 --vgg_width=0.25 --repeats=3
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechconn import barriers, batchnorm, evaluation, paths
+from mechconn import flops as flops_lib
 from mechconn.models import get_model
 
 
@@ -46,10 +49,29 @@ def median_seconds(fn, repeats: int, check=None) -> float:
   return float(np.median(times))
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 7) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+# Matmul sizes that saturate a device: 2048 is enough for a CPU; a GPU's peak needs
+# more (an H200's float32 figure swung from 25 to 98 TFLOP/s at 2048 between two calls).
+PEAK_N = {"cpu": 2048}
+DEFAULT_PEAK_N = 8192
+
+
+def matmul_peak_flops(n: int | None = None, repeats: int = 7, dtype=jnp.float32) -> float:
+  """FLOP/s of an n x n matmul in `dtype` (default n: `PEAK_N` for the backend), median."""
+  n = n or PEAK_N.get(jax.default_backend(), DEFAULT_PEAK_N)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   matmul = jax.jit(lambda a: a @ a)
   return 2 * n**3 / median_seconds(lambda: matmul(a), repeats)
+
+
+def peaks() -> dict[str, float]:
+  """{'float32': FLOP/s, 'bfloat16': FLOP/s}, printed as JSON lines (the benchmarks' peaks)."""
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    out[dtype] = matmul_peak_flops(dtype=dtype)
+    print(json.dumps({"benchmark": "matmul_peak", "dtype": dtype,
+                      "n": PEAK_N.get(jax.default_backend(), DEFAULT_PEAK_N),
+                      "gflops": round(out[dtype] / 1e9, 1)}), flush=True)
+  return out
 
 
 def evaluate_point(apply_fn, params, eval_batches, bn_batches):
@@ -58,14 +80,6 @@ def evaluate_point(apply_fn, params, eval_batches, bn_batches):
   if bn_batches is not None:
     variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables, bn_batches)
   return evaluation.evaluate_variables(apply_fn, variables, eval_batches)
-
-
-def forward_flops_per_image(model, variables, image_shape, batch: int = 64) -> float:
-  x = jnp.zeros((batch,) + image_shape, jnp.float32)
-  compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) / batch
 
 
 def bench_model(name, model, args, peak):
@@ -83,7 +97,8 @@ def bench_model(name, model, args, peak):
   bn_batches = {"image": jnp.asarray(rng.normal(
       size=(args.bn_batches, args.bn_batch) + image_shape).astype(np.float32))}
   ts = np.linspace(0, 1, args.num_t)
-  flops = forward_flops_per_image(model, va, image_shape) * args.num_t * (
+  # From the layer shapes (mechconn.flops): XLA's cost analysis misses cuDNN convolutions.
+  flops = flops_lib.forward_flops(model.apply, va, (1,) + image_shape) * args.num_t * (
       n_eval + args.bn_batches * args.bn_batch)
 
   linear = paths.path_fn("linear")
@@ -120,7 +135,7 @@ def bench_model(name, model, args, peak):
             "num_t": args.num_t, "eval_examples": n_eval,
             "bn_examples": args.bn_batches * args.bn_batch,
             "median_s": round(s, 4),
-            "vs_loop": round(s / seconds["loop"], 3),
+            "vs_loop": round(s / seconds["loop"], 3) if "loop" in seconds else None,
             "speedup_vs_vmap": round(seconds["vmap"] / s, 2) if "vmap" in seconds else None,
             "gflops": round(flops / s / 1e9, 1),
             "fraction_of_peak": round(flops / s / peak, 3),
@@ -144,9 +159,7 @@ def main():
   parser.add_argument("--skip", default="", help="comma-separated methods not to time")
   args = parser.parse_args()
   args.skip = [s for s in args.skip.split(",") if s]
-  peak = matmul_peak_flops()
-  print(json.dumps({"benchmark": "matmul_peak", "n": 2048,
-                    "gflops": round(peak / 1e9, 1)}), flush=True)
+  peak = peaks()["float32"]  # the evaluation computes in float32
   for name in args.models.split(","):
     if name == "small_cnn":
       model = get_model("small_cnn", 10, width=args.small_cnn_width)
@@ -157,7 +170,7 @@ def main():
     else:
       raise ValueError(f"Unknown benchmark model {name!r}; valid: small_cnn, vgg13.")
     bench_model(label, model, args, peak)
-  print(json.dumps({"benchmark": "matmul_peak_after", "n": 2048,
+  print(json.dumps({"benchmark": "matmul_peak_after", "dtype": "float32",
                     "gflops": round(matmul_peak_flops() / 1e9, 1)}), flush=True)
 
 

@@ -32,7 +32,7 @@ from path_eval import median_seconds  # noqa: E402
 
 
 def bench(name, width, method, args):
-  model = get_model(name, 10, width=width)
+  model = get_model(name, 10, width=width, conv_impl=args.conv_impl)
   tx = step_lib.sgd_cosine(0.01, 10_000)
   rng = np.random.default_rng(0)
   seeds = list(range(args.seeds))
@@ -71,6 +71,7 @@ def bench(name, width, method, args):
   vec = median_seconds(run_vmap, args.repeats) / args.steps
   print(json.dumps({
       "benchmark": "seed_ensemble", "model": f"{name}(width={width})", "method": method,
+      "conv_impl": args.conv_impl,
       "seeds": args.seeds, "batch_per_seed": args.batch, "backend": jax.default_backend(),
       "sequential_s_per_advance": round(seq, 4), "vmap_s_per_advance": round(vec, 4),
       "vmap_speedup": round(seq / vec, 3)}), flush=True)
@@ -84,6 +85,9 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--conv_impl", default="auto",
+                      help="the models' convolutions: auto, xla or patches (im2col + matmul: "
+                           "vmapped over seeds, a batched matmul instead of a grouped conv)")
   args = parser.parse_args()
   for spec in args.models.split(","):
     name, width = spec.split(":")

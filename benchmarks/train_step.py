@@ -2,10 +2,14 @@
 
 For each model, on random 32x32x3 batches (default 128 examples):
   step     `step.train_step` alone (donated state, data already on device);
-  loop     the train task's inner loop: `pipeline.batch_at_step` on a shapes10
-           box-cue split (host-side cue drawing and normalisation), then
-           `mesh.shard_batch` and the step; its ratio to `step` is the host
-           data overhead;
+  loop     the train task's inner loop with the host pipeline: the batch of the
+           step gathered, normalised and cued in numpy on a shapes10 box-cue
+           split, copied to the devices (`tasks.data.StepBatches`, 'host'),
+           then the step; its ratio to `step` is the host data overhead;
+  loop_device  the same loop with the device pipeline (`tasks.data.loop_inputs`:
+           the split on the devices, the epoch's indices uploaded once, and the
+           step's own program gathering and cueing its batch; 'device', the
+           default where the data fits);
   forward  the inference forward pass on the same batch, the baseline in the
            same run (a train step costs about 3 forwards: forward, backward for
            activations and for weights);
@@ -21,8 +25,9 @@ For each model, on random 32x32x3 batches (default 128 examples):
            step's 1; examples/s counts clean examples (one batch per
            iteration), so its `vs_step` is the CBFT / naive time ratio.
 Each figure is the median over --repeats timings of --steps steps after a
-warm-up (compile) run. GFLOP/s come from XLA's cost analysis of the compiled
-step; the float32 matmul peak is measured in the same run.
+warm-up (compile) run. GFLOP/s come from the layer shapes (`mechconn.flops`:
+a step is 3 forwards, a CBFT iteration 3 steps' worth); the float32 matmul
+peak is measured in the same run.
 
   python benchmarks/train_step.py                       # SmallCNN(32), VGG13(0.5)
   python benchmarks/train_step.py --models=vgg13 --vgg_width=0.25 --batch=64
@@ -40,20 +45,15 @@ import numpy as np
 
 from mechconn import curves
 from mechconn import finetune
+from mechconn import flops as flops_lib
 from mechconn import mesh as mesh_lib
 from mechconn import step as step_lib
 from mechconn.data import pipeline
 from mechconn.models import get_model
+from mechconn.tasks import data as task_data
 
 sys.path.insert(0, os.path.dirname(__file__))
-from path_eval import matmul_peak_flops, median_seconds  # noqa: E402
-
-
-def compiled_flops(lowered) -> float:
-  """FLOPs of one call, from XLA's cost analysis of a lowered jitted function."""
-  cost = lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+from path_eval import median_seconds, peaks  # noqa: E402
 
 
 def bench_model(label, model, args, peak, split):
@@ -67,21 +67,26 @@ def bench_model(label, model, args, peak, split):
   step = functools.partial(step_lib.train_step, root_key=key, loss_fn=loss_fn, tx=tx)
   holder = {"state": step_lib.create_train_state(model, tx, jax.random.key(0),
                                                  batch["image"][:1])}
-  step_flops = compiled_flops(step_lib.train_step.lower(holder["state"], batch, key,
-                                                       loss_fn=loss_fn, tx=tx))
+  # FLOPs from the layer shapes (mechconn.flops; XLA's cost analysis misses cuDNN convs):
+  # a step is the forward and the backward's two products per layer.
+  forward_flops = flops_lib.forward_flops(model.apply, holder["state"].variables,
+                                          batch["image"].shape)
+  step_flops = flops_lib.TRAIN_STEP_FORWARDS * forward_flops
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  forward_flops = compiled_flops(forward.lower(holder["state"].variables, batch["image"]))
 
   def steps_only():
     for _ in range(args.steps):
       holder["state"], metrics = step(holder["state"], batch)
     return metrics["loss"]
 
-  def full_loop():
+  loops = {mode: task_data.loop_inputs_for(step, split, args.batch, 0, mesh, mode)
+           for mode in ("host", "device")}
+
+  def full_loop(mode="host"):
+    loop_step, batch_fn = loops[mode]
     start = int(holder["state"].step)
     for s in range(start, start + args.steps):
-      local = pipeline.batch_at_step(split, args.batch, seed=0, step=s)
-      holder["state"], metrics = step(holder["state"], mesh_lib.shard_batch(local, mesh))
+      holder["state"], metrics = loop_step(holder["state"], batch_fn(s))
     return metrics["loss"]
 
   def forwards():
@@ -95,8 +100,7 @@ def bench_model(label, model, args, peak, split):
   free = (jax.tree.map(jnp.copy, holder["state"].params),)  # steps donate their state
   curve_holder = {"state": step_lib.fresh_state(free, tx)}
   curve_step = functools.partial(step_lib.train_step, root_key=key, loss_fn=curve_loss, tx=tx)
-  curve_flops = compiled_flops(step_lib.train_step.lower(curve_holder["state"], batch, key,
-                                                         loss_fn=curve_loss, tx=tx))
+  curve_flops = step_flops  # one step at one point of the curve
 
   def curve_steps():
     for _ in range(args.steps):
@@ -109,8 +113,7 @@ def bench_model(label, model, args, peak, split):
   cbft_state = jax.tree.map(jnp.copy, holder["state"])  # steps donate their state
   cbft_holder = {"state": cbft_state}
   cbft_step = functools.partial(finetune.cbft_step, root_key=key, loss_fn=cbft_loss, tx=tx)
-  cbft_flops = compiled_flops(finetune.cbft_step.lower(cbft_state, cbft_batch, key,
-                                                       loss_fn=cbft_loss, tx=tx))
+  cbft_flops = 3 * step_flops  # a step on the cue batch, then one on clean + cue batches
 
   def cbft_steps():
     for _ in range(args.steps):
@@ -119,8 +122,10 @@ def bench_model(label, model, args, peak, split):
 
   seconds = {name: median_seconds(fn, args.repeats) / args.steps
              for name, fn in (("forward", forwards), ("step", steps_only), ("loop", full_loop),
+                              ("loop_device", functools.partial(full_loop, "device")),
                               ("curve", curve_steps), ("cbft", cbft_steps))}
   flops = {"forward": forward_flops, "step": step_flops, "loop": step_flops,
+           "loop_device": step_flops,
            "curve": curve_flops, "cbft": cbft_flops}
   for name, s in seconds.items():
     print(json.dumps({
@@ -143,11 +148,10 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--num_examples", type=int, default=4096, help="of the loops' split")
   args = parser.parse_args()
-  peak = matmul_peak_flops()
-  print(json.dumps({"benchmark": "matmul_peak", "n": 2048, "gflops": round(peak / 1e9, 1)}),
-        flush=True)
-  split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=4096)
+  peak = peaks()["float32"]
+  split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=args.num_examples)
   widths = {"small_cnn": args.small_cnn_width, "vgg13": args.vgg_width,
             "resnet18": args.resnet_width}
   for name in args.models.split(","):

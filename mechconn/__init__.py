@@ -13,6 +13,7 @@ Pure functions over parameter pytrees, and the tasks built from them:
 - `mechconn.finetune`: fine-tuning methods as data, and their losses (CBFT).
 - `mechconn.step`: TrainState, the pure train_step, optimisers.
 - `mechconn.loop`: the resumable training loop and `fit`.
+- `mechconn.flops`: FLOPs of a model from its layer shapes.
 - `mechconn.finite`, `checkpoint`, `workdir`, `mesh`, `dry_run`, `report`, `rngs`:
   infrastructure that knows no task.
 - `mechconn.data`, `mechconn.models`: datasets, cues and views; Flax Linen models.

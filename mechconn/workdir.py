@@ -56,7 +56,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 # Config fields that never change a run's numbers: a relaunch may change them (e.g.
 # to point at the data after a first launch failed to find it).
-UNCOMPARED_FIELDS = ("progress", "data_dir", "download")
+UNCOMPARED_FIELDS = ("progress", "data_dir", "download", "pipeline")
 
 
 def config_differences(old: dict, new: dict) -> list[str]:

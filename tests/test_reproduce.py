@@ -177,8 +177,12 @@ def test_finetune_of_a_cue_model_retrained_in_place_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_vmapped_seed_ensemble_matches_separate_runs(study, tmp_path):
-  """seed_mode='vmap': one compiled step for all seeds gives each seed's separate run."""
+@pytest.mark.parametrize("conv_impl", [None, "patches"])
+def test_vmapped_seed_ensemble_matches_separate_runs(study, tmp_path, conv_impl, monkeypatch):
+  """seed_mode='vmap': one compiled step for all seeds gives each seed's separate run, also
+  with the ensemble's convolutions as patches + matmul (what GPUs use: ENSEMBLE_CONV_IMPL)."""
+  if conv_impl:
+    monkeypatch.setitem(finetune_task.ENSEMBLE_CONV_IMPL, "cpu", conv_impl)
   workdir, config, record = study
   config = reproduce_config.get_config("cpu,quicktest")
   config.cue_model_workdir = os.path.join(workdir, "cue_model")
@@ -199,3 +203,26 @@ def test_vmapped_seed_ensemble_matches_separate_runs(study, tmp_path):
   assert set(together["methods"]) == {"naive", "cbft"}
   with pytest.raises(ValueError, match=r"seed_mode='pool' .*valid"):
     reproduce.seed_mode("pool")
+
+
+@pytest.mark.parametrize("method", ["naive", "cbft"])
+def test_an_ensemble_conv_impl_replaces_the_steps_convolutions(method):
+  import jax
+  import jax.numpy as jnp
+  from mechconn import mesh as mesh_lib
+  from mechconn.models import get_model
+  from mechconn.tasks import runs
+  model = get_model("small_cnn", 10, width=4)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  cue = runs.TrainedModel(model=model, params=variables["params"],
+                          batch_stats=variables["batch_stats"], config={}, checkpoint="")
+  ft = finetune_config.get_config(f"{method},quicktest").finetune
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+
+  def step_model(**kwargs):
+    shared = finetune_task.method_loop(method, ft, cue, 100, mesh, **kwargs)
+    return shared.member_step.keywords["loss_fn"].apply_fn.__self__
+
+  assert step_model().conv_impl == "auto"
+  patched = step_model(conv_impl="patches")
+  assert patched.conv_impl == "patches" and patched.width == model.width  # same parameters

@@ -41,6 +41,10 @@ def data_section() -> ml_collections.ConfigDict:
   data.seed = 0  # embedded data generation and the views' random draws
   data.data_dir = ""  # TFDS data dir; '': $TFDS_DATA_DIR or ~/tensorflow_datasets
   data.download = False  # let TFDS download (needs the internet)
+  # Where training batches are drawn: device (the split on the accelerator; only indices
+  # cross per step), host (numpy), or auto (device when the split fits in a quarter of a
+  # device's memory). The same batches either way (mechconn.tasks.data).
+  data.pipeline = "auto"
   return data
 
 

@@ -21,6 +21,7 @@ from mechconn import step as step_lib
 from mechconn.data import datasets
 from mechconn.data import pipeline
 from mechconn.models import MODELS
+from mechconn.tasks import data as task_data
 
 
 class AttrDict(dict):
@@ -52,6 +53,7 @@ def check_data_config(data: Any) -> None:
         raise ValueError(f"config.data.{key}={value} exceeds the {available} examples of "
                          f"{data.dataset}'s split (-1: all of them).")
   checks.check_int(data.seed, "data.seed")
+  checks.check_choice(data.get("pipeline", "auto"), task_data.PIPELINES, "data.pipeline")
 
 
 def num_train_examples(data: Any) -> int:

@@ -101,17 +101,22 @@ def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, 
   return split.subset(clean_idx, cued=False), split.subset(cue_idx, cued=True)
 
 
-def local_batch(method: str, clean_split, cue_split, batch_size: int, seed: int, step: int
-                ) -> dict[str, np.ndarray]:
-  """This host's rows of one seed's batch at `step` (clean, and cue for CBFT)."""
-  rows = mesh_lib.process_rows(batch_size)
-  clean = pipeline.batch_at_step(clean_split, batch_size, seed=seed, step=step, rows=rows)
+def method_parts(method: str, clean_split, cue_split, batch_size: int, mesh: jax.sharding.Mesh,
+                 seed: int | list[int], mode: str = "auto"):
+  """(parts, assemble) for `tasks.data.loop_inputs`: the clean batches in `seed`'s order and,
+  for CBFT, the cue batches in the order of seed + `rngs.CUE_BATCH_SEED_OFFSET`."""
+  clean = task_data.StepBatches(clean_split, batch_size, mesh, mode)
   if finetune.METHODS[method].step != "cbft":
-    return clean
-  cue = pipeline.batch_at_step(cue_split, batch_size, seed=seed + rngs.CUE_BATCH_SEED_OFFSET,
-                               step=step, rows=rows)
-  return {"clean_image": clean["image"], "clean_label": clean["label"],
-          "cue_image": cue["image"], "cue_label": cue["label"]}
+    return {"batch": (clean, seed)}, lambda b: b["batch"]
+  offset = rngs.CUE_BATCH_SEED_OFFSET
+  cue_seed = [s + offset for s in seed] if isinstance(seed, list) else seed + offset
+  cue = task_data.StepBatches(cue_split, batch_size, mesh, mode)
+
+  def assemble(b):
+    return {"clean_image": b["clean"]["image"], "clean_label": b["clean"]["label"],
+            "cue_image": b["cue"]["image"], "cue_label": b["cue"]["label"]}
+
+  return {"clean": (clean, seed), "cue": (cue, cue_seed)}, assemble
 
 
 def _cbft_batch(zeros: dict) -> dict:
@@ -153,6 +158,13 @@ class SeedEnsemble:
   members: step_lib.TrainState  # leaves [num_seeds, ...]
 
 
+# Vmapped seeds turn each convolution over per-seed weights into a grouped convolution,
+# which cuDNN runs slowly; as patches + matmul (`models.layers`) it becomes a batched
+# matmul. On one H200 (benchmarks/seed_ensemble.py, 3 seeds x batch 128): vmapped with
+# cuDNN convolutions 0.29-0.58x the speed of seeds in turn, with patches 1.11-1.69x.
+ENSEMBLE_CONV_IMPL = {"gpu": "patches"}
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodLoop:
   """What every seed of a loop method shares: its optimiser, schedule and step."""
@@ -167,9 +179,13 @@ class MethodLoop:
 
 
 def method_loop(method: str, ft: Any, cue_model: runs.TrainedModel, num_clean: int,
-                mesh: jax.sharding.Mesh) -> MethodLoop:
+                mesh: jax.sharding.Mesh, conv_impl: str | None = None) -> MethodLoop:
   """The method's optimiser (the shared `finetune.optimizer` with the method's learning
-  rate, `Method.learning_rate_from`) and step (`Method.step`), built once for all seeds."""
+  rate, `Method.learning_rate_from`) and step (`Method.step`), built once for all seeds.
+
+  `conv_impl` replaces the model's convolution implementation in the step (same
+  parameters; e.g. 'patches' for vmapped seeds, see `ENSEMBLE_CONV_IMPL`).
+  """
   spec = finetune.METHODS[method]
   if not spec.runs_loop:
     raise ValueError(f"Method {method!r} runs no loop (it only fits a head).")
@@ -181,6 +197,8 @@ def method_loop(method: str, ft: Any, cue_model: runs.TrainedModel, num_clean: i
                                             steps_per_epoch=steps_per_epoch,
                                             learning_rate=learning_rate)
   model = cue_model.model
+  if conv_impl is not None and hasattr(model, "conv_impl"):
+    model = model.clone(conv_impl=conv_impl)
   if spec.step == "cbft":
     loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
         model.apply, cue_model.params, model.num_classes, margin=ft.cbft.margin,
@@ -236,36 +254,32 @@ def build_seeds(shared: MethodLoop, cue_model: runs.TrainedModel, params: list, 
 
 def run_method(method: str, seeds: list[int], cue_model: runs.TrainedModel, clean_split,
                cue_split, view_batches, ft: Any, workdirs: list[str], mesh, *,
-               ensemble: bool = False) -> list[dict]:
+               ensemble: bool = False, pipeline_mode: str = "auto") -> list[dict]:
   """Fine-tunes the cue model with one method for each seed: [{'variables', 'views', ...}].
 
   Loop methods run `loop.train_loop`, checkpointed and resumable: one loop per
   seed in `workdirs[i]`, or with `ensemble` one loop over a `SeedEnsemble` in
-  `workdirs[0]`.
+  `workdirs[0]`. `pipeline_mode`: where batches are drawn (`tasks.data`).
   """
   start = time.perf_counter()
   params = [start_params(method, seed, cue_model, clean_split, ft) for seed in seeds]
   batch_stats = [cue_model.batch_stats] * len(seeds)
   image_shape = clean_split.examples(np.arange(1))["image"].shape[1:]
   if finetune.METHODS[method].runs_loop:
-    def local(seed, step):
-      return local_batch(method, clean_split, cue_split, ft.batch_size, seed, step)
-
-    shared = method_loop(method, ft, cue_model, len(clean_split), mesh)
+    shared = method_loop(method, ft, cue_model, len(clean_split), mesh,
+                         conv_impl=ENSEMBLE_CONV_IMPL.get(jax.default_backend())
+                         if ensemble else None)
     groups = [(list(seeds), params, workdirs[0])] if ensemble else [
         ([s], [p], w) for s, p, w in zip(seeds, params, workdirs)]
     for i, (group_seeds, group_params, workdir) in enumerate(groups):
       built = build_seeds(shared, cue_model, group_params, group_seeds, mesh, image_shape,
                           ensemble=ensemble)
-      if ensemble:
-        def batch_fn(step):
-          stacked = jax.tree.map(lambda *xs: np.stack(xs), *[local(s, step) for s in seeds])
-          return mesh_lib.shard_batch(stacked, mesh, batch_axis=1)
-      else:
-        def batch_fn(step, seed=group_seeds[0]):
-          return mesh_lib.shard_batch(local(seed, step), mesh)
+      parts, assemble = method_parts(method, clean_split, cue_split, ft.batch_size, mesh,
+                                     group_seeds if ensemble else group_seeds[0],
+                                     pipeline_mode)
+      step_fn, batch_fn = task_data.loop_inputs(built.step_fn, parts, assemble)
       state = loop.train_loop(
-          built.init_fn, built.step_fn, batch_fn, workdir,
+          built.init_fn, step_fn, batch_fn, workdir,
           task_config.loop_options(ft, built.num_steps, built.steps_per_epoch, built.name),
           mesh=mesh, learning_rate_fn=built.schedule,
           examples_per_step=ft.batch_size * len(group_seeds))
@@ -333,7 +347,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
   clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed)
   view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
   (out,) = run_method(config.method, [config.seed], cue_model, clean_split, cue_split,
-                      view_batches, ft, [workdir], mesh)
+                      view_batches, ft, [workdir], mesh,
+                      pipeline_mode=inputs.data.get("pipeline", "auto"))
   record = {"method": config.method, "seed": config.seed, "views": out["views"],
             "cue_model": cue_model.checkpoint, "cue_model_data": cue_model.config["data"],
             "num_clean": len(clean_split), "num_cue": len(cue_split),

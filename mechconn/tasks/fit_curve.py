@@ -153,9 +153,11 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, endpoints: Endpoints
   built = build(config, mesh, endpoints)
   split = task_data.load_train_split(config.data)
   start = time.perf_counter()
+  step_fn, batch_fn = task_data.loop_inputs_for(built.step_fn, split, built.batch_size,
+                                                config.seed, mesh,
+                                                config.data.get("pipeline", "auto"))
   state = loop.train_loop(
-      built.init_fn, built.step_fn,
-      task_data.batch_fn_for(split, built.batch_size, config.seed, mesh), workdir,
+      built.init_fn, step_fn, batch_fn, workdir,
       task_config.loop_options(config, built.num_steps, built.steps_per_epoch, built.name),
       mesh=mesh, learning_rate_fn=built.schedule, examples_per_step=built.batch_size)
   last = [r for r in workdir_lib.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))

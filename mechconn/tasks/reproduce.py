@@ -50,14 +50,18 @@ REPORT_FILE = "report.md"
 RUN_LAYOUT = finetune_task.LAYOUT
 LAYOUT = workdir_lib.Layout(files=(REPRODUCE_FILE, REPORT_FILE, "views.png", "paths.png"))
 SEED_MODES = ("auto", "sequential", "vmap")
-# How `reproduce` runs the seeds of a loop method. Measured with
-# benchmarks/seed_ensemble.py on the 2-core CPU (3 seeds, batch 128 each): one
-# vmapped step is 0.52-0.78x the speed of three separate steps (XLA:CPU turns
-# per-seed convolutions into slower grouped ones), so CPU runs them in turn.
-# GPU and TPU have not been measured (no accelerator was lent to this work):
-# vmap there, on the expectation that a small model's step leaves most of an
-# accelerator idle; run the benchmark there and change this if it loses.
-DEFAULT_SEED_MODE = {"cpu": "sequential", "gpu": "vmap", "tpu": "vmap"}
+# How `reproduce` runs the seeds of a loop method, from benchmarks/seed_ensemble.py
+# (3 seeds, batch 128 each; speed of one vmapped step against three separate ones):
+#   - 2-core CPU: 0.52-0.78x (XLA:CPU turns per-seed convolutions into slower grouped
+#     ones): seeds in turn;
+#   - one H200 (jax 0.11.2): with cuDNN convolutions 0.29-0.58x (grouped convolutions
+#     again), but with the ensemble's convolutions as patches + matmul
+#     (`finetune.ENSEMBLE_CONV_IMPL`, batched matmuls) 1.11-1.69x for SmallCNN(32) and
+#     VGG13, naive and CBFT: vmap. (The README's main job is too small to tell there:
+#     84 s from launch to report with vmapped seeds, each method's seconds per seed
+#     within 0.4 s of seeds in turn.)
+#   - TPU: unmeasured; seeds in turn, the reference.
+DEFAULT_SEED_MODE = {"cpu": "sequential", "gpu": "vmap", "tpu": "sequential"}
 
 
 def seed_mode(mode: str) -> str:
@@ -254,8 +258,9 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, given: runs.TrainedM
         claims.enter_context(runner.claimed(
             _run_config(config_dict, cue_model, method, todo), run_dirs[0], RUN_LAYOUT,
             overwrite))
-      outs = finetune_task.run_method(method, todo, cue_model, clean_split, cue_split,
-                                      view_batches, ft, run_dirs, mesh, ensemble=together)
+      outs = finetune_task.run_method(
+          method, todo, cue_model, clean_split, cue_split, view_batches, ft, run_dirs, mesh,
+          ensemble=together, pipeline_mode=config.train.data.get("pipeline", "auto"))
       for seed, out, result_dir in zip(todo, outs, result_dirs):
         # The linear path from the cue model (t = 0) to the fine-tuned model, on cue data.
         path = jax.device_get(barriers.evaluate_path(

@@ -1,0 +1,77 @@
+"""mechconn.data.device and tasks.data.StepBatches: batches drawn on the devices equal the host's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mechconn import mesh as mesh_lib
+from mechconn.data import batching
+from mechconn.data import device
+from mechconn.data import pipeline
+from mechconn.tasks import data as task_data
+
+
+@pytest.fixture(scope="module")
+def splits():
+  rng = np.random.default_rng(1)
+  box100 = pipeline.make_cue_split(rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8),
+                                   np.arange(300) % 100, 100, "box", 0.7)
+  return {
+      "box": pipeline.load_train_split("shapes10", "box", 0.8, num_examples=400),
+      "box100": box100,
+      "dominoes": pipeline.load_train_split("shapes10", "dominoes", 0.6, num_examples=400,
+                                            simple_dataset="glyphs10"),
+      "none": pipeline.load_train_split("shapes10", "none", 0.0, num_examples=400),
+  }
+
+
+@pytest.mark.parametrize("name", ["box", "box100", "dominoes", "none"])
+def test_device_examples_are_the_host_examples_bitwise(splits, name):
+  split = splits[name]
+  data = device.put(split)
+  idx = np.random.default_rng(0).permutation(len(split))[:96]
+  host = split.examples(idx)
+  on_device = jax.device_get(device.examples(data, jnp.asarray(idx)))
+  np.testing.assert_array_equal(on_device["image"], host["image"])
+  np.testing.assert_array_equal(on_device["label"], host["label"])
+  assert on_device["image"].dtype == host["image"].dtype == np.float32
+  # Several seeds' indices at once (vmapped ensembles): each row as its own batch.
+  stacked = jax.device_get(device.examples(data, jnp.asarray(np.stack([idx, idx[::-1]]))))
+  np.testing.assert_array_equal(stacked["image"][1], split.examples(idx[::-1])["image"])
+
+
+def test_pixel_table_is_the_host_normalisation():
+  # XLA rewrites x / 255 as x * (1 / 255): a computed normalisation would differ in the last
+  # bit for most pixel values; the table holds what numpy's float32 arithmetic gives.
+  assert device.PIXEL_VALUES.dtype == np.float32 and device.PIXEL_VALUES.shape == (256,)
+  values = np.arange(256, dtype=np.float32)
+  np.testing.assert_array_equal(device.PIXEL_VALUES, (values / np.float32(255.0) - 0.5) / 0.5)
+  assert device.PIXEL_VALUES[0] == -1.0 and device.PIXEL_VALUES[255] == 1.0
+  assert np.all(np.diff(device.PIXEL_VALUES) > 0)
+
+
+@pytest.mark.parametrize("seeds", [3, [3, 4]])
+def test_step_batches_are_the_same_from_either_pipeline(splits, seeds):
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  split = splits["dominoes"]
+  host = task_data.StepBatches(split, 32, mesh, "host")
+  dev = task_data.StepBatches(split, 32, mesh, "device")
+  assert dev.on_device and not host.on_device
+  for step in (0, 11, 12, 40):  # 12 steps per epoch: the second epoch's order too
+    a, b = jax.device_get(host(seeds, step)), jax.device_get(dev(seeds, step))
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  one = jax.device_get(host(3, 11))  # the loop's rule: batch 11 of epoch 0 in seed 3's order
+  expected = split.examples(batching.batch_indices_at_step(len(split), 32, seed=3, step=11))
+  np.testing.assert_array_equal(one["image"], expected["image"])
+
+
+def test_auto_puts_a_split_on_the_device_when_it_fits(splits, monkeypatch):
+  split = splits["box"]
+  assert task_data.on_device(split, "auto")  # 1.2 MB
+  monkeypatch.setattr(task_data, "device_memory_bytes", lambda: device.nbytes(split))
+  assert not task_data.on_device(split, "auto")  # more than a quarter of the device
+  assert task_data.on_device(split, "device") and not task_data.on_device(split, "host")
+  with pytest.raises(ValueError, match=r"Unknown data pipeline 'gpu'"):
+    task_data.on_device(split, "gpu")
