@@ -140,3 +140,16 @@ def test_preset_sweep_lists_every_paper_preset_of_every_task():
   assert "reproduce.py:cifar10_dominoes80_resnet18" in names
   for name, module in dry_run_presets.presets():  # each builds (locked, with dry_run)
     assert "dry_run" in module.get_config(name.split(":", 1)[1])
+
+
+@pytest.mark.slow  # compiles four full-width VGG13 steps
+def test_embedded_paper_scale_study_dry_runs_with_the_paper_recipe():
+  config = _unlocked(reproduce_config, "shapes10_paper_vgg13")
+  config.dry_run = True
+  record = tasks.run(config, "/nonexistent/never/written")
+  steps = {s["name"]: s for s in record["steps"]}
+  assert steps["cue model step"]["num_steps"] == 100 * (50_000 // 256)  # the paper's 100 epochs
+  assert steps["cue model step"]["global_batch"] == 256
+  for method in ("naive", "lp_ft", "cbft"):  # official fine-tuning: 20 epochs of 2,500
+    assert steps[f"{method} step"]["num_steps"] == 3 * 20 * (2500 // 256)
+  assert "vgg13" in record["dry_run"] and record["estimate_seconds"] > 0

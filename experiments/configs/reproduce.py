@@ -17,7 +17,11 @@ Paper presets `{cifar10,cifar100}_box{60,70,80,90}_{vgg13,resnet18}` and
 fine-tuning defaults (SGD lr 0.01 cosine, momentum 0.9, weight decay 1e-4,
 batch 256, 20 epochs, 2,500 clean and 47,500 cue examples; CBFT margin 1,
 lambda 1, one warm-up epoch). `,quicktest` shrinks any preset to seconds.
-A single method: `finetune.py`.
+Embedded paper scale, `reproduce.py:shapes10_paper_{vgg13,resnet18}`: the same paper
+recipe (full-width model, 100-epoch cue model at 80%, the official fine-tuning
+defaults) on the embedded shapes10 (50,000 images of CIFAR's shape, no download), to
+measure the whole study's accelerator time where CIFAR is not reachable; its dry run
+(`--config.dry_run=True`) prints the estimate. A single method: `finetune.py`.
 """
 
 import ml_collections
@@ -32,9 +36,11 @@ shrink_finetune = common.shrink_finetune
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu')."""
   name, modifiers = common.parse_preset(preset, "cpu", train_config.MODIFIERS)
-  if name != "cpu" and name not in train_config.paper_presets():
-    raise ValueError(f"Unknown preset {name!r}; valid presets: cpu and train.py's paper "
-                     "presets ({cifar10,cifar100}_box{percent}_{vgg13,resnet18}, ...).")
+  if name != "cpu" and name not in (train_config.paper_presets()
+                                    + list(train_config.EMBEDDED_PAPER_PRESETS)):
+    raise ValueError(f"Unknown preset {name!r}; valid presets: cpu, train.py's paper "
+                     "presets ({cifar10,cifar100}_box{percent}_{vgg13,resnet18}, ...) and "
+                     f"{list(train_config.EMBEDDED_PAPER_PRESETS)}.")
   paper = name != "cpu"
   config = ml_collections.ConfigDict()
   config.task = "reproduce"

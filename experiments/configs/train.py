@@ -41,6 +41,10 @@ PAPER_PERCENTS = (0, 60, 70, 80, 90, 100)
 PAPER_DATASETS = ("cifar10", "cifar100")
 PAPER_MODELS = ("vgg13", "resnet18")
 CPU_PRESETS = ("cpu_cue", "cpu_nocue")
+# The paper's recipe (full-width model, 100-epoch cue model, box cue on 80%) on the
+# embedded shapes10 (50,000 images of CIFAR's shape): paper-scale accelerator time where
+# CIFAR is not reachable.
+EMBEDDED_PAPER_PRESETS = tuple(f"shapes10_paper_{m}" for m in PAPER_MODELS)
 MODIFIERS = ("quicktest",)
 
 
@@ -131,10 +135,14 @@ def unlocked_config(name: str) -> ml_collections.ConfigDict:
     config.data.cue_proportion = 0.0
   elif name in paper_presets():
     _apply_paper(config, name)
+  elif name in EMBEDDED_PAPER_PRESETS:
+    _apply_paper(config, f"cifar10_box80_{name.rpartition('_')[2]}")
+    config.data.dataset, config.data.simple_dataset = "shapes10", "glyphs10"
   elif name != "cpu_cue":
     raise ValueError(f"Unknown preset {name!r}; valid presets: {list(CPU_PRESETS)} and "
                      f"{{cifar10,cifar100}}_box{{{','.join(map(str, PAPER_PERCENTS))}}}_"
-                     f"{{vgg13,resnet18}}, cifar10_dominoes{{...}}_{{vgg13,resnet18}}.")
+                     f"{{vgg13,resnet18}}, cifar10_dominoes{{...}}_{{vgg13,resnet18}}, "
+                     f"{list(EMBEDDED_PAPER_PRESETS)}.")
   if config.data.cue_proportion == 0.0:
     # No-cue models start from another init than the cue models (seed 0), so
     # the pair is independently trained and alignment has units to match.
