@@ -243,8 +243,9 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
                                       chunk_size=chunk_size, mesh=mesh)
   placed_points, _, placed_sets, placed_bn = call.args
   n = len(placed_points)
-  evaluation.check_inputs(apply_fn, {f"the parameters of path point {i} of {n} (point 0 is t = 0)": p
-                          for i, p in enumerate(placed_points)}, placed_sets, placed_bn)
+  named_points = {f"the parameters of path point {i} of {n} (point 0 is t = 0)": p
+                  for i, p in enumerate(placed_points)}
+  evaluation.check_inputs(apply_fn, named_points, placed_sets, placed_bn)
   out, stats_finite = call()
   if plan == "t":  # drop the padding of the grid
     out, stats_finite = jax.tree.map(lambda x: x[:num_t], (out, stats_finite))

@@ -66,7 +66,8 @@ def has_batchnorm(apply_fn: ApplyFn, variables: Variables, images: jax.Array) ->
   return bool(jax.tree_util.tree_leaves(moments))
 
 
-def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables, batches: StackedBatches) -> Variables:
+def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables,
+                          batches: StackedBatches) -> Variables:
   """Exact BatchNorm statistics of `variables['params']` over a set of batches.
 
   For every BatchNorm layer l:

@@ -51,6 +51,7 @@ class CurveLoss:
     t = jax.random.uniform(rng, (), jnp.float32)
     params = paths.path_fn(self.kind)((self.start, *free, self.end), t)
     logits, _ = step_lib.apply_train_mode(self.apply_fn, params, self.batch_stats, batch["image"])
+    logits = logits.astype(jnp.float32)  # the loss in float32 for bfloat16 models too
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, (batch_stats, {"accuracy": accuracy, "t": t})

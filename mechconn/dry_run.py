@@ -115,7 +115,7 @@ def time_on_zero_batches(name: str, step: Callable[[Any, Any], tuple[Any, Any]],
                          global_batch: int,
                          num_steps: int, to_batch: Callable[[dict], Any] = lambda b: b
                          ) -> tuple[Any, StepTiming, Any]:
-  """`time_step` on zero batches of images of `image_shape` (mapped by `to_batch`) at the timed sizes.
+  """`time_step` on zero batches of `image_shape` images (mapped by `to_batch`), timed sizes.
 
   Returns (state, timing, the last batch).
   """

@@ -272,7 +272,9 @@ def invariance_loss(features_clean: jax.Array, labels_clean: jax.Array,
 
 
 def _ce(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  """Mean cross-entropy, in float32 for bfloat16 models too."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         labels).mean()
 
 
 @flax.struct.dataclass
@@ -323,6 +325,7 @@ class CBFTLoss:
       new_stats = batch_stats
     n = batch["clean_image"].shape[0]
     ce = _ce(logits[:n], batch["clean_label"])
+    feats = feats.astype(jnp.float32)  # class means and norms in float32
     inv = invariance_loss(feats[:n], batch["clean_label"], feats[n:], batch["cue_label"],
                           self.num_classes)
     total = ce + self.invariance_weight * invariance_on * inv

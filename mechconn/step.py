@@ -83,6 +83,7 @@ class ClassificationLoss:
     del rng  # deterministic models; dropout-like layers would take it here
     logits, new_batch_stats = apply_train_mode(self.apply_fn, params, batch_stats,
                                                batch["image"])
+    logits = logits.astype(jnp.float32)  # the loss in float32 for bfloat16 models too
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, (new_batch_stats, {"accuracy": accuracy})

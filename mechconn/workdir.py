@@ -59,14 +59,30 @@ def flatten(d: dict, prefix: str = "") -> dict:
 UNCOMPARED_FIELDS = ("progress", "data_dir", "download", "pipeline")
 
 
+# Fields added after runs were recorded, with the value that does what those runs did:
+# a run recorded without one compares as having this value (matched on the key's end).
+ADDED_FIELDS = {"model.dtype": "float32", "endpoint_model.dtype": "float32"}
+
+
+def _added_default(key: str):
+  return next((v for suffix, v in ADDED_FIELDS.items()
+               if key == suffix or key.endswith("." + suffix)), None)
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
   """Dotted keys whose values differ between two config dicts (sorted).
 
-  Keys whose last part is in `UNCOMPARED_FIELDS` are not compared.
+  Keys whose last part is in `UNCOMPARED_FIELDS` are not compared; a key of
+  `ADDED_FIELDS` absent on one side compares as its listed value.
   """
   old, new = flatten(old), flatten(json.loads(json.dumps(new)))
+
+  def value(config, key):
+    return config[key] if key in config else _added_default(key)
+
   return sorted(k for k in set(old) | set(new)
-                if old.get(k) != new.get(k) and k.rpartition(".")[2] not in UNCOMPARED_FIELDS)
+                if value(old, k) != value(new, k)
+                and k.rpartition(".")[2] not in UNCOMPARED_FIELDS)
 
 
 def _read_json(path: str) -> Any:

@@ -1,4 +1,4 @@
-"""mechconn.data.device and tasks.data.StepBatches: batches drawn on the devices equal the host's."""
+"""mechconn.data.device, tasks.data.StepBatches: batches drawn on the devices equal the host's."""
 
 import jax
 import jax.numpy as jnp

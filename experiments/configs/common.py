@@ -53,6 +53,9 @@ def model_section(name: str, **kwargs) -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   model.name = name  # mlp, small_cnn, vgg13, resnet18 (mechconn.models.MODELS)
   model.kwargs = ml_collections.ConfigDict(kwargs)  # model attributes
+  # Compute dtype: float32, or bfloat16 (bfloat16 activations and weights in the compute;
+  # float32 parameters, BatchNorm statistics, losses and accumulations).
+  model.dtype = "float32"
   return model
 
 

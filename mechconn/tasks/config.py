@@ -79,8 +79,9 @@ def input_shape(data: Any) -> tuple[int, int, int]:
 def check_model_config(model: Any, key: str = "model") -> None:
   """Validates a `model` section: a known model and attributes it has, typed as declared."""
   checks.check_choice(model.name, MODELS, f"{key}.name")
+  checks.check_choice(model.get("dtype", "float32"), ("float32", "bfloat16"), f"{key}.dtype")
   fields = {f.name for f in dataclasses.fields(MODELS[model.name])} - {
-      "parent", "name", "num_classes"}
+      "parent", "name", "num_classes", "dtype"}  # dtype: the section's own field
   unknown = sorted(set(model.kwargs) - fields)
   if unknown:
     raise ValueError(f"config.{key}.kwargs has {unknown}, not attributes of "

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mechconn import barriers
@@ -71,7 +72,9 @@ def build(config: Any, mesh: jax.sharding.Mesh | None = None, inputs: Any = None
                                                     data.num_train)
   tx, schedule = task_config.make_optimizer(config.optimizer, num_steps=num_steps,
                                             steps_per_epoch=steps_per_epoch)
-  model = get_model(config.model.name, data.num_classes, **config.model.kwargs)
+  dtype = config.model.get("dtype", "float32")
+  model = get_model(config.model.name, data.num_classes, **config.model.kwargs,
+                    dtype=None if dtype == "float32" else jnp.dtype(dtype))
   return runner.Build(name="quickstart", init_fn=None, step_fn=None, tx=tx,
                       batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
                       num_steps=num_steps, image_shape=(data.image_size, data.image_size, 3),

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mechconn import checkpoint
 from mechconn import counterfactual
@@ -45,9 +46,19 @@ class TrainedModel:
     return {"params": self.params}
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def model_of(model_config: Any, dataset: str) -> nn.Module:
-  """The model of a `model` section for a dataset's number of classes."""
+  """The model of a `model` section for a dataset's number of classes.
+
+  `dtype` ('float32', or 'bfloat16': bfloat16 compute with float32 parameters,
+  BatchNorm statistics and losses; absent in runs recorded before it existed:
+  float32) is the model's compute dtype.
+  """
+  dtype = model_config.get("dtype", "float32")
   return get_model(model_config["name"], datasets.info(dataset).num_classes,
+                   dtype=None if dtype == "float32" else jnp.dtype(dtype),
                    **model_config["kwargs"])
 
 
