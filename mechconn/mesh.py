@@ -48,8 +48,24 @@ def process_rows(batch_size: int) -> slice:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a pytree (same values on every host) on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree (same values on every host) on every device of the mesh.
+
+  With several processes `jax.device_put` refuses devices other processes own,
+  so each process builds its part of the global array from its own (equal)
+  copy; typed PRNG keys travel as their key data.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
 
 
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int = 0

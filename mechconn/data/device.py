@@ -75,9 +75,8 @@ def nbytes(split: pipeline.CueSplit) -> int:
   return total + (0 if split.simple is None else split.simple.nbytes)
 
 
-def put(split: pipeline.CueSplit, sharding: jax.sharding.Sharding | None = None
-        ) -> DeviceSplit:
-  """The split on the devices (`sharding`: e.g. replicated over the mesh; None: default)."""
+def host_split(split: pipeline.CueSplit) -> DeviceSplit:
+  """The `DeviceSplit` of a split as numpy arrays (to be placed, e.g. `mesh.replicate`)."""
   cued = (np.zeros(len(split), bool) if split.has_cue is None or split.kind == "none"
           else np.asarray(split.has_cue, bool))
   masks = colours = None
@@ -88,7 +87,13 @@ def put(split: pipeline.CueSplit, sharding: jax.sharding.Sharding | None = None
                      cued=cued, box_masks=masks, box_colours=colours,
                      simple=None if split.kind != "dominoes" else split.simple,
                      kind=split.kind)
-  return jax.device_put(host, sharding)
+  return host
+
+
+def put(split: pipeline.CueSplit, sharding: jax.sharding.Sharding | None = None
+        ) -> DeviceSplit:
+  """The split on this process's devices (`sharding`; None: the default device)."""
+  return jax.device_put(host_split(split), sharding)
 
 
 @functools.partial(jax.jit, static_argnames="out_sharding")

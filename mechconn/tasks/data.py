@@ -68,7 +68,8 @@ class StepBatches:
     self.rows = mesh_lib.process_rows(batch_size)
     self.steps_per_epoch = len(split) // batch_size
     self.on_device = on_device(split, mode)
-    self.data = device.put(split, mesh_lib.replicated(mesh)) if self.on_device else None
+    self.data = (mesh_lib.replicate(device.host_split(split), mesh) if self.on_device
+                 else None)
     self._epoch = (None, None)  # (key, its indices on the devices)
 
   def _local_indices(self, seed: int, step: int) -> np.ndarray:
