@@ -19,8 +19,13 @@ LOSS_TOL, ACCURACY_TOL = 2e-3, 0.01
 
 
 @pytest.fixture(scope="module")
-def end_points():
-  x, y = make_prototype_images(1, 2048, image_size=16, noise=0.8)
+def data():
+  return make_prototype_images(1, 2048, image_size=16, noise=0.8)
+
+
+@pytest.fixture(scope="module")
+def end_points(data):
+  x, y = data
   test = make_prototype_images(2, 512, image_size=16, noise=0.8)
   model = get_model("small_cnn", 10, width=8)
   states = [loop.fit(model, step_lib.sgd_cosine(0.05, 64), x, y, batch_size=64, num_epochs=2,
@@ -28,6 +33,7 @@ def end_points():
   return (x, y), test, states
 
 
+@pytest.mark.slow  # trains the two end points
 def test_bfloat16_barrier_curve_matches_float32_within_tolerance(end_points):
   (x, y), (xt, yt), states = end_points
   eval_batches = stack_batches(xt, yt, 128)
@@ -48,8 +54,8 @@ def test_bfloat16_barrier_curve_matches_float32_within_tolerance(end_points):
   assert a["loss"] > 0.05  # a real barrier, not two equal zeros
 
 
-def test_a_bfloat16_step_keeps_float32_parameters_and_loss(end_points):
-  (x, y), _, _ = end_points
+def test_a_bfloat16_step_keeps_float32_parameters_and_loss(data):
+  x, y = data
   model = get_model("small_cnn", 10, width=8, dtype=jnp.bfloat16)
   tx = step_lib.sgd_cosine(0.05, 100)
   state = step_lib.create_train_state(model, tx, jax.random.key(0), jnp.asarray(x[:2]))
