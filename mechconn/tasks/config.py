@@ -22,6 +22,7 @@ from mechconn.data import datasets
 from mechconn.data import pipeline
 from mechconn.models import MODELS
 from mechconn.tasks import data as task_data
+from mechconn.tasks import runs
 
 
 class AttrDict(dict):
@@ -79,7 +80,7 @@ def input_shape(data: Any) -> tuple[int, int, int]:
 def check_model_config(model: Any, key: str = "model") -> None:
   """Validates a `model` section: a known model and attributes it has, typed as declared."""
   checks.check_choice(model.name, MODELS, f"{key}.name")
-  checks.check_choice(model.get("dtype", "float32"), ("float32", "bfloat16"), f"{key}.dtype")
+  checks.check_choice(model.get("dtype", "float32"), runs.DTYPES, f"{key}.dtype")
   fields = {f.name for f in dataclasses.fields(MODELS[model.name])} - {
       "parent", "name", "num_classes", "dtype"}  # dtype: the section's own field
   unknown = sorted(set(model.kwargs) - fields)

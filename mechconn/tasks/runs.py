@@ -46,7 +46,7 @@ class TrainedModel:
     return {"params": self.params}
 
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # a `model` section's compute dtypes
 
 
 def model_of(model_config: Any, dataset: str) -> nn.Module:
