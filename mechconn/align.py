@@ -1,4 +1,4 @@
-"""Permutation alignment of hidden units: specs, weight matching, activation matching.
+"""Permutations of hidden units: specs, and how a permutation acts on the variables.
 
 Permuting a hidden layer's units (and the next layer's inputs to match) leaves a
 network's function unchanged. To compare two networks along a linear path up to
@@ -10,8 +10,9 @@ A `PermutationSpec` says, for every leaf of the variables (slash-joined paths
 such as 'params/Conv_1/kernel' or 'batch_stats/BatchNorm_1/mean'), which
 permutation acts on each axis (None: no permutation); and, for activation
 matching, which module outputs carry each permutation on their last axis.
-Specs are declared per architecture (`permutation_spec`); everything else is
-generic over pytrees.
+Specs are declared per architecture (`permutation_spec`) or derived from any
+model by tracing it (`symmetry.derive_spec`); finding the permutation that
+aligns two networks is `matching`'s.
 
 A permutation `perm` maps each permutation name to an index array: unit i of
 the aligned model is unit perm[name][i] of `other`. So
@@ -19,7 +20,6 @@ the aligned model is unit perm[name][i] of `other`. So
 carries `name`.
 """
 
-from collections.abc import Iterable
 import dataclasses
 
 import chex
@@ -27,9 +27,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
-from mechconn import batchnorm
 from mechconn import finite
 from mechconn import paths
 
@@ -46,10 +44,19 @@ class PermutationSpec:
       '/'-joined keys of the variables dict, e.g. 'params/head/kernel'.
     sites: {permutation name: module paths (tuples of names) whose outputs
       carry the permutation on their last axis}, for activation matching.
+    shapes: {leaf path: view shape} for leaves whose `axes` refer to a
+      reshaped view (a Dense kernel after a flatten of [H, W, C] is viewed as
+      [H, W, C, out] so that C carries the permutation); other leaves are
+      taken as they are. Derived specs (`symmetry.derive_spec`) fill it.
   """
 
   axes: dict[str, tuple[str | None, ...]]
   sites: dict[str, tuple[tuple[str, ...], ...]]
+  shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+  def view(self, path: str, leaf):
+    """The leaf as the spec's axes see it."""
+    return leaf.reshape(self.shapes[path]) if path in self.shapes else leaf
 
   @property
   def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
@@ -135,6 +142,10 @@ def resnet18_spec() -> PermutationSpec:
   return PermutationSpec(axes, {k: tuple(v) for k, v in sites.items()})
 
 
+# The built-in models whose specs are written here (equal to the derived ones: tested).
+WRITTEN_SPECS = ("mlp", "resnet18", "small_cnn", "vgg13")
+
+
 def permutation_spec(model_name: str, params: Params) -> PermutationSpec:
   """The spec of a model by its name in `mechconn.models.MODELS`, sized from its params."""
   if model_name == "mlp":
@@ -144,13 +155,14 @@ def permutation_spec(model_name: str, params: Params) -> PermutationSpec:
   if model_name == "resnet18":
     return resnet18_spec()
   raise ValueError(f"No permutation spec for model {model_name!r}; valid: "
-                   "['mlp', 'resnet18', 'small_cnn', 'vgg13'].")
+                   f"{list(WRITTEN_SPECS)} (any other model: symmetry.derive_spec).")
 
 
 # --- Applying a permutation. ------------------------------------------------------
 
 
-def _flat(variables: dict) -> dict[str, jax.Array]:
+def flatten_variables(variables: dict) -> dict[str, jax.Array]:
+  """{'/'-joined leaf path: leaf}, the keys of `PermutationSpec.axes`."""
   return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(variables).items()}
 
 
@@ -160,16 +172,22 @@ def _unflat(flat: dict[str, jax.Array]) -> dict:
 
 def check_spec(spec: PermutationSpec, variables: dict) -> None:
   """Raises ValueError unless the spec covers exactly the variables' leaves."""
-  flat = _flat(variables)
+  flat = flatten_variables(variables)
   covered = {p for p in spec.axes if p.split("/")[0] in variables}
   missing, extra = sorted(set(flat) - covered), sorted(covered - set(flat))
   if missing or extra:
     raise ValueError(f"Permutation spec does not match the variables: leaves without a spec "
                      f"{missing[:5]}, spec entries without a leaf {extra[:5]}.")
   for path, perms in spec.axes.items():
-    if path in flat and len(perms) != flat[path].ndim:
+    if path not in flat:
+      continue
+    shape = flat[path].shape
+    if path in spec.shapes and int(np.prod(spec.shapes[path])) != int(np.prod(shape)):
+      raise ValueError(f"Spec view {spec.shapes[path]} of {path!r} does not fit the leaf's "
+                       f"shape {shape}.")
+    if len(perms) != len(spec.shapes.get(path, shape)):
       raise ValueError(f"Spec for {path!r} has {len(perms)} axes but the leaf has shape "
-                       f"{flat[path].shape}.")
+                       f"{spec.shapes.get(path, shape)}.")
 
 
 def apply_permutation(spec: PermutationSpec, perm: Permutation, params: Params,
@@ -196,12 +214,13 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, params: Params,
     if indices.shape != (n,) or not np.array_equal(np.sort(indices), np.arange(n)):
       raise ValueError(f"perm[{name!r}] must be a permutation of range({n}) (the group's "
                        f"units), got {indices.tolist()[:12]} (shape {indices.shape}).")
-  flat = _flat(variables)
+  flat = flatten_variables(variables)
   for path, leaf in flat.items():
+    shape, leaf = leaf.shape, spec.view(path, leaf)
     for axis, p in enumerate(spec.axes[path]):
       if p is not None:
         leaf = jnp.take(leaf, jnp.asarray(perm[p]), axis=axis)
-    flat[path] = leaf
+    flat[path] = leaf.reshape(shape)
   out = _unflat(flat)
   if batch_stats is None:
     return out["params"]
@@ -210,8 +229,8 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, params: Params,
 
 def group_sizes(spec: PermutationSpec, params: Params) -> dict[str, int]:
   """{group: number of units}, read from the params."""
-  flat = _flat({"params": params})
-  return {name: next(flat[p].shape[a] for p, a in where if p in flat)
+  flat = flatten_variables({"params": params})
+  return {name: next(spec.view(p, flat[p]).shape[a] for p, a in where if p in flat)
           for name, where in spec.perm_to_axes.items()}
 
 
@@ -249,153 +268,3 @@ def check_pair(spec: PermutationSpec, reference: Params, other: Params) -> None:
       raise finite.NonFiniteError(f"The {name} model's parameters hold NaN or infinity "
                                   f"(first at {finite.first_nonfinite_leaf(params)}); they "
                                   "cannot be aligned.")
-
-
-# --- Weight matching (Git Re-Basin, Algorithm 1). ------------------------------------
-
-
-def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
-                    max_iter: int = 100, seed: int = 0) -> Permutation:
-  """Permutation of `other` maximising sum over leaves of <reference, permuted other>.
-
-  Coordinate descent over permutation groups in a random order (seeded): for
-  one group, with all others fixed, the objective is linear in its assignment,
-  solved exactly by `scipy.optimize.linear_sum_assignment`. Stops when a full
-  sweep improves nothing. Only the 'params' leaves are matched.
-
-  Args:
-    spec: the architecture's spec.
-    reference: params to match (left unchanged).
-    other: params to permute.
-    max_iter: at most this many sweeps.
-    seed: the order of groups in each sweep.
-
-  Returns:
-    perm such that `apply_permutation(spec, perm, other)` is aligned to reference.
-
-  Raises:
-    ValueError: the spec does not fit the params, or the two models differ in
-      a leaf's shape (`check_pair`).
-  """
-  check_pair(spec, reference, other)
-  ref = {k: np.asarray(v, np.float64) for k, v in _flat({"params": reference}).items()}
-  oth = {k: np.asarray(v, np.float64) for k, v in _flat({"params": other}).items()}
-  perm_to_axes = {name: [(p, a) for p, a in where if p in ref]
-                  for name, where in spec.perm_to_axes.items()}
-  perm = identity_permutation(spec, reference)
-  rng = np.random.default_rng(seed)
-  names = sorted(perm)
-  for _ in range(max_iter):
-    improved = False
-    for name in rng.permutation(names):
-      n = len(perm[name])
-      similarity = np.zeros((n, n))
-      for path, axis in perm_to_axes[name]:
-        w_ref = np.moveaxis(ref[path], axis, 0).reshape(n, -1)
-        w_oth = oth[path]
-        for other_axis, p in enumerate(spec.axes[path]):  # other groups at current perms
-          if p is not None and other_axis != axis:
-            w_oth = np.take(w_oth, perm[p], axis=other_axis)
-        similarity += w_ref @ np.moveaxis(w_oth, axis, 0).reshape(n, -1).T
-      _, assignment = linear_sum_assignment(similarity, maximize=True)
-      old = similarity[np.arange(n), perm[name]].sum()
-      new = similarity[np.arange(n), assignment].sum()
-      if new > old + 1e-12 * max(1.0, abs(old)):
-        perm[name] = assignment
-        improved = True
-    if not improved:
-      break
-  return perm
-
-
-# --- Activation matching. -----------------------------------------------------------
-
-
-def _site_outputs(apply_fn: batchnorm.ApplyFn, variables: dict, images: jax.Array,
-                  sites: Iterable[tuple[str, ...]]) -> list[jax.Array]:
-  """Outputs of the given modules' __call__, flattened to [examples * positions, units]."""
-  _, state = apply_fn(variables, images, train=False,
-                      capture_intermediates=lambda mdl, method: method == "__call__",
-                      mutable=["intermediates"])
-  inter = state["intermediates"]
-  out = []
-  for site in sites:
-    node = inter
-    for key in site:
-      node = node[key]
-    value = node["__call__"][0]
-    out.append(value.reshape(-1, value.shape[-1]).astype(jnp.float32))
-  return out
-
-
-def _merge_moments(m1, m2):
-  """Chan et al.'s pairwise update of (n, mean_a, mean_b, M2_a, M2_b, C_ab)."""
-  n1, ma1, mb1, sa1, sb1, c1 = m1
-  n2, ma2, mb2, sa2, sb2, c2 = m2
-  n = n1 + n2
-  da, db = ma2 - ma1, mb2 - mb1
-  w = n1 * n2 / n
-  return (n, ma1 + da * n2 / n, mb1 + db * n2 / n, sa1 + sa2 + da**2 * w, sb1 + sb2 + db**2 * w,
-          c1 + c2 + np.outer(da, db) * w)
-
-
-def activation_statistics(apply_fn: batchnorm.ApplyFn, spec: PermutationSpec,
-                          variables_ref: dict, variables_other: dict,
-                          batches: Iterable[jax.Array]) -> dict[str, np.ndarray]:
-  """Correlation of every unit of `reference` with every unit of `other`, per group.
-
-  Per batch, means and centred second moments of the two models' activations
-  (over examples and spatial positions) are computed on device; batches are
-  merged on the host in float64 (Chan et al.'s pairwise update), so the result
-  is the exact Pearson correlation over all the data, not an average of
-  per-batch estimates. A group with several sites (e.g. a residual stream)
-  sums their correlations.
-
-  Returns:
-    {group: [n, n] correlations (reference units x other units)}.
-  """
-  names = spec.names
-  all_sites = [site for name in names for site in spec.sites[name]]
-
-  @jax.jit
-  def moments(images):
-    acts_a = _site_outputs(apply_fn, variables_ref, images, all_sites)
-    acts_b = _site_outputs(apply_fn, variables_other, images, all_sites)
-    out = []
-    for a, b in zip(acts_a, acts_b):
-      ca, cb = a - a.mean(0), b - b.mean(0)
-      out.append((jnp.float32(a.shape[0]), a.mean(0), b.mean(0), (ca * ca).sum(0),
-                  (cb * cb).sum(0), ca.T @ cb))
-    return out
-
-  totals = None
-  for images in batches:
-    m = jax.device_get(moments(images))
-    m = [tuple(np.asarray(x, np.float64) for x in site) for site in m]
-    totals = m if totals is None else [_merge_moments(t, x) for t, x in zip(totals, m)]
-  if totals is None:
-    raise ValueError("activation_statistics needs at least one batch.")
-  out, i = {}, 0
-  for name in names:
-    corr = 0.0
-    for _ in spec.sites[name]:
-      _, _, _, m2_a, m2_b, c_ab = totals[i]
-      i += 1
-      corr = corr + c_ab / np.outer(np.sqrt(m2_a) + 1e-12, np.sqrt(m2_b) + 1e-12)
-    out[name] = corr
-  return out
-
-
-def activation_matching(apply_fn: batchnorm.ApplyFn, spec: PermutationSpec,
-                        variables_ref: dict, variables_other: dict,
-                        batches: Iterable[jax.Array]) -> Permutation:
-  """Permutation of `other` matching each unit to its most correlated unit of reference.
-
-  One assignment per group (`linear_sum_assignment` on the correlations of
-  `activation_statistics` over all batches), each made with the activations of
-  the unpermuted networks: permuting units does not change any other group's
-  activations, so the groups are independent.
-  """
-  check_pair(spec, variables_ref["params"], variables_other["params"])
-  correlations = activation_statistics(apply_fn, spec, variables_ref, variables_other, batches)
-  return {name: linear_sum_assignment(c, maximize=True)[1] for name, c in correlations.items()}

@@ -173,9 +173,10 @@ def _evaluate_path_over_t(points, ts, eval_sets, bn_batches, *, apply_fn, path_f
 
 
 def _place(tree, sharding):
-  """numpy leaves put on the devices with `sharding`; jax.Arrays left as they are."""
-  return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, sharding),
-                      tree)
+  """Leaves put on the devices with `sharding` (None: numpy leaves on the default device)."""
+  if sharding is None:
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), tree)
+  return mesh_lib.put(tree, sharding)
 
 
 def sharding_plan(num_t: int, mesh: jax.sharding.Mesh | None) -> str:
@@ -348,7 +349,7 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
     padded = np.concatenate([ts_np, np.full(-len(ts_np) % mesh.size, ts_np[-1])])
     replicated = mesh_lib.replicated(mesh)
     call = _Call(_evaluate_path_over_t,
-                 _place(points, replicated), jax.device_put(padded.astype(np.float32), replicated),
+                 _place(points, replicated), mesh_lib.put(padded.astype(np.float32), replicated),
                  _place(eval_sets, replicated), _place(bn_batches, replicated), mesh=mesh,
                  **static)
   else:

@@ -21,6 +21,7 @@ import numpy as np
 from mechconn import barriers
 from mechconn import evaluation
 from mechconn import finite
+from mechconn import mesh as mesh_lib
 from mechconn.data import batching
 from mechconn.data.views import VIEWS
 from mechconn.types import ApplyFn, Params, StackedBatches
@@ -68,6 +69,7 @@ def evaluate_views(apply_fn: ApplyFn, variables: dict[str, Params],
     raise ValueError("view_batches is empty: pass {view: stacked batches} (see stack_views).")
   for name, batches in view_batches.items():
     evaluation.check_batches(batches, ("image", "label", "mask"), f"view {name!r}")
+  variables = mesh_lib.replicate_beside(variables, next(iter(view_batches.values()))["image"])
   evaluation.check_inputs(apply_fn, {"the model's params": variables["params"],
                                    "the model's batch_stats": variables.get("batch_stats", {})},
                         view_batches)

@@ -47,25 +47,48 @@ def process_rows(batch_size: int) -> slice:
   return slice(start, start + per_process)
 
 
-def replicate(tree, mesh: Mesh):
-  """Places a pytree (same values on every host) on every device of the mesh.
+def put(tree, sharding: jax.sharding.Sharding):
+  """Places a pytree (the same global values on every host) with `sharding`.
 
   With several processes `jax.device_put` refuses devices other processes own,
-  so each process builds its part of the global array from its own (equal)
-  copy; typed PRNG keys travel as their key data.
+  so each process builds its shards of the global array from its own (equal)
+  copy; typed PRNG keys travel as their key data. Arrays already placed with
+  `sharding` are left as they are.
   """
-  sharding = replicated(mesh)
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
 
-  def put(x):
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
-                                      impl=jax.random.key_impl(x))
+  def put_leaf(x):
+    if isinstance(x, jax.Array):
+      if x.sharding == sharding:
+        return x
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put_leaf(jax.random.key_data(x)),
+                                        impl=jax.random.key_impl(x))
+      if not x.is_fully_addressable:
+        return jax.device_put(x, sharding)  # a global array: resharded by XLA
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-  return jax.tree.map(put, tree)
+  return jax.tree.map(put_leaf, tree)
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree (same values on every host) on every device of the mesh."""
+  return put(tree, replicated(mesh))
+
+
+def replicate_beside(tree, array):
+  """`tree` replicated over the mesh `array` is sharded on (unchanged if it has none).
+
+  Parameters made on one device (a head fitted on the host, say) and batches
+  sharded over a mesh cannot meet in one program when the mesh spans several
+  processes; this puts the parameters where the batches are.
+  """
+  sharding = getattr(array, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return tree
+  return replicate(tree, sharding.mesh)
 
 
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int = 0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mechconn import align
+from mechconn import matching
 from mechconn import barriers
 from mechconn import batchnorm
 from mechconn import finite
@@ -71,7 +72,7 @@ def test_permutation_keeps_the_function(arch):
 def test_weight_matching_recovers_a_hidden_permutation(arch):
   name, model, variables, x, spec, perm = arch
   other = _permute(spec, perm, variables)
-  found = align.weight_matching(spec, variables["params"], other["params"])
+  found = matching.weight_matching(spec, variables["params"], other["params"])
   aligned = _permute(spec, found, other)
   chex.assert_trees_all_equal(aligned, variables)
 
@@ -83,7 +84,7 @@ def test_activation_matching_recovers_a_hidden_permutation(arch):
     variables = {"params": variables["params"], "batch_stats": batchnorm.recompute_batch_stats(
         model.apply, variables, {"image": jnp.stack(batches)})}
   other = _permute(spec, perm, variables)
-  found = align.activation_matching(model.apply, spec, variables, other, batches)
+  found = matching.activation_matching(model.apply, spec, variables, other, batches)
   chex.assert_trees_all_equal(_permute(spec, found, other), variables)
 
 
@@ -92,7 +93,7 @@ def test_activation_statistics_are_exact_correlations():
   spec = align.permutation_spec("mlp", variables["params"])
   other = _init("mlp", 5)[1]
   batches = [jax.random.normal(jax.random.key(i), (8, 16, 16, 3)) for i in range(3)]
-  corr = align.activation_statistics(model.apply, spec, variables, other, batches)
+  corr = matching.activation_statistics(model.apply, spec, variables, other, batches)
   images = np.concatenate([np.asarray(b) for b in batches]).reshape(24, -1)
   a = images @ np.asarray(variables["params"]["Dense_0"]["kernel"]) + np.asarray(
       variables["params"]["Dense_0"]["bias"])
@@ -115,7 +116,7 @@ def test_aligned_permuted_copy_has_zero_barrier():
   raw = barriers.evaluate_path(model.apply, (variables["params"], other["params"]), ts,
                                eval_batches, bn_batches=bn)
   assert raw.summary()["loss"] > 1e-3  # unaligned: the middle differs from the ends
-  found = align.weight_matching(spec, variables["params"], other["params"])
+  found = matching.weight_matching(spec, variables["params"], other["params"])
   aligned = align.apply_permutation(spec, found, other["params"])
   result = barriers.evaluate_path(model.apply, (variables["params"], aligned), ts,
                                   eval_batches, bn_batches=bn)
@@ -141,14 +142,14 @@ def test_matching_models_of_other_widths_or_another_spec_is_a_named_error():
   wide = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
   spec = align.permutation_spec("small_cnn", narrow["params"])
   with pytest.raises(ValueError, match=r"one architecture and width.*'BatchNorm_0'\]\['bias'\].*\(4,\).*\(8,\)"):
-    align.weight_matching(spec, narrow["params"], wide["params"])
+    matching.weight_matching(spec, narrow["params"], wide["params"])
   with pytest.raises(ValueError, match=r"one architecture and width"):
-    align.activation_matching(model.apply, spec, narrow, wide, [jnp.zeros((4, 8, 8, 3))])
+    matching.activation_matching(model.apply, spec, narrow, wide, [jnp.zeros((4, 8, 8, 3))])
   with pytest.raises(ValueError, match=r"does not fit the reference model.*another architecture"):
-    align.weight_matching(align.resnet18_spec(), narrow["params"], narrow["params"])
+    matching.weight_matching(align.resnet18_spec(), narrow["params"], narrow["params"])
   diverged = jax.tree.map(lambda p: p * jnp.nan, narrow["params"])
   with pytest.raises(finite.NonFiniteError, match=r"other model's parameters hold NaN .*first at"):
-    align.weight_matching(spec, narrow["params"], diverged)
+    matching.weight_matching(spec, narrow["params"], diverged)
 
 
 def test_a_permutation_of_the_wrong_size_or_with_repeats_is_refused():

@@ -10,7 +10,8 @@ from conftest import REPO
 PACKAGE = pathlib.Path(REPO) / "mechconn"
 # Pure maths: no task, no checkpoints or workdirs, no progress bars, no launcher.
 MATHS = ("paths", "batchnorm", "barriers", "evaluation", "align", "curves", "finetune",
-         "counterfactual", "models", "data", "step", "finite", "types", "rngs", "flops")
+         "counterfactual", "models", "data", "step", "finite", "types", "rngs", "flops",
+         "matching", "symmetry", "axis_classes")
 FORBIDDEN_FOR_MATHS = ("mechconn.tasks", "mechconn.loop", "mechconn.checkpoint",
                        "mechconn.workdir", "mechconn.dry_run", "orbax", "tqdm", "experiments",
                        "ml_collections", "absl")

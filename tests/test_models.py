@@ -71,7 +71,7 @@ def test_features_and_logits(name, kw):
 
 
 def test_unknown_model_lists_valid_ones():
-  with pytest.raises(ValueError, match=r"valid models: \['mlp', 'resnet18', 'small_cnn', 'vgg13'\]"):
+  with pytest.raises(ValueError, match=r"valid models: \['mlp', 'resnet18', 'small_cnn', 'vgg13', 'vit'\]"):
     get_model("vgg16", 10)
 
 
@@ -129,3 +129,18 @@ def test_auto_routes_tiny_maps_and_rgb_inputs_to_matmul_on_cpu(impl, expected_co
   num_convs = str(jaxpr).count("conv_general_dilated[")
   assert jax.default_backend() == "cpu"
   assert num_convs == expected_convs
+
+
+def test_vit_pools_by_class_token_or_mean_and_checks_its_shapes():
+  x = jnp.ones((2, 16, 16, 3))
+  for pool in ("cls", "mean"):
+    model = get_model("vit", 7, width=8, depth=1, num_heads=2, patch_size=4, pool=pool)
+    variables = model.init(jax.random.key(0), x)
+    logits, features = model.apply(variables, x, return_features=True)
+    assert logits.shape == (2, 7) and features.shape == (2, 8)
+    assert ("cls_token" in variables["params"]) == (pool == "cls")
+    assert variables["params"]["position"].shape == (1, 16 + (pool == "cls"), 8)
+  with pytest.raises(ValueError, match="not divisible by num_heads"):
+    get_model("vit", 7, width=6, num_heads=4).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="do not split into 5x5 patches"):
+    get_model("vit", 7, width=8, patch_size=5).init(jax.random.key(0), x)

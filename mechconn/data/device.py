@@ -11,7 +11,7 @@ computed on the device: the 256 normalised values of a uint8 pixel
 which differs in the last bit for 205 of the 256 values) and each label's box
 (`cues.box_slices`, `cues.box_colour`).
 
-  data = device.put(split, mesh)                       # once
+  data = device.put(split, mesh.replicated(m))         # once
   batch = device.examples(data, global_indices)        # per step, on device
 """
 
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mechconn import mesh as mesh_lib
 from mechconn.data import cues
 from mechconn.data import datasets
 from mechconn.data import pipeline
@@ -92,8 +93,9 @@ def host_split(split: pipeline.CueSplit) -> DeviceSplit:
 
 def put(split: pipeline.CueSplit, sharding: jax.sharding.Sharding | None = None
         ) -> DeviceSplit:
-  """The split on this process's devices (`sharding`; None: the default device)."""
-  return jax.device_put(host_split(split), sharding)
+  """The split on the devices of `sharding` (None: the default device), from every process."""
+  host = host_split(split)
+  return jax.device_put(host) if sharding is None else mesh_lib.put(host, sharding)
 
 
 @functools.partial(jax.jit, static_argnames="out_sharding")

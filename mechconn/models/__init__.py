@@ -10,17 +10,19 @@ from mechconn.models.mlp import MLP
 from mechconn.models.resnet import ResNet18
 from mechconn.models.small_cnn import SmallCNN
 from mechconn.models.vgg import VGG13
+from mechconn.models.vit import ViT
 
 MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "small_cnn": SmallCNN,
     "vgg13": VGG13,
     "resnet18": ResNet18,
+    "vit": ViT,
 }
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-  """Builds a model by name ('mlp', 'small_cnn', 'vgg13', 'resnet18').
+  """Builds a model by name ('mlp', 'small_cnn', 'vgg13', 'resnet18', 'vit').
 
   Extra keyword arguments are the model's attributes (e.g. width=0.25).
   """
@@ -29,4 +31,4 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MLP", "MODELS", "ResNet18", "SmallCNN", "VGG13", "get_model"]
+__all__ = ["MLP", "MODELS", "ResNet18", "SmallCNN", "VGG13", "ViT", "get_model"]

@@ -25,7 +25,9 @@ from mechconn import config_checks as checks
 from mechconn import counterfactual
 from mechconn import curves
 from mechconn import dry_run as dry_run_lib
+from mechconn import matching
 from mechconn import report
+from mechconn import symmetry
 from mechconn import workdir as workdir_lib
 from mechconn.data.views import VIEWS
 from mechconn.tasks import config as task_config
@@ -145,11 +147,13 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
   path_points = {"linear": ("linear", (start_run.params, end_run.params))}
   alignment = None
   if config.align != "none":
-    spec = align.permutation_spec(start_run.config["model"]["name"], start_run.params)
+    name = start_run.config["model"]["name"]
+    spec = (align.permutation_spec(name, start_run.params) if name in align.WRITTEN_SPECS
+            else symmetry.derive_spec(model.apply, start_run.variables, bn_batches["image"][0]))
     if config.align == "weight":
-      perm = align.weight_matching(spec, start_run.params, end_run.params, seed=config.seed)
+      perm = matching.weight_matching(spec, start_run.params, end_run.params, seed=config.seed)
     else:
-      perm = align.activation_matching(model.apply, spec, start_run.variables,
+      perm = matching.activation_matching(model.apply, spec, start_run.variables,
                                        end_run.variables, list(bn_batches["image"]))
     aligned_end = align.apply_permutation(spec, perm, end_run.params)
     path_points["linear (aligned)"] = ("linear", (start_run.params, aligned_end))

@@ -1,0 +1,224 @@
+"""Finding the permutation that aligns one network to another.
+
+`weight_matching` (Git Re-Basin's Algorithm 1: coordinate descent over
+permutation groups, each step an exact linear assignment) and
+`activation_matching` (each unit to its most correlated unit, from exact
+correlations over many batches). Both take a `align.PermutationSpec`, hand-
+written (`align.permutation_spec`) or derived (`symmetry.derive_spec`), and
+return a `Permutation` for `align.apply_permutation`.
+"""
+
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from mechconn import align
+from mechconn.align import Params, Permutation, PermutationSpec
+from mechconn.types import ApplyFn
+
+
+# --- Weight matching (Git Re-Basin, Algorithm 1). ------------------------------------
+
+
+def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
+                    max_iter: int = 100, seed: int = 0, init: Permutation | None = None,
+                    groups: Iterable[str] | None = None) -> Permutation:
+  """Permutation of `other` maximising sum over leaves of <reference, permuted other>.
+
+  Coordinate descent over permutation groups in a random order (seeded): for
+  one group, with all others fixed, the objective is linear in its assignment,
+  solved exactly by `scipy.optimize.linear_sum_assignment`. Stops when a full
+  sweep improves nothing. Only the 'params' leaves are matched.
+
+  Args:
+    spec: the architecture's spec.
+    reference: params to match (left unchanged).
+    other: params to permute.
+    max_iter: at most this many sweeps.
+    seed: the order of groups in each sweep.
+    init: the permutation to start from (None: the identity).
+    groups: the groups to match (None: all); the others keep `init`'s.
+
+  Returns:
+    perm such that `apply_permutation(spec, perm, other)` is aligned to reference.
+
+  Raises:
+    ValueError: the spec does not fit the params, or the two models differ in
+      a leaf's shape (`check_pair`).
+  """
+  align.check_pair(spec, reference, other)
+  ref = {k: spec.view(k, np.asarray(v, np.float64))
+         for k, v in align.flatten_variables({"params": reference}).items()}
+  oth = {k: spec.view(k, np.asarray(v, np.float64)) for k, v in align.flatten_variables({"params": other}).items()}
+  perm_to_axes = {name: [(p, a) for p, a in where if p in ref]
+                  for name, where in spec.perm_to_axes.items()}
+  nested = _nested_groups(spec, perm_to_axes)
+  perm = align.identity_permutation(spec, reference)
+  perm.update({name: np.asarray(p) for name, p in (init or {}).items()})
+  rng = np.random.default_rng(seed)
+  names = sorted(perm) if groups is None else sorted(groups)
+  for _ in range(max_iter):
+    improved = False
+    for name in rng.permutation(names):
+      similarity = _similarity(spec, ref, oth, perm, name, perm_to_axes[name], nested[name])
+      _, assignment = linear_sum_assignment(similarity, maximize=True)
+      n = len(perm[name])
+      old = similarity[np.arange(n), perm[name]].sum()
+      new = similarity[np.arange(n), assignment].sum()
+      if new > old + 1e-12 * max(1.0, abs(old)):
+        perm[name] = assignment
+        improved = True
+    if not improved:
+      break
+  return perm
+
+
+# Groups of at most this many units are matched with their nested groups relaxed.
+MAX_RELAXED_GROUP = 64
+
+
+def _nested_groups(spec: PermutationSpec, perm_to_axes) -> dict[str, list[str]]:
+  """{group: groups that only ever appear beside it} (a head's units, beside the heads).
+
+  Matching heads with their units held at a wrong permutation compares the
+  wrong units and can stop coordinate descent at a local optimum; so each
+  pair of heads is scored by the best assignment of the units inside them.
+  """
+  leaves = {name: {path for path, _ in where} for name, where in perm_to_axes.items()}
+  return {name: [other for other in sorted(leaves) if other != name
+                 and leaves[other] <= leaves[name]
+                 and len(perm_to_axes[name]) and leaves[other]]
+          for name in leaves}
+
+
+def _similarity(spec, ref, oth, perm, name, where, nested) -> np.ndarray:
+  """[n, n]: how well unit i of reference matches unit j of other, for group `name`."""
+  n = len(perm[name])
+  relax = nested if n <= MAX_RELAXED_GROUP else []
+  similarity = np.zeros((n, n))
+  blocks: dict[str, np.ndarray] = {}  # nested group -> [n, m, n, m]
+  for path, axis in where:
+    inner = [(a, p) for a, p in enumerate(spec.axes[path]) if p in relax]
+    w_oth = oth[path]
+    for other_axis, p in enumerate(spec.axes[path]):  # other groups at current perms
+      if p is not None and other_axis != axis and (len(inner) != 1 or p != inner[0][1]):
+        w_oth = np.take(w_oth, perm[p], axis=other_axis)
+    if len(inner) == 1:  # score (i, j) by the best assignment of the nested group's units
+      inner_axis, g = inner[0]
+      m = w_oth.shape[inner_axis]
+      a = np.moveaxis(ref[path], (axis, inner_axis), (0, 1)).reshape(n, m, -1)
+      b = np.moveaxis(w_oth, (axis, inner_axis), (0, 1)).reshape(n, m, -1)
+      blocks[g] = blocks.get(g, 0) + np.einsum("iur,jvr->iujv", a, b)
+    else:
+      similarity += np.moveaxis(ref[path], axis, 0).reshape(n, -1) @ \
+          np.moveaxis(w_oth, axis, 0).reshape(n, -1).T
+  for block in blocks.values():
+    for i in range(n):
+      for j in range(n):
+        rows, cols = linear_sum_assignment(block[i, :, j, :], maximize=True)
+        similarity[i, j] += block[i, rows, j, cols].sum()
+  return similarity
+
+
+# --- Activation matching. -----------------------------------------------------------
+
+
+def _site_outputs(apply_fn: ApplyFn, variables: dict, images: jax.Array,
+                  sites: Iterable[tuple[str, ...]]) -> list[jax.Array]:
+  """Outputs of the given modules' __call__, flattened to [examples * positions, units]."""
+  _, state = apply_fn(variables, images, train=False,
+                      capture_intermediates=lambda mdl, method: method == "__call__",
+                      mutable=["intermediates"])
+  inter = state["intermediates"]
+  out = []
+  for site in sites:
+    node = inter
+    for key in site:
+      node = node[key]
+    value = node["__call__"][0]
+    out.append(value.reshape(-1, value.shape[-1]).astype(jnp.float32))
+  return out
+
+
+def _merge_moments(m1, m2):
+  """Chan et al.'s pairwise update of (n, mean_a, mean_b, M2_a, M2_b, C_ab)."""
+  n1, ma1, mb1, sa1, sb1, c1 = m1
+  n2, ma2, mb2, sa2, sb2, c2 = m2
+  n = n1 + n2
+  da, db = ma2 - ma1, mb2 - mb1
+  w = n1 * n2 / n
+  return (n, ma1 + da * n2 / n, mb1 + db * n2 / n, sa1 + sa2 + da**2 * w, sb1 + sb2 + db**2 * w,
+          c1 + c2 + np.outer(da, db) * w)
+
+
+def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
+                          variables_ref: dict, variables_other: dict,
+                          batches: Iterable[jax.Array]) -> dict[str, np.ndarray]:
+  """Correlation of every unit of `reference` with every unit of `other`, per group.
+
+  Per batch, means and centred second moments of the two models' activations
+  (over examples and spatial positions) are computed on device; batches are
+  merged on the host in float64 (Chan et al.'s pairwise update), so the result
+  is the exact Pearson correlation over all the data, not an average of
+  per-batch estimates. A group with several sites (e.g. a residual stream)
+  sums their correlations.
+
+  Returns:
+    {group: [n, n] correlations (reference units x other units)} for every
+    group with sites.
+  """
+  names = [name for name in spec.names if spec.sites.get(name)]
+  all_sites = [site for name in names for site in spec.sites[name]]
+
+  @jax.jit
+  def moments(images):
+    acts_a = _site_outputs(apply_fn, variables_ref, images, all_sites)
+    acts_b = _site_outputs(apply_fn, variables_other, images, all_sites)
+    out = []
+    for a, b in zip(acts_a, acts_b):
+      ca, cb = a - a.mean(0), b - b.mean(0)
+      out.append((jnp.float32(a.shape[0]), a.mean(0), b.mean(0), (ca * ca).sum(0),
+                  (cb * cb).sum(0), ca.T @ cb))
+    return out
+
+  totals = None
+  for images in batches:
+    m = jax.device_get(moments(images))
+    m = [tuple(np.asarray(x, np.float64) for x in site) for site in m]
+    totals = m if totals is None else [_merge_moments(t, x) for t, x in zip(totals, m)]
+  if totals is None:
+    raise ValueError("activation_statistics needs at least one batch.")
+  out, i = {}, 0
+  for name in names:
+    corr = 0.0
+    for _ in spec.sites[name]:
+      _, _, _, m2_a, m2_b, c_ab = totals[i]
+      i += 1
+      corr = corr + c_ab / np.outer(np.sqrt(m2_a) + 1e-12, np.sqrt(m2_b) + 1e-12)
+    out[name] = corr
+  return out
+
+
+def activation_matching(apply_fn: ApplyFn, spec: PermutationSpec,
+                        variables_ref: dict, variables_other: dict,
+                        batches: Iterable[jax.Array]) -> Permutation:
+  """Permutation of `other` matching each unit to its most correlated unit of reference.
+
+  One assignment per group (`linear_sum_assignment` on the correlations of
+  `activation_statistics` over all batches), each made with the activations of
+  the unpermuted networks: permuting units does not change any other group's
+  activations, so the groups are independent. Groups that no module output
+  carries on its last axis (attention heads, say) are then weight-matched with
+  the others held at their activation-matched permutations.
+  """
+  align.check_pair(spec, variables_ref["params"], variables_other["params"])
+  correlations = activation_statistics(apply_fn, spec, variables_ref, variables_other, batches)
+  perm = {name: linear_sum_assignment(c, maximize=True)[1] for name, c in correlations.items()}
+  unseen = [name for name in spec.names if name not in perm]
+  if unseen:
+    perm = weight_matching(spec, variables_ref["params"], variables_other["params"], init=perm,
+                           groups=unseen)
+  return perm
