@@ -46,6 +46,7 @@ from mechconn import evaluation
 from mechconn import finite
 from mechconn import mesh as mesh_lib
 from mechconn import paths
+from mechconn import repair
 from mechconn.types import ApplyFn, Params, PathFn, StackedBatches
 
 STRATEGIES = ("map", "chunked", "vmap")
@@ -128,13 +129,20 @@ def barrier_location(ts: chex.Array, values: chex.Array) -> float:
   return float(ts[np.argmax(values - ((1 - ts) * values[0] + ts * values[-1]))])
 
 
-def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size):
+def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size,
+               renormalize):
   """({set: (loss [K], accuracy [K])}, statistics finite [K]) over `ts` with the strategy."""
+  if renormalize == "repair":  # the end points' statistics, once
+    targets = [repair.endpoint_stats(apply_fn, points[i], bn_batches) for i in (0, -1)]
+
   def at(t):
     params = path_fn(points, t)
     variables = {"params": params}
     stats_finite = jnp.asarray(True)
-    if bn_batches is not None:  # once per t, shared by every eval set
+    if renormalize == "repair":
+      variables = repair.repaired_variables(apply_fn, params, *targets, t, bn_batches)
+      stats_finite = finite.all_finite(variables[repair.COLLECTION])
+    elif renormalize == "batchnorm":  # once per t, shared by every eval set
       variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables,
                                                                  bn_batches)
       stats_finite = finite.all_finite(variables["batch_stats"])
@@ -147,22 +155,23 @@ def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy
   return jax.lax.map(at, ts, batch_size=batch_size)
 
 
-_STATIC = ("apply_fn", "path_fn", "strategy", "chunk_size")
+_STATIC = ("apply_fn", "path_fn", "strategy", "chunk_size", "renormalize")
+RENORMALIZE = ("auto", "batchnorm", "repair", None)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _evaluate_path_jit(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
-                       strategy, chunk_size):
+                       strategy, chunk_size, renormalize):
   return _path_loop(points, ts, eval_sets, bn_batches, apply_fn=apply_fn, path_fn=path_fn,
-                    strategy=strategy, chunk_size=chunk_size)
+                    strategy=strategy, chunk_size=chunk_size, renormalize=renormalize)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("mesh",))
 def _evaluate_path_over_t(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
-                          strategy, chunk_size, mesh):
+                          strategy, chunk_size, renormalize, mesh):
   """Each device evaluates its slice of `ts` (len(ts) divisible by the mesh size)."""
   loop = functools.partial(_path_loop, apply_fn=apply_fn, path_fn=path_fn,
-                           strategy=strategy, chunk_size=chunk_size)
+                           strategy=strategy, chunk_size=chunk_size, renormalize=renormalize)
   # The body is local to each device (no collectives), so the varying-axis
   # check is off: the scans' zero-initialised carries need no pcast.
   sharded = jax.shard_map(loop, mesh=mesh, in_specs=(P(), P(mesh_lib.DATA_AXIS), P(), P()),
@@ -190,7 +199,7 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
                   eval_data: StackedBatches | Mapping[str, StackedBatches], *,
                   path: str | PathFn = "linear", bn_batches: StackedBatches | None = None,
                   strategy: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  mesh: jax.sharding.Mesh | None = None
+                  mesh: jax.sharding.Mesh | None = None, renormalize: str | None = "auto"
                   ) -> "PathEval | dict[str, PathEval]":
   """Loss and accuracy of the network at every t of a grid along a path.
 
@@ -208,13 +217,19 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
       examples), or several as {name: set}.
     path: 'linear', 'bezier', 'polychain', or a `path_fn(points, t)`.
     bn_batches: stacked {'image': [M, B, ...]} full batches from which BatchNorm
-      statistics are recomputed at every t; required when the model has BatchNorm.
+      (or REPAIR) statistics are recomputed at every t; required when the
+      model has BatchNorm, or with renormalize='repair'.
     strategy: 'map', 'chunked' or 'vmap'; None picks `DEFAULT_STRATEGY` for
       the default backend.
     chunk_size: t values per chunk for 'chunked'.
     mesh: a 1-D device mesh to spread the work over (over t when K >= its
       size, else over the eval data; see the module docstring); None: the
       default device.
+    renormalize: 'batchnorm' (BatchNorm statistics recomputed exactly at
+      every t), 'repair' (REPAIR at every conv and dense output but the
+      logits, for networks without BatchNorm: `mechconn.repair`), None
+      (nothing; networks without BatchNorm), or 'auto' ('batchnorm' when the
+      model has BatchNorm, else None).
 
   Returns:
     For one set, PathEval(ts, loss, accuracy), each [K], with `sharded_over`
@@ -241,7 +256,8 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
   eval_sets = {"eval": eval_data} if single else dict(eval_data)
   call, plan, ts_arr, num_t = _prepare(apply_fn, points, ts, eval_sets, path=path,
                                       bn_batches=bn_batches, strategy=strategy,
-                                      chunk_size=chunk_size, mesh=mesh)
+                                      chunk_size=chunk_size, mesh=mesh,
+                                      renormalize=renormalize)
   placed_points, _, placed_sets, placed_bn = call.args
   n = len(placed_points)
   named_points = {f"the parameters of path point {i} of {n} (point 0 is t = 0)": p
@@ -250,7 +266,7 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
   out, stats_finite = call()
   if plan == "t":  # drop the padding of the grid
     out, stats_finite = jax.tree.map(lambda x: x[:num_t], (out, stats_finite))
-  _check_results(np.asarray(ts_arr), out, stats_finite)
+  _check_results(np.asarray(ts_arr), out, stats_finite, call.kwargs["renormalize"])
   num_devices = 1 if mesh is None else int(mesh.size)
   results = {name: PathEval(ts=ts_arr, loss=loss, accuracy=accuracy, sharded_over=plan,
                             num_devices=num_devices)
@@ -271,12 +287,14 @@ def is_single_set(eval_data: Mapping) -> bool:
   return not any(nested)
 
 
-def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array) -> None:
+def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array,
+                   renormalize: str | None = "batchnorm") -> None:
   """Raises NonFiniteError naming the t at which statistics or losses are not finite."""
   stats_finite = np.asarray(jax.device_get(stats_finite))
   flags = {}
   if not stats_finite.all():
-    flags["the recomputed BatchNorm statistics at t = " + ", ".join(
+    kind = "REPAIR" if renormalize == "repair" else "BatchNorm"
+    flags[f"the recomputed {kind} statistics at t = " + ", ".join(
         f"{t:.3g}" for t in ts[~stats_finite]) + " (the inputs are finite: the activations "
         "overflow)"] = False
   finite.raise_if_any(flags, "Path evaluation")
@@ -317,7 +335,7 @@ class _Call:
 
 
 def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
-             strategy=None, chunk_size=DEFAULT_CHUNK_SIZE, mesh=None):
+             strategy=None, chunk_size=DEFAULT_CHUNK_SIZE, mesh=None, renormalize="auto"):
   """Validates the arguments; (call, sharding plan, ts as a device array, number of t)."""
   ts_np = check_grid(ts)
   path_function = paths.path_fn(path) if isinstance(path, str) else path
@@ -330,16 +348,32 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
     raise ValueError("eval_sets is empty: pass {name: stacked batches}.")
   for name, batches in eval_sets.items():
     evaluation.check_batches(batches, ("image", "label", "mask"), f"eval set {name!r}")
+  if renormalize not in RENORMALIZE:
+    raise ValueError(f"Unknown renormalize {renormalize!r}; valid: {RENORMALIZE}.")
   if bn_batches is not None:
     evaluation.check_batches(bn_batches, ("image",), "bn_batches")
     bn_batches = {"image": bn_batches["image"]}
-  elif batchnorm.has_batchnorm(apply_fn, {"params": points[0]},
-                               next(iter(eval_sets.values()))["image"][0]):
-    raise ValueError("The model has BatchNorm layers: pass bn_batches (stacked full batches "
-                     "of training images) so that statistics are recomputed at every t.")
+  example = next(iter(eval_sets.values()))["image"][0]
+  has_bn = batchnorm.has_batchnorm(apply_fn, {"params": points[0]}, example)
+  if renormalize == "auto":
+    renormalize = "batchnorm" if has_bn else None
+  if has_bn and renormalize != "batchnorm":
+    raise ValueError(f"The model has BatchNorm layers: renormalize={renormalize!r} would "
+                     "evaluate it with statistics from no data; use 'batchnorm' (or 'auto').")
+  if (has_bn or renormalize == "repair") and bn_batches is None:
+    raise ValueError(f"renormalize={renormalize!r} needs bn_batches (stacked full batches of "
+                     "training images) so that statistics are recomputed at every t.")
+  if renormalize == "batchnorm" and not has_bn:
+    raise ValueError("renormalize='batchnorm' but the model has no BatchNorm layer; use "
+                     "'repair' or None.")
+  if renormalize == "repair":
+    apply_fn = repair.Repaired(apply_fn, repair.sites_of(apply_fn, {"params": points[0]},
+                                                         example))
+  if renormalize != "batchnorm":
+    bn_batches = bn_batches if renormalize == "repair" else None
   plan = sharding_plan(len(ts_np), mesh)
   static = dict(apply_fn=apply_fn, path_fn=path_function, strategy=strategy,
-                chunk_size=int(chunk_size))
+                chunk_size=int(chunk_size), renormalize=renormalize)
   eval_sets = dict(eval_sets)
   ts_arr = jnp.asarray(ts_np, jnp.float32)
   if plan == "none":

@@ -135,8 +135,9 @@ def test_vit_pools_by_class_token_or_mean_and_checks_its_shapes():
   x = jnp.ones((2, 16, 16, 3))
   for pool in ("cls", "mean"):
     model = get_model("vit", 7, width=8, depth=1, num_heads=2, patch_size=4, pool=pool)
-    variables = model.init(jax.random.key(0), x)
-    logits, features = model.apply(variables, x, return_features=True)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only
+    logits, features = jax.eval_shape(
+        lambda v, x: model.apply(v, x, return_features=True), variables, x)
     assert logits.shape == (2, 7) and features.shape == (2, 8)
     assert ("cls_token" in variables["params"]) == (pool == "cls")
     assert variables["params"]["position"].shape == (1, 16 + (pool == "cls"), 8)
@@ -144,3 +145,16 @@ def test_vit_pools_by_class_token_or_mean_and_checks_its_shapes():
     get_model("vit", 7, width=6, num_heads=4).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="do not split into 5x5 patches"):
     get_model("vit", 7, width=8, patch_size=5).init(jax.random.key(0), x)
+
+
+def test_resnet18_imagenet_stem_quarters_the_map_before_the_blocks():
+  model = get_model("resnet18", 5, width=0.125, stem="imagenet")
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)  # shapes only: nothing compiles
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert variables["params"]["stem_conv"]["kernel"].shape == (7, 7, 3, 8)
+  captured = jax.eval_shape(lambda v, x: model.apply(v, x, capture_intermediates=True)[1],
+                            variables, x)["intermediates"]
+  assert captured["layer1_0"]["__call__"][0].shape == (1, 16, 16, 8)  # 64 / 2 (conv) / 2 (pool)
+  x = jnp.ones((1, 64, 64, 3))
+  with pytest.raises(ValueError, match="Unknown stem 'vit'"):
+    get_model("resnet18", 5, stem="vit").init(jax.random.key(0), x)

@@ -138,10 +138,11 @@ def test_two_processes_evaluate_paths_as_one_process(tmp_path):
 
   curves = f"--config.curve_workdirs=('{tmp_path / 'curve'}',)"
   evaluate = "experiments/configs/eval_path.py:cpu,quicktest"
-  _launch(evaluate, tmp_path / "eval_two", 2, 2, *ends, curves)
-  _launch(evaluate, tmp_path / "eval_one", 1, 1, *ends, curves)
+  num_t = "--config.path.num_t=4"  # 4 t on 4 devices: spread over t (the study spreads its 3
+  _launch(evaluate, tmp_path / "eval_two", 2, 2, *ends, curves, num_t)  # over the data)
+  _launch(evaluate, tmp_path / "eval_one", 1, 1, *ends, curves, num_t)
   two, one = (_record(tmp_path / name / "eval_path.json") for name in ("eval_two", "eval_one"))
-  assert two["devices"] == 4 and two["path_eval_sharded_over"] != "none"
+  assert two["devices"] == 4 and two["path_eval_sharded_over"] == "t"
   _assert_close(two, one, atol=1e-5)
 
 
@@ -153,6 +154,8 @@ def test_two_processes_run_the_fine_tuning_study_as_one_process(tmp_path):
   two, one = (_record(tmp_path / name / "reproduce.json") for name in ("two", "one"))
   assert two["devices"] == 4 and one["devices"] == 1
   _assert_close(two["methods"], one["methods"])
+  cbft = _record(tmp_path / "two" / "runs" / "cbft_seed0" / "result.json")
+  assert cbft["path_to_cue_model"]["sharded_over"] == "data"  # 3 t on 4 devices
   # The cue model the study trains (the train task): the same numbers and parameters.
   cue = [_record(tmp_path / name / "cue_model" / "final_eval.json") for name in ("two", "one")]
   _assert_close(cue[0]["views"], cue[1]["views"])

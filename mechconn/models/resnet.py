@@ -1,4 +1,4 @@
-"""ResNet-18 for CIFAR-sized inputs (3x3 stem, no max-pool)."""
+"""ResNet-18: CIFAR-sized (3x3 stem, no max-pool) or torchvision's ImageNet stem."""
 
 import flax.linen as nn
 import jax
@@ -31,19 +31,30 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-  """CIFAR ResNet-18: stem 3x3 conv(64), BasicBlocks [2, 2, 2, 2] at 64/128/256/512."""
+  """ResNet-18: a stem, BasicBlocks [2, 2, 2, 2] at 64/128/256/512, mean pool, head.
+
+  Attributes:
+    stem: 'cifar' (3x3 conv(64), stride 1: the paper's) or 'imagenet'
+      (torchvision's: 7x7 conv(64), stride 2, then a 3x3 max-pool, stride 2).
+  """
 
   num_classes: int = 10
   width: float = 1.0
   conv_impl: str = "auto"
   dtype: jax.typing.DTypeLike | None = None
+  stem: str = "cifar"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     layers.check_images(x)
-    x = layers.conv(layers.scaled(64, self.width), 3, 1, impl=self.conv_impl,
-                    dtype=self.dtype, name="stem_conv")(x)
+    if self.stem not in ("cifar", "imagenet"):
+      raise ValueError(f"Unknown stem {self.stem!r}; valid: 'cifar', 'imagenet'.")
+    imagenet = self.stem == "imagenet"
+    x = layers.conv(layers.scaled(64, self.width), 7 if imagenet else 3, 2 if imagenet else 1,
+                    impl=self.conv_impl, dtype=self.dtype, name="stem_conv")(x)
     x = nn.relu(layers.batch_norm(train, self.dtype, name="stem_bn")(x))
+    if imagenet:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, channels in enumerate((64, 128, 256, 512)):
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1

@@ -1,0 +1,165 @@
+"""REPAIR: renormalising the activations of an interpolated network without BatchNorm.
+
+Interpolating two networks shrinks the variance of their hidden activations
+(the units of the two end points are only partly correlated), and the
+collapse compounds with depth. REPAIR (Jordan, Sedghi, Saukh, Entezari,
+Neyshabur, "REPAIR: REnormalizing Permuted Activations for Interpolation
+Repair", ICLR 2023) restores, at every site, the statistics the interpolated
+network should have: each unit's activation is standardised by the
+interpolated network's own mean and standard deviation and rescaled to the
+interpolation of the end points' ones,
+
+  y' = (y - mean_t) / sqrt(var_t + eps) * ((1 - t) std_A + t std_B) + (1 - t) mean_A + t mean_B.
+
+Sites are module outputs (by default every `nn.Conv` and `nn.Dense` but the
+last one called: the logits stay as they are). The interpolated network's own
+statistics are computed like the exact BatchNorm reset of `batchnorm`: a pass
+over the batches in which every site normalises by its batch's moments (so
+later sites see the earlier ones corrected), then the plain mean of the
+per-batch mean and biased variance. The end points' statistics are their
+sites' outputs, uncorrected, averaged the same way. All of it is traceable:
+`barriers.evaluate_path(..., renormalize='repair')` runs it at every t inside
+its one compiled program.
+"""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mechconn.types import ApplyFn, StackedBatches
+
+COLLECTION = "repair"  # variables: {site path: {'mean', 'var', 'target_mean', 'target_std'}}
+MOMENTS = "repair_moments"  # side collection: one batch's moments per site
+EPSILON = 1e-5
+
+
+def default_site(module: nn.Module) -> bool:
+  """Every convolution and dense layer (the last one called is dropped by `sites_of`)."""
+  return isinstance(module, (nn.Conv, nn.Dense))
+
+
+@dataclasses.dataclass(frozen=True)
+class Repaired:
+  """`apply_fn` with REPAIR at `sites` (module paths); hashable, so a static jit argument.
+
+  Called like the model's apply with variables that hold `COLLECTION`; with
+  `mode='moments'` it records each site's batch moments instead (see
+  `recompute_stats`), correcting by them when `correct=True`.
+  """
+
+  apply_fn: ApplyFn
+  sites: tuple[tuple[str, ...], ...]
+
+  def _interceptor(self, mode: str):
+    def intercept(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      path = tuple(context.module.scope.path) if context.module.scope else ()
+      if context.method_name != "__call__" or path not in self.sites:
+        return out
+      module = context.module
+      y = jnp.asarray(out, jnp.float32)
+      axes = tuple(range(y.ndim - 1))
+      if mode == "apply":
+        stats = module.get_variable(COLLECTION, "stats")
+        mean, var = stats["mean"], stats["var"]
+      else:
+        mean = jnp.mean(y, axis=axes)
+        var = jnp.mean(jnp.square(y - mean), axis=axes)
+        module.put_variable(MOMENTS, "moments", {"mean": mean, "var": var})
+        if mode == "moments_only":
+          return out
+        stats = module.get_variable(COLLECTION, "stats")
+      y = (y - mean) / jnp.sqrt(var + EPSILON) * stats["target_std"] + stats["target_mean"]
+      return y.astype(jnp.asarray(out).dtype)
+    return intercept
+
+  def __call__(self, variables, *args, mode: str = "apply", **kwargs):
+    with nn.intercept_methods(self._interceptor(mode)):
+      if mode == "apply":
+        return self.apply_fn(variables, *args, **kwargs)
+      mutable = kwargs.pop("mutable", [])
+      _, state = self.apply_fn(variables, *args, mutable=list(mutable) + [MOMENTS], **kwargs)
+      return state.get(MOMENTS, {})
+
+
+def sites_of(apply_fn: ApplyFn, variables: dict, images, is_site: Callable[[Any], bool]
+             = default_site) -> tuple[tuple[str, ...], ...]:
+  """Paths of the modules `is_site` accepts, in call order, without the last one (the logits)."""
+  found = []
+
+  def record(next_fun, args, kwargs, context):
+    path = tuple(context.module.scope.path) if context.module.scope else ()
+    if context.method_name == "__call__" and is_site(context.module) and path not in found:
+      found.append(path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: apply_fn(v, x, train=False), variables, images)
+  return tuple(found[:-1])
+
+
+def _tree_to_sites(moments) -> dict:
+  """{site path: leaf} from the nested side collection (…/'moments')."""
+  flat = {}
+
+  def walk(node, path):
+    if "moments" in node and isinstance(node["moments"], dict) and "mean" in node["moments"]:
+      flat[path] = node["moments"]
+    for key, child in node.items():
+      if key != "moments" and isinstance(child, dict):
+        walk(child, path + (key,))
+
+  walk(moments, ())
+  return flat
+
+
+def _sites_to_tree(per_site: dict) -> dict:
+  tree: dict = {}
+  for path, value in per_site.items():
+    node = tree
+    for key in path:
+      node = node.setdefault(key, {})
+    node["stats"] = value
+  return tree
+
+
+def _mean_moments(repaired: Repaired, variables, batches: StackedBatches, mode: str) -> dict:
+  """{site: {'mean', 'var'}}: the mean over batches of each batch's moments."""
+  images = batches["image"]
+
+  def moments(x):
+    return _tree_to_sites(repaired(variables, x, train=False, mode=mode))
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(moments, images[0]))
+  total, _ = jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, moments(x)), None),
+                          zeros, images)
+  return jax.tree.map(lambda s: s / images.shape[0], total)
+
+
+def endpoint_stats(repaired: Repaired, params, batches: StackedBatches) -> dict:
+  """{site: {'mean', 'std'}} of an end point's uncorrected sites over the batches."""
+  m = _mean_moments(repaired, {"params": params}, batches, "moments_only")
+  return {site: {"mean": s["mean"], "std": jnp.sqrt(s["var"])} for site, s in m.items()}
+
+
+def repaired_variables(repaired: Repaired, params, target_a: dict, target_b: dict, t,
+                       batches: StackedBatches) -> dict:
+  """Variables of `params` (the network at t) with REPAIR's statistics, for `repaired`.
+
+  The targets interpolate the end points' statistics at t; the network's own
+  statistics are recomputed with every site corrected by its batch's moments.
+  """
+  targets = {site: {"target_mean": (1 - t) * target_a[site]["mean"] + t * target_b[site]["mean"],
+                    "target_std": (1 - t) * target_a[site]["std"] + t * target_b[site]["std"]}
+             for site in target_a}
+  with_targets = {"params": params, COLLECTION: _sites_to_tree(
+      {site: {**tg, "mean": jnp.zeros_like(tg["target_mean"]),
+              "var": jnp.ones_like(tg["target_std"])} for site, tg in targets.items()})}
+  own = _mean_moments(repaired, with_targets, batches, "moments")
+  return {"params": params, COLLECTION: _sites_to_tree(
+      {site: {**targets[site], "mean": own[site]["mean"], "var": own[site]["var"]}
+       for site in targets})}

@@ -1,0 +1,94 @@
+"""PyTorch checkpoints into mechconn: logits equal PyTorch's.
+
+Stored references (tests/data, written by make_torch_references.py with torch
+2.13.0) need no torch; the live comparisons at full width, through
+`torch.load(..., weights_only=True)`, run where torch is installed.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import REPO
+from mechconn import align
+from mechconn import symmetry
+from mechconn import torch_import
+from test_symmetry import _partition
+
+DATA = os.path.join(REPO, "tests", "data")
+
+
+def _relative_error(ours, theirs):
+  return float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
+
+
+@pytest.mark.parametrize("layout", [
+    "mmc_resnet18", pytest.param("mmc_vgg13", marks=pytest.mark.slow),
+    pytest.param("torchvision_resnet18", marks=pytest.mark.slow)])
+def test_stored_pytorch_checkpoints_give_pytorchs_logits(layout):
+  model, variables = torch_import.load(os.path.join(DATA, f"{layout}.safetensors"), layout)
+  reference = load_file(os.path.join(DATA, f"{layout}_reference.safetensors"))
+  logits = model.apply(variables, reference["images"], train=False)
+  assert _relative_error(logits, reference["logits"]) < 1e-4
+  # An imported model is an ordinary mechconn model: its derived spec is the written one.
+  x = jax.ShapeDtypeStruct(reference["images"].shape, np.float32)
+  written = align.permutation_spec(layout.rsplit("_", 1)[1], variables["params"])
+  assert _partition(symmetry.derive_spec(model.apply, variables, x)) == _partition(written)
+
+
+def test_a_state_dict_of_another_layout_is_refused_naming_the_keys():
+  state = load_file(os.path.join(DATA, "mmc_resnet18.safetensors"))
+  with pytest.raises(ValueError, match="no 'fc.weight': not a torchvision_resnet18"):
+    torch_import.import_state_dict("torchvision_resnet18", state)
+  with pytest.raises(ValueError, match="Unknown layout 'resnet18'"):
+    torch_import.import_state_dict("resnet18", state)
+  extra = dict(state, **{"linear2.weight": np.zeros((2, 2), np.float32)})
+  with pytest.raises(ValueError, match=r"unused \['linear2.weight'\]"):
+    torch_import.import_state_dict("mmc_resnet18", extra)
+  missing = {k: v for k, v in state.items() if k != "layer2.0.bn1.running_var"}
+  with pytest.raises(ValueError, match=r"missing \['layer2.0.bn1.running_var'\]"):
+    torch_import.import_state_dict("mmc_resnet18", missing)
+  wrong = dict(state, **{"layer1.0.conv2.weight": np.zeros((4, 4, 1, 1), np.float32)})
+  with pytest.raises(ValueError, match="'layer1.0.conv2.weight' .* does not fit "
+                                       "params/layer1_0/Conv_1/kernel"):
+    torch_import.import_state_dict("mmc_resnet18", wrong)
+
+
+def test_missing_files_and_pickles_without_torch_are_named(tmp_path, monkeypatch):
+  with pytest.raises(FileNotFoundError, match="No checkpoint at"):
+    torch_import.load_state_dict(str(tmp_path / "absent.safetensors"))
+  path = tmp_path / "model.pt"
+  path.write_bytes(b"not read")
+  monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if torch were absent
+  with pytest.raises(ImportError, match="needs torch"):
+    torch_import.load_state_dict(str(path))
+
+
+def test_safetensors_written_by_numpy_read_back(tmp_path):
+  state = load_file(os.path.join(DATA, "mmc_vgg13.safetensors"))
+  save_file(state, str(tmp_path / "copy.safetensors"))
+  model, variables = torch_import.load(str(tmp_path / "copy.safetensors"), "mmc_vgg13")
+  assert model.num_classes == 10 and model.width == 1 / 16
+
+
+@pytest.mark.slow  # full-width networks in both frameworks
+@pytest.mark.parametrize("layout,width,size", [("mmc_vgg13", 1.0, 32),
+                                               ("mmc_resnet18", 1.0, 32),
+                                               ("torchvision_resnet18", 0.5, 64)])
+def test_full_width_pytorch_models_through_torch_load(layout, width, size, tmp_path):
+  torch = pytest.importorskip("torch")
+  import torch_models  # pylint: disable=g-import-not-at-top
+  net = torch_models.build(layout, width=width, num_classes=100, seed=1)
+  path = str(tmp_path / "checkpoint.pt")
+  torch.save({"state_dict": net.state_dict()}, path)
+  model, variables = torch_import.load(path, layout)
+  images = np.random.default_rng(1).normal(size=(3, size, size, 3)).astype(np.float32)
+  logits = model.apply(variables, images, train=False)
+  assert logits.shape == (3, 100)
+  assert _relative_error(logits, torch_models.logits(net, images)) < 1e-4
+  torch.save([1, 2], path)
+  with pytest.raises(ValueError, match="holds a list, not a state dict"):
+    torch_import.load_state_dict(path)
