@@ -28,7 +28,6 @@ operation and the layer instead of returning a weaker spec.
 
 from collections.abc import Callable
 import dataclasses
-import math
 from typing import Any
 
 import jax
