@@ -334,6 +334,19 @@ class _Call:
     return self.fn.lower(*self.args, **self.kwargs)
 
 
+def _check_renormalize(renormalize, has_bn: bool, bn_batches) -> None:
+  """Raises ValueError for a renormalisation the model or the data cannot have."""
+  if has_bn and renormalize != "batchnorm":
+    raise ValueError(f"The model has BatchNorm layers: renormalize={renormalize!r} would "
+                     "evaluate it with statistics from no data; use 'batchnorm' (or 'auto').")
+  if (has_bn or renormalize == "repair") and bn_batches is None:
+    raise ValueError(f"renormalize={renormalize!r} needs bn_batches (stacked full batches of "
+                     "training images) so that statistics are recomputed at every t.")
+  if renormalize == "batchnorm" and not has_bn:
+    raise ValueError("renormalize='batchnorm' but the model has no BatchNorm layer; use "
+                     "'repair' or None.")
+
+
 def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
              strategy=None, chunk_size=DEFAULT_CHUNK_SIZE, mesh=None, renormalize="auto"):
   """Validates the arguments; (call, sharding plan, ts as a device array, number of t)."""
@@ -354,23 +367,18 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
     evaluation.check_batches(bn_batches, ("image",), "bn_batches")
     bn_batches = {"image": bn_batches["image"]}
   example = next(iter(eval_sets.values()))["image"][0]
-  has_bn = batchnorm.has_batchnorm(apply_fn, {"params": points[0]}, example)
-  if renormalize == "auto":
-    renormalize = "batchnorm" if has_bn else None
-  if has_bn and renormalize != "batchnorm":
-    raise ValueError(f"The model has BatchNorm layers: renormalize={renormalize!r} would "
-                     "evaluate it with statistics from no data; use 'batchnorm' (or 'auto').")
-  if (has_bn or renormalize == "repair") and bn_batches is None:
-    raise ValueError(f"renormalize={renormalize!r} needs bn_batches (stacked full batches of "
-                     "training images) so that statistics are recomputed at every t.")
-  if renormalize == "batchnorm" and not has_bn:
-    raise ValueError("renormalize='batchnorm' but the model has no BatchNorm layer; use "
-                     "'repair' or None.")
+  if renormalize == "auto" and bn_batches is not None:
+    renormalize = "batchnorm"  # nothing to check (a model without BatchNorm gets {} statistics)
+  else:  # an explicit choice or no statistics batches: check it against the model
+    has_bn = batchnorm.has_batchnorm(apply_fn, {"params": points[0]}, example)
+    if renormalize == "auto":
+      renormalize = "batchnorm" if has_bn else None
+    _check_renormalize(renormalize, has_bn, bn_batches)
   if renormalize == "repair":
     apply_fn = repair.Repaired(apply_fn, repair.sites_of(apply_fn, {"params": points[0]},
                                                          example))
-  if renormalize != "batchnorm":
-    bn_batches = bn_batches if renormalize == "repair" else None
+  if renormalize is None:
+    bn_batches = None
   plan = sharding_plan(len(ts_np), mesh)
   static = dict(apply_fn=apply_fn, path_fn=path_function, strategy=strategy,
                 chunk_size=int(chunk_size), renormalize=renormalize)

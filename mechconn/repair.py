@@ -26,6 +26,7 @@ from collections.abc import Callable
 import dataclasses
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,28 +104,17 @@ def sites_of(apply_fn: ApplyFn, variables: dict, images, is_site: Callable[[Any]
 
 
 def _tree_to_sites(moments) -> dict:
-  """{site path: leaf} from the nested side collection (…/'moments')."""
-  flat = {}
-
-  def walk(node, path):
-    if "moments" in node and isinstance(node["moments"], dict) and "mean" in node["moments"]:
-      flat[path] = node["moments"]
-    for key, child in node.items():
-      if key != "moments" and isinstance(child, dict):
-        walk(child, path + (key,))
-
-  walk(moments, ())
-  return flat
+  """{site path: {'mean', 'var'}} from the side collection ({...site: {'moments': {...}}})."""
+  per_site: dict = {}
+  for path, value in flax.traverse_util.flatten_dict(moments).items():
+    per_site.setdefault(path[:-2], {})[path[-1]] = value
+  return per_site
 
 
 def _sites_to_tree(per_site: dict) -> dict:
-  tree: dict = {}
-  for path, value in per_site.items():
-    node = tree
-    for key in path:
-      node = node.setdefault(key, {})
-    node["stats"] = value
-  return tree
+  """The `COLLECTION` variables ({...site: {'stats': {...}}}) of {site path: {name: array}}."""
+  return flax.traverse_util.unflatten_dict(
+      {(*site, "stats", name): v for site, d in per_site.items() for name, v in d.items()})
 
 
 def _mean_moments(repaired: Repaired, variables, batches: StackedBatches, mode: str) -> dict:

@@ -217,31 +217,26 @@ class _Tracer:
     return out
 
   def window(self, axes, out_shape, p, here):
-    out = self.fresh(out_shape)
-    event = Constraint(True, f"the window of {here}")
-    for i, a in enumerate(axes):
-      plain = (p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1
-               and tuple(p["padding"][i]) == (0, 0) and p["base_dilation"][i] == 1
-               and p["window_dilation"][i] == 1)
-      if plain:
-        out[i] = a
-      else:
-        self.axes.fix(a, event)
-        self.axes.fix(out[i], event)
-    return out
+    kept = [p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1
+            and tuple(p["padding"][i]) == (0, 0) and p["base_dilation"][i] == 1
+            and p["window_dilation"][i] == 1 for i in range(len(axes))]
+    return self._keep_or_fix(axes, out_shape, kept, Constraint(True, f"the window of {here}"))
 
   def positional(self, axes, shape, out_shape, name, p, here):
+    if name == "pad":
+      kept = [tuple(c) == (0, 0, 0) for c in p["padding_config"]]
+    elif name == "rev":
+      kept = [i not in p["dimensions"] for i in range(len(axes))]
+    else:
+      kept = [shape[i] == out_shape[i] and (name != "slice" or p["strides"] is None
+                                            or p["strides"][i] == 1) for i in range(len(axes))]
+    return self._keep_or_fix(axes, out_shape, kept, Constraint(True, here))
+
+  def _keep_or_fix(self, axes, out_shape, kept, event):
+    """Output axes: the input's where `kept`, else fresh, both sides fixed with `event`."""
     out = self.fresh(out_shape)
-    event = Constraint(True, here)
     for i, a in enumerate(axes):
-      if name == "pad":
-        untouched = tuple(p["padding_config"][i]) == (0, 0, 0)
-      elif name == "rev":
-        untouched = i not in p["dimensions"]
-      else:
-        untouched = shape[i] == out_shape[i] and (
-            name != "slice" or p["strides"] is None or p["strides"][i] == 1)
-      if untouched:
+      if kept[i]:
         out[i] = a
       else:
         self.axes.fix(a, event)
