@@ -1,45 +1,68 @@
 #!/usr/bin/env bash
-# One prepared run on an accelerator machine (a GPU lent for minutes): versions, the main
-# job with the default seed mode, the training-loop and seed-ensemble benchmarks, and the
-# fast test suite under the machine's jax (on its CPU backend). JSON lines and logs go to
-# $OUT (or ./accelerator_out). Run from the repository root:
+# One prepared run on an accelerator machine (a GPU lent for minutes): versions and
+# whether pyproject's pins admit them, path evaluation and training throughput with FLOP
+# fractions in float32 and bfloat16, and the paper-scale study on embedded data
+# (reproduce.py:shapes10_paper_vgg13) end to end. JSON lines and logs go to $OUT (or
+# ./accelerator_out). Run from the repository root:
 #   bash benchmarks/accelerator_check.sh
-# The library runs from the checkout (PYTHONPATH=.): an accelerator image's jax may be
-# newer than pyproject's pins.
+# SMOKE=1 shrinks every size (and the study to its ,quicktest) to check the script on a
+# CPU in a minute. The library runs from the checkout (PYTHONPATH=.): an accelerator
+# image's jax may be newer than this machine's.
 set -uo pipefail
 OUT=${OUT:-accelerator_out}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 section() { echo "=== $1 ($(date +%T))"; }
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  PATH_ARGS="--vgg_width=0.125 --num_t=2 --eval_examples=256 --eval_batch=128 --bn_batches=1 --bn_batch=64 --repeats=1"
+  STEP_ARGS="--small_cnn_width=8 --vgg_width=0.125 --batch=32 --num_examples=512 --steps=2 --repeats=1"
+  STUDY="reproduce.py:shapes10_paper_vgg13,quicktest"; STUDY_LIMIT=300
+else
+  # As the earlier H200 figures: VGG13 full width, K = 16, BatchNorm from 2,560, eval on 10,000.
+  PATH_ARGS="--vgg_width=1.0 --num_t=16 --eval_examples=10000 --eval_batch=500 --bn_batches=5 --bn_batch=512 --repeats=3"
+  STEP_ARGS="--small_cnn_width=32 --vgg_width=1.0 --batch=256 --num_examples=8192 --steps=20 --repeats=3"
+  STUDY="reproduce.py:shapes10_paper_vgg13"; STUDY_LIMIT=${STUDY_LIMIT:-300}
+fi
 
 section versions
-$PY -c "import sys, jax, flax, optax, chex, orbax.checkpoint as o, numpy
-print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax',
-      optax.__version__, 'chex', chex.__version__, 'numpy', numpy.__version__)
-print(jax.devices())" 2>&1 | tee "$OUT/versions.txt"
+$PY - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import sys, tomllib, jax
+from importlib import metadata
+from packaging.requirements import Requirement
+print(sys.version.split()[0], jax.devices())
+for line in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+  req = Requirement(line)
+  try:
+    have = metadata.version(req.name)
+  except metadata.PackageNotFoundError:
+    print(f"{req.name}: not installed (pins {req.specifier})"); continue
+  verdict = "admitted" if req.specifier.contains(have, prereleases=True) else "NOT ADMITTED"
+  print(f"{req.name} {have}: {verdict} by {req.specifier}")
+PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
-section "main job (reproduce.py:cpu, default seed mode)"
-start=$SECONDS
-$PY -m experiments.main --config=experiments/configs/reproduce.py:cpu \
-  --workdir="$OUT/reproduce" --config.finetune.progress=False \
-  --config.train.progress=False > "$OUT/main_job.log" 2>&1
-echo "main job exit $?, wall $((SECONDS - start)) s"
-tail -12 "$OUT/main_job.log"
-cp "$OUT/reproduce/report.md" "$OUT/report.md" 2>/dev/null
-
-section "train step vs loops (full width, batch 256)"
-timeout 200 $PY benchmarks/train_step.py --models=small_cnn,vgg13 --vgg_width=1.0 \
-  --batch=256 --num_examples=8192 --steps=20 --repeats=5 2>&1 | tee "$OUT/train_step.jsonl"
-
-section "seeds in turn vs vmapped (3 seeds, batch 128)"
-for impl in auto patches; do
-  timeout 120 $PY benchmarks/seed_ensemble.py --models=small_cnn:32,vgg13:1.0 \
-    --methods=naive,cbft --conv_impl=$impl 2>&1 | tee -a "$OUT/seed_ensemble.jsonl"
+for dtype in float32 bfloat16; do
+  section "path evaluation, VGG13, $dtype"
+  timeout 100 $PY benchmarks/path_eval.py --models=vgg13 $PATH_ARGS --skip=chunked,vmap \
+    --dtype=$dtype 2>&1 | grep -v '^timing' | tee -a "$OUT/path_eval.jsonl"
 done
 
-section "fast suite under this jax (CPU backend; tfds is not on the image)"
-JAX_PLATFORMS=cpu timeout 240 $PY -m pytest -q -m "not slow" -x -p no:cacheprovider \
-  --ignore=tests/test_datasets.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+for dtype in float32 bfloat16; do
+  section "train step vs loops, VGG13, $dtype"
+  timeout 90 $PY benchmarks/train_step.py --models=vgg13 $STEP_ARGS --dtype=$dtype \
+    2>&1 | tee -a "$OUT/train_step.jsonl"
+done
+
+section "the paper-scale study ($STUDY), limit $STUDY_LIMIT s"
+start=$SECONDS
+# Each log line stamped with the seconds since launch, to see where the time went.
+timeout "$STUDY_LIMIT" $PY -m experiments.main --config="experiments/configs/$STUDY" \
+  --workdir="$OUT/study" --config.finetune.progress=False --config.train.progress=False \
+  2>&1 | while IFS= read -r line; do echo "$((SECONDS - start)) s: $line"; done \
+  > "$OUT/study.log"
+echo "study exit ${PIPESTATUS[0]}, wall $((SECONDS - start)) s"
+tail -25 "$OUT/study.log"
+cp "$OUT/study/report.md" "$OUT/study_report.md" 2>/dev/null
+rm -rf "$OUT/study"
 section done

@@ -15,8 +15,10 @@ Also measures this machine's float32 and bfloat16 matmul peaks in the same run
 Prints one JSON line per (model, method): median seconds over --repeats runs
 after one warm-up (compile) run, ratios to (a) and (b), achieved GFLOP/s (model
 forward FLOPs from the layer shapes, `mechconn.flops`, times examples times K)
-and its fraction of the measured float32 peak. `--skip` leaves out any of the
-methods (the ratio to the loop is then null).
+and its fraction of the measured matmul peak of the compute dtype (`--dtype`:
+float32, the default, or bfloat16 compute with float32 parameters and BatchNorm
+statistics, as `model.dtype`). `--skip` leaves out any of the methods (the ratio
+to the loop is then null).
 
   python benchmarks/path_eval.py                 # SmallCNN(32) and VGG13(0.5)
   python benchmarks/path_eval.py --models=vgg13 --vgg_width=0.25 --repeats=3
@@ -132,7 +134,7 @@ def bench_model(name, model, args, peak):
   for m, s in seconds.items():
     line = {"benchmark": "path_eval", "model": name, "method": m,
             "is_default": m == default, "backend": jax.default_backend(),
-            "num_t": args.num_t, "eval_examples": n_eval,
+            "dtype": args.dtype, "num_t": args.num_t, "eval_examples": n_eval,
             "bn_examples": args.bn_batches * args.bn_batch,
             "median_s": round(s, 4),
             "vs_loop": round(s / seconds["loop"], 3) if "loop" in seconds else None,
@@ -157,21 +159,23 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--vmap_repeats", type=int, default=2)
   parser.add_argument("--skip", default="", help="comma-separated methods not to time")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="the models' compute dtype (parameters stay float32)")
   args = parser.parse_args()
   args.skip = [s for s in args.skip.split(",") if s]
-  peak = peaks()["float32"]  # the evaluation computes in float32
+  peak = peaks()[args.dtype]
   for name in args.models.split(","):
     if name == "small_cnn":
-      model = get_model("small_cnn", 10, width=args.small_cnn_width)
+      model = get_model("small_cnn", 10, width=args.small_cnn_width, dtype=args.dtype)
       label = f"small_cnn(width={args.small_cnn_width})"
     elif name == "vgg13":
-      model = get_model("vgg13", 10, width=args.vgg_width)
+      model = get_model("vgg13", 10, width=args.vgg_width, dtype=args.dtype)
       label = f"vgg13(width={args.vgg_width})"
     else:
       raise ValueError(f"Unknown benchmark model {name!r}; valid: small_cnn, vgg13.")
     bench_model(label, model, args, peak)
-  print(json.dumps({"benchmark": "matmul_peak_after", "dtype": "float32",
-                    "gflops": round(matmul_peak_flops() / 1e9, 1)}), flush=True)
+  print(json.dumps({"benchmark": "matmul_peak_after", "dtype": args.dtype,
+                    "gflops": round(matmul_peak_flops(dtype=args.dtype) / 1e9, 1)}), flush=True)
 
 
 if __name__ == "__main__":

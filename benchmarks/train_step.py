@@ -27,7 +27,8 @@ For each model, on random 32x32x3 batches (default 128 examples):
 Each figure is the median over --repeats timings of --steps steps after a
 warm-up (compile) run. GFLOP/s come from the layer shapes (`mechconn.flops`:
 a step is 3 forwards, a CBFT iteration 3 steps' worth); the float32 matmul
-peak is measured in the same run.
+peak of the compute dtype (`--dtype`: float32, or bfloat16 compute with float32
+parameters, as `model.dtype`) is measured in the same run.
 
   python benchmarks/train_step.py                       # SmallCNN(32), VGG13(0.5)
   python benchmarks/train_step.py --models=vgg13 --vgg_width=0.25 --batch=64
@@ -130,7 +131,8 @@ def bench_model(label, model, args, peak, split):
   for name, s in seconds.items():
     print(json.dumps({
         "benchmark": "train_step", "model": label, "what": name, "batch": args.batch,
-        "backend": jax.default_backend(), "devices": jax.device_count(),
+        "dtype": args.dtype, "backend": jax.default_backend(),
+        "devices": jax.device_count(),
         "median_s_per_step": round(s, 5),
         "examples_per_s": round(args.batch / s, 1),
         "vs_forward": round(s / seconds["forward"], 2),
@@ -149,15 +151,17 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--num_examples", type=int, default=4096, help="of the loops' split")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="the models' compute dtype (parameters stay float32)")
   args = parser.parse_args()
-  peak = peaks()["float32"]
+  peak = peaks()[args.dtype]
   split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=args.num_examples)
   widths = {"small_cnn": args.small_cnn_width, "vgg13": args.vgg_width,
             "resnet18": args.resnet_width}
   for name in args.models.split(","):
     if name not in widths:
       raise ValueError(f"Unknown benchmark model {name!r}; valid: {sorted(widths)}.")
-    model = get_model(name, 10, width=widths[name])
+    model = get_model(name, 10, width=widths[name], dtype=args.dtype)
     bench_model(f"{name}(width={widths[name]})", model, args, peak, split)
 
 
