@@ -50,15 +50,12 @@ from mechconn import repair
 from mechconn.types import ApplyFn, Params, PathFn, StackedBatches
 
 STRATEGIES = ("map", "chunked", "vmap")
-# Measured with benchmarks/path_eval.py (see README): on XLA:CPU a sequential
-# lax.map matches a Python loop of jitted points and beats vmap several-fold. On one
-# H200 (jax 0.11.2; VGG13 full width, K = 16, BatchNorm from 2,560 examples, eval on
-# 10,000): loop of jitted points 0.353 s, map 0.355 s, chunked 0.380 s, vmap 0.347 s
-# (SmallCNN(32): 0.106 / 0.108 / 0.127 / 0.118 s): 'map' is within 2% of the best
-# and keeps memory flat. On one H100 (jax 0.11.2, same work) the loop ran 0.335 s,
-# map 0.404 s (1.21x), chunked 0.486 s, vmap 0.452 s: 'map' stays the GPU default
-# (flat memory, one program) until a loop strategy is measured on both chips. TPU is
-# unmeasured; 'map' keeps memory flat there too.
+# Measured with benchmarks/path_eval.py (README, Performance and Accelerators): on
+# XLA:CPU a sequential lax.map matches a Python loop of jitted points and beats vmap
+# several-fold. VGG13 full width, K = 16, BatchNorm from 2,560, eval on 10,000 (jax
+# 0.11.2): on one H200 loop 0.353 s, map 0.355 s, chunked 0.380 s, vmap 0.347 s; on
+# one H100 0.335 / 0.404 / 0.486 / 0.452 s. 'map' keeps memory flat and is one
+# program; TPU is unmeasured.
 DEFAULT_STRATEGY = {"cpu": "map", "gpu": "map", "tpu": "map"}
 DEFAULT_CHUNK_SIZE = 4
 SHARDED_OVER = ("none", "t", "data")
@@ -145,9 +142,9 @@ def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy
     if renormalize == "repair":
       variables = repair.repaired_variables(apply_fn, params, *targets, t, bn_batches)
       stats_finite = finite.all_finite(variables[repair.COLLECTION])
-    elif renormalize == "batchnorm":  # once per t, shared by every eval set
-      variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables,
-                                                                 bn_batches)
+    elif renormalize in BATCHNORM:  # once per t, shared by every eval set
+      variables["batch_stats"] = batchnorm.recompute_batch_stats(
+          apply_fn, variables, bn_batches, unbiased=renormalize == "batchnorm_unbiased")
       stats_finite = finite.all_finite(variables["batch_stats"])
     return {name: evaluation.evaluate_variables(apply_fn, variables, batches)
             for name, batches in eval_sets.items()}, stats_finite
@@ -159,7 +156,8 @@ def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy
 
 
 _STATIC = ("apply_fn", "path_fn", "strategy", "chunk_size", "renormalize")
-RENORMALIZE = ("auto", "batchnorm", "repair", None)
+BATCHNORM = ("batchnorm", "batchnorm_unbiased")  # recomputed statistics (batchnorm module)
+RENORMALIZE = ("auto", *BATCHNORM, "repair", None)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -229,7 +227,8 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
       size, else over the eval data; see the module docstring); None: the
       default device.
     renormalize: 'batchnorm' (BatchNorm statistics recomputed exactly at
-      every t), 'repair' (REPAIR at every conv and dense output but the
+      every t; 'batchnorm_unbiased': with the unbiased variance, as PyTorch's
+      `update_bn` for parity with its numbers), 'repair' (REPAIR at every conv and dense output but the
       logits, for networks without BatchNorm: `mechconn.repair`), None
       (nothing; networks without BatchNorm), or 'auto' ('batchnorm' when the
       model has BatchNorm, else None).
@@ -339,14 +338,14 @@ class _Call:
 
 def _check_renormalize(renormalize, has_bn: bool, bn_batches) -> None:
   """Raises ValueError for a renormalisation the model or the data cannot have."""
-  if has_bn and renormalize != "batchnorm":
+  if has_bn and renormalize not in BATCHNORM:
     raise ValueError(f"The model has BatchNorm layers: renormalize={renormalize!r} would "
                      "evaluate it with statistics from no data; use 'batchnorm' (or 'auto').")
   if (has_bn or renormalize == "repair") and bn_batches is None:
     raise ValueError(f"renormalize={renormalize!r} needs bn_batches (stacked full batches of "
                      "training images) so that statistics are recomputed at every t.")
-  if renormalize == "batchnorm" and not has_bn:
-    raise ValueError("renormalize='batchnorm' but the model has no BatchNorm layer; use "
+  if renormalize in BATCHNORM and not has_bn:
+    raise ValueError(f"renormalize={renormalize!r} but the model has no BatchNorm layer; use "
                      "'repair' or None.")
 
 

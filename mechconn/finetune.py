@@ -15,7 +15,9 @@ Every method starts from the cue model theta_C and uses a small clean set
     theta))| with t = 0.5 + 0.5 clip(n, -0.5, 0.5), n ~ N(0, 1) (or a
     truncated Gaussian), the gradient reaching theta through the
     interpolation by autodiff; then a clean step on CE plus lambda / K times
-    the invariance loss between the class means of clean and cue features.
+    the invariance loss between the class means of clean and cue features;
+  - scratch (a baseline, not a fine-tuning method): the same loop as naive from a
+    fresh initialisation, on the same clean set: what the clean set alone gives.
 
 `METHODS` declares each method as data (its head, its step, the settings it
 reads). The step functions are pure and jitted, and run under
@@ -38,7 +40,7 @@ from mechconn.data import batching
 from mechconn.types import ApplyFn, Params
 
 T_DISTRIBUTIONS = ("clip", "truncnorm")
-HEADS = ("none", "lp", "dfr")
+HEADS = ("none", "lp", "dfr", "init")
 STEPS = ("none", "classification", "cbft")
 
 
@@ -48,8 +50,9 @@ class Method:
 
   Attributes:
     head: the head it starts from: 'none' (the cue model's own), 'lp' (a fresh
-      head trained on cached features, `fit_head`) or 'dfr' (`fit_dfr_head` on
-      a class-balanced subset).
+      head trained on cached features, `fit_head`), 'dfr' (`fit_dfr_head` on
+      a class-balanced subset), or 'init' (nothing from the cue model: a fresh
+      initialisation of the whole network, `rngs.init_key(seed)`).
     step: the loop it runs afterwards: 'none', 'classification'
       (`step.train_step` on `step.ClassificationLoss`) or 'cbft' (`cbft_step`).
     sections: the settings it reads, named as the fine-tuning config's
@@ -76,6 +79,8 @@ METHODS = {
     "lp_ft": Method(head="lp", step="classification", sections=("lp",)),
     "dfr": Method(head="dfr", step="none", sections=("dfr",)),
     "cbft": Method(head="none", step="cbft", sections=("cbft",)),
+    "scratch": Method(head="init", step="classification", sections=("scratch",),
+                      learning_rate_from="scratch"),
 }
 
 

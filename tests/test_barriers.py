@@ -58,13 +58,13 @@ def cnn_setup():
   return model, va["params"], vb["params"], x, y, eval_batches, bn_batches
 
 
-def loop_reference(model, points, path_kind, ts, x, y, bn_images):
+def loop_reference(model, points, path_kind, ts, x, y, bn_images, unbiased=False):
   """Per t: params by tree maths, stats by recompute, loss over all examples unbatched."""
   @jax.jit  # one compiled point (eager op-by-op dispatch is slow); the loop over t stays here
   def logits_at(t):
     params = paths.path_fn(path_kind)(points, t)
     stats = batchnorm.recompute_batch_stats(model.apply, {"params": params},
-                                            {"image": bn_images})
+                                            {"image": bn_images}, unbiased=unbiased)
     return model.apply({"params": params, "batch_stats": stats}, x, train=False)
 
   losses, accs = [], []
@@ -85,6 +85,21 @@ def test_matches_plain_loop(cnn_setup, strategy):
   np.testing.assert_allclose(result.loss, loss, rtol=1e-4)
   np.testing.assert_allclose(result.accuracy, acc, atol=1e-6)
   np.testing.assert_array_equal(result.ts, ts.astype(np.float32))
+
+
+def test_unbiased_batchnorm_statistics_along_the_path(cnn_setup):
+  """renormalize='batchnorm_unbiased' (PyTorch's update_bn) at every t; it differs from the
+  default biased statistics, though slightly."""
+  model, pa, pb, x, y, eval_batches, bn_batches = cnn_setup
+  ts = np.linspace(0, 1, NUM_T)
+  result = barriers.evaluate_path(model.apply, (pa, pb), ts, eval_batches,
+                                  bn_batches=bn_batches, renormalize="batchnorm_unbiased")
+  loss, _ = loop_reference(model, (pa, pb), "linear", ts, x, y, bn_batches["image"],
+                           unbiased=True)
+  np.testing.assert_allclose(result.loss, loss, rtol=1e-4)
+  biased = barriers.evaluate_path(model.apply, (pa, pb), ts, eval_batches,
+                                  bn_batches=bn_batches)
+  assert not np.allclose(result.loss, biased.loss, rtol=1e-6, atol=0)
 
 
 def test_bezier_path_matches_loop(cnn_setup):

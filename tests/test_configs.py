@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -16,6 +17,7 @@ from experiments.configs import reproduce as reproduce_configs
 from experiments.configs import train as train_configs
 from mechconn import finetune
 from mechconn import tasks
+from mechconn.tasks import config as task_config
 from mechconn.tasks import eval_path as eval_path_task
 from mechconn.tasks import finetune as finetune_task
 from mechconn.tasks import fit_curve as fit_curve_task
@@ -93,6 +95,7 @@ def test_unknown_presets_and_modifiers_list_the_valid_ones():
     ("data.cue", "patch", r"config.data.cue='patch'.*\['box', 'dominoes', 'none'\]"),
     ("data.cue_proportion", 1.5, r"config.data.cue_proportion=1.5 must be in \[0, 1\]"),
     ("data.cue_proportion", -0.1, r"cue_proportion=-0.1 must be in \[0, 1\]"),
+    ("data.test_cue_proportion", 1.2, r"config.data.test_cue_proportion=1.2 must be in \[0, 1\]"),
     ("data.num_train", 0, r"config.data.num_train.*=0 must be a positive integer"),
     ("model.name", "vgg16", r"config.model.name='vgg16'.*'resnet18', 'small_cnn', 'vgg13'"),
     ("optimizer.schedule", "linear", r"optimizer.schedule='linear'.*'constant', 'cosine'"),
@@ -121,6 +124,15 @@ def test_invalid_values_name_the_key_and_the_valid_choices(key, value, message):
   (config[section] if section else config)[field] = value
   with pytest.raises(ValueError, match=message):
     train_task.check(config, num_devices=8)
+
+
+def test_model_attribute_choices_are_checked_before_any_work():
+  config = train_configs.get_config("cifar10_box80_vgg13")
+  assert config.model.kwargs.weight_init == "torch"  # the paper presets: PyTorch's init
+  config.model.kwargs.weight_init = "xavier"
+  with pytest.raises(ValueError, match=r"config.model.kwargs.weight_init='xavier' is not valid; "
+                                       r"valid choices: \['default', 'torch'\]"):
+    train_task.check(config, num_devices=1)
 
 
 def test_unknown_model_attribute_is_named():
@@ -186,6 +198,14 @@ def test_connectivity_config_errors_name_the_key():
   config.path.num_t = 1
   with pytest.raises(ValueError, match="config.path.num_t=1 must be at least 2"):
     eval_path_task.check(config, 1)
+  config = eval_path_configs.get_config("cpu")
+  config.path.bn_variance = "sample"
+  with pytest.raises(ValueError, match=r"config.path.bn_variance='sample'.*'biased', 'unbiased'"):
+    eval_path_task.check(config, 1)
+  config.path.bn_variance = "unbiased"
+  assert task_config.renormalize_of(config.path) == "batchnorm_unbiased"
+  reproduce = reproduce_configs.get_config("cpu")
+  assert task_config.renormalize_of(reproduce.path) == "auto"  # biased, the default
   config = fit_curve_configs.get_config("cpu_clean")
   config.curve.kind = "spline"
   with pytest.raises(ValueError, match=r"config.curve.kind='spline'.*'bezier', 'polychain'"):
@@ -264,3 +284,21 @@ def test_task_configs_range_check_their_own_numbers():
   config.seeds = (0, 0)
   with pytest.raises(ValueError, match=r"config.seeds=\(0, 0\) repeats a seed"):
     reproduce_task.check(config, 1)
+
+
+def test_test_cue_proportion_reaches_the_views():
+  """data.test_cue_proportion (the official script's test loaders) is what the tasks' views
+  use; 1 (the default) keeps every view fully cued."""
+  from mechconn.data import pipeline
+  from mechconn.tasks import data as task_data
+  config = train_configs.get_config("cpu_cue")
+  config.data.num_test = 200
+  full, labels = task_data.load_test_views(config.data)
+  config.data.test_cue_proportion = 0.5
+  half, _ = task_data.load_test_views(config.data)
+  expected, _ = pipeline.load_test_views("shapes10", "box", num_examples=200,
+                                         cue_proportion=0.5)
+  for name in full:
+    np.testing.assert_array_equal(half[name], expected[name])
+  assert not np.array_equal(half["cue"], full["cue"])
+  np.testing.assert_array_equal(half["clean"], full["clean"])

@@ -170,3 +170,55 @@ def test_dominoes_views():
   assert all(not np.array_equal(v["rand_img"][i, 32:], complex_images[i]) for i in range(n))
   simple_class = simple_labels[np.round(v["rand_cue"][:, 0, 0, 0] * 48).astype(int)]
   assert np.mean(simple_class == labels) < 0.6  # random classes, not the paired ones
+
+
+def official_mask(labels, num_classes, proportion):
+  """The official `get_cue_ids`: per class, the first int(n_c * p) indices in order."""
+  out = np.zeros(len(labels), bool)
+  for c in range(num_classes):
+    idx = [i for i, y in enumerate(labels) if y == c]
+    for k, i in enumerate(idx):
+      out[i] = k < int(len(idx) * proportion)
+  return out
+
+
+@pytest.mark.parametrize("proportion", [0.0, 0.5, 0.8])
+def test_box_views_at_a_test_cue_proportion(box_test_split, proportion):
+  """As the official test loaders with --cue_proportion p: only the first p of each class
+  is cued in cue / rand_cue / rand_img; the rest are clean, and in rand_img still swapped."""
+  images, labels, full = box_test_split
+  part = views.box_views(images, labels, 10, seed=5, cue_proportion=proportion)
+  mask = official_mask(labels, 10, proportion)
+  assert 0 <= mask.mean() <= proportion
+  np.testing.assert_array_equal(part["clean"], full["clean"])
+  for name in ("cue", "rand_cue"):
+    np.testing.assert_array_equal(part[name][mask], full[name][mask])
+    np.testing.assert_array_equal(part[name][~mask], images[~mask])
+  np.testing.assert_array_equal(part["rand_img"][mask], full["rand_img"][mask])
+  # Unmasked rand_img rows: the same other image as the full view, without its box.
+  others = views.other_indices(np.random.default_rng([5, 2]), len(labels))
+  np.testing.assert_array_equal(part["rand_img"][~mask], images[others][~mask])
+  assert not np.array_equal(part["rand_img"][~mask], images[~mask])
+
+
+def test_dominoes_views_at_a_test_cue_proportion():
+  rng = np.random.default_rng(1)
+  labels = np.repeat(np.arange(4), 10)
+  complex_images = rng.uniform(-1, 1, size=(40, 32, 32, 3)).astype(np.float32)
+  simple_labels = np.tile(np.arange(4), 12)
+  simple_images = rng.uniform(0, 1, size=(48, 32, 32, 3)).astype(np.float32)
+  full = views.dominoes_views(complex_images, labels, simple_images, simple_labels, seed=0)
+  part = views.dominoes_views(complex_images, labels, simple_images, simple_labels, seed=0,
+                              cue_proportion=0.3)
+  mask = official_mask(labels, 4, 0.3)
+  assert mask.sum() == 12  # int(10 * 0.3) = 3 per class
+  for name in ("cue", "rand_cue", "rand_img"):
+    np.testing.assert_array_equal(part[name][mask], full[name][mask])
+    assert (part[name][~mask][:, :32] == 0).all()  # no simple half: no cue
+    np.testing.assert_array_equal(part[name][~mask][:, 32:], full[name][~mask][:, 32:])
+
+
+def test_a_test_cue_proportion_outside_0_1_is_refused(box_test_split):
+  images, labels, _ = box_test_split
+  with pytest.raises(ValueError, match=r"cue proportion must lie in \[0, 1\], got 1.5"):
+    views.box_views(images, labels, 10, seed=5, cue_proportion=1.5)

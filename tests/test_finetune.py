@@ -154,7 +154,8 @@ def test_dfr_head_solves_its_regularised_problem(setup):
 
 
 def test_unknown_method_lists_the_valid_ones():
-  with pytest.raises(ValueError, match=r"valid methods: \['naive', 'lp', 'lp_ft', 'dfr', 'cbft'\]"):
+  with pytest.raises(ValueError, match=r"valid methods: \['naive', 'lp', 'lp_ft', 'dfr', 'cbft', "
+                                       r"'scratch'\]"):
     finetune.check_method("ft")
   method = finetune.check_method("cbft")
   assert method is finetune.METHODS["cbft"]

@@ -146,6 +146,25 @@ def test_clean_and_cue_sets_are_disjoint_and_cued_as_asked():
     finetune_task.split_clean_and_cue(split, 30, 30, seed=0)
 
 
+def test_official_cbft_cue_set_keeps_the_split_s_cue_flags():
+  """cue_set='as_split' (the official script's draw): the same examples as 'all_cued', each
+  cued exactly when the cue model's training split cued it (about p of them)."""
+  labels = np.arange(1000) % 10
+  images = np.random.default_rng(0).integers(0, 255, (1000, 32, 32, 3), np.uint8)
+  split = pipeline.make_cue_split(images, labels, 10, "box", 0.8)
+  clean, all_cued = finetune_task.split_clean_and_cue(split, 100, 500, seed=3)
+  clean_b, as_split = finetune_task.split_clean_and_cue(split, 100, 500, seed=3,
+                                                        cue_set="as_split")
+  np.testing.assert_array_equal(as_split.images, all_cued.images)
+  np.testing.assert_array_equal(clean_b.images, clean.images)
+  assert all_cued.has_cue.all() and not clean_b.has_cue.any()
+  rows = [int(np.flatnonzero((images == im).all(axis=(1, 2, 3)))[0]) for im in as_split.images]
+  np.testing.assert_array_equal(as_split.has_cue, split.has_cue[rows])
+  assert 0.7 < as_split.has_cue.mean() < 0.9
+  with pytest.raises(ValueError, match=r"finetune.cbft.cue_set='some'.*'all_cued', 'as_split'"):
+    finetune_task.split_clean_and_cue(split, 100, 500, seed=3, cue_set="some")
+
+
 @pytest.mark.slow
 def test_finetune_task_runs_one_method(study, tmp_path):
   workdir, _, record = study
@@ -160,6 +179,50 @@ def test_finetune_task_runs_one_method(study, tmp_path):
   unknown.finetune.methods = ("sgd",)
   with pytest.raises(ValueError, match="valid methods"):
     finetune_task.check_finetune_config(unknown, 1)
+
+
+@pytest.mark.slow
+def test_scratch_baseline_starts_from_a_fresh_init_not_the_cue_model(study, tmp_path):
+  """The scratch row: the naive loop on the same clean set from `rngs.init_key(seed)`, with
+  fresh BatchNorm statistics; nothing of the cue model but its architecture."""
+  import jax
+  from mechconn import rngs
+  from mechconn.tasks import runs
+  workdir, _, _ = study
+  cue_dir = os.path.join(workdir, "cue_model")
+  cue_model = runs.load_trained(cue_dir)
+  split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=512)
+  clean, _ = finetune_task.split_clean_and_cue(split, 100, 200, seed=0)
+  start = finetune_task.start_params("scratch", 4, cue_model, clean, None)
+  fresh = cue_model.model.init(rngs.init_key(4), clean.examples(np.arange(1))["image"])
+  for a, b, c in zip(jax.tree.leaves(start), jax.tree.leaves(fresh["params"]),
+                     jax.tree.leaves(cue_model.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(a, c)
+  stats = finetune_task.start_batch_stats("scratch", 4, cue_model, clean)
+  assert all(float(np.abs(m).max()) == 0 for m in jax.tree.leaves(
+      {k: v["mean"] for k, v in stats.items()}))
+  config = finetune_config.get_config("scratch,quicktest")
+  config.cue_model_workdir = cue_dir
+  result = tasks.run(config, str(tmp_path / "scratch"))
+  assert result["method"] == "scratch" and result["num_clean"] == 100
+  assert all(0 <= v["accuracy"] <= 1 for v in result["views"].values())
+
+
+@pytest.mark.slow
+def test_finetune_task_views_at_a_test_cue_proportion(study, tmp_path):
+  """config.test_cue_proportion reaches the fine-tuned model's views: 0 cues no test image,
+  so the cue and rand_cue views are the clean one."""
+  workdir, _, _ = study
+  config = finetune_config.get_config("lp,quicktest")
+  config.cue_model_workdir = os.path.join(workdir, "cue_model")
+  config.test_cue_proportion = 0.0
+  result = tasks.run(config, str(tmp_path / "lp0"))
+  views = {k: v["accuracy"] for k, v in result["views"].items()}
+  assert views["cue"] == views["rand_cue"] == views["clean"]
+  config.test_cue_proportion = 1.5
+  with pytest.raises(ValueError, match=r"config.test_cue_proportion=1.5 must be in \[0, 1\]"):
+    tasks.run(config, str(tmp_path / "bad"))
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ the loop fields (`num_epochs`, `batch_size`, ...), `path.num_t`, `path.bn_exampl
 
 import ml_collections
 
-FINETUNE_METHODS = ("naive", "lp", "lp_ft", "dfr", "cbft")
+FINETUNE_METHODS = ("naive", "lp", "lp_ft", "dfr", "cbft")  # the study's default methods
+# Methods a config may name: these and the `scratch` baseline (mechconn.finetune.METHODS).
+ALL_METHODS = FINETUNE_METHODS + ("scratch",)
 
 
 def check_modifiers(modifiers: list[str], valid: tuple[str, ...]) -> list[str]:
@@ -35,6 +37,10 @@ def data_section() -> ml_collections.ConfigDict:
   data.dataset = "shapes10"  # base images: shapes10 (embedded), cifar10, cifar100, ...
   data.cue = "box"  # 'box' or 'dominoes' ('none': plain data; views are box views)
   data.cue_proportion = 0.8  # fraction of each class's training examples with the cue
+  # Fraction of each class's test examples the cue, rand_cue and rand_img views treat (the
+  # rest stay clean; rand_img still swaps their image). 1: the paper's published Table 1;
+  # the official fine-tuning script passes its --cue_proportion here (e.g. 0.8).
+  data.test_cue_proportion = 1.0
   data.simple_dataset = "glyphs10"  # Dominoes' simple half (fashion_mnist for CIFAR)
   data.num_train = -1  # training examples; -1: the whole split
   data.num_test = 5000  # test examples per view; -1: the whole split
@@ -103,6 +109,9 @@ def path_section(num_t: int, bn_examples: int) -> ml_collections.ConfigDict:
   path = ml_collections.ConfigDict()
   path.num_t = num_t  # points on the path, np.linspace(0, 1, num_t)
   path.bn_examples = bn_examples  # training examples for the BatchNorm statistics at each t
+  # Variance averaged over the BatchNorm batches: biased (what training normalises by) or
+  # unbiased (PyTorch's update_bn, for parity with PyTorch-computed numbers).
+  path.bn_variance = "biased"
   return path
 
 
@@ -124,6 +133,10 @@ def finetune_section(paper: bool) -> ml_collections.ConfigDict:
   # off the cue than on CIFAR (rand_img 0.31 vs the paper's 0.64), so the CPU preset uses
   # 0.001 (rand_img 0.47, the paper: 0.91).
   ft.naive.learning_rate = 0.01 if paper else 0.001
+  ft.scratch = ml_collections.ConfigDict()
+  # The baseline trained from a fresh init on the clean set alone, for as many steps as the
+  # fine-tuning methods, at the cue model's peak learning rate (CPU 0.05, paper 0.1).
+  ft.scratch.learning_rate = 0.1 if paper else 0.05
   ft.lp = ml_collections.ConfigDict()
   ft.lp.learning_rate = 0.5  # SGD on cached features (the official code: lr 30, 200 epochs)
   ft.lp.num_epochs = 100  # epochs over the cached features
@@ -134,6 +147,9 @@ def finetune_section(paper: bool) -> ml_collections.ConfigDict:
   ft.cbft.invariance_weight = 1.0  # lambda
   ft.cbft.warmup_epochs = 1  # epochs without the invariance loss
   ft.cbft.t_distribution = "clip"  # clip (official code) or truncnorm (paper text)
+  # CBFT's cue examples: all_cued (every one carries the cue) or as_split (as the official
+  # script: they keep the training split's cue flags, so about cue_proportion of them).
+  ft.cbft.cue_set = "all_cued"
   return ft
 
 

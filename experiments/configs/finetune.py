@@ -21,16 +21,19 @@ MODIFIERS = ("paper", "quicktest")
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `method[,paper][,quicktest]` (None: 'naive')."""
   method, modifiers = common.parse_preset(preset, "naive", MODIFIERS)
-  if method not in common.FINETUNE_METHODS:
-    raise ValueError(f"Unknown preset {method!r}; valid presets: {list(common.FINETUNE_METHODS)}.")
+  if method not in common.ALL_METHODS:
+    raise ValueError(f"Unknown preset {method!r}; valid presets: {list(common.ALL_METHODS)}.")
   config = ml_collections.ConfigDict()
   config.task = "finetune"
-  config.method = method  # naive, lp, lp_ft, dfr or cbft
+  config.method = method  # naive, lp, lp_ft, dfr, cbft, or the scratch baseline
   config.seed = 0  # the clean/cue draw and the fine-tuning run
   config.cue_model_workdir = "workdir/cpu_cue"  # a finished train run
   config.finetune = common.finetune_section(paper="paper" in modifiers)
   config.finetune.methods = (method,)
   config.eval_batch_size = 512  # global, for the four views
+  # Fraction of each class's test examples the cue views treat (data.test_cue_proportion of
+  # the other tasks; the cue model's data gives the rest of the views' recipe).
+  config.test_cue_proportion = 1.0
   # Load the cue model, build the method's loop, time one step, estimate; no data, no files.
   config.dry_run = False
   if "quicktest" in modifiers:

@@ -89,7 +89,8 @@ def _apply_paper(config: ml_collections.ConfigDict, preset: str) -> None:
   config.data.simple_dataset = "fashion_mnist"
   config.data.num_test = -1
   config.model.name = model
-  config.model.kwargs = ml_collections.ConfigDict({"width": 1.0})
+  # PyTorch's default initialisation, as the official models get it (models.layers).
+  config.model.kwargs = ml_collections.ConfigDict({"width": 1.0, "weight_init": "torch"})
   config.optimizer.learning_rate = 0.1
   config.optimizer.weight_decay = 1e-4
   config.optimizer.schedule = "step"
@@ -110,8 +111,9 @@ def apply_quicktest(config: ml_collections.ConfigDict) -> None:
   config.data.num_train = 512
   config.data.num_test = 200
   if "model" in config:  # fit_curve and eval_path take the end points' model
-    config.model.kwargs = ml_collections.ConfigDict(
-        {"width": 4 if config.model.name == "small_cnn" else 0.0625}
+    config.model.kwargs = ml_collections.ConfigDict(  # other attributes (weight_init) stay
+        {**config.model.kwargs.to_dict(),
+         "width": 4 if config.model.name == "small_cnn" else 0.0625}
         if config.model.name != "mlp" else {"hidden": (16,)})
   quick = {"num_epochs": 2, "batch_size": 32,
            "eval_batch_size": 80,  # divisible by 8 and 16 (fake-device tests)

@@ -169,11 +169,13 @@ def load_train_split(dataset: str, cue: str, proportion: float, *, seed: int = 0
 
 def load_test_views(dataset: str, cue: str, *, seed: int = 0, num_examples: int | None = None,
                     simple_dataset: str | None = None, data_dir: str | None = None,
-                    download: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                    download: bool = False, cue_proportion: float = 1.0
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """The four counterfactual views (model inputs) of a named test split, and its labels.
 
   The views' random draws use `seed`, as does the embedded data. Box views for
-  cue 'box' (and 'none'), Dominoes views for 'dominoes'.
+  cue 'box' (and 'none'), Dominoes views for 'dominoes'. `cue_proportion`: the
+  fraction of each class's test examples that the cue views treat (`views`).
   """
   images, labels = datasets.load_base(dataset, "test", seed=seed, num_examples=num_examples,
                                       data_dir=data_dir, download=download)
@@ -182,5 +184,6 @@ def load_test_views(dataset: str, cue: str, *, seed: int = 0, num_examples: int 
     simple_images, simple_labels = _simple_pair(simple_dataset, "test", seed, None, data_dir,
                                                 download)
     return views.dominoes_views(images, labels, datasets.to_simple_half(simple_images),
-                                simple_labels, seed), labels
-  return views.box_views(images, labels, datasets.NUM_CLASSES[dataset], seed), labels
+                                simple_labels, seed, cue_proportion), labels
+  return views.box_views(images, labels, datasets.NUM_CLASSES[dataset], seed,
+                         cue_proportion), labels

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 # On CPU, patches + matmul for output maps of at most this many pixels, or
 # inputs of at most this many channels.
@@ -118,15 +119,42 @@ def _xla_conv_patches_grad_jvp(window_strides, padding, primals, tangents):
   return out, d_out
 
 
+# Weight initialisations of the paper models (`weight_init`): 'default' (kaiming-normal
+# conv kernels, LeCun-normal head, zero biases) or 'torch' (PyTorch's defaults, as the
+# official code's models get them: conv and linear weights kaiming-uniform with
+# a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases U(-1/sqrt(fan_in),
+# 1/sqrt(fan_in)); fan_in = in_channels x kernel area; BatchNorm scale 1, bias 0 either way).
+WEIGHT_INITS = ("default", "torch")
+TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def check_weight_init(weight_init: str) -> None:
+  if weight_init not in WEIGHT_INITS:
+    raise ValueError(f"Unknown weight_init {weight_init!r}; valid: {WEIGHT_INITS}.")
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default bias initialiser for a layer with `fan_in` inputs."""
+  bound = 1 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                   bound)
+
+
 def conv(features: int, kernel_size: int = 3, strides: int = 1, *, impl: str = "auto",
-         use_bias: bool = False, dtype=None, name: str | None = None) -> nn.Conv:
+         use_bias: bool = False, dtype=None, name: str | None = None,
+         weight_init: str = "default") -> nn.Conv:
   """A 'SAME'-padded (symmetric, as PyTorch's padding = k // 2) `nn.Conv`."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"Unknown conv impl {impl!r}; valid: {CONV_IMPLS}.")
+  check_weight_init(weight_init)
+  if use_bias and weight_init == "torch":
+    raise NotImplementedError("weight_init='torch' for a conv with bias (none in the paper "
+                              "models): its bias initialiser needs the input channels.")
   pad = kernel_size // 2
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
-                 kernel_init=nn.initializers.kaiming_normal(),
+                 kernel_init=(TORCH_KERNEL_INIT if weight_init == "torch"
+                              else nn.initializers.kaiming_normal()),
                  conv_general_dilated=functools.partial(conv_general_dilated_auto, impl=impl),
                  name=name)
 
@@ -149,7 +177,11 @@ def check_images(x: jax.Array, expected_ndim: int = 4) -> None:
 
 
 
-def classify(features, num_classes: int, dtype=None, return_features: bool = False):
+def classify(features, num_classes: int, dtype=None, return_features: bool = False,
+             weight_init: str = "default"):
   """The linear head shared by every model: logits, or (logits, features)."""
-  logits = nn.Dense(num_classes, dtype=dtype, name="head")(features)
+  check_weight_init(weight_init)
+  inits = ({"kernel_init": TORCH_KERNEL_INIT, "bias_init": torch_bias_init(features.shape[-1])}
+           if weight_init == "torch" else {})
+  logits = nn.Dense(num_classes, dtype=dtype, name="head", **inits)(features)
   return (logits, features) if return_features else logits

@@ -13,19 +13,21 @@ class BasicBlock(nn.Module):
   strides: int = 1
   conv_impl: str = "auto"
   dtype: jax.typing.DTypeLike | None = None
+  weight_init: str = "default"
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = layers.conv(self.features, 3, self.strides, impl=self.conv_impl, dtype=self.dtype,
-                    name="Conv_0")(x)
+                    name="Conv_0", weight_init=self.weight_init)(x)
     y = nn.relu(layers.batch_norm(train, self.dtype, name="BatchNorm_0")(y))
     y = layers.conv(self.features, 3, 1, impl=self.conv_impl, dtype=self.dtype,
-                    name="Conv_1")(y)
+                    name="Conv_1", weight_init=self.weight_init)(y)
     y = layers.batch_norm(train, self.dtype, name="BatchNorm_1")(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = layers.conv(self.features, 1, self.strides, impl=self.conv_impl,
-                             dtype=self.dtype, name="shortcut_conv")(x)
+                             dtype=self.dtype, name="shortcut_conv",
+                             weight_init=self.weight_init)(x)
       shortcut = layers.batch_norm(train, self.dtype, name="shortcut_bn")(shortcut)
     return nn.relu(y + shortcut)
 
@@ -36,6 +38,8 @@ class ResNet18(nn.Module):
   Attributes:
     stem: 'cifar' (3x3 conv(64), stride 1: the paper's) or 'imagenet'
       (torchvision's: 7x7 conv(64), stride 2, then a 3x3 max-pool, stride 2).
+    weight_init: 'default' or 'torch' (PyTorch's default initialisation, as the
+      official code's model gets it; `layers.WEIGHT_INITS`).
   """
 
   num_classes: int = 10
@@ -43,6 +47,7 @@ class ResNet18(nn.Module):
   conv_impl: str = "auto"
   dtype: jax.typing.DTypeLike | None = None
   stem: str = "cifar"
+  weight_init: str = "default"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -51,7 +56,8 @@ class ResNet18(nn.Module):
       raise ValueError(f"Unknown stem {self.stem!r}; valid: 'cifar', 'imagenet'.")
     imagenet = self.stem == "imagenet"
     x = layers.conv(layers.scaled(64, self.width), 7 if imagenet else 3, 2 if imagenet else 1,
-                    impl=self.conv_impl, dtype=self.dtype, name="stem_conv")(x)
+                    impl=self.conv_impl, dtype=self.dtype, name="stem_conv",
+                    weight_init=self.weight_init)(x)
     x = nn.relu(layers.batch_norm(train, self.dtype, name="stem_bn")(x))
     if imagenet:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -59,6 +65,7 @@ class ResNet18(nn.Module):
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(layers.scaled(channels, self.width), strides, self.conv_impl,
-                       self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
+                       self.dtype, self.weight_init, name=f"layer{stage + 1}_{block}")(x, train)
     features = x.mean(axis=(1, 2))
-    return layers.classify(features, self.num_classes, self.dtype, return_features)
+    return layers.classify(features, self.num_classes, self.dtype, return_features,
+                           self.weight_init)

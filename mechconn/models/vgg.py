@@ -16,19 +16,25 @@ VGG13_CFG = ((64, 1), (64, 2), (128, 1), (128, 2), (256, 1), (256, 2),
 
 
 class VGG13(nn.Module):
-  """The paper's VGG-13; `width` scales every channel count (1.0 = paper)."""
+  """The paper's VGG-13; `width` scales every channel count (1.0 = paper).
+
+  `weight_init`: 'default' or 'torch' (PyTorch's default initialisation, as the
+  official code's model gets it; `layers.WEIGHT_INITS`).
+  """
 
   num_classes: int = 10
   width: float = 1.0
   conv_impl: str = "auto"
   dtype: jax.typing.DTypeLike | None = None
+  weight_init: str = "default"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     layers.check_images(x)
     for i, (channels, stride) in enumerate(VGG13_CFG):
       x = layers.conv(layers.scaled(channels, self.width), 3, stride, impl=self.conv_impl,
-                      dtype=self.dtype, name=f"Conv_{i}")(x)
+                      dtype=self.dtype, name=f"Conv_{i}", weight_init=self.weight_init)(x)
       x = nn.relu(layers.batch_norm(train, self.dtype, name=f"BatchNorm_{i}")(x))
     features = x.mean(axis=(1, 2))
-    return layers.classify(features, self.num_classes, self.dtype, return_features)
+    return layers.classify(features, self.num_classes, self.dtype, return_features,
+                           self.weight_init)

@@ -21,6 +21,7 @@ from mechconn import step as step_lib
 from mechconn.data import datasets
 from mechconn.data import pipeline
 from mechconn.models import MODELS
+from mechconn.models import layers
 from mechconn.tasks import data as task_data
 from mechconn.tasks import runs
 
@@ -45,6 +46,8 @@ def check_data_config(data: Any) -> None:
   if data.cue == "dominoes":
     checks.check_choice(data.simple_dataset, datasets.DATASETS, "data.simple_dataset")
   checks.check_number(data.cue_proportion, "data.cue_proportion", low=0.0, high=1.0)
+  checks.check_number(task_data.test_cue_proportion(data), "data.test_cue_proportion",
+                      low=0.0, high=1.0)
   facts = datasets.info(data.dataset)
   for key, available in (("num_train", facts.train_size), ("num_test", facts.test_size)):
     value = data[key]
@@ -77,6 +80,21 @@ def input_shape(data: Any) -> tuple[int, int, int]:
 # --- Model. ----------------------------------------------------------------------
 
 
+BN_VARIANCES = ("biased", "unbiased")
+
+
+def renormalize_of(path: Any) -> str:
+  """evaluate_path's `renormalize` for a `path` section's `bn_variance` (checked: a BatchNorm-
+  free model with 'unbiased' is refused by evaluate_path; recorded runs without it: biased)."""
+  variance = path.get("bn_variance", "biased")
+  checks.check_choice(variance, BN_VARIANCES, "path.bn_variance")
+  return "batchnorm_unbiased" if variance == "unbiased" else "auto"
+
+
+MODEL_CHOICES = {"weight_init": layers.WEIGHT_INITS, "conv_impl": layers.CONV_IMPLS,
+                 "stem": ("cifar", "imagenet")}
+
+
 def check_model_config(model: Any, key: str = "model") -> None:
   """Validates a `model` section: a known model and attributes it has, typed as declared."""
   checks.check_choice(model.name, MODELS, f"{key}.name")
@@ -99,6 +117,8 @@ def check_model_config(model: Any, key: str = "model") -> None:
         raise ValueError(f"config.{field}={value!r} must be a sequence of positive integers.")
       for i, size in enumerate(value):
         checks.check_positive_int(size, f"{field}[{i}]")
+    elif name in MODEL_CHOICES:  # e.g. weight_init: one of a named set
+      checks.check_choice(value, MODEL_CHOICES[name], field)
 
 
 # --- Optimisation and the loop. --------------------------------------------------

@@ -180,7 +180,14 @@ def load_test_views(data: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """The four views of a `data` section's test split, and its labels."""
   return pipeline.load_test_views(data.dataset, data.cue,
                                   num_examples=examples_or_all(data.num_test),
+                                  cue_proportion=test_cue_proportion(data),
                                   **loader_args(data))
+
+
+def test_cue_proportion(data: Any) -> float:
+  """The fraction of each class's test examples the cue views treat (1: all; runs recorded
+  before the field existed read as 1)."""
+  return data.get("test_cue_proportion", 1.0)
 
 
 def load_data(data: Any) -> tuple[pipeline.CueSplit, dict[str, np.ndarray], np.ndarray]:

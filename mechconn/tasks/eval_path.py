@@ -59,6 +59,7 @@ def check(config: Any, num_devices: int) -> None:
   checks.check_choice(config.align, ALIGNMENTS, "align")
   checks.check_choice(config.path.bn_data, BN_DATA, "path.bn_data")
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
+  task_config.renormalize_of(config.path)
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   task_config.check_eval_batch_size(config, num_devices)
   if config.path.bn_examples < config.eval_batch_size:
@@ -88,12 +89,13 @@ def inputs(config: Any, dry_run: bool) -> tuple[Inputs, dict]:
   return Inputs(endpoints, fitted), identities
 
 
-def _evaluate(path: tuple, sets: tuple, *, apply_fn, mesh) -> tuple:
+def _evaluate(path: tuple, sets: tuple, *, apply_fn, mesh, renormalize="auto") -> tuple:
   """((kind, points, ts), (eval sets, bn_batches)) -> (path, {set: PathEval})."""
   kind, points, ts = path
   eval_sets, bn_batches = sets
   return path, barriers.evaluate_path(apply_fn, points, ts, eval_sets, path=kind,
-                                      bn_batches=bn_batches, mesh=mesh)
+                                      bn_batches=bn_batches, mesh=mesh,
+                                      renormalize=renormalize)
 
 
 def _as_eval_sets(zeros: dict) -> tuple[dict, dict]:
@@ -119,7 +121,8 @@ def build(config: Any, mesh: jax.sharding.Mesh, inputs: Inputs) -> runner.Build:
   two_ts = ("linear", (endpoints.start.params, endpoints.end.params), np.linspace(0, 1, 2))
   return runner.Build(
       name="path point (one t)", init_fn=lambda: two_ts,
-      step_fn=functools.partial(_evaluate, apply_fn=model.apply, mesh=mesh),
+      step_fn=functools.partial(_evaluate, apply_fn=model.apply, mesh=mesh,
+                                renormalize=task_config.renormalize_of(config.path)),
       batch_size=examples_per_t // 4, steps_per_epoch=1,
       num_steps=num_paths * config.path.num_t,
       image_shape=task_config.input_shape(config.data), model=model, to_batch=_as_eval_sets)

@@ -56,10 +56,14 @@ def check_finetune_config(config: Any, num_devices: int) -> None:
     checks.check_positive_int(ft.num_cue, "finetune.num_cue", " (or -1: the rest)")
   checks.check_choice(ft.cbft.t_distribution, finetune.T_DISTRIBUTIONS,
                       "finetune.cbft.t_distribution")
+  checks.check_choice(cue_set_of(ft), CUE_SETS, "finetune.cbft.cue_set")
   task_config.check_loop_config(ft, num_devices, prefix="finetune.")
   checks.check_number(ft.naive.learning_rate, "finetune.naive.learning_rate", low=0.0,
                       low_open=True)
   checks.check_number(ft.lp.learning_rate, "finetune.lp.learning_rate", low=0.0, low_open=True)
+  if "scratch" in ft.methods:
+    checks.check_number(ft.scratch.learning_rate, "finetune.scratch.learning_rate", low=0.0,
+                        low_open=True)
   checks.check_positive_int(ft.lp.num_epochs, "finetune.lp.num_epochs")
   checks.check_number(ft.dfr.l2, "finetune.dfr.l2", low=0.0)
   checks.check_number(ft.cbft.margin, "finetune.cbft.margin", low=0.0)
@@ -91,14 +95,28 @@ def check_set_sizes(ft: Any, num_train: int, methods: tuple[str, ...], *, bn_exa
                      f"no full BatchNorm batch of eval_batch_size={eval_batch_size}.")
 
 
-def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, seed: int
+# CBFT's cue set: every example cued (the paper), or cued as in the training split at the
+# cue model's p (the official script). Path evaluation's BatchNorm examples: all cued.
+CUE_SETS = ("all_cued", "as_split")
+
+
+def cue_set_of(ft: Any) -> str:
+  """`finetune.cbft.cue_set` (configs recorded before the field existed: 'all_cued')."""
+  return ft.cbft.get("cue_set", "all_cued")
+
+
+def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, seed: int,
+                        cue_set: str = "all_cued"
                         ) -> tuple[pipeline.CueSplit, pipeline.CueSplit]:
-  """Disjoint (clean set without cue, cue set all with cue), drawn without replacement."""
+  """Disjoint (clean set without cue, cue set), drawn without replacement; the cue set is
+  all cued, or keeps the split's own cue flags (`cue_set='as_split'`, see `CUE_SETS`)."""
+  checks.check_choice(cue_set, CUE_SETS, "finetune.cbft.cue_set")
   n = len(split)
   num_cue = set_sizes(n, num_clean, num_cue)
   order = np.random.default_rng([seed, rngs.CLEAN_CUE_SPLIT]).permutation(n)
   clean_idx, cue_idx = np.sort(order[:num_clean]), np.sort(order[num_clean:num_clean + num_cue])
-  return split.subset(clean_idx, cued=False), split.subset(cue_idx, cued=True)
+  return (split.subset(clean_idx, cued=False),
+          split.subset(cue_idx, cued=True if cue_set == "all_cued" else None))
 
 
 def method_parts(method: str, clean_split, cue_split, batch_size: int, mesh: jax.sharding.Mesh,
@@ -128,6 +146,19 @@ def _cbft_batch(zeros: dict) -> dict:
 # --- Methods as runs. -------------------------------------------------------------
 
 
+def fresh_variables(seed: int, cue_model: runs.TrainedModel, clean_split) -> dict:
+  """The cue model's network freshly initialised with `rngs.init_key(seed)` (scratch)."""
+  image = clean_split.examples(np.arange(1))["image"]
+  return jax.jit(cue_model.model.init)(rngs.init_key(seed), image)
+
+
+def start_batch_stats(method: str, seed: int, cue_model: runs.TrainedModel, clean_split):
+  """The BatchNorm statistics a method starts from: the cue model's, or fresh ('init')."""
+  if finetune.METHODS[method].head == "init":
+    return fresh_variables(seed, cue_model, clean_split).get("batch_stats", {})
+  return cue_model.batch_stats
+
+
 def start_params(method: str, seed: int, cue_model: runs.TrainedModel, clean_split,
                  ft: Any) -> Any:
   """The cue model's params with the head the method starts from (`Method.head`)."""
@@ -135,6 +166,8 @@ def start_params(method: str, seed: int, cue_model: runs.TrainedModel, clean_spl
   model, params = cue_model.model, cue_model.params
   if spec.head == "none":
     return params
+  if spec.head == "init":
+    return fresh_variables(seed, cue_model, clean_split)["params"]
   examples = clean_split.examples(np.arange(len(clean_split)))
   images, labels = examples["image"], examples["label"]
   if spec.head == "dfr":
@@ -215,17 +248,18 @@ def method_loop(method: str, ft: Any, cue_model: runs.TrainedModel, num_clean: i
 
 def build_seeds(shared: MethodLoop, cue_model: runs.TrainedModel, params: list, seeds: list,
                 mesh: jax.sharding.Mesh, image_shape: tuple[int, ...], *,
-                ensemble: bool = False) -> runner.Build:
+                ensemble: bool = False, batch_stats: list | None = None) -> runner.Build:
   """The loop of one seed, or of several as one vmapped `SeedEnsemble`.
 
-  `params[i]` are seed i's start parameters (`start_params`); seed i's steps
-  are keyed by `rngs.step_key(seed)`. Each seed draws the same batches and
-  keys either way.
+  `params[i]` and `batch_stats[i]` (default: the cue model's) are seed i's start
+  (`start_params`, `start_batch_stats`); seed i's steps are keyed by
+  `rngs.step_key(seed)`. Each seed draws the same batches and keys either way.
   """
   member_step = shared.member_step
+  batch_stats = batch_stats or [cue_model.batch_stats] * len(seeds)
 
-  def fresh(p):
-    return step_lib.fresh_state(p, shared.tx, cue_model.batch_stats)
+  def fresh(p, stats):
+    return step_lib.fresh_state(p, shared.tx, stats)
 
   if ensemble:
     keys = mesh_lib.replicate(jnp.stack([rngs.step_key(s) for s in seeds]), mesh)
@@ -236,13 +270,14 @@ def build_seeds(shared: MethodLoop, cue_model: runs.TrainedModel, params: list, 
       return SeedEnsemble(step=state.step + 1, members=members), metrics
 
     def init_fn():
-      members = jax.tree.map(lambda *xs: jnp.stack(xs), *[fresh(p) for p in params])
+      members = jax.tree.map(lambda *xs: jnp.stack(xs),
+                             *[fresh(p, s) for p, s in zip(params, batch_stats)])
       return SeedEnsemble(step=jnp.zeros((), jnp.int32), members=members)
   else:
-    (seed,), (p,) = seeds, params
+    (seed,), (p,), (stats,) = seeds, params, batch_stats
     step_fn = functools.partial(member_step,
                                 root_key=mesh_lib.replicate(rngs.step_key(seed), mesh))
-    init_fn = functools.partial(fresh, p)
+    init_fn = functools.partial(fresh, p, stats)
   seeds_text = f"seeds {list(seeds)}" if ensemble else f"seed {seeds[0]}"
   cbft = finetune.METHODS[shared.method].step == "cbft"
   return runner.Build(name=f"{shared.method} {seeds_text}", init_fn=init_fn, step_fn=step_fn,
@@ -263,17 +298,17 @@ def run_method(method: str, seeds: list[int], cue_model: runs.TrainedModel, clea
   """
   start = time.perf_counter()
   params = [start_params(method, seed, cue_model, clean_split, ft) for seed in seeds]
-  batch_stats = [cue_model.batch_stats] * len(seeds)
+  batch_stats = [start_batch_stats(method, seed, cue_model, clean_split) for seed in seeds]
   image_shape = clean_split.examples(np.arange(1))["image"].shape[1:]
   if finetune.METHODS[method].runs_loop:
     shared = method_loop(method, ft, cue_model, len(clean_split), mesh,
                          conv_impl=ENSEMBLE_CONV_IMPL.get(jax.default_backend())
                          if ensemble else None)
-    groups = [(list(seeds), params, workdirs[0])] if ensemble else [
-        ([s], [p], w) for s, p, w in zip(seeds, params, workdirs)]
-    for i, (group_seeds, group_params, workdir) in enumerate(groups):
+    groups = [(list(seeds), params, batch_stats, workdirs[0])] if ensemble else [
+        ([s], [p], [b], w) for s, p, b, w in zip(seeds, params, batch_stats, workdirs)]
+    for i, (group_seeds, group_params, group_stats, workdir) in enumerate(groups):
       built = build_seeds(shared, cue_model, group_params, group_seeds, mesh, image_shape,
-                          ensemble=ensemble)
+                          ensemble=ensemble, batch_stats=group_stats)
       parts, assemble = method_parts(method, clean_split, cue_split, ft.batch_size, mesh,
                                      group_seeds if ensemble else group_seeds[0],
                                      pipeline_mode)
@@ -313,6 +348,8 @@ def check(config: Any, num_devices: int) -> None:
   """Validates a `finetune` config (the set sizes are checked against the cue model's data)."""
   check_finetune_config(config, num_devices)
   checks.check_choice(config.method, finetune.METHODS, "method")
+  checks.check_number(config.get("test_cue_proportion", 1.0), "test_cue_proportion", low=0.0,
+                      high=1.0)
   if not config.cue_model_workdir:
     raise ValueError("config.cue_model_workdir is empty: give the workdir of a finished train "
                      "run.")
@@ -322,7 +359,9 @@ def inputs(config: Any, dry_run: bool) -> tuple[Inputs, dict]:
   """The cue model (needed by a dry run too: its model is the one fine-tuned)."""
   del dry_run
   cue_model = runs.load_trained(config.cue_model_workdir)
-  data = task_config.AttrDict(cue_model.config["data"])
+  # The cue model's data, its test views treated at this run's test cue proportion.
+  data = task_config.AttrDict({**cue_model.config["data"],
+                               "test_cue_proportion": config.get("test_cue_proportion", 1.0)})
   check_set_sizes(config.finetune, task_config.num_train_examples(data), (config.method,))
   return Inputs(cue_model, data), {"cue_model": runs.run_identity(cue_model)}
 
@@ -344,7 +383,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
   cue_model = inputs.cue_model
   split, test_views, test_labels = task_data.load_data(inputs.data)
   ft = config.finetune
-  clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed)
+  clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed,
+                                               cue_set_of(ft))
   view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
   (out,) = run_method(config.method, [config.seed], cue_model, clean_split, cue_split,
                       view_batches, ft, [workdir], mesh,

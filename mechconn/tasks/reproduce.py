@@ -78,6 +78,7 @@ def check(config: Any, num_devices: int) -> None:
   checks.check_choice(config.seed_mode, SEED_MODES, "seed_mode")
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
+  task_config.renormalize_of(config.path)
   finetune_task.check_set_sizes(config.finetune,
                                 task_config.num_train_examples(config.train.data),
                                 tuple(config.finetune.methods),
@@ -217,11 +218,12 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, given: runs.TrainedM
   # 2. Data: clean and cue sets from the cue model's training split; test views.
   split, test_views, test_labels = task_data.load_data(config.train.data)
   ft = config.finetune
-  clean_split, cue_split = finetune_task.split_clean_and_cue(split, ft.num_clean, ft.num_cue,
-                                                             config.seed)
+  clean_split, cue_split = finetune_task.split_clean_and_cue(
+      split, ft.num_clean, ft.num_cue, config.seed, finetune_task.cue_set_of(ft))
   view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
-  bn_batches = task_data.bn_batches_of(
-      cue_split.examples(np.arange(min(config.path.bn_examples, len(cue_split)))),
+  bn_idx = np.arange(min(config.path.bn_examples, len(cue_split)))
+  bn_batches = task_data.bn_batches_of(  # fully cued whatever CBFT's cue set
+      cue_split.subset(bn_idx, cued=True).examples(np.arange(len(bn_idx))),
       config.eval_batch_size)
   ts = np.linspace(0.0, 1.0, config.path.num_t)
 
@@ -265,7 +267,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, given: runs.TrainedM
         # The linear path from the cue model (t = 0) to the fine-tuned model, on cue data.
         path = jax.device_get(barriers.evaluate_path(
             cue_model.model.apply, (cue_model.params, out["variables"]["params"]), ts,
-            view_batches["cue"], bn_batches=bn_batches, mesh=mesh))
+            view_batches["cue"], bn_batches=bn_batches, mesh=mesh,
+            renormalize=task_config.renormalize_of(config.path)))
         record = {"method": method, "seed": seed, "views": out["views"],
                   "seconds": out["seconds"], "seeds_vmapped": together,
                   "path_to_cue_model": {
@@ -305,6 +308,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, given: runs.TrainedM
                "cue": cue_model.config["data"]["cue"],
                "cue_proportion_of_cue_model": cue_model.config["data"]["cue_proportion"],
                "num_clean": len(clean_split), "num_cue": len(cue_split),
+               "num_cue_cued": int(np.sum(cue_split.has_cue)),
+               "test_cue_proportion": task_data.test_cue_proportion(config.train.data),
                "num_test_per_view": int(len(test_labels)),
                "path_eval": "cue view of the test split",
                "path_batchnorm": f"{bn_batches['image'].shape[0] * bn_batches['image'].shape[1]}"
@@ -340,6 +345,12 @@ def format_table(record: dict) -> str:
   return "\n".join(lines)
 
 
+def _test_cue_text(proportion: float) -> str:
+  return ("" if proportion == 1.0 else
+          f" (the cue, rand_cue and rand_img views treat the first {proportion:.0%} of each "
+          "class, as the official fine-tuning script's test loaders)")
+
+
 def format_report(record: dict) -> str:
   data = record["data"]
   return (f"# Fine-tuning study: {data['dataset']}, {data['cue']} cue on "
@@ -349,7 +360,9 @@ def format_report(record: dict) -> str:
           f"on the cue view ({data['path_batchnorm']} for BatchNorm at each t).\n\n"
           f"{format_table(record)}\n\n"
           f"Fine-tuned on {data['num_clean']} clean examples (CBFT also on {data['num_cue']} "
-          f"cue examples, disjoint); {data['num_test_per_view']} test examples per view. "
+          f"examples, {data.get('num_cue_cued', data['num_cue'])} of them cued, disjoint); "
+          f"{data['num_test_per_view']} test examples per view"
+          f"{_test_cue_text(data.get('test_cue_proportion', 1.0))}. "
           f"Wall time {record['wall_seconds']:.0f} s on {record['backend']} "
           f"({record['devices']} device(s)).\n\n"
           "![view accuracies](views.png)\n\n![paths from the cue model](paths.png)\n")
