@@ -293,6 +293,7 @@ class CBFTLoss:
     margin: m of the barrier loss (official: 1).
     invariance_weight: lambda (official: 1).
     t_distribution: 'clip' or 'truncnorm' (see `sample_t`).
+    barrier_loss: False drops the barrier step (an ablation: the clean step alone).
   """
 
   apply_fn: ApplyFn = flax.struct.field(pytree_node=False)
@@ -301,6 +302,7 @@ class CBFTLoss:
   margin: float = flax.struct.field(pytree_node=False, default=1.0)
   invariance_weight: float = flax.struct.field(pytree_node=False, default=1.0)
   t_distribution: str = flax.struct.field(pytree_node=False, default="clip")
+  barrier_loss: bool = flax.struct.field(pytree_node=False, default=True)
 
   def barrier_at(self, point, batch_stats, images, labels):
     """|m - CE(f(x; point), y)| in train-mode BatchNorm."""
@@ -350,10 +352,13 @@ def cbft_step(state: step_lib.TrainState, batch: dict, root_key: jax.Array, *, l
   """
   rng = jax.random.fold_in(root_key, state.step)
   t = sample_t(rng, loss_fn.t_distribution)
-  (barrier, stats), grads = jax.value_and_grad(loss_fn.barrier, has_aux=True)(
-      state.params, state.batch_stats, batch["cue_image"], batch["cue_label"], t)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, stats, opt_state = state.params, state.batch_stats, state.opt_state
+  barrier = jnp.zeros((), jnp.float32)
+  if loss_fn.barrier_loss:  # static: the ablation without it traces no barrier step
+    (barrier, stats), grads = jax.value_and_grad(loss_fn.barrier, has_aux=True)(
+        params, stats, batch["cue_image"], batch["cue_label"], t)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
   invariance_on = (state.step >= warmup_steps).astype(jnp.float32)
   (total, (stats, aux)), grads = jax.value_and_grad(loss_fn.clean, has_aux=True)(
       params, stats, batch, invariance_on)

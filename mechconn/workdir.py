@@ -61,7 +61,13 @@ UNCOMPARED_FIELDS = ("progress", "data_dir", "download", "pipeline")
 
 # Fields added after runs were recorded, with the value that does what those runs did:
 # a run recorded without one compares as having this value (matched on the key's end).
-ADDED_FIELDS = {"model.dtype": "float32", "endpoint_model.dtype": "float32"}
+# ANY: a setting no recorded run used (e.g. the scratch baseline's learning rate for a study
+# that never ran it), so absent compares equal to any value.
+ANY = object()
+ADDED_FIELDS = {"model.dtype": "float32", "endpoint_model.dtype": "float32",
+                "kwargs.weight_init": "default", "test_cue_proportion": 1.0,
+                "path.bn_variance": "biased", "cbft.cue_set": "all_cued",
+                "cbft.barrier_loss": True, "scratch.learning_rate": ANY}
 
 
 def _added_default(key: str):
@@ -80,9 +86,12 @@ def config_differences(old: dict, new: dict) -> list[str]:
   def value(config, key):
     return config[key] if key in config else _added_default(key)
 
+  def differ(key):
+    a, b = value(old, key), value(new, key)
+    return a is not ANY and b is not ANY and a != b
+
   return sorted(k for k in set(old) | set(new)
-                if value(old, k) != value(new, k)
-                and k.rpartition(".")[2] not in UNCOMPARED_FIELDS)
+                if differ(k) and k.rpartition(".")[2] not in UNCOMPARED_FIELDS)
 
 
 def _read_json(path: str) -> Any:

@@ -117,6 +117,30 @@ def test_cbft_step_lowers_both_objectives(setup):
   assert set(metrics) >= {"loss", "barrier_loss", "clean_ce", "invariance", "t"}
 
 
+def test_cbft_without_the_barrier_loss_is_the_clean_step_alone(setup):
+  """barrier_loss=False (the C11 ablation): one optimiser step on the clean objective, exactly."""
+  model, images, labels, reference, _ = setup
+  theta = model.init(jax.random.key(5), jnp.asarray(images))  # the fixture's may be donated
+  loss = finetune.CBFTLoss(model.apply, reference["params"], 10, barrier_loss=False)
+  tx = optax.sgd(0.02, momentum=0.9)
+  state = step_lib.fresh_state(theta["params"], tx, theta["batch_stats"])
+  batch = {"clean_image": images[:16], "clean_label": labels[:16],
+           "cue_image": images[16:], "cue_label": labels[16:]}
+  copy = lambda: jax.tree.map(jnp.copy, state)  # cbft_step donates its state
+  new, metrics = finetune.cbft_step(copy(), batch, jax.random.key(0), loss_fn=loss, tx=tx)
+  (_, (stats, _)), grads = jax.value_and_grad(loss.clean, has_aux=True)(
+      state.params, state.batch_stats, batch, 1.0)
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  chex.assert_trees_all_close(new.params, optax.apply_updates(state.params, updates),
+                              rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(new.batch_stats, stats, rtol=1e-6)
+  assert float(metrics["barrier_loss"]) == 0.0
+  with_barrier, _ = finetune.cbft_step(
+      copy(), batch, jax.random.key(0), tx=tx,
+      loss_fn=finetune.CBFTLoss(model.apply, reference["params"], 10))
+  assert not np.allclose(jax.tree.leaves(with_barrier.params)[0], jax.tree.leaves(new.params)[0])
+
+
 def test_lp_leaves_the_backbone_bitwise_and_lowers_its_loss(setup):
   model, images, labels, reference, theta = setup
   before = jax.tree.map(np.array, reference)

@@ -174,3 +174,19 @@ def test_metrics_truncate_and_skip_a_torn_last_line(tmp_path):
     f.write('{"step": 3}\n')
   with pytest.raises(ValueError, match="line 3 is not JSON"):
     workdir_lib.read_metrics(path)
+
+
+def test_a_study_recorded_before_the_protocol_options_compares_equal():
+  """Runs recorded without the fields this work added read as what they did (defaults; the
+  scratch baseline's rate, never used by them, as anything); a changed value is named."""
+  from experiments.configs import reproduce as reproduce_configs
+  config = reproduce_configs.get_config("cpu")
+  recorded = workdir_lib.config_to_dict(config)
+  del recorded["train"]["data"]["test_cue_proportion"], recorded["path"]["bn_variance"]
+  del recorded["finetune"]["cbft"]["cue_set"], recorded["finetune"]["cbft"]["barrier_loss"]
+  del recorded["finetune"]["scratch"]
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []
+  config.finetune.scratch.learning_rate = 0.3
+  config.finetune.cbft.cue_set = "as_split"
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [
+      "finetune.cbft.cue_set"]

@@ -147,6 +147,7 @@ def finetune_section(paper: bool) -> ml_collections.ConfigDict:
   ft.cbft.invariance_weight = 1.0  # lambda
   ft.cbft.warmup_epochs = 1  # epochs without the invariance loss
   ft.cbft.t_distribution = "clip"  # clip (official code) or truncnorm (paper text)
+  ft.cbft.barrier_loss = True  # False: the ablation without the barrier step
   # CBFT's cue examples: all_cued (every one carries the cue) or as_split (as the official
   # script: they keep the training split's cue flags, so about cue_proportion of them).
   ft.cbft.cue_set = "all_cued"

@@ -6,6 +6,7 @@
   finetune    one fine-tuning method and seed from a finished cue model
   reproduce   the paper's fine-tuning study (every method x seed, report)
   quickstart  two small models and the linear path between them, in seconds
+  theory      the one-hidden-layer theory on two-attribute synthetic data (claim C13)
 
 Each task module has one `build(config, mesh, inputs)` used by its run and
 its dry run, and is launched through `runner.launch` (checks, dry run, claim,
@@ -24,10 +25,11 @@ from mechconn.tasks import fit_curve
 from mechconn.tasks import quickstart
 from mechconn.tasks import reproduce
 from mechconn.tasks import runner
+from mechconn.tasks import theory
 from mechconn.tasks import train
 
 TASKS = {task.NAME: task for task in (train, fit_curve, eval_path, finetune, reproduce,
-                                      quickstart)}
+                                      quickstart, theory)}
 
 
 def run(config: Any, workdir: str, *, overwrite: bool = False) -> dict:

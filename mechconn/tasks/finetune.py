@@ -235,8 +235,8 @@ def method_loop(method: str, ft: Any, cue_model: runs.TrainedModel, num_clean: i
   if spec.step == "cbft":
     loss_fn = mesh_lib.replicate(finetune.CBFTLoss(
         model.apply, cue_model.params, model.num_classes, margin=ft.cbft.margin,
-        invariance_weight=ft.cbft.invariance_weight,
-        t_distribution=ft.cbft.t_distribution), mesh)
+        invariance_weight=ft.cbft.invariance_weight, t_distribution=ft.cbft.t_distribution,
+        barrier_loss=ft.cbft.get("barrier_loss", True)), mesh)
     member_step = functools.partial(finetune.cbft_step, loss_fn=loss_fn, tx=tx,
                                     warmup_steps=ft.cbft.warmup_epochs * steps_per_epoch)
   else:

@@ -1,0 +1,252 @@
+r"""Every claim of the paper as runs on embedded data, and the claims report made from them.
+
+  python -m experiments.claims run C13                 # one claim (its runs, resumable)
+  python -m experiments.claims run all                 # every claim, from scratch on a CPU
+  python -m experiments.claims report                  # docs/claims.md from the finished runs
+
+Runs live in --workdir (default workdir/claims), one directory per run, shared
+between claims (C1..C5 read the same end points). A finished run is reused;
+an unfinished one resumes. `report` reads only the runs' JSON records: a claim
+whose runs are missing is reported as not run, never guessed. `--pairs=N`
+(default 3) is how many seed pairs of end points C1..C5 use.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from experiments import claims_measures as measures
+from experiments.configs import eval_path as eval_path_config
+from experiments.configs import fit_curve as fit_curve_config
+from experiments.configs import reproduce as reproduce_config
+from experiments.configs import theory as theory_config
+from experiments.configs import train as train_config
+from mechconn import tasks
+from mechconn import workdir as workdir_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One task run of a claim: its directory under the claims workdir, config, record file."""
+
+  name: str
+  make_config: Callable[[str], object]  # claims workdir -> the locked config
+  record_file: str
+
+
+def _locked(config, overrides: dict):
+  """The locked `config` with existing fields replaced ('section.field': value)."""
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    target = config
+    for part in filter(None, section.split(".")):
+      target = target[part]
+    target[field] = value
+  return config
+
+
+def train_run(kind: str, pair: int) -> Run:
+  """The cue (seed k) or no-cue (seed k + 1) end point of seed pair k (cpu presets)."""
+  preset, seed = ("cpu_cue", pair) if kind == "cue" else ("cpu_nocue", pair + 1)
+  return Run(f"train_{kind}_{pair}", lambda root: _locked(train_config.get_config(preset),
+                                                           {"seed": seed}), "final_eval.json")
+
+
+def curve_run(fit_on: str, pair: int) -> Run:
+  def make(root):
+    return _locked(fit_curve_config.get_config(f"cpu_{fit_on}"), {
+        "start_workdir": os.path.join(root, f"train_cue_{pair}"),
+        "end_workdir": os.path.join(root, f"train_nocue_{pair}")})
+  return Run(f"curve_{fit_on}_{pair}", make, "curve.json")
+
+
+def eval_run(align: str, pair: int) -> Run:
+  def make(root):
+    return _locked(eval_path_config.get_config("cpu"), {
+        "align": align, "start_workdir": os.path.join(root, f"train_cue_{pair}"),
+        "end_workdir": os.path.join(root, f"train_nocue_{pair}"),
+        "curve_workdirs": (os.path.join(root, f"curve_clean_{pair}"),
+                           os.path.join(root, f"curve_cue_{pair}"))})
+  return Run(f"eval_path_{align}_{pair}", make, "eval_path.json")
+
+
+def endpoint_runs(pairs: int, *, curves: bool = True, evals: tuple = ()) -> list[Run]:
+  out = []
+  for k in range(pairs):
+    out += [train_run("cue", k), train_run("nocue", k)]
+    if curves:
+      out += [curve_run("clean", k), curve_run("cue", k)]
+    out += [eval_run(align, k) for align in evals]
+  return out
+
+
+STUDY_METHODS = ("naive", "lp", "lp_ft", "dfr", "cbft", "scratch")
+
+
+def study_run() -> Run:
+  """The README's fine-tuning study (reproduce.py:cpu) with the scratch baseline, its cue
+  model the claims' cue end point of pair 0."""
+  def make(root):
+    return _locked(reproduce_config.get_config("cpu"), {
+        "finetune.methods": STUDY_METHODS,
+        "cue_model_workdir": os.path.join(root, "train_cue_0")})
+  return Run("study", make, "reproduce.json")
+
+
+def variant_run(name: str, overrides: dict, cue_model: str | None = "train_cue_0") -> Run:
+  """A study variant (reproduce.py:cpu with `overrides`); its cue model a claims run (or,
+  with None, trained inside the study's own directory)."""
+  def make(root):
+    extra = {"cue_model_workdir": os.path.join(root, cue_model)} if cue_model else {}
+    return _locked(reproduce_config.get_config("cpu"), {**overrides, **extra})
+  return Run(name, make, "reproduce.json")
+
+
+def cue_model_run(name: str, overrides: dict) -> Run:
+  return Run(name, lambda root: _locked(train_config.get_config("cpu_cue"), overrides),
+             "final_eval.json")
+
+
+NAIVE = {"finetune.methods": ("naive",)}
+C6_RUNS = [train_run("cue", 0), study_run(),
+           variant_run("study_naive_lr0.01", {**NAIVE, "finetune.naive.learning_rate": 0.01})]
+C7_RUNS = [train_run("cue", 0), study_run(),
+           variant_run("study_naive_lr0.1", {**NAIVE, "finetune.naive.learning_rate": 0.1}),
+           cue_model_run("train_cue_p100", {"data.cue_proportion": 1.0}),
+           variant_run("study_p100_naive", {**NAIVE, "train.data.cue_proportion": 1.0},
+                       cue_model="train_cue_p100")]
+CBFT = {"finetune.methods": ("cbft",)}
+C11_RUNS = [train_run("cue", 0), study_run(),
+            variant_run("study_cbft_no_barrier", {**CBFT, "finetune.cbft.barrier_loss": False}),
+            variant_run("study_cbft_no_invariance",
+                        {**CBFT, "finetune.cbft.invariance_weight": 0.0})]
+C12_RUNS = [variant_run(f"study_p{p}", {"train.data.cue_proportion": p / 100}, cue_model=None)
+            for p in (60, 70, 90)] + [
+    train_run("cue", 0), study_run(),
+    variant_run("study_dominoes", {"train.data.cue": "dominoes"}, cue_model=None)]
+
+
+THEORY = Run("theory", lambda root: theory_config.get_config("default"), "theory.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """A claim: the paper's statement, the runs it needs, and how its record is measured."""
+
+  id: str
+  statement: str
+  runs: Callable[[int], list[Run]]  # pairs -> runs
+  measure: Callable[[dict, int], dict]  # ({run name: record}, pairs) -> measured, verdict
+
+
+CLAIMS = [
+    Claim("C1", "Cue model: cue accuracy near 1, rand_img far above chance, rand_cue low; "
+          "no-cue model: views equal, rand_img at chance.",
+          lambda n: endpoint_runs(n, curves=False), measures.c1),
+    Claim("C2", "The linear path between the cue and the no-cue model has a barrier on clean "
+          "data.", lambda n: endpoint_runs(n, evals=("weight",)), measures.c2),
+    Claim("C3", "The barrier survives permutation alignment (weight and activation matching).",
+          lambda n: endpoint_runs(n, evals=("weight", "activation")), measures.c3),
+    Claim("C4", "A quadratic path fitted on clean data, and one fitted on fully cued data, has "
+          "no barrier on its own data.", lambda n: endpoint_runs(n, evals=("weight",)),
+          measures.c4),
+    Claim("C5", "Each quadratic path breaks on at least one view (no mechanistic "
+          "connectivity).", lambda n: endpoint_runs(n, evals=("weight",)), measures.c5),
+    Claim("C6", "Naive FT (lr 0.001 and 0.01) stays linearly connected to the cue model on cue "
+          "data and keeps the cue.", lambda n: C6_RUNS, measures.c6),
+    Claim("C7", "With lr 0.1, or from a cue model trained at p = 1, naive FT shows a barrier "
+          "and becomes more cue-invariant.", lambda n: C7_RUNS, measures.c7),
+    Claim("C8", "LP / last-layer retraining, LP-FT and DFR reduce but do not remove cue "
+          "reliance.", lambda n: [train_run("cue", 0), study_run()], measures.c8),
+    Claim("C9", "CBFT: rand_img near chance, clean ~ cue ~ rand_cue, clean within a few points "
+          "of naive FT and far above training from scratch on the same clean examples.",
+          lambda n: [train_run("cue", 0), study_run()], measures.c9),
+    Claim("C10", "CBFT's end point is not linearly connected to the cue model (on cue data).",
+          lambda n: [train_run("cue", 0), study_run()], measures.c10),
+    Claim("C11", "Ablations: CBFT without the barrier loss keeps the cue; without the "
+          "invariance loss a barrier forms but the model can anti-correlate with the cue.",
+          lambda n: C11_RUNS, measures.c11),
+    Claim("C12", "The study's pattern holds at cue proportions 0.6, 0.7, 0.8, 0.9 (Table 1's "
+          "rows) and on Dominoes (glyphs10 above shapes10).", lambda n: C12_RUNS,
+          measures.c12),
+    Claim("C13", "One hidden layer: networks relying on different attributes are not linearly "
+          "connected even after alignment; same attribute: connected after alignment; "
+          "connected minimisers share activation patterns.", lambda n: [THEORY], measures.c13),
+]
+BY_ID = {c.id: c for c in CLAIMS}
+
+
+def finished(directory: str, record_file: str, config) -> bool:
+  """Whether `directory` holds a finished run of exactly `config` (its record is reused)."""
+  if not os.path.exists(os.path.join(directory, record_file)):
+    return False
+  with open(os.path.join(directory, workdir_lib.CONFIG_FILE)) as f:
+    recorded = json.load(f)
+  recorded.pop("inputs", None)  # the identities of the runs it read, added at its claim
+  return not workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config))
+
+
+def run_claims(ids: list[str], root: str, pairs: int, overwrite: bool = False) -> None:
+  """Runs every run the claims need, each once, in order: a finished run of the same config
+  is reused, an unfinished one resumes, one of another config is refused (or replaced with
+  `overwrite`) by the task's own claim of its directory."""
+  done = set()
+  for claim_id in ids:
+    for run in BY_ID[claim_id].runs(pairs):
+      if run.name in done:
+        continue
+      done.add(run.name)
+      directory, config = os.path.join(root, run.name), run.make_config(root)
+      if finished(directory, run.record_file, config):
+        print(f"[{claim_id}] {run.name}: finished, reused", flush=True)
+        continue
+      start = time.perf_counter()
+      print(f"[{claim_id}] {run.name}: running", flush=True)
+      tasks.run(config, directory, overwrite=overwrite)
+      print(f"[{claim_id}] {run.name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def load_records(claim: Claim, root: str, pairs: int) -> dict | None:
+  """{run name: record} of a claim's runs, or None if one is not a finished run of the
+  claim's recipe (a record of another config is never reported)."""
+  records = {}
+  for run in claim.runs(pairs):
+    directory = os.path.join(root, run.name)
+    if not finished(directory, run.record_file, run.make_config(root)):
+      return None
+    with open(os.path.join(directory, run.record_file)) as f:
+      records[run.name] = json.load(f)
+  return records
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("action", choices=("run", "report"))
+  parser.add_argument("claims", nargs="*", default=["all"], help="claim ids, or all")
+  parser.add_argument("--workdir", default="workdir/claims")
+  parser.add_argument("--pairs", type=int, default=3)
+  parser.add_argument("--out", default="docs/claims.md")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace runs of another config (as experiments.main --overwrite)")
+  args = parser.parse_args(argv)
+  ids = [c.id for c in CLAIMS] if args.claims in (["all"], []) else args.claims
+  unknown = sorted(set(ids) - set(BY_ID))
+  if unknown:
+    raise SystemExit(f"Unknown claims {unknown}; valid: {list(BY_ID)} or all.")
+  if args.action == "run":
+    run_claims(ids, args.workdir, args.pairs, args.overwrite)
+  from experiments import claims_report  # noqa: PLC0415 (only the report needs it)
+  text = claims_report.render(CLAIMS, lambda c: load_records(c, args.workdir, args.pairs),
+                              args.pairs)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write(text)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,46 @@
+r"""Claim C13, the one-hidden-layer theory: networks relying on different attributes.
+
+  python -m experiments.main --config=experiments/configs/theory.py \
+      --workdir=workdir/claims/c13
+
+Trains one-hidden-layer ReLU networks (`hidden` units) on synthetic data
+(`mechconn.data.two_attributes`): `seeds` relying on a linear attribute and
+`seeds` on a banded one, then evaluates the linear path of every same-attribute
+and different-attribute pair before and after permutation alignment, with the
+agreement of their ReLU activation patterns (`mechconn.tasks.theory`). About a
+minute on the 2-core CPU. Presets: default; quicktest (seconds).
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+MODIFIERS = ("quicktest",)
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+  """The locked config of `default[,quicktest]`."""
+  name, modifiers = common.parse_preset(preset, "default", MODIFIERS)
+  if name not in ("default", "quicktest"):
+    raise ValueError(f"Unknown preset {name!r}; valid presets: ['default', 'quicktest'].")
+  config = ml_collections.ConfigDict()
+  config.task = "theory"
+  config.seeds = 3  # networks per attribute, seeds 0..seeds-1
+  config.data = ml_collections.ConfigDict()
+  config.data.bands = 4  # bands of the complex attribute (labels alternate between bands)
+  config.data.noise_dims = 8  # input dimensions carrying no label
+  config.data.noise_scale = 0.5  # their standard deviation
+  config.data.num_train = 8192  # per training set (one per attribute)
+  config.data.num_test = 4096  # per test set (both / linear only / complex only)
+  config.data.seed = 0  # draws every set
+  config.hidden = 16  # units of the one hidden layer
+  config.optimizer = common.optimizer_section(0.1, weight_decay=0.0)  # cosine to 0
+  config.batch_size = 128
+  config.num_epochs = 30
+  config.eval_batch_size = 512
+  config.num_t = 11  # points on each path
+  if name == "quicktest" or "quicktest" in modifiers:
+    config.data.num_train, config.data.num_test = 1024, 512
+    config.num_epochs, config.seeds, config.num_t = 3, 2, 3
+  config.lock()
+  return config
