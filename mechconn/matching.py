@@ -127,8 +127,9 @@ def _similarity(spec, ref, oth, perm, name, where, nested) -> np.ndarray:
 
 
 def _site_outputs(apply_fn: ApplyFn, variables: dict, images: jax.Array,
-                  sites: Iterable[tuple[str, ...]]) -> list[jax.Array]:
-  """Outputs of the given modules' __call__, flattened to [examples * positions, units]."""
+                  sites: Iterable[tuple[str, ...]], post=None) -> list[jax.Array]:
+  """Outputs of the given modules' __call__ (through `post`, if given), flattened to
+  [examples * positions, units]."""
   _, state = apply_fn(variables, images, train=False,
                       capture_intermediates=lambda mdl, method: method == "__call__",
                       mutable=["intermediates"])
@@ -138,7 +139,7 @@ def _site_outputs(apply_fn: ApplyFn, variables: dict, images: jax.Array,
     node = inter
     for key in site:
       node = node[key]
-    value = node["__call__"][0]
+    value = node["__call__"][0] if post is None else post(node["__call__"][0])
     out.append(value.reshape(-1, value.shape[-1]).astype(jnp.float32))
   return out
 
@@ -156,7 +157,7 @@ def _merge_moments(m1, m2):
 
 def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
                           variables_ref: dict, variables_other: dict,
-                          batches: Iterable[jax.Array]) -> dict[str, np.ndarray]:
+                          batches: Iterable[jax.Array], post=None) -> dict[str, np.ndarray]:
   """Correlation of every unit of `reference` with every unit of `other`, per group.
 
   Per batch, means and centred second moments of the two models' activations
@@ -164,7 +165,9 @@ def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
   merged on the host in float64 (Chan et al.'s pairwise update), so the result
   is the exact Pearson correlation over all the data, not an average of
   per-batch estimates. A group with several sites (e.g. a residual stream)
-  sums their correlations.
+  sums their correlations. `post` (e.g. `jax.nn.relu`) maps every site's
+  output first: sites are module outputs, before the nonlinearity that follows
+  them, and units that differ only in their bias correlate perfectly there.
 
   Returns:
     {group: [n, n] correlations (reference units x other units)} for every
@@ -175,8 +178,8 @@ def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
 
   @jax.jit
   def moments(images):
-    acts_a = _site_outputs(apply_fn, variables_ref, images, all_sites)
-    acts_b = _site_outputs(apply_fn, variables_other, images, all_sites)
+    acts_a = _site_outputs(apply_fn, variables_ref, images, all_sites, post)
+    acts_b = _site_outputs(apply_fn, variables_other, images, all_sites, post)
     out = []
     for a, b in zip(acts_a, acts_b):
       ca, cb = a - a.mean(0), b - b.mean(0)
@@ -204,7 +207,7 @@ def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
 
 def activation_matching(apply_fn: ApplyFn, spec: PermutationSpec,
                         variables_ref: dict, variables_other: dict,
-                        batches: Iterable[jax.Array]) -> Permutation:
+                        batches: Iterable[jax.Array], post=None) -> Permutation:
   """Permutation of `other` matching each unit to its most correlated unit of reference.
 
   One assignment per group (`linear_sum_assignment` on the correlations of
@@ -212,10 +215,12 @@ def activation_matching(apply_fn: ApplyFn, spec: PermutationSpec,
   the unpermuted networks: permuting units does not change any other group's
   activations, so the groups are independent. Groups that no module output
   carries on its last axis (attention heads, say) are then weight-matched with
-  the others held at their activation-matched permutations.
+  the others held at their activation-matched permutations. `post`: see
+  `activation_statistics` (`jax.nn.relu` where every site feeds a ReLU).
   """
   align.check_pair(spec, variables_ref["params"], variables_other["params"])
-  correlations = activation_statistics(apply_fn, spec, variables_ref, variables_other, batches)
+  correlations = activation_statistics(apply_fn, spec, variables_ref, variables_other, batches,
+                                       post)
   perm = {name: linear_sum_assignment(c, maximize=True)[1] for name, c in correlations.items()}
   unseen = [name for name in spec.names if name not in perm]
   if unseen:

@@ -103,6 +103,36 @@ def test_activation_statistics_are_exact_correlations():
   np.testing.assert_allclose(corr["P_0"], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_post_relu_statistics_tell_apart_units_that_differ_only_in_bias():
+  """Units relu(x0 - b) with different knots b: their pre-activations correlate perfectly
+  with each other, their outputs do not. With post=jax.nn.relu the correlations are the
+  outputs' (np.corrcoef) and matching recovers a hidden permutation of the units."""
+  model = get_model("mlp", 2, hidden=(4,))
+  x = np.random.default_rng(0).uniform(-1, 1, size=(512, 3)).astype(np.float32)
+  params = model.init(jax.random.key(0), jnp.asarray(x[:1]))["params"]
+  kernel = np.zeros((3, 4), np.float32)
+  kernel[0] = 1.0
+  params = {"Dense_0": {"kernel": jnp.asarray(kernel),
+                        "bias": jnp.asarray([0.6, 0.2, -0.2, -0.6], jnp.float32)},
+            "head": params["head"]}
+  spec = align.permutation_spec("mlp", params)
+  hidden = np.array([2, 0, 3, 1])
+  other = align.apply_permutation(spec, {"P_0": hidden}, params)
+  a, b = ({"params": p} for p in (params, other))
+  pre = matching.activation_statistics(model.apply, spec, a, b, [jnp.asarray(x)])["P_0"]
+  assert np.allclose(pre, 1.0, atol=1e-5)  # every pair: the same linear function of x0
+  post = matching.activation_statistics(model.apply, spec, a, b, [jnp.asarray(x)],
+                                        post=jax.nn.relu)["P_0"]
+  relu = lambda p: np.maximum(x @ np.asarray(p["Dense_0"]["kernel"])
+                              + np.asarray(p["Dense_0"]["bias"]), 0)
+  np.testing.assert_allclose(post, np.corrcoef(relu(params).T, relu(other).T)[:4, 4:],
+                             rtol=1e-4, atol=1e-5)
+  found = matching.activation_matching(model.apply, spec, a, b, [jnp.asarray(x)],
+                                       post=jax.nn.relu)
+  restored = align.apply_permutation(spec, found, other)
+  np.testing.assert_array_equal(restored["Dense_0"]["bias"], params["Dense_0"]["bias"])
+
+
 def test_aligned_permuted_copy_has_zero_barrier():
   model, variables, _ = _init("small_cnn", 0)
   spec = align.permutation_spec("small_cnn", variables["params"])

@@ -100,7 +100,7 @@ def _aligned(how, model, spec, pa, pb, x):
     perm = matching.weight_matching(spec, pa, pb, seed=0)
   else:
     perm = matching.activation_matching(model.apply, spec, {"params": pa}, {"params": pb},
-                                        [jnp.asarray(x)])
+                                        [jnp.asarray(x)], post=jax.nn.relu)  # the units' outputs
   return align.apply_permutation(spec, perm, pb)
 
 
