@@ -59,3 +59,48 @@ def test_c13_runs_and_reports_end_to_end(tmp_path):
   # A second run reuses the finished record (same numbers, no retraining).
   claims.main(["run", "C13", f"--workdir={tmp_path / 'runs'}", f"--out={out}"])
   assert out.read_text() == text
+
+
+def _study(rows, cue_model=(0.7, 0.99, 0.45, 0.55), p=0.8, cue="box"):
+  """A reproduce record: {method: (clean, cue, rand_cue, rand_img, barrier)}."""
+  views = ("clean", "cue", "rand_cue", "rand_img")
+  return {"cue_model": {"views": {v: {"accuracy": a} for v, a in zip(views, cue_model)}},
+          "methods": {m: {"views": {v: {"mean": a, "std": 0.0, "values": [a, a]}
+                                    for v, a in zip(views, row[:4])},
+                          "loss_barrier_to_cue_model": {"mean": row[4], "std": 0.0,
+                                                        "values": [row[4], row[4]]}}
+                      for m, row in rows.items()},
+          "seeds": [0, 1], "ts": [0, 0.5, 1],
+          "data": {"cue": cue, "cue_proportion_of_cue_model": p, "num_clean": 2500,
+                   "num_test_per_view": 2000, "path_batchnorm": "1024 cue training examples"}}
+
+
+PATTERN = {"naive": (0.76, 0.97, 0.52, 0.46, 0.0), "lp": (0.80, 0.96, 0.59, 0.35, 0.0),
+           "lp_ft": (0.85, 0.95, 0.74, 0.22, 0.0), "dfr": (0.80, 0.96, 0.57, 0.39, 0.0),
+           "cbft": (0.76, 0.78, 0.74, 0.12, 0.15), "scratch": (0.40, 0.45, 0.38, 0.12, 2.0)}
+
+
+def test_study_claims_read_the_reproduce_record():
+  records = {"study": _study(PATTERN)}
+  assert measures.c8(records, 1)["verdict"] == "reproduced"
+  assert measures.c9(records, 1)["verdict"] == "reproduced"
+  assert measures.c10(records, 1)["verdict"] == "reproduced"
+  assert "scratch clean 0.400" in measures.c9(records, 1)["measured"]
+  near_scratch = dict(PATTERN, scratch=(0.72, 0.7, 0.7, 0.1, 1.0))
+  assert measures.c9({"study": _study(near_scratch)}, 1)["verdict"] == "partly"
+  records.update({
+      "study_naive_lr0.01": _study({"naive": (0.78, 0.96, 0.65, 0.31, 0.0)}),
+      "study_naive_lr0.1": _study({"naive": (0.5, 0.6, 0.5, 0.2, 0.8)}),
+      "study_p100_naive": _study({"naive": (0.6, 0.99, 0.3, 0.7, 0.0)},
+                                 cue_model=(0.3, 1.0, 0.1, 0.9), p=1.0),
+      "study_cbft_no_barrier": _study({"cbft": (0.75, 0.9, 0.6, 0.3, 0.0)}),
+      "study_cbft_no_invariance": _study({"cbft": (0.75, 0.6, 0.7, 0.1, 0.3)})})
+  assert measures.c6(records, 1)["verdict"] == "reproduced"
+  assert measures.c7(records, 1)["verdict"] == "partly"  # lr 0.1 yes; p = 1: no barrier
+  assert measures.c11(records, 1)["verdict"] == "reproduced"
+  for name, p in (("study_p60", 0.6), ("study_p70", 0.7), ("study_p90", 0.9)):
+    records[name] = _study(PATTERN, p=p)
+  records["study_dominoes"] = _study(dict(PATTERN, cbft=(0.7, 0.9, 0.5, 0.4, 0.1)),
+                                     cue="dominoes")
+  result = measures.c12(records, 1)
+  assert result["verdict"] == "partly" and "dominoes p=0.8" in result["measured"]
