@@ -13,6 +13,7 @@ whose runs are missing is reported as not run, never guessed. `--pairs=N`
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -141,21 +142,26 @@ class Claim:
   statement: str
   runs: Callable[[int], list[Run]]  # pairs -> runs
   measure: Callable[[dict, int], dict]  # ({run name: record}, pairs) -> measured, verdict
+  figures: tuple[tuple[str, str], ...] = ()  # (run name, file) shown under its details
 
 
+EVAL_FIGURE = (("eval_path_weight_0", "eval_path.png"),)
+STUDY_FIGURES = (("study", "views.png"), ("study", "paths.png"))
 CLAIMS = [
     Claim("C1", "Cue model: cue accuracy near 1, rand_img far above chance, rand_cue low; "
           "no-cue model: views equal, rand_img at chance.",
           lambda n: endpoint_runs(n, curves=False), measures.c1),
     Claim("C2", "The linear path between the cue and the no-cue model has a barrier on clean "
-          "data.", lambda n: endpoint_runs(n, evals=("weight",)), measures.c2),
+          "data.", lambda n: endpoint_runs(n, evals=("weight",)), measures.c2, EVAL_FIGURE),
     Claim("C3", "The barrier survives permutation alignment (weight and activation matching).",
-          lambda n: endpoint_runs(n, evals=("weight", "activation")), measures.c3),
+          lambda n: endpoint_runs(n, evals=("weight", "activation")), measures.c3,
+          EVAL_FIGURE),
     Claim("C4", "A quadratic path fitted on clean data, and one fitted on fully cued data, has "
           "no barrier on its own data.", lambda n: endpoint_runs(n, evals=("weight",)),
-          measures.c4),
+          measures.c4, EVAL_FIGURE),
     Claim("C5", "Each quadratic path breaks on at least one view (no mechanistic "
-          "connectivity).", lambda n: endpoint_runs(n, evals=("weight",)), measures.c5),
+          "connectivity).", lambda n: endpoint_runs(n, evals=("weight",)), measures.c5,
+          EVAL_FIGURE),
     Claim("C6", "Naive FT (lr 0.001 and 0.01) stays linearly connected to the cue model on cue "
           "data and keeps the cue.", lambda n: C6_RUNS, measures.c6),
     Claim("C7", "With lr 0.1, or from a cue model trained at p = 1, naive FT shows a barrier "
@@ -164,9 +170,9 @@ CLAIMS = [
           "reliance.", lambda n: [train_run("cue", 0), study_run()], measures.c8),
     Claim("C9", "CBFT: rand_img near chance, clean ~ cue ~ rand_cue, clean within a few points "
           "of naive FT and far above training from scratch on the same clean examples.",
-          lambda n: [train_run("cue", 0), study_run()], measures.c9),
+          lambda n: [train_run("cue", 0), study_run()], measures.c9, STUDY_FIGURES),
     Claim("C10", "CBFT's end point is not linearly connected to the cue model (on cue data).",
-          lambda n: [train_run("cue", 0), study_run()], measures.c10),
+          lambda n: [train_run("cue", 0), study_run()], measures.c10, STUDY_FIGURES),
     Claim("C11", "Ablations: CBFT without the barrier loss keeps the cue; without the "
           "invariance loss a barrier forms but the model can anti-correlate with the cue.",
           lambda n: C11_RUNS, measures.c11),
@@ -241,7 +247,9 @@ def main(argv: list[str]) -> None:
     run_claims(ids, args.workdir, args.pairs, args.overwrite)
   from experiments import claims_report  # noqa: PLC0415 (only the report needs it)
   text = claims_report.render(CLAIMS, lambda c: load_records(c, args.workdir, args.pairs),
-                              args.pairs)
+                              args.pairs, figures=functools.partial(
+                                  claims_report.copy_figures, root=args.workdir,
+                                  out_dir=os.path.dirname(args.out) or "."))
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     f.write(text)

@@ -142,9 +142,11 @@ def test_preset_sweep_lists_every_paper_preset_of_every_task():
     assert "dry_run" in module.get_config(name.split(":", 1)[1])
 
 
-@pytest.mark.slow  # compiles four full-width VGG13 steps
+@pytest.mark.slow  # compiles four VGG13 steps
 def test_embedded_paper_scale_study_dry_runs_with_the_paper_recipe():
   config = _unlocked(reproduce_config, "shapes10_paper_vgg13")
+  assert config.train.model.kwargs.to_dict() == {"width": 1.0, "weight_init": "torch"}
+  config.train.model.kwargs.width = 0.125  # the recipe's step counts at a fraction of the compile
   config.dry_run = True
   record = tasks.run(config, "/nonexistent/never/written")
   steps = {s["name"]: s for s in record["steps"]}
