@@ -187,13 +187,19 @@ BY_ID = {c.id: c for c in CLAIMS}
 
 
 def finished(directory: str, record_file: str, config) -> bool:
-  """Whether `directory` holds a finished run of exactly `config` (its record is reused)."""
+  """Whether `directory` holds a finished run of exactly `config` that read the finished runs
+  its task reads now (their identities: recipe and final step); its record is then reused.
+  A study records its cue model per run, and its config.train must match that model's recipe."""
   if not os.path.exists(os.path.join(directory, record_file)):
     return False
   with open(os.path.join(directory, workdir_lib.CONFIG_FILE)) as f:
     recorded = json.load(f)
-  recorded.pop("inputs", None)  # the identities of the runs it read, added at its claim
-  return not workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config))
+  recorded_inputs = recorded.pop("inputs", None)
+  if workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)):
+    return False
+  _, identities = tasks.TASKS[config.task].inputs(config, False)
+  return not identities or not workdir_lib.config_differences(
+      recorded_inputs or {}, workdir_lib.config_to_dict(identities))
 
 
 def run_claims(ids: list[str], root: str, pairs: int, overwrite: bool = False) -> None:

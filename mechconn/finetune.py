@@ -52,7 +52,7 @@ class Method:
     head: the head it starts from: 'none' (the cue model's own), 'lp' (a fresh
       head trained on cached features, `fit_head`), 'dfr' (`fit_dfr_head` on
       a class-balanced subset), or 'init' (nothing from the cue model: a fresh
-      initialisation of the whole network, `rngs.init_key(seed)`).
+      initialisation of the whole network, `rngs.scratch_init_key(seed)`).
     step: the loop it runs afterwards: 'none', 'classification'
       (`step.train_step` on `step.ClassificationLoss`) or 'cbft' (`cbft_step`).
     sections: the settings it reads, named as the fine-tuning config's

@@ -67,10 +67,12 @@ ANY = object()
 ADDED_FIELDS = {"model.dtype": "float32", "endpoint_model.dtype": "float32",
                 "kwargs.weight_init": "default", "test_cue_proportion": 1.0,
                 "path.bn_variance": "biased", "cbft.cue_set": "all_cued",
-                "cbft.barrier_loss": True, "scratch.learning_rate": ANY}
+                "cbft.barrier_loss": True, "cbft.schedule_per": "update",
+                "scratch.learning_rate": ANY}
 
 
-def _added_default(key: str):
+def added_default(key: str):
+  """What a run recorded without the (dotted) key did: its ADDED_FIELDS value, else None."""
   return next((v for suffix, v in ADDED_FIELDS.items()
                if key == suffix or key.endswith("." + suffix)), None)
 
@@ -84,7 +86,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
   old, new = flatten(old), flatten(json.loads(json.dumps(new)))
 
   def value(config, key):
-    return config[key] if key in config else _added_default(key)
+    return config[key] if key in config else added_default(key)
 
   def differ(key):
     a, b = value(old, key), value(new, key)

@@ -104,3 +104,14 @@ def test_study_claims_read_the_reproduce_record():
                                      cue="dominoes")
   result = measures.c12(records, 1)
   assert result["verdict"] == "partly" and "dominoes p=0.8" in result["measured"]
+
+
+def test_endpoint_signatures_claim_reads_final_evals():
+  views = ("clean", "cue", "rand_cue", "rand_img")
+  final = lambda accs: {"views": {v: {"accuracy": a} for v, a in zip(views, accs)}}
+  records = {"train_cue_0": final((0.68, 0.99, 0.43, 0.54)),
+             "train_nocue_0": final((0.82, 0.815, 0.81, 0.10))}
+  result = measures.c1(records, 1)
+  assert result["verdict"] == "reproduced" and "rand_img 0.540" in result["measured"]
+  records["train_nocue_0"] = final((0.82, 0.9, 0.81, 0.3))  # the no-cue model reads the cue
+  assert measures.c1(records, 1)["verdict"] == "partly"

@@ -206,6 +206,12 @@ def test_connectivity_config_errors_name_the_key():
   assert task_config.renormalize_of(config.path) == "batchnorm_unbiased"
   reproduce = reproduce_configs.get_config("cpu")
   assert task_config.renormalize_of(reproduce.path) == "auto"  # biased, the default
+  reproduce.path.bn_variance = "unbiased"
+  task_config.check_bn_variance(reproduce.path, reproduce.train.model, reproduce.train.data)
+  with reproduce.train.unlocked():
+    reproduce.train.model = common.model_section("mlp", hidden=(8,))
+  with pytest.raises(ValueError, match=r"bn_variance='unbiased' but mlp has no BatchNorm"):
+    reproduce_task.check(reproduce, num_devices=1)
   config = fit_curve_configs.get_config("cpu_clean")
   config.curve.kind = "spline"
   with pytest.raises(ValueError, match=r"config.curve.kind='spline'.*'bezier', 'polychain'"):
@@ -302,3 +308,30 @@ def test_test_cue_proportion_reaches_the_views():
     np.testing.assert_array_equal(half[name], expected[name])
   assert not np.array_equal(half["cue"], full["cue"])
   np.testing.assert_array_equal(half["clean"], full["clean"])
+
+
+def test_cbft_iterations_share_one_learning_rate():
+  """Both optimiser updates of a CBFT iteration run at the iteration's rate (the official
+  scheduler steps once per iteration); 'update' keeps the earlier per-update schedule."""
+  import jax.numpy as jnp
+  import ml_collections
+  opt = common.optimizer_section(0.1, momentum=0.0, weight_decay=0.0)  # cosine to 0
+  tx, schedule = task_config.make_optimizer(opt, num_steps=10, steps_per_epoch=5,
+                                            updates_per_step=2)
+  params, state = jnp.zeros(()), tx.init(jnp.zeros(()))
+  deltas = []
+  for _ in range(20):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    deltas.append(-float(updates))
+  np.testing.assert_allclose(deltas, [float(schedule(i // 2)) for i in range(20)], rtol=1e-6)
+  assert deltas[-1] > 0  # the last iteration still learns (per update it would be at 0)
+  cbft = ml_collections.ConfigDict({"schedule_per": "iteration", "barrier_loss": True})
+  assert task_config.cbft_updates_per_step(cbft) == 2
+  cbft.barrier_loss = False  # one update per iteration: nothing to share
+  assert task_config.cbft_updates_per_step(cbft) == 1
+  cbft.schedule_per, cbft.barrier_loss = "update", True
+  assert task_config.cbft_updates_per_step(cbft) == 1
+  cbft.schedule_per = "epoch"
+  with pytest.raises(ValueError, match=r"finetune.cbft.schedule_per='epoch'.*'iteration'"):
+    task_config.cbft_updates_per_step(cbft)
+  assert task_config.cbft_updates_per_step(ml_collections.ConfigDict({})) == 1  # old runs

@@ -189,7 +189,7 @@ def test_box_views_at_a_test_cue_proportion(box_test_split, proportion):
   images, labels, full = box_test_split
   part = views.box_views(images, labels, 10, seed=5, cue_proportion=proportion)
   mask = official_mask(labels, 10, proportion)
-  assert 0 <= mask.mean() <= proportion
+  assert mask.sum() == sum(int(np.sum(labels == c) * proportion) for c in range(10))
   np.testing.assert_array_equal(part["clean"], full["clean"])
   for name in ("cue", "rand_cue"):
     np.testing.assert_array_equal(part[name][mask], full[name][mask])

@@ -12,6 +12,7 @@ from mechconn import barriers
 from mechconn import tasks
 from mechconn import workdir as workdir_lib
 from mechconn.data import pipeline
+from mechconn.tasks import data as task_data
 from mechconn.tasks import finetune as finetune_task
 from mechconn.tasks import reproduce
 
@@ -139,11 +140,11 @@ def test_clean_and_cue_sets_are_disjoint_and_cued_as_asked():
   images = np.zeros((50, 32, 32, 3), np.uint8)
   labels = np.arange(50) % 10
   split = pipeline.make_cue_split(images, labels, 10, "box", 0.5)
-  clean, cue = finetune_task.split_clean_and_cue(split, 10, -1, seed=0)
+  clean, cue = task_data.split_clean_and_cue(split, 10, -1, seed=0)
   assert len(clean) == 10 and len(cue) == 40
   assert not clean.has_cue.any() and cue.has_cue.all()
   with pytest.raises(ValueError, match="exceed the 50 training examples"):
-    finetune_task.split_clean_and_cue(split, 30, 30, seed=0)
+    task_data.split_clean_and_cue(split, 30, 30, seed=0)
 
 
 def test_official_cbft_cue_set_keeps_the_split_s_cue_flags():
@@ -152,8 +153,8 @@ def test_official_cbft_cue_set_keeps_the_split_s_cue_flags():
   labels = np.arange(1000) % 10
   images = np.random.default_rng(0).integers(0, 255, (1000, 32, 32, 3), np.uint8)
   split = pipeline.make_cue_split(images, labels, 10, "box", 0.8)
-  clean, all_cued = finetune_task.split_clean_and_cue(split, 100, 500, seed=3)
-  clean_b, as_split = finetune_task.split_clean_and_cue(split, 100, 500, seed=3,
+  clean, all_cued = task_data.split_clean_and_cue(split, 100, 500, seed=3)
+  clean_b, as_split = task_data.split_clean_and_cue(split, 100, 500, seed=3,
                                                         cue_set="as_split")
   np.testing.assert_array_equal(as_split.images, all_cued.images)
   np.testing.assert_array_equal(clean_b.images, clean.images)
@@ -162,7 +163,7 @@ def test_official_cbft_cue_set_keeps_the_split_s_cue_flags():
   np.testing.assert_array_equal(as_split.has_cue, split.has_cue[rows])
   assert 0.7 < as_split.has_cue.mean() < 0.9
   with pytest.raises(ValueError, match=r"finetune.cbft.cue_set='some'.*'all_cued', 'as_split'"):
-    finetune_task.split_clean_and_cue(split, 100, 500, seed=3, cue_set="some")
+    task_data.split_clean_and_cue(split, 100, 500, seed=3, cue_set="some")
 
 
 @pytest.mark.slow
@@ -183,7 +184,8 @@ def test_finetune_task_runs_one_method(study, tmp_path):
 
 @pytest.mark.slow
 def test_scratch_baseline_starts_from_a_fresh_init_not_the_cue_model(study, tmp_path):
-  """The scratch row: the naive loop on the same clean set from `rngs.init_key(seed)`, with
+  """The scratch row: the naive loop on the same clean set from `rngs.scratch_init_key(seed)`,
+  never the cue model's own initialisation, with
   fresh BatchNorm statistics; nothing of the cue model but its architecture."""
   import jax
   from mechconn import rngs
@@ -192,9 +194,9 @@ def test_scratch_baseline_starts_from_a_fresh_init_not_the_cue_model(study, tmp_
   cue_dir = os.path.join(workdir, "cue_model")
   cue_model = runs.load_trained(cue_dir)
   split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=512)
-  clean, _ = finetune_task.split_clean_and_cue(split, 100, 200, seed=0)
+  clean, _ = task_data.split_clean_and_cue(split, 100, 200, seed=0)
   start = finetune_task.start_params("scratch", 4, cue_model, clean, None)
-  fresh = cue_model.model.init(rngs.init_key(4), clean.examples(np.arange(1))["image"])
+  fresh = cue_model.model.init(rngs.scratch_init_key(4), clean.examples(np.arange(1))["image"])
   for a, b, c in zip(jax.tree.leaves(start), jax.tree.leaves(fresh["params"]),
                      jax.tree.leaves(cue_model.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

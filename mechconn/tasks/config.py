@@ -12,8 +12,11 @@ import dataclasses
 import typing
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
+from mechconn import batchnorm
 from mechconn import config_checks as checks
 from mechconn import loop
 from mechconn import mesh as mesh_lib
@@ -84,11 +87,24 @@ BN_VARIANCES = ("biased", "unbiased")
 
 
 def renormalize_of(path: Any) -> str:
-  """evaluate_path's `renormalize` for a `path` section's `bn_variance` (checked: a BatchNorm-
-  free model with 'unbiased' is refused by evaluate_path; recorded runs without it: biased)."""
+  """evaluate_path's `renormalize` for a `path` section's `bn_variance` (checked; recorded
+  runs without it: biased). `check_bn_variance` refuses 'unbiased' for a BatchNorm-free model."""
   variance = path.get("bn_variance", "biased")
   checks.check_choice(variance, BN_VARIANCES, "path.bn_variance")
   return "batchnorm_unbiased" if variance == "unbiased" else "auto"
+
+
+def check_bn_variance(path: Any, model_config: Any, data: Any) -> None:
+  """Refuses path.bn_variance='unbiased' for a model without BatchNorm, before any work
+  (shapes only: the model is traced abstractly)."""
+  if renormalize_of(path) == "auto":
+    return
+  model = runs.model_of(model_config, data.dataset)
+  x = jnp.zeros((1, *input_shape(data)), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  if not batchnorm.has_batchnorm(model.apply, variables, x):
+    raise ValueError(f"config.path.bn_variance='unbiased' but {model_config.name} has no "
+                     "BatchNorm layer (nothing to recompute); use 'biased'.")
 
 
 MODEL_CHOICES = {"weight_init": layers.WEIGHT_INITS, "conv_impl": layers.CONV_IMPLS,
@@ -189,17 +205,36 @@ def steps_of(batch_size: int, num_epochs: int, num_examples: int, prefix: str = 
 
 
 def make_optimizer(opt: Any, *, num_steps: int, steps_per_epoch: int,
-                   learning_rate: float | None = None
+                   learning_rate: float | None = None, updates_per_step: int = 1
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimiser, learning-rate schedule) of an `optimizer` section.
+  """(optimiser, learning-rate schedule over the loop's steps) of an `optimizer` section.
 
-  `learning_rate` replaces the section's peak learning rate when given.
+  `learning_rate` replaces the section's peak learning rate when given. A step
+  that makes `updates_per_step` optimiser updates (CBFT: a barrier and a clean
+  update) runs all of them at the step's rate: optax advances a schedule once
+  per update, so the optimiser's schedule reads its count // updates_per_step.
   """
   schedule = step_lib.learning_rate_schedule(
       opt.schedule, opt.learning_rate if learning_rate is None else learning_rate,
       total_steps=num_steps, steps_per_epoch=steps_per_epoch,
       decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor)
-  return step_lib.sgd(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay), schedule
+  per_update = schedule if updates_per_step == 1 else (
+      lambda count: schedule(count // updates_per_step))
+  return step_lib.sgd(per_update, momentum=opt.momentum,
+                      weight_decay=opt.weight_decay), schedule
+
+
+SCHEDULE_PER = ("iteration", "update")
+
+
+def cbft_updates_per_step(cbft: Any) -> int:
+  """Optimiser updates per CBFT iteration that share its learning rate, from
+  `finetune.cbft.schedule_per` (checked): 'iteration' (the official scheduler: both updates
+  at the iteration's rate) or 'update' (the schedule advancing per update, so reaching its end
+  halfway: what runs recorded before the field did)."""
+  schedule_per = cbft.get("schedule_per", "update")
+  checks.check_choice(schedule_per, SCHEDULE_PER, "finetune.cbft.schedule_per")
+  return 2 if schedule_per == "iteration" and cbft.get("barrier_loss", True) else 1
 
 
 def loop_options(config: Any, num_steps: int, steps_per_epoch: int, desc: str

@@ -24,8 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from mechconn import config_checks as checks
 from mechconn import counterfactual
 from mechconn import mesh as mesh_lib
+from mechconn import rngs
 from mechconn.data import batching
 from mechconn.data import device
 from mechconn.data import pipeline
@@ -217,3 +219,42 @@ def bn_batches_of(examples: dict[str, np.ndarray], batch_size: int) -> StackedBa
   stacked = batching.stack_batches(examples["image"], examples["label"], batch_size,
                                    drop_remainder=True)
   return {"image": stacked["image"]}
+
+
+# --- The fine-tuning sets (clean and cue) of a cue model's training split. ---------
+
+
+def set_sizes(num_train: int, num_clean: int, num_cue: int) -> int:
+  """The number of cue examples (num_cue, or -1: the rest); raises unless both sets fit."""
+  num_cue = num_train - num_clean if num_cue == -1 else num_cue
+  if num_cue < 1 or num_clean + num_cue > num_train:
+    raise ValueError(f"config.finetune.num_clean={num_clean} + finetune.num_cue={num_cue} "
+                     f"exceed the {num_train} training examples of the cue model's data (the "
+                     "clean and cue sets are disjoint).")
+  return num_cue
+
+
+# CBFT's cue set: every example cued (the paper), or cued as in the training split at the
+# cue model's p (the official script). Path evaluation's BatchNorm examples: all cued.
+CUE_SETS = ("all_cued", "as_split")
+
+
+def cue_set_of(ft: Any) -> str:
+  """`finetune.cbft.cue_set`, checked (configs recorded before the field existed: 'all_cued')."""
+  cue_set = ft.cbft.get("cue_set", "all_cued")
+  checks.check_choice(cue_set, CUE_SETS, "finetune.cbft.cue_set")
+  return cue_set
+
+
+def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, seed: int,
+                        cue_set: str = "all_cued"
+                        ) -> tuple[pipeline.CueSplit, pipeline.CueSplit]:
+  """Disjoint (clean set without cue, cue set), drawn without replacement; the cue set is
+  all cued, or keeps the split's own cue flags (`cue_set='as_split'`, see `CUE_SETS`)."""
+  checks.check_choice(cue_set, CUE_SETS, "finetune.cbft.cue_set")
+  n = len(split)
+  num_cue = set_sizes(n, num_clean, num_cue)
+  order = np.random.default_rng([seed, rngs.CLEAN_CUE_SPLIT]).permutation(n)
+  clean_idx, cue_idx = np.sort(order[:num_clean]), np.sort(order[num_clean:num_clean + num_cue])
+  return (split.subset(clean_idx, cued=False),
+          split.subset(cue_idx, cued=True if cue_set == "all_cued" else None))

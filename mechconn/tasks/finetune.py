@@ -2,7 +2,7 @@
 
 Fine-tuning starts from a finished cue model (a `train` run) and uses a small
 clean set drawn from the cue model's own training split (and, for CBFT, a
-disjoint fully cued set: `split_clean_and_cue`). What a method is (its head,
+disjoint cue set: `tasks.data.split_clean_and_cue`). What a method is (its head,
 its step, the settings it reads) is `mechconn.finetune.METHODS`; here it is
 turned into a run: `start_params` fits the head, `build` makes the loop's
 init and step for one seed, or for several seeds at once as one vmapped
@@ -56,12 +56,13 @@ def check_finetune_config(config: Any, num_devices: int) -> None:
     checks.check_positive_int(ft.num_cue, "finetune.num_cue", " (or -1: the rest)")
   checks.check_choice(ft.cbft.t_distribution, finetune.T_DISTRIBUTIONS,
                       "finetune.cbft.t_distribution")
-  checks.check_choice(cue_set_of(ft), CUE_SETS, "finetune.cbft.cue_set")
+  task_data.cue_set_of(ft)
+  task_config.cbft_updates_per_step(ft.cbft)
   task_config.check_loop_config(ft, num_devices, prefix="finetune.")
   checks.check_number(ft.naive.learning_rate, "finetune.naive.learning_rate", low=0.0,
                       low_open=True)
   checks.check_number(ft.lp.learning_rate, "finetune.lp.learning_rate", low=0.0, low_open=True)
-  if "scratch" in ft.methods:
+  if "scratch" in ft.methods or config.get("method") == "scratch":
     checks.check_number(ft.scratch.learning_rate, "finetune.scratch.learning_rate", low=0.0,
                         low_open=True)
   checks.check_positive_int(ft.lp.num_epochs, "finetune.lp.num_epochs")
@@ -72,20 +73,10 @@ def check_finetune_config(config: Any, num_devices: int) -> None:
   task_config.check_eval_batch_size(config, num_devices)
 
 
-def set_sizes(num_train: int, num_clean: int, num_cue: int) -> int:
-  """The number of cue examples (num_cue, or -1: the rest); raises unless both sets fit."""
-  num_cue = num_train - num_clean if num_cue == -1 else num_cue
-  if num_cue < 1 or num_clean + num_cue > num_train:
-    raise ValueError(f"config.finetune.num_clean={num_clean} + finetune.num_cue={num_cue} "
-                     f"exceed the {num_train} training examples of the cue model's data (the "
-                     "clean and cue sets are disjoint).")
-  return num_cue
-
-
 def check_set_sizes(ft: Any, num_train: int, methods: tuple[str, ...], *, bn_examples: int = 0,
                     eval_batch_size: int = 1) -> None:
   """The clean and cue sets fit the training split, and each makes a batch (before any work)."""
-  num_cue = set_sizes(num_train, ft.num_clean, ft.num_cue)
+  num_cue = task_data.set_sizes(num_train, ft.num_clean, ft.num_cue)
   task_config.steps_of(ft.batch_size, ft.num_epochs, ft.num_clean, prefix="finetune.")
   if any(finetune.METHODS[m].step == "cbft" for m in methods) and num_cue < ft.batch_size:
     raise ValueError(f"config.finetune.num_cue={num_cue} makes no CBFT cue batch of "
@@ -93,30 +84,6 @@ def check_set_sizes(ft: Any, num_train: int, methods: tuple[str, ...], *, bn_exa
   if bn_examples and min(bn_examples, num_cue) < eval_batch_size:
     raise ValueError(f"config.path.bn_examples={bn_examples} (of {num_cue} cue examples) makes "
                      f"no full BatchNorm batch of eval_batch_size={eval_batch_size}.")
-
-
-# CBFT's cue set: every example cued (the paper), or cued as in the training split at the
-# cue model's p (the official script). Path evaluation's BatchNorm examples: all cued.
-CUE_SETS = ("all_cued", "as_split")
-
-
-def cue_set_of(ft: Any) -> str:
-  """`finetune.cbft.cue_set` (configs recorded before the field existed: 'all_cued')."""
-  return ft.cbft.get("cue_set", "all_cued")
-
-
-def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, seed: int,
-                        cue_set: str = "all_cued"
-                        ) -> tuple[pipeline.CueSplit, pipeline.CueSplit]:
-  """Disjoint (clean set without cue, cue set), drawn without replacement; the cue set is
-  all cued, or keeps the split's own cue flags (`cue_set='as_split'`, see `CUE_SETS`)."""
-  checks.check_choice(cue_set, CUE_SETS, "finetune.cbft.cue_set")
-  n = len(split)
-  num_cue = set_sizes(n, num_clean, num_cue)
-  order = np.random.default_rng([seed, rngs.CLEAN_CUE_SPLIT]).permutation(n)
-  clean_idx, cue_idx = np.sort(order[:num_clean]), np.sort(order[num_clean:num_clean + num_cue])
-  return (split.subset(clean_idx, cued=False),
-          split.subset(cue_idx, cued=True if cue_set == "all_cued" else None))
 
 
 def method_parts(method: str, clean_split, cue_split, batch_size: int, mesh: jax.sharding.Mesh,
@@ -147,9 +114,10 @@ def _cbft_batch(zeros: dict) -> dict:
 
 
 def fresh_variables(seed: int, cue_model: runs.TrainedModel, clean_split) -> dict:
-  """The cue model's network freshly initialised with `rngs.init_key(seed)` (scratch)."""
+  """The cue model's network freshly initialised for the scratch baseline (its own key,
+  `rngs.scratch_init_key`: seed 0 is not the cue model's own initialisation)."""
   image = clean_split.examples(np.arange(1))["image"]
-  return jax.jit(cue_model.model.init)(rngs.init_key(seed), image)
+  return jax.jit(cue_model.model.init)(rngs.scratch_init_key(seed), image)
 
 
 def start_batch_stats(method: str, seed: int, cue_model: runs.TrainedModel, clean_split):
@@ -224,11 +192,11 @@ def method_loop(method: str, ft: Any, cue_model: runs.TrainedModel, num_clean: i
     raise ValueError(f"Method {method!r} runs no loop (it only fits a head).")
   steps_per_epoch, num_steps = task_config.steps_of(ft.batch_size, ft.num_epochs, num_clean,
                                                     prefix="finetune.")
-  learning_rate = (ft[spec.learning_rate_from].learning_rate if spec.learning_rate_from
-                   else None)
-  tx, schedule = task_config.make_optimizer(ft.optimizer, num_steps=num_steps,
-                                            steps_per_epoch=steps_per_epoch,
-                                            learning_rate=learning_rate)
+  rate_from = spec.learning_rate_from
+  tx, schedule = task_config.make_optimizer(
+      ft.optimizer, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
+      learning_rate=ft[rate_from].learning_rate if rate_from else None,
+      updates_per_step=task_config.cbft_updates_per_step(ft.cbft) if spec.step == "cbft" else 1)
   model = cue_model.model
   if conv_impl is not None and hasattr(model, "conv_impl"):
     model = model.clone(conv_impl=conv_impl)
@@ -383,8 +351,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
   cue_model = inputs.cue_model
   split, test_views, test_labels = task_data.load_data(inputs.data)
   ft = config.finetune
-  clean_split, cue_split = split_clean_and_cue(split, ft.num_clean, ft.num_cue, config.seed,
-                                               cue_set_of(ft))
+  clean_split, cue_split = task_data.split_clean_and_cue(split, ft.num_clean, ft.num_cue,
+                                                         config.seed, task_data.cue_set_of(ft))
   view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
   (out,) = run_method(config.method, [config.seed], cue_model, clean_split, cue_split,
                       view_batches, ft, [workdir], mesh,

@@ -48,6 +48,7 @@ def check(config: Any, num_devices: int) -> None:
     checks.check_positive_int(config[key], key)
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
+  task_config.renormalize_of(config.path)
   task_config.steps_of(config.batch_size, config.num_epochs, data.num_train)
   if config.path.bn_examples < config.eval_batch_size:
     raise ValueError(f"config.path.bn_examples={config.path.bn_examples} makes no full batch "
@@ -114,7 +115,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Any, config_
   start = time.perf_counter()
   result = jax.device_get(barriers.evaluate_path(
       built.model.apply, (states[0].params, states[1].params), ts, eval_batches,
-      bn_batches=bn_batches if has_bn else None))
+      bn_batches=bn_batches if has_bn else None,
+      renormalize=task_config.renormalize_of(config.path)))
   eval_seconds = time.perf_counter() - start
 
   record = {

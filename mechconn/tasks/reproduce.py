@@ -78,7 +78,7 @@ def check(config: Any, num_devices: int) -> None:
   checks.check_choice(config.seed_mode, SEED_MODES, "seed_mode")
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
-  task_config.renormalize_of(config.path)
+  task_config.check_bn_variance(config.path, config.train.model, config.train.data)
   finetune_task.check_set_sizes(config.finetune,
                                 task_config.num_train_examples(config.train.data),
                                 tuple(config.finetune.methods),
@@ -103,7 +103,9 @@ def check_cue_model(cue_model: runs.TrainedModel, workdir: str, train_config: An
                                else ())
   keys = sorted(k for k in set(recorded) | set(expected)
                 if any(k == f or (f.endswith(".") and k.startswith(f)) for f in fields))
-  diff = [k for k in keys if recorded.get(k) != expected.get(k)]
+  diff = workdir_lib.config_differences(  # fields added since compare as what old runs did
+      {k: recorded[k] for k in keys if k in recorded}, {k: expected[k] for k in keys
+                                                         if k in expected})
   if diff:
     raise ValueError(
         f"config.cue_model_workdir={workdir!r} holds a model trained with "
@@ -218,8 +220,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, given: runs.TrainedM
   # 2. Data: clean and cue sets from the cue model's training split; test views.
   split, test_views, test_labels = task_data.load_data(config.train.data)
   ft = config.finetune
-  clean_split, cue_split = finetune_task.split_clean_and_cue(
-      split, ft.num_clean, ft.num_cue, config.seed, finetune_task.cue_set_of(ft))
+  clean_split, cue_split = task_data.split_clean_and_cue(
+      split, ft.num_clean, ft.num_cue, config.seed, task_data.cue_set_of(ft))
   view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
   bn_idx = np.arange(min(config.path.bn_examples, len(cue_split)))
   bn_batches = task_data.bn_batches_of(  # fully cued whatever CBFT's cue set
