@@ -186,6 +186,10 @@ def test_a_study_recorded_before_the_protocol_options_compares_equal():
   del recorded["finetune"]["cbft"]["cue_set"], recorded["finetune"]["cbft"]["barrier_loss"]
   del recorded["finetune"]["scratch"]
   assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []
+  del recorded["finetune"]["cbft"]["schedule_per"]  # before it, CBFT's schedule ran per update
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [
+      "finetune.cbft.schedule_per"]
+  recorded["finetune"]["cbft"]["schedule_per"] = "iteration"
   config.finetune.scratch.learning_rate = 0.3
   config.finetune.cbft.cue_set = "as_split"
   assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [

@@ -28,7 +28,6 @@ from mechconn import loop
 from mechconn import mesh as mesh_lib
 from mechconn import rngs
 from mechconn import step as step_lib
-from mechconn.data import pipeline
 from mechconn.tasks import config as task_config
 from mechconn.tasks import data as task_data
 from mechconn.tasks import runner
