@@ -222,17 +222,19 @@ def run_claims(ids: list[str], root: str, pairs: int, overwrite: bool = False) -
       print(f"[{claim_id}] {run.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def load_records(claim: Claim, root: str, pairs: int) -> dict | None:
+def load_records(claim: Claim, root: str, pairs: int, cache: dict) -> dict | None:
   """{run name: record} of a claim's runs, or None if one is not a finished run of the
-  claim's recipe (a record of another config is never reported)."""
-  records = {}
+  claim's recipe (a record of another config is never reported). `cache` keeps each run's
+  record (or None) across claims, which share runs."""
   for run in claim.runs(pairs):
-    directory = os.path.join(root, run.name)
-    if not finished(directory, run.record_file, run.make_config(root)):
-      return None
-    with open(os.path.join(directory, run.record_file)) as f:
-      records[run.name] = json.load(f)
-  return records
+    if run.name not in cache:
+      directory = os.path.join(root, run.name)
+      cache[run.name] = None
+      if finished(directory, run.record_file, run.make_config(root)):
+        with open(os.path.join(directory, run.record_file)) as f:
+          cache[run.name] = json.load(f)
+  records = {run.name: cache[run.name] for run in claim.runs(pairs)}
+  return None if any(r is None for r in records.values()) else records
 
 
 def main(argv: list[str]) -> None:
@@ -252,7 +254,8 @@ def main(argv: list[str]) -> None:
   if args.action == "run":
     run_claims(ids, args.workdir, args.pairs, args.overwrite)
   from experiments import claims_report  # noqa: PLC0415 (only the report needs it)
-  text = claims_report.render(CLAIMS, lambda c: load_records(c, args.workdir, args.pairs),
+  cache = {}
+  text = claims_report.render(CLAIMS, lambda c: load_records(c, args.workdir, args.pairs, cache),
                               args.pairs, figures=functools.partial(
                                   claims_report.copy_figures, root=args.workdir,
                                   out_dir=os.path.dirname(args.out) or "."))

@@ -228,7 +228,7 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
       default device.
     renormalize: 'batchnorm' (BatchNorm statistics recomputed exactly at
       every t; 'batchnorm_unbiased': with the unbiased variance, as PyTorch's
-      `update_bn` for parity with its numbers), 'repair' (REPAIR at every conv and dense output but the
+      `update_bn`), 'repair' (REPAIR at every conv and dense output but the
       logits, for networks without BatchNorm: `mechconn.repair`), None
       (nothing; networks without BatchNorm), or 'auto' ('batchnorm' when the
       model has BatchNorm, else None).

@@ -6,6 +6,9 @@ import jax
 from mechconn.models import layers
 
 
+STEMS = ("cifar", "imagenet")
+
+
 class BasicBlock(nn.Module):
   """conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN when the shape changes), ReLU."""
 
@@ -52,7 +55,7 @@ class ResNet18(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     layers.check_images(x)
-    if self.stem not in ("cifar", "imagenet"):
+    if self.stem not in STEMS:
       raise ValueError(f"Unknown stem {self.stem!r}; valid: 'cifar', 'imagenet'.")
     imagenet = self.stem == "imagenet"
     x = layers.conv(layers.scaled(64, self.width), 7 if imagenet else 3, 2 if imagenet else 1,

@@ -25,6 +25,7 @@ from mechconn.data import datasets
 from mechconn.data import pipeline
 from mechconn.models import MODELS
 from mechconn.models import layers
+from mechconn.models import resnet
 from mechconn.tasks import data as task_data
 from mechconn.tasks import runs
 
@@ -108,7 +109,7 @@ def check_bn_variance(path: Any, model_config: Any, data: Any) -> None:
 
 
 MODEL_CHOICES = {"weight_init": layers.WEIGHT_INITS, "conv_impl": layers.CONV_IMPLS,
-                 "stem": ("cifar", "imagenet")}
+                 "stem": resnet.STEMS}
 
 
 def check_model_config(model: Any, key: str = "model") -> None:
