@@ -195,13 +195,12 @@ def test_scratch_baseline_starts_from_a_fresh_init_not_the_cue_model(study, tmp_
   cue_model = runs.load_trained(cue_dir)
   split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=512)
   clean, _ = task_data.split_clean_and_cue(split, 100, 200, seed=0)
-  start = finetune_task.start_params("scratch", 4, cue_model, clean, None)
+  start, stats = finetune_task.start_variables("scratch", 4, cue_model, clean, None)
   fresh = cue_model.model.init(rngs.scratch_init_key(4), clean.examples(np.arange(1))["image"])
   for a, b, c in zip(jax.tree.leaves(start), jax.tree.leaves(fresh["params"]),
                      jax.tree.leaves(cue_model.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert not np.allclose(a, c)
-  stats = finetune_task.start_batch_stats("scratch", 4, cue_model, clean)
   assert all(float(np.abs(m).max()) == 0 for m in jax.tree.leaves(
       {k: v["mean"] for k, v in stats.items()}))
   config = finetune_config.get_config("scratch,quicktest")

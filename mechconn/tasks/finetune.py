@@ -4,9 +4,10 @@ Fine-tuning starts from a finished cue model (a `train` run) and uses a small
 clean set drawn from the cue model's own training split (and, for CBFT, a
 disjoint cue set: `tasks.data.split_clean_and_cue`). What a method is (its head,
 its step, the settings it reads) is `mechconn.finetune.METHODS`; here it is
-turned into a run: `start_params` fits the head, `build` makes the loop's
-init and step for one seed, or for several seeds at once as one vmapped
-`SeedEnsemble`, and `run_method` runs them (checkpointed, resumable).
+turned into a run: `start_variables` fits the head (or initialises scratch),
+`build` makes the loop's init and step for one seed, or for several seeds at
+once as one vmapped `SeedEnsemble`, and `run_method` runs them (checkpointed,
+resumable).
 """
 
 import dataclasses
@@ -112,18 +113,16 @@ def _cbft_batch(zeros: dict) -> dict:
 # --- Methods as runs. -------------------------------------------------------------
 
 
-def fresh_variables(seed: int, cue_model: runs.TrainedModel, clean_split) -> dict:
-  """The cue model's network freshly initialised for the scratch baseline (its own key,
-  `rngs.scratch_init_key`: seed 0 is not the cue model's own initialisation)."""
-  image = clean_split.examples(np.arange(1))["image"]
-  return jax.jit(cue_model.model.init)(rngs.scratch_init_key(seed), image)
-
-
-def start_batch_stats(method: str, seed: int, cue_model: runs.TrainedModel, clean_split):
-  """The BatchNorm statistics a method starts from: the cue model's, or fresh ('init')."""
+def start_variables(method: str, seed: int, cue_model: runs.TrainedModel, clean_split,
+                    ft: Any) -> tuple[Any, Any]:
+  """(params, batch_stats) a method starts from (`Method.head`): the cue model's with the head
+  it fits, or for 'init' (scratch) the network freshly initialised with its own key
+  (`rngs.scratch_init_key`: seed 0 is not the cue model's own initialisation)."""
   if finetune.METHODS[method].head == "init":
-    return fresh_variables(seed, cue_model, clean_split).get("batch_stats", {})
-  return cue_model.batch_stats
+    image = clean_split.examples(np.arange(1))["image"]
+    fresh = jax.jit(cue_model.model.init)(rngs.scratch_init_key(seed), image)
+    return fresh["params"], fresh.get("batch_stats", {})
+  return start_params(method, seed, cue_model, clean_split, ft), cue_model.batch_stats
 
 
 def start_params(method: str, seed: int, cue_model: runs.TrainedModel, clean_split,
@@ -133,8 +132,6 @@ def start_params(method: str, seed: int, cue_model: runs.TrainedModel, clean_spl
   model, params = cue_model.model, cue_model.params
   if spec.head == "none":
     return params
-  if spec.head == "init":
-    return fresh_variables(seed, cue_model, clean_split)["params"]
   examples = clean_split.examples(np.arange(len(clean_split)))
   images, labels = examples["image"], examples["label"]
   if spec.head == "dfr":
@@ -219,7 +216,7 @@ def build_seeds(shared: MethodLoop, cue_model: runs.TrainedModel, params: list, 
   """The loop of one seed, or of several as one vmapped `SeedEnsemble`.
 
   `params[i]` and `batch_stats[i]` (default: the cue model's) are seed i's start
-  (`start_params`, `start_batch_stats`); seed i's steps are keyed by
+  (`start_variables`); seed i's steps are keyed by
   `rngs.step_key(seed)`. Each seed draws the same batches and keys either way.
   """
   member_step = shared.member_step
@@ -264,8 +261,8 @@ def run_method(method: str, seeds: list[int], cue_model: runs.TrainedModel, clea
   `workdirs[0]`. `pipeline_mode`: where batches are drawn (`tasks.data`).
   """
   start = time.perf_counter()
-  params = [start_params(method, seed, cue_model, clean_split, ft) for seed in seeds]
-  batch_stats = [start_batch_stats(method, seed, cue_model, clean_split) for seed in seeds]
+  params, batch_stats = map(list, zip(*[
+      start_variables(method, seed, cue_model, clean_split, ft) for seed in seeds]))
   image_shape = clean_split.examples(np.arange(1))["image"].shape[1:]
   if finetune.METHODS[method].runs_loop:
     shared = method_loop(method, ft, cue_model, len(clean_split), mesh,
