@@ -88,16 +88,6 @@ def endpoint_runs(pairs: int, *, curves: bool = True, evals: tuple = ()) -> list
 STUDY_METHODS = ("naive", "lp", "lp_ft", "dfr", "cbft", "scratch")
 
 
-def study_run() -> Run:
-  """The README's fine-tuning study (reproduce.py:cpu) with the scratch baseline, its cue
-  model the claims' cue end point of pair 0."""
-  def make(root):
-    return _locked(reproduce_config.get_config("cpu"), {
-        "finetune.methods": STUDY_METHODS,
-        "cue_model_workdir": os.path.join(root, "train_cue_0")})
-  return Run("study", make, "reproduce.json")
-
-
 def variant_run(name: str, overrides: dict, cue_model: str | None = "train_cue_0") -> Run:
   """A study variant (reproduce.py:cpu with `overrides`); its cue model a claims run (or,
   with None, trained inside the study's own directory)."""
@@ -107,27 +97,32 @@ def variant_run(name: str, overrides: dict, cue_model: str | None = "train_cue_0
   return Run(name, make, "reproduce.json")
 
 
+# The README's fine-tuning study (reproduce.py:cpu) with the scratch baseline, its cue model
+# the claims' cue end point of pair 0.
+STUDY = variant_run("study", {"finetune.methods": STUDY_METHODS})
+
+
 def cue_model_run(name: str, overrides: dict) -> Run:
   return Run(name, lambda root: _locked(train_config.get_config("cpu_cue"), overrides),
              "final_eval.json")
 
 
 NAIVE = {"finetune.methods": ("naive",)}
-C6_RUNS = [train_run("cue", 0), study_run(),
+C6_RUNS = [train_run("cue", 0), STUDY,
            variant_run("study_naive_lr0.01", {**NAIVE, "finetune.naive.learning_rate": 0.01})]
-C7_RUNS = [train_run("cue", 0), study_run(),
+C7_RUNS = [train_run("cue", 0), STUDY,
            variant_run("study_naive_lr0.1", {**NAIVE, "finetune.naive.learning_rate": 0.1}),
            cue_model_run("train_cue_p100", {"data.cue_proportion": 1.0}),
            variant_run("study_p100_naive", {**NAIVE, "train.data.cue_proportion": 1.0},
                        cue_model="train_cue_p100")]
 CBFT = {"finetune.methods": ("cbft",)}
-C11_RUNS = [train_run("cue", 0), study_run(),
+C11_RUNS = [train_run("cue", 0), STUDY,
             variant_run("study_cbft_no_barrier", {**CBFT, "finetune.cbft.barrier_loss": False}),
             variant_run("study_cbft_no_invariance",
                         {**CBFT, "finetune.cbft.invariance_weight": 0.0})]
 C12_RUNS = [variant_run(f"study_p{p}", {"train.data.cue_proportion": p / 100}, cue_model=None)
             for p in (60, 70, 90)] + [
-    train_run("cue", 0), study_run(),
+    train_run("cue", 0), STUDY,
     variant_run("study_dominoes", {"train.data.cue": "dominoes"}, cue_model=None)]
 
 
@@ -167,12 +162,12 @@ CLAIMS = [
     Claim("C7", "With lr 0.1, or from a cue model trained at p = 1, naive FT shows a barrier "
           "and becomes more cue-invariant.", lambda n: C7_RUNS, measures.c7),
     Claim("C8", "LP / last-layer retraining, LP-FT and DFR reduce but do not remove cue "
-          "reliance.", lambda n: [train_run("cue", 0), study_run()], measures.c8),
+          "reliance.", lambda n: [train_run("cue", 0), STUDY], measures.c8),
     Claim("C9", "CBFT: rand_img near chance, clean ~ cue ~ rand_cue, clean within a few points "
           "of naive FT and far above training from scratch on the same clean examples.",
-          lambda n: [train_run("cue", 0), study_run()], measures.c9, STUDY_FIGURES),
+          lambda n: [train_run("cue", 0), STUDY], measures.c9, STUDY_FIGURES),
     Claim("C10", "CBFT's end point is not linearly connected to the cue model (on cue data).",
-          lambda n: [train_run("cue", 0), study_run()], measures.c10, STUDY_FIGURES),
+          lambda n: [train_run("cue", 0), STUDY], measures.c10, STUDY_FIGURES),
     Claim("C11", "Ablations: CBFT without the barrier loss keeps the cue; without the "
           "invariance loss a barrier forms but the model can anti-correlate with the cue.",
           lambda n: C11_RUNS, measures.c11),
