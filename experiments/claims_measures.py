@@ -75,7 +75,9 @@ def c3(records, pairs):
   for align in ("weight", "activation"):
     err = _barriers(records, pairs, align, "linear (aligned)", "clean")
     before = _barriers(records, pairs, align, "linear", "clean")
-    out.append(f"{align} matching: clean accuracy barrier {_ms(before)} -> {_ms(err)}")
+    sites = records[f"eval_path_{align}_0"]["alignment"].get("activation_sites")
+    how = f"{align} matching" + (f" ({sites})" if sites else "")
+    out.append(f"{how}: clean accuracy barrier {_ms(before)} -> {_ms(err)}")
     checks.append(min(err) > TOLERANCE)
   return {"measured": "; ".join(out), "verdict": _verdict(checks),
           "criteria": f"after each alignment the clean accuracy barrier stays > {TOLERANCE}",
@@ -192,9 +194,10 @@ def c12(records, pairs):
     naive, _ = _naive(study)
     data = study["data"]
     label = (f"{data['cue']} p={data['cue_proportion_of_cue_model']}")
-    out.append(f"{label}: naive rand_img {naive['rand_img']:.3f}, cbft rand_img "
-               f"{cbft['rand_img']:.3f}, cbft clean - rand_cue "
-               f"{cbft['clean'] - cbft['rand_cue']:.3f}")
+    cue_model = study["cue_model"]["views"]["rand_img"]["accuracy"]
+    out.append(f"{label}: cue model rand_img {cue_model:.3f}; naive clean {naive['clean']:.3f}, "
+               f"rand_img {naive['rand_img']:.3f}; cbft clean {cbft['clean']:.3f}, rand_img "
+               f"{cbft['rand_img']:.3f}, clean - rand_cue {cbft['clean'] - cbft['rand_cue']:.3f}")
     checks.append(naive["rand_img"] > CHANCE + TOLERANCE
                   and cbft["rand_img"] <= CHANCE + TOLERANCE
                   and abs(cbft["clean"] - cbft["rand_cue"]) <= TOLERANCE)

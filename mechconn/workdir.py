@@ -62,31 +62,37 @@ UNCOMPARED_FIELDS = ("progress", "data_dir", "download", "pipeline")
 # Fields added after runs were recorded, with the value that does what those runs did:
 # a run recorded without one compares as having this value (matched on the key's end).
 # ANY: a setting no recorded run used (e.g. the scratch baseline's learning rate for a study
-# that never ran it), so absent compares equal to any value.
+# that never ran it), so absent compares equal to any value. A callable reads the run's
+# (flattened) config: eval_path's activation sites mattered only to activation matching.
 ANY = object()
 ADDED_FIELDS = {"model.dtype": "float32", "endpoint_model.dtype": "float32",
                 "kwargs.weight_init": "default", "test_cue_proportion": 1.0,
                 "path.bn_variance": "biased", "cbft.cue_set": "all_cued",
                 "cbft.barrier_loss": True, "cbft.schedule_per": "update",
-                "scratch.learning_rate": ANY}
+                "scratch.learning_rate": ANY,
+                "activation_sites": lambda run: (
+                    "module_outputs" if run.get("align") == "activation" else ANY)}
 
 
-def added_default(key: str):
-  """What a run recorded without the (dotted) key did: its ADDED_FIELDS value, else None."""
-  return next((v for suffix, v in ADDED_FIELDS.items()
-               if key == suffix or key.endswith("." + suffix)), None)
+def added_default(key: str, run: dict | None = None):
+  """What a run (its flattened config) recorded without the dotted key did: its
+  ADDED_FIELDS value, else None."""
+  value = next((v for suffix, v in ADDED_FIELDS.items()
+                if key == suffix or key.endswith("." + suffix)), None)
+  return value(run or {}) if callable(value) else value
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
   """Dotted keys whose values differ between two config dicts (sorted).
 
   Keys whose last part is in `UNCOMPARED_FIELDS` are not compared; a key of
-  `ADDED_FIELDS` absent on one side compares as its listed value.
+  `ADDED_FIELDS` absent on one side compares as its listed value (or the value it computes
+  from that side's config).
   """
   old, new = flatten(old), flatten(json.loads(json.dumps(new)))
 
   def value(config, key):
-    return config[key] if key in config else added_default(key)
+    return config[key] if key in config else added_default(key, config)
 
   def differ(key):
     a, b = value(old, key), value(new, key)

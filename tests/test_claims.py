@@ -9,13 +9,15 @@ from experiments import claims_measures as measures
 from experiments import claims_report
 
 
-def _eval_record(linear_clean, aligned_clean, clean_curve, cue_curve, broken=("cue",)):
+def _eval_record(linear_clean, aligned_clean, clean_curve, cue_curve, broken=("cue",),
+                 alignment=None):
   """An eval_path record with the given accuracy barriers (the fields the measures read)."""
   def path(clean=0.0, cue=0.0, broken_views=()):
     return {"barriers": {v: {"error": {"clean": clean, "cue": cue}.get(v, 0.0), "loss": 0.0}
                          for v in ("clean", "cue", "rand_cue", "rand_img")},
             "broken_views": list(broken_views)}
   return {"ts": [0, 0.5, 1], "eval": {"num_examples": 100},
+          "alignment": alignment or {"method": "weight"},
           "batchnorm": {"num_examples": 64, "recomputed_at_every_t_from": "clean"},
           "paths": {"linear": path(clean=linear_clean, broken_views=("clean",)),
                     "linear (aligned)": path(clean=aligned_clean),
@@ -26,9 +28,12 @@ def _eval_record(linear_clean, aligned_clean, clean_curve, cue_curve, broken=("c
 
 def test_verdicts_follow_the_stated_criteria():
   good = {"eval_path_weight_0": _eval_record(0.5, 0.2, 0.01, 0.02),
-          "eval_path_activation_0": _eval_record(0.5, 0.3, 0.01, 0.02)}
+          "eval_path_activation_0": _eval_record(0.5, 0.3, 0.01, 0.02, alignment={
+              "method": "activation", "activation_sites": "post_relu"})}
   assert measures.c2(good, 1)["verdict"] == "reproduced"
   assert measures.c3(good, 1)["verdict"] == "reproduced"
+  assert "activation matching (post_relu): clean accuracy barrier 0.500" in measures.c3(
+      good, 1)["measured"]
   assert measures.c4(good, 1)["verdict"] == "reproduced"
   assert measures.c5(good, 1)["verdict"] == "reproduced"
   bad = copy.deepcopy(good)
@@ -103,7 +108,9 @@ def test_study_claims_read_the_reproduce_record():
   records["study_dominoes"] = _study(dict(PATTERN, cbft=(0.7, 0.9, 0.5, 0.4, 0.1)),
                                      cue="dominoes")
   result = measures.c12(records, 1)
-  assert result["verdict"] == "partly" and "dominoes p=0.8" in result["measured"]
+  assert result["verdict"] == "partly"
+  assert ("dominoes p=0.8: cue model rand_img 0.550; naive clean 0.760, rand_img 0.460; cbft "
+          "clean 0.700, rand_img 0.400, clean - rand_cue 0.200") in result["measured"]
 
 
 def test_endpoint_signatures_claim_reads_final_evals():

@@ -195,6 +195,10 @@ def test_connectivity_config_errors_name_the_key():
   with pytest.raises(ValueError, match=r"config.align='procrustes'.*'activation', 'none'"):
     eval_path_task.check(config, 1)
   config = eval_path_configs.get_config("cpu")
+  config.activation_sites = "post_gelu"
+  with pytest.raises(ValueError, match=r"config.activation_sites='post_gelu'.*'module_outputs'"):
+    eval_path_task.check(config, 1)
+  config = eval_path_configs.get_config("cpu")
   config.path.num_t = 1
   with pytest.raises(ValueError, match="config.path.num_t=1 must be at least 2"):
     eval_path_task.check(config, 1)
@@ -325,13 +329,51 @@ def test_cbft_iterations_share_one_learning_rate():
     deltas.append(-float(updates))
   np.testing.assert_allclose(deltas, [float(schedule(i // 2)) for i in range(20)], rtol=1e-6)
   assert deltas[-1] > 0  # the last iteration still learns (per update it would be at 0)
-  cbft = ml_collections.ConfigDict({"schedule_per": "iteration", "barrier_loss": True})
-  assert task_config.cbft_updates_per_step(cbft) == 2
+  cbft = ml_collections.ConfigDict({"schedule_per": "iteration", "barrier_loss": True,
+                                    "warmup_epochs": 1})
+  assert task_config.cbft_schedule(cbft, 5) == (2, 0)
   cbft.barrier_loss = False  # one update per iteration: nothing to share
-  assert task_config.cbft_updates_per_step(cbft) == 1
+  assert task_config.cbft_schedule(cbft, 5) == (1, 0)
   cbft.schedule_per, cbft.barrier_loss = "update", True
-  assert task_config.cbft_updates_per_step(cbft) == 1
+  assert task_config.cbft_schedule(cbft, 5) == (1, 0)
   cbft.schedule_per = "epoch"
   with pytest.raises(ValueError, match=r"finetune.cbft.schedule_per='epoch'.*'iteration'"):
-    task_config.cbft_updates_per_step(cbft)
-  assert task_config.cbft_updates_per_step(ml_collections.ConfigDict({})) == 1  # old runs
+    task_config.cbft_schedule(cbft, 5)
+  assert task_config.cbft_schedule(ml_collections.ConfigDict({}), 5) == (1, 0)  # old runs
+
+
+def _official_cbft_rates(base, num_epochs, iters, warmup_epochs):
+  """The learning rate of every iteration of the official CBFT loop: utils.LR_Scheduler
+  (cosine to 0 over every iteration), stepped after each iteration of epochs > warmup."""
+  schedule = 0.5 * base * (1 + np.cos(np.pi * np.arange(num_epochs * iters) / (num_epochs * iters)))
+  lr, stepped, rates = base, 0, []
+  for epoch in range(num_epochs):
+    for _ in range(iters):
+      rates.append(lr)
+      if epoch > warmup_epochs:
+        lr, stepped = schedule[stepped], stepped + 1
+  return rates
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 2])
+def test_cbft_schedule_after_warmup_is_the_official_scripts(warmup_epochs):
+  """'iteration_after_warmup': both updates of every iteration at the rate the official loop
+  gives that iteration (its scheduler stepped only from epoch warmup_epochs + 1)."""
+  import jax.numpy as jnp
+  import ml_collections
+  cbft = ml_collections.ConfigDict({"schedule_per": "iteration_after_warmup",
+                                    "barrier_loss": True, "warmup_epochs": warmup_epochs})
+  shared, held = task_config.cbft_schedule(cbft, 4)
+  opt = common.optimizer_section(0.1, momentum=0.0, weight_decay=0.0)  # cosine to 0
+  tx, schedule = task_config.make_optimizer(opt, num_steps=20, steps_per_epoch=4,
+                                            updates_per_step=shared, hold_steps=held)
+  params, state = jnp.zeros(()), tx.init(jnp.zeros(()))
+  deltas = []
+  for _ in range(2 * 20):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    deltas.append(-float(updates))
+  expected = _official_cbft_rates(0.1, num_epochs=5, iters=4, warmup_epochs=warmup_epochs)
+  np.testing.assert_allclose(deltas[::2], expected, rtol=1e-6)
+  np.testing.assert_allclose(deltas[1::2], expected, rtol=1e-6)
+  np.testing.assert_allclose([float(schedule(i)) for i in range(20)], expected, rtol=1e-6)
+  assert expected[-1] > 0.0 and expected[4 * (warmup_epochs + 1)] == 0.1

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -106,6 +107,29 @@ def test_end_points_must_match_the_path_config_data():
   with pytest.raises(ValueError, match=r"data.simple_dataset='mnist'"):
     fit_curve_task.check_endpoints(run(cue="dominoes"),
                                    run(cue="dominoes", simple_dataset="mnist"), dominoes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sites", ["post_relu", "module_outputs"])
+def test_activation_alignment_correlates_the_configured_sites(runs, tmp_path, monkeypatch, sites):
+  """activation_sites reaches the matching (post_relu: the ReLU of every site) and the record."""
+  workdirs, _, _ = runs
+  seen = []
+  original = eval_path_task.matching.activation_matching
+
+  def spy(*args, post=None, **kwargs):
+    seen.append(post)
+    return original(*args, post=post, **kwargs)
+
+  monkeypatch.setattr(eval_path_task.matching, "activation_matching", spy)
+  config = eval_path_config.get_config("cpu,quicktest")
+  config.start_workdir, config.end_workdir = workdirs["cue"], workdirs["nocue"]
+  config.curve_workdirs, config.align, config.activation_sites = (), "activation", sites
+  record = tasks.run(config, str(tmp_path / "eval"))
+  assert seen == [jax.nn.relu if sites == "post_relu" else None]
+  assert record["alignment"]["method"] == "activation"
+  assert record["alignment"]["activation_sites"] == sites
+  assert list(record["paths"]) == ["linear", "linear (aligned)"]
 
 
 @pytest.mark.slow

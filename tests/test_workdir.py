@@ -194,3 +194,18 @@ def test_a_study_recorded_before_the_protocol_options_compares_equal():
   config.finetune.cbft.cue_set = "as_split"
   assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [
       "finetune.cbft.cue_set"]
+
+
+def test_an_eval_path_recorded_before_activation_sites_reads_as_what_it_did():
+  """Before the field, activation matching correlated module outputs; other alignments never
+  used it, so their records compare equal to any value."""
+  from experiments.configs import eval_path as eval_path_configs
+  config = eval_path_configs.get_config("cpu")
+  recorded = workdir_lib.config_to_dict(config)
+  del recorded["activation_sites"]
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []
+  recorded["align"] = config.align = "activation"
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [
+      "activation_sites"]
+  config.activation_sites = "module_outputs"
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []

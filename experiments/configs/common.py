@@ -149,8 +149,9 @@ def finetune_section(paper: bool) -> ml_collections.ConfigDict:
   ft.cbft.t_distribution = "clip"  # clip (official code) or truncnorm (paper text)
   ft.cbft.barrier_loss = True  # False: the ablation without the barrier step
   # The learning-rate schedule advances per CBFT iteration (both updates at its rate, as the
-  # official scheduler), or per optimiser update ('update': mechconn before 2026-11-26).
-  ft.cbft.schedule_per = "iteration"
+  # official scheduler), or per optimiser update ('update': mechconn before 2026-11-26); the
+  # paper presets, as the official script, only from epoch warmup_epochs + 1 on.
+  ft.cbft.schedule_per = "iteration_after_warmup" if paper else "iteration"
   # CBFT's cue examples: all_cued (every one carries the cue) or as_split (as the official
   # script: they keep the training split's cue flags, so about cue_proportion of them).
   ft.cbft.cue_set = "all_cued"

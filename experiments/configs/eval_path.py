@@ -43,6 +43,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   prefix = f"workdir/curve_{name}" if paper else "workdir/curve"
   config.curve_workdirs = (f"{prefix}_clean", f"{prefix}_cue")  # fitted curves to evaluate
   config.align = "weight"  # none, weight (Git Re-Basin weight matching) or activation
+  # Activation matching correlates post_relu (every site's ReLU: the units' outputs, as the
+  # official code; for ReLU networks, as all built-in models) or module_outputs (before it).
+  config.activation_sites = "post_relu"
   config.path = common.path_section(num_t=11, bn_examples=1024)
   config.path.bn_data = "clean"  # BatchNorm statistics at each t from clean (or 'train') data
   config.eval_batch_size = 512 if paper else 128  # global, for the views and BatchNorm

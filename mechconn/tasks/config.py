@@ -206,36 +206,47 @@ def steps_of(batch_size: int, num_epochs: int, num_examples: int, prefix: str = 
 
 
 def make_optimizer(opt: Any, *, num_steps: int, steps_per_epoch: int,
-                   learning_rate: float | None = None, updates_per_step: int = 1
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   learning_rate: float | None = None, updates_per_step: int = 1,
+                   hold_steps: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimiser, learning-rate schedule over the loop's steps) of an `optimizer` section.
 
   `learning_rate` replaces the section's peak learning rate when given. A step
   that makes `updates_per_step` optimiser updates (CBFT: a barrier and a clean
   update) runs all of them at the step's rate: optax advances a schedule once
   per update, so the optimiser's schedule reads its count // updates_per_step.
+  The first `hold_steps` steps run at the schedule's start, from which it then
+  runs (the official CBFT scheduler, stepped only after its warm-up).
   """
   schedule = step_lib.learning_rate_schedule(
       opt.schedule, opt.learning_rate if learning_rate is None else learning_rate,
       total_steps=num_steps, steps_per_epoch=steps_per_epoch,
       decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor)
-  per_update = schedule if updates_per_step == 1 else (
-      lambda count: schedule(count // updates_per_step))
+  per_step = schedule if not hold_steps else (
+      lambda step: schedule(jnp.maximum(step - hold_steps, 0)))
+  per_update = per_step if updates_per_step == 1 else (
+      lambda count: per_step(count // updates_per_step))
   return step_lib.sgd(per_update, momentum=opt.momentum,
-                      weight_decay=opt.weight_decay), schedule
+                      weight_decay=opt.weight_decay), per_step
 
 
-SCHEDULE_PER = ("iteration", "update")
+SCHEDULE_PER = ("iteration", "iteration_after_warmup", "update")
 
 
-def cbft_updates_per_step(cbft: Any) -> int:
-  """Optimiser updates per CBFT iteration that share its learning rate, from
-  `finetune.cbft.schedule_per` (checked): 'iteration' (the official scheduler: both updates
-  at the iteration's rate) or 'update' (the schedule advancing per update, so reaching its end
-  halfway: what runs recorded before the field did)."""
+def cbft_schedule(cbft: Any, steps_per_epoch: int) -> tuple[int, int]:
+  """(optimiser updates per CBFT iteration that share its learning rate, iterations held at
+  the peak rate) from `finetune.cbft.schedule_per` (checked): 'iteration' (both updates at
+  the iteration's rate, as the official scheduler); 'iteration_after_warmup' (as the official
+  script, whose scheduler steps only from epoch warmup_epochs + 1: the peak rate until then,
+  the cosine from its start after, ending short of 0); 'update' (the schedule advancing per
+  update, so reaching its end halfway: what runs recorded before the field did)."""
   schedule_per = cbft.get("schedule_per", "update")
   checks.check_choice(schedule_per, SCHEDULE_PER, "finetune.cbft.schedule_per")
-  return 2 if schedule_per == "iteration" and cbft.get("barrier_loss", True) else 1
+  shared = 2 if schedule_per != "update" and cbft.get("barrier_loss", True) else 1
+  # From iteration D = (warmup_epochs + 1) epochs, the official step after iteration i sets
+  # the rate of iteration i + 1 to schedule[i - D]: iteration j runs at schedule[j - D - 1].
+  held = ((cbft.warmup_epochs + 1) * steps_per_epoch + 1
+          if schedule_per == "iteration_after_warmup" else 0)
+  return shared, held
 
 
 def loop_options(config: Any, num_steps: int, steps_per_epoch: int, desc: str

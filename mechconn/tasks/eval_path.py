@@ -40,6 +40,9 @@ EVAL_PATH_FILE = "eval_path.json"
 EVAL_PATH_FIGURE = "eval_path.png"
 LAYOUT = workdir_lib.Layout(files=(EVAL_PATH_FILE, EVAL_PATH_FIGURE))
 ALIGNMENTS = ("none", "weight", "activation")
+# What activation matching correlates: the ReLU of every site (the units' outputs, as the
+# official code matches VGG/ResNet blocks) or the module outputs before it.
+ACTIVATION_SITES = {"post_relu": jax.nn.relu, "module_outputs": None}
 BN_DATA = ("clean", "train")
 
 
@@ -57,6 +60,7 @@ def check(config: Any, num_devices: int) -> None:
   task_config.check_data_config(config.data)
   task_config.check_model_config(config.endpoint_model, "endpoint_model")
   checks.check_choice(config.align, ALIGNMENTS, "align")
+  checks.check_choice(config.activation_sites, tuple(ACTIVATION_SITES), "activation_sites")
   checks.check_choice(config.path.bn_data, BN_DATA, "path.bn_data")
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
   task_config.renormalize_of(config.path)
@@ -157,7 +161,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
       perm = matching.weight_matching(spec, start_run.params, end_run.params, seed=config.seed)
     else:
       perm = matching.activation_matching(model.apply, spec, start_run.variables,
-                                       end_run.variables, list(bn_batches["image"]))
+                                          end_run.variables, list(bn_batches["image"]),
+                                          post=ACTIVATION_SITES[config.activation_sites])
     aligned_end = align.apply_permutation(spec, perm, end_run.params)
     path_points["linear (aligned)"] = ("linear", (start_run.params, aligned_end))
     moved = {k: float(np.mean(v != np.arange(len(v)))) for k, v in perm.items()}
@@ -165,6 +170,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
                  "matched_on": (f"{len(bn_batches['image']) * config.eval_batch_size} "
                                 f"{config.path.bn_data} training images"
                                 if config.align == "activation" else "weights")}
+    if config.align == "activation":
+      alignment["activation_sites"] = config.activation_sites
   for (record, free), w in zip(inputs.curves, config.curve_workdirs):
     label = fit_curve.curve_label(record)
     if label in path_points:  # two curves of one kind on one dataset: name them apart

@@ -57,7 +57,6 @@ def check_finetune_config(config: Any, num_devices: int) -> None:
   checks.check_choice(ft.cbft.t_distribution, finetune.T_DISTRIBUTIONS,
                       "finetune.cbft.t_distribution")
   task_data.cue_set_of(ft)
-  task_config.cbft_updates_per_step(ft.cbft)
   task_config.check_loop_config(ft, num_devices, prefix="finetune.")
   checks.check_number(ft.naive.learning_rate, "finetune.naive.learning_rate", low=0.0,
                       low_open=True)
@@ -70,6 +69,7 @@ def check_finetune_config(config: Any, num_devices: int) -> None:
   checks.check_number(ft.cbft.margin, "finetune.cbft.margin", low=0.0)
   checks.check_number(ft.cbft.invariance_weight, "finetune.cbft.invariance_weight", low=0.0)
   checks.check_int(ft.cbft.warmup_epochs, "finetune.cbft.warmup_epochs")
+  task_config.cbft_schedule(ft.cbft, 1)
   task_config.check_eval_batch_size(config, num_devices)
 
 
@@ -189,10 +189,12 @@ def method_loop(method: str, ft: Any, cue_model: runs.TrainedModel, num_clean: i
   steps_per_epoch, num_steps = task_config.steps_of(ft.batch_size, ft.num_epochs, num_clean,
                                                     prefix="finetune.")
   rate_from = spec.learning_rate_from
+  shared, held = (task_config.cbft_schedule(ft.cbft, steps_per_epoch) if spec.step == "cbft"
+                  else (1, 0))
   tx, schedule = task_config.make_optimizer(
       ft.optimizer, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
       learning_rate=ft[rate_from].learning_rate if rate_from else None,
-      updates_per_step=task_config.cbft_updates_per_step(ft.cbft) if spec.step == "cbft" else 1)
+      updates_per_step=shared, hold_steps=held)
   model = cue_model.model
   if conv_impl is not None and hasattr(model, "conv_impl"):
     model = model.clone(conv_impl=conv_impl)
