@@ -1,14 +1,39 @@
-"""Shared test setup: the repository root on sys.path, and the `slow` marker.
+"""Shared test setup: the repository root on sys.path, the `slow` marker, a compilation cache.
 
 `REPO` is the repository root (tests launch `python -m experiments.main` there
 and import `experiments.configs.*`). End-to-end tests that launch subprocesses
 or train whole tiny runs are marked `slow`: `pytest -m "not slow"` is the fast
 inner loop; CI runs everything.
+
+The suite compiles the same tiny programs many times, in this process, in
+pytest-xdist's workers and in the launches tests make: one JAX persistent
+compilation cache per session (a fresh directory, removed at the end; all of
+them inherit it through the environment) compiles each once. Every test still
+runs every program; `JAX_COMPILATION_CACHE_DIR` set by the user is kept.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
+
+_OWN_CACHE = "MECHCONN_TESTS_JAX_CACHE"  # the session's cache, made here
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_OWN_CACHE] = tempfile.mkdtemp(
+      prefix="mechconn-tests-jax-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+if "jax" in sys.modules:  # imported before this file (a plugin): tell it too
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1)))
+
+
+def pytest_sessionfinish(session):
+  """The process that made the session's cache (not an xdist worker) removes it."""
+  if not hasattr(session.config, "workerinput") and _OWN_CACHE in os.environ:
+    shutil.rmtree(os.environ.pop(_OWN_CACHE), ignore_errors=True)
