@@ -65,14 +65,21 @@ def curve_run(fit_on: str, pair: int) -> Run:
   return Run(f"curve_{fit_on}_{pair}", make, "curve.json")
 
 
-def eval_run(align: str, pair: int) -> Run:
+# eval_path's alignments: activation matching as the official code (post-ReLU outputs), and
+# on the module outputs before the ReLU (what mechconn matched before 2026-11-26).
+EVALS = {"weight": {"align": "weight"}, "activation": {"align": "activation"},
+         "activation_module_outputs": {"align": "activation",
+                                       "activation_sites": "module_outputs"}}
+
+
+def eval_run(kind: str, pair: int) -> Run:
   def make(root):
     return _locked(eval_path_config.get_config("cpu"), {
-        "align": align, "start_workdir": os.path.join(root, f"train_cue_{pair}"),
+        **EVALS[kind], "start_workdir": os.path.join(root, f"train_cue_{pair}"),
         "end_workdir": os.path.join(root, f"train_nocue_{pair}"),
         "curve_workdirs": (os.path.join(root, f"curve_clean_{pair}"),
                            os.path.join(root, f"curve_cue_{pair}"))})
-  return Run(f"eval_path_{align}_{pair}", make, "eval_path.json")
+  return Run(f"eval_path_{kind}_{pair}", make, "eval_path.json")
 
 
 def endpoint_runs(pairs: int, *, curves: bool = True, evals: tuple = ()) -> list[Run]:
@@ -81,7 +88,7 @@ def endpoint_runs(pairs: int, *, curves: bool = True, evals: tuple = ()) -> list
     out += [train_run("cue", k), train_run("nocue", k)]
     if curves:
       out += [curve_run("clean", k), curve_run("cue", k)]
-    out += [eval_run(align, k) for align in evals]
+    out += [eval_run(kind, k) for kind in evals]
   return out
 
 
@@ -149,7 +156,7 @@ CLAIMS = [
     Claim("C2", "The linear path between the cue and the no-cue model has a barrier on clean "
           "data.", lambda n: endpoint_runs(n, evals=("weight",)), measures.c2, EVAL_FIGURE),
     Claim("C3", "The barrier survives permutation alignment (weight and activation matching).",
-          lambda n: endpoint_runs(n, evals=("weight", "activation")), measures.c3,
+          lambda n: endpoint_runs(n, evals=tuple(EVALS)), measures.c3,
           EVAL_FIGURE),
     Claim("C4", "A quadratic path fitted on clean data, and one fitted on fully cued data, has "
           "no barrier on its own data.", lambda n: endpoint_runs(n, evals=("weight",)),
