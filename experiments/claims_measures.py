@@ -199,8 +199,9 @@ def c12(records, pairs):
     naive, _ = _naive(study)
     data = study["data"]
     label = (f"{data['cue']} p={data['cue_proportion_of_cue_model']}")
-    cue_model = study["cue_model"]["views"]["rand_img"]["accuracy"]
-    out.append(f"{label}: cue model rand_img {cue_model:.3f}; naive clean {naive['clean']:.3f}, "
+    cue_model = {k: v["accuracy"] for k, v in study["cue_model"]["views"].items()}
+    out.append(f"{label}: cue model clean {cue_model['clean']:.3f}, rand_img "
+               f"{cue_model['rand_img']:.3f}; naive clean {naive['clean']:.3f}, "
                f"rand_img {naive['rand_img']:.3f}; cbft clean {cbft['clean']:.3f}, rand_img "
                f"{cbft['rand_img']:.3f}, clean - rand_cue {cbft['clean'] - cbft['rand_cue']:.3f}")
     checks.append(naive["rand_img"] > CHANCE + TOLERANCE

@@ -21,11 +21,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # configs import each other as experiments.configs.*
 
-_OWN_CACHE = "MECHCONN_TESTS_JAX_CACHE"  # the session's cache, made here
+# The cache this process made (None: the user's, or one inherited from the process that
+# made it: an xdist worker's, a launched run's). Only its maker removes it.
+_MADE_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_OWN_CACHE] = tempfile.mkdtemp(
-      prefix="mechconn-tests-jax-cache-")
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  _MADE_CACHE = tempfile.mkdtemp(prefix="mechconn-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _MADE_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "jax" in sys.modules:  # imported before this file (a plugin): tell it too
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
@@ -33,7 +35,8 @@ if "jax" in sys.modules:  # imported before this file (a plugin): tell it too
                     float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1)))
 
 
-def pytest_sessionfinish(session):
-  """The process that made the session's cache (not an xdist worker) removes it."""
-  if not hasattr(session.config, "workerinput") and _OWN_CACHE in os.environ:
-    shutil.rmtree(os.environ.pop(_OWN_CACHE), ignore_errors=True)
+def pytest_sessionfinish():
+  """The process that made the session's cache removes it (and its setting)."""
+  if _MADE_CACHE is not None and os.environ.get("JAX_COMPILATION_CACHE_DIR") == _MADE_CACHE:
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+    shutil.rmtree(_MADE_CACHE, ignore_errors=True)
