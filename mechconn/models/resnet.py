@@ -56,7 +56,7 @@ class ResNet18(nn.Module):
   def __call__(self, x, train: bool = False, return_features: bool = False):
     layers.check_images(x)
     if self.stem not in STEMS:
-      raise ValueError(f"Unknown stem {self.stem!r}; valid: 'cifar', 'imagenet'.")
+      raise ValueError(f"Unknown stem {self.stem!r}; valid: {', '.join(map(repr, STEMS))}.")
     imagenet = self.stem == "imagenet"
     x = layers.conv(layers.scaled(64, self.width), 7 if imagenet else 3, 2 if imagenet else 1,
                     impl=self.conv_impl, dtype=self.dtype, name="stem_conv",
