@@ -81,7 +81,7 @@ def evaluate_point(apply_fn, params, eval_batches, bn_batches):
   variables = {"params": params}
   if bn_batches is not None:
     variables["batch_stats"] = batchnorm.recompute_batch_stats(apply_fn, variables, bn_batches)
-  return evaluation.evaluate_variables(apply_fn, variables, eval_batches)
+  return evaluation.mean_metrics(apply_fn, variables, eval_batches)
 
 
 def bench_model(name, model, args, peak):

@@ -54,7 +54,7 @@ def worker(args):
   memory = barriers.compiled_memory(model.apply, (a, b), ts, eval_sets, **kwargs)
 
   def run():
-    out = barriers.evaluate_path(model.apply, (a, b), ts, eval_sets, **kwargs)["eval"]
+    out = barriers.evaluate_path_on_sets(model.apply, (a, b), ts, eval_sets, **kwargs)["eval"]
     return jax.block_until_ready(out)
 
   start = time.perf_counter()

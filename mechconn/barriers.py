@@ -1,10 +1,18 @@
 """Evaluate a network along a path at many t in one compiled program; barriers.
 
-`evaluate_path` compiles one XLA program for a whole grid of t: for each t it
-forms the parameters on the path, recomputes BatchNorm statistics from data
-(when the model has BatchNorm), and scans each eval set (one, or {name: set},
-e.g. the four counterfactual views) for the exact mean loss and accuracy over
-all real examples. A new grid of the same length, or new endpoints of the same
+The core, `path_metrics`, is a pure function: for each t of a grid it forms
+the parameters on the path, recomputes BatchNorm (or REPAIR) statistics from
+data, and scans each eval set for the exact weighted means of an objective's
+metrics (`mechconn.objectives`: cross-entropy and accuracy by default;
+regression, next-token language modelling, or a user's own). Call it inside
+`jax.jit`, differentiate it with `jax.grad` with respect to the path's points,
+map it with `jax.vmap` over stacked end points.
+
+`evaluate_path` (one eval set -> a `PathEval`) and `evaluate_path_on_sets`
+({name: set}, e.g. the four counterfactual views, sharing each t's
+statistics -> {name: PathEval}) are the checked, eager conveniences on top of
+it: they validate the inputs, refuse non-finite numbers, and place the work on
+a device mesh. A new grid of the same length, or new endpoints of the same
 shapes, reuse the compiled program. `PathEval.summary()` gives the barriers
 and where they sit.
 
@@ -33,6 +41,7 @@ the 't' layout XLA gathers them onto every device.
 
 from collections.abc import Mapping, Sequence
 import functools
+import warnings
 
 import chex
 import flax
@@ -41,51 +50,117 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from mechconn import adapters
 from mechconn import batchnorm
 from mechconn import evaluation
 from mechconn import finite
 from mechconn import mesh as mesh_lib
+from mechconn import objectives as objectives_lib
 from mechconn import paths
 from mechconn import repair
+from mechconn.objectives import Objective
 from mechconn.types import ApplyFn, Params, PathFn, StackedBatches
 
 STRATEGIES = ("map", "chunked", "vmap")
 # Measured with benchmarks/path_eval.py (README, Performance and Accelerators): on
 # XLA:CPU a sequential lax.map matches a Python loop of jitted points and beats vmap
-# several-fold. VGG13 full width, K = 16, BatchNorm from 2,560, eval on 10,000 (jax
-# 0.11.2): on one H200 loop 0.353 s, map 0.355 s, chunked 0.380 s, vmap 0.347 s; on
-# one H100 0.335 / 0.404 / 0.486 / 0.452 s. 'map' keeps memory flat and is one
-# program; TPU is unmeasured.
+# several-fold; on one H200 they tie and on one H100 the loop is faster. 'map' keeps
+# memory flat and is one program; TPU is unmeasured.
 DEFAULT_STRATEGY = {"cpu": "map", "gpu": "map", "tpu": "map"}
 DEFAULT_CHUNK_SIZE = 4
 SHARDED_OVER = ("none", "t", "data")
+BATCHNORM = ("batchnorm", "batchnorm_unbiased")  # recomputed statistics (batchnorm module)
+RENORMALIZE = ("auto", *BATCHNORM, "repair", None)
+CLASSIFICATION = objectives_lib.CLASSIFICATION
 
 
 @flax.struct.dataclass
 class PathEval:
-  """Loss and accuracy at every t of a grid (arrays over the t axis)."""
+  """An objective's metrics at every t of a grid (arrays over the t axis).
+
+  Attributes:
+    ts: [K] the grid.
+    metrics: {metric: [K]} exact means over the eval set at each t (for
+      classification 'loss' and 'accuracy').
+    statistics_finite: [K] bool, whether the recomputed BatchNorm / REPAIR
+      statistics at each t were finite (all True without renormalisation).
+      `evaluate_path` raises where one is False; under your own `jax.jit`,
+      check it yourself.
+    higher_is_better, complements: the objective's (see `objectives.Objective`).
+    sharded_over, num_devices: how `evaluate_path` spread the work.
+
+  `loss`, `accuracy` and `error` read the metrics of those names
+  (`error` = 1 - accuracy).
+  """
 
   ts: jax.Array
-  loss: jax.Array
-  accuracy: jax.Array
+  metrics: dict[str, jax.Array]
+  statistics_finite: jax.Array | None = None
+  higher_is_better: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+  complements: tuple[tuple[str, str], ...] = flax.struct.field(pytree_node=False, default=())
   sharded_over: str = flax.struct.field(pytree_node=False, default="none")  # SHARDED_OVER
   num_devices: int = flax.struct.field(pytree_node=False, default=1)
 
+  @classmethod
+  def classification(cls, ts, loss, accuracy, **kwargs) -> "PathEval":
+    """A PathEval of classification's 'loss' and 'accuracy' (e.g. from a record)."""
+    return cls(ts=ts, metrics={"loss": loss, "accuracy": accuracy},
+               higher_is_better=CLASSIFICATION.higher_is_better,
+               complements=CLASSIFICATION.complements, **kwargs)
+
+  def _metric(self, name: str) -> jax.Array:
+    if name not in self.metrics:
+      raise AttributeError(f"This path was evaluated with metrics {sorted(self.metrics)}; it "
+                           f"has no {name!r}.")
+    return self.metrics[name]
+
+  @property
+  def loss(self) -> jax.Array:
+    return self._metric("loss")
+
+  @property
+  def accuracy(self) -> jax.Array:
+    return self._metric("accuracy")
+
   @property
   def error(self) -> jax.Array:
-    return 1.0 - self.accuracy
+    return 1.0 - self._metric("accuracy")
+
+  def barrier_curves(self) -> dict[str, jax.Array]:
+    """{barrier name: [K] curve whose rise above its chord is the barrier}.
+
+    Lower-is-better metrics as they are; a higher-is-better metric with a
+    complement as 1 - metric under the complement's name ('error'); one
+    without, negated (its barrier is its drop below the chord).
+    """
+    complement = dict(self.complements)
+    curves = {}
+    for name, values in self.metrics.items():
+      if name not in self.higher_is_better:
+        curves[name] = values
+      elif name in complement:
+        curves[complement[name]] = 1.0 - values
+      else:
+        curves[name] = -values
+    return curves
 
   def summary(self) -> dict[str, float]:
-    """The barriers and where they sit: {'loss', 'loss_t', 'error', 'error_t'} as floats.
+    """The barriers and where they sit: {name: height, name + '_t': t of the maximum}.
 
-    'loss' is the loss barrier and 'error' the error (accuracy) barrier
-    (`barrier_height`), '*_t' the t of each maximum (`barrier_location`). The
-    one summary of a path: tasks record it and the Definition 5 verdict
-    (`counterfactual.path_verdict`) judges it.
+    For classification {'loss', 'loss_t', 'error', 'error_t'}: 'loss' is the
+    loss barrier and 'error' the error (accuracy) barrier (`barrier_height`),
+    '*_t' the t of each maximum (`barrier_location`); every metric of other
+    objectives likewise (see `barrier_curves`). The one summary of a path:
+    tasks record it and the Definition 5 verdict (`counterfactual.path_verdict`)
+    judges it.
     """
-    ts, loss, error = (np.asarray(jax.device_get(x)) for x in (self.ts, self.loss, self.error))
-    return {"loss": float(barrier_height(ts, loss)), "loss_t": barrier_location(ts, loss),
-            "error": float(barrier_height(ts, error)), "error_t": barrier_location(ts, error)}
+    ts = np.asarray(jax.device_get(self.ts))
+    out = {}
+    for name, curve in self.barrier_curves().items():
+      values = np.asarray(jax.device_get(curve))
+      out[name] = float(barrier_height(ts, values))
+      out[f"{name}_t"] = barrier_location(ts, values)
+    return out
 
 
 def check_grid(ts) -> np.ndarray:
@@ -109,11 +184,15 @@ def barrier_height(ts: chex.Array, values: chex.Array) -> jax.Array:
 
   Apply to loss for the loss barrier and to error = 1 - accuracy for the
   accuracy barrier. 0 when the curve never rises above the chord (the grid's
-  ends always give 0, so B >= 0).
+  ends always give 0, so B >= 0). Jittable and differentiable (the grid is
+  checked only when it is concrete).
 
   Args:
     ts: [K] grid with ts[0] = 0 and ts[-1] = 1.
     values: [K] v(t) at the grid.
+
+  Example:
+    >>> barrier_height(np.linspace(0, 1, 3), np.array([1.0, 2.0, 1.0]))   # 1.0
   """
   ts = jnp.asarray(check_grid(ts) if not isinstance(ts, jax.core.Tracer) else ts)
   values = jnp.asarray(values)
@@ -130,23 +209,25 @@ def barrier_location(ts: chex.Array, values: chex.Array) -> float:
 
 
 def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size,
-               renormalize):
-  """({set: (loss [K], accuracy [K])}, statistics finite [K]) over `ts` with the strategy."""
+               renormalize, objective):
+  """({set: {metric: [K]}}, statistics finite [K]) over `ts` with the strategy."""
+  inputs = objective.inputs
   if renormalize == "repair":  # the end points' statistics, once
-    targets = [repair.endpoint_stats(apply_fn, points[i], bn_batches) for i in (0, -1)]
+    targets = [repair.endpoint_stats(apply_fn, points[i], bn_batches, inputs) for i in (0, -1)]
 
   def at(t):
     params = path_fn(points, t)
     variables = {"params": params}
     stats_finite = jnp.asarray(True)
     if renormalize == "repair":
-      variables = repair.repaired_variables(apply_fn, params, *targets, t, bn_batches)
+      variables = repair.repaired_variables(apply_fn, params, *targets, t, bn_batches, inputs)
       stats_finite = finite.all_finite(variables[repair.COLLECTION])
     elif renormalize in BATCHNORM:  # once per t, shared by every eval set
       variables["batch_stats"] = batchnorm.recompute_batch_stats(
-          apply_fn, variables, bn_batches, unbiased=renormalize == "batchnorm_unbiased")
+          apply_fn, variables, bn_batches, unbiased=renormalize == "batchnorm_unbiased",
+          inputs=inputs)
       stats_finite = finite.all_finite(variables["batch_stats"])
-    return {name: evaluation.evaluate_variables(apply_fn, variables, batches)
+    return {name: evaluation.mean_metrics(apply_fn, variables, batches, objective)
             for name, batches in eval_sets.items()}, stats_finite
 
   if strategy == "vmap":
@@ -155,24 +236,24 @@ def _path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy
   return jax.lax.map(at, ts, batch_size=batch_size)
 
 
-_STATIC = ("apply_fn", "path_fn", "strategy", "chunk_size", "renormalize")
-BATCHNORM = ("batchnorm", "batchnorm_unbiased")  # recomputed statistics (batchnorm module)
-RENORMALIZE = ("auto", *BATCHNORM, "repair", None)
+_STATIC = ("apply_fn", "path_fn", "strategy", "chunk_size", "renormalize", "objective")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _evaluate_path_jit(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
-                       strategy, chunk_size, renormalize):
+                       strategy, chunk_size, renormalize, objective):
   return _path_loop(points, ts, eval_sets, bn_batches, apply_fn=apply_fn, path_fn=path_fn,
-                    strategy=strategy, chunk_size=chunk_size, renormalize=renormalize)
+                    strategy=strategy, chunk_size=chunk_size, renormalize=renormalize,
+                    objective=objective)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("mesh",))
 def _evaluate_path_over_t(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
-                          strategy, chunk_size, renormalize, mesh):
+                          strategy, chunk_size, renormalize, objective, mesh):
   """Each device evaluates its slice of `ts` (len(ts) divisible by the mesh size)."""
   loop = functools.partial(_path_loop, apply_fn=apply_fn, path_fn=path_fn,
-                           strategy=strategy, chunk_size=chunk_size, renormalize=renormalize)
+                           strategy=strategy, chunk_size=chunk_size, renormalize=renormalize,
+                           objective=objective)
   # The body is local to each device (no collectives), so the varying-axis
   # check is off: the scans' zero-initialised carries need no pcast.
   sharded = jax.shard_map(loop, mesh=mesh, in_specs=(P(), P(mesh_lib.DATA_AXIS), P(), P()),
@@ -180,6 +261,130 @@ def _evaluate_path_over_t(points, ts, eval_sets, bn_batches, *, apply_fn, path_f
   out = sharded(points, ts, eval_sets, bn_batches)
   # Gather the per-t results onto every device: readable from every host.
   return jax.lax.with_sharding_constraint(out, mesh_lib.replicated(mesh))
+
+
+def _path_evals(ts, out, stats_finite, objective, **kwargs) -> dict[str, "PathEval"]:
+  return {name: PathEval(ts=ts, metrics=metrics, statistics_finite=stats_finite,
+                         higher_is_better=objective.higher_is_better,
+                         complements=objective.complements, **kwargs)
+          for name, metrics in out.items()}
+
+
+def _check_points(points, where: str) -> tuple:
+  """The path's points as a tuple; a named error for full variables or a lone tree."""
+  if isinstance(points, Mapping) or not isinstance(points, Sequence) or not points:
+    raise TypeError(f"{where}: points must be a sequence of parameter trees, e.g. "
+                    f"(params_a, params_b) for a linear path; got {type(points).__name__}.")
+  for i, point in enumerate(points):
+    if isinstance(point, Mapping) and "params" in point:
+      raise ValueError(
+          f"{where}: path point {i} holds the full variables (collections "
+          f"{sorted(point)}); pass its parameters, variables['params']: the path "
+          "interpolates parameters and recomputes BatchNorm statistics at every t.")
+  return tuple(points)
+
+
+def _resolve(apply_fn, points, eval_sets, bn_batches, *, objective, path, renormalize,
+             strategy, where):
+  """Checks what can be checked without data; (apply_fn, path_fn, strategy, renormalize)."""
+  objectives_lib.check_objective(objective)
+  path_function = paths.path_fn(path) if isinstance(path, str) else path
+  strategy = strategy or DEFAULT_STRATEGY.get(jax.default_backend(), "map")
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Unknown strategy {strategy!r}; valid strategies: {STRATEGIES}.")
+  if renormalize not in RENORMALIZE:
+    raise ValueError(f"Unknown renormalize {renormalize!r}; valid: {RENORMALIZE}.")
+  if not isinstance(eval_sets, Mapping) or not eval_sets:
+    raise ValueError(f"{where}: eval_sets must be a non-empty {{name: stacked batches}}.")
+  first = jax.tree.map(lambda x: x[0], next(iter(eval_sets.values())))
+  example = jax.eval_shape(objective.inputs_of, first)
+  try:  # abstract: a model that cannot be called as mechconn calls models fails here, named
+    jax.eval_shape(lambda p, x: apply_fn({"params": p}, x, train=True, mutable=["batch_stats"]),
+                   points[0], example)
+  except TypeError as e:
+    hint = adapters.train_argument_hint(e)
+    if hint is None:
+      raise
+    raise TypeError(f"{where}: {hint}.") from e
+  if renormalize == "auto" and bn_batches is not None:
+    renormalize = "batchnorm"  # nothing to check (a model without BatchNorm gets {} statistics)
+  else:  # an explicit choice or no statistics batches: check it against the model
+    has_bn = batchnorm.has_batchnorm(apply_fn, {"params": points[0]}, example)
+    if renormalize == "auto":
+      renormalize = "batchnorm" if has_bn else None
+    _check_renormalize(renormalize, has_bn, bn_batches)
+  if renormalize == "repair":
+    apply_fn = repair.Repaired(apply_fn, repair.sites_of(apply_fn, {"params": points[0]},
+                                                         example))
+  return apply_fn, path_function, strategy, renormalize
+
+
+def path_metrics(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
+                 eval_sets: Mapping[str, StackedBatches],
+                 bn_batches: StackedBatches | None = None, *,
+                 objective: Objective = CLASSIFICATION, path: str | PathFn = "linear",
+                 renormalize: str | None = "auto", strategy: str | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, PathEval]:
+  """The objective's metrics at every t of a path, on each eval set: the pure core.
+
+  A pure function of arrays: call it inside `jax.jit`, differentiate it with
+  `jax.grad` with respect to the points (the gradient flows through the path,
+  the recomputed statistics and the metrics), map it with `jax.vmap` over
+  stacked end points or grids. At each t the path's parameters and their
+  BatchNorm (or REPAIR) statistics are formed once and every eval set is
+  evaluated with them. It checks only what needs no data (shapes, names,
+  the renormalisation against the model); the checked, eager entry points
+  are `evaluate_path` (one set) and `evaluate_path_on_sets`.
+
+  Args:
+    apply_fn: the model's apply, `apply_fn(variables, inputs, *, train,
+      mutable=...)` as Flax Linen's `model.apply` (for a model without a
+      `train` argument wrap it in `mechconn.adapters.without_train`; an NNX
+      module: `mechconn.adapters.from_nnx`).
+    points: the path's parameter trees (params, not the full variables), e.g.
+      (params_a, params_b) for 'linear', (a, mid, b) for a quadratic 'bezier'.
+    ts: [K] grid from 0 to 1, np.linspace(0, 1, K) (checked when concrete).
+    eval_sets: {name: batches}, each a dict of arrays stacked
+      [num_batches, batch_size, ...] in the objective's format (classification:
+      {'image', 'label', 'mask'}, see `mechconn.data.batching.stack_batches`).
+    bn_batches: stacked full batches (same format; the objective's inputs are
+      read) from which BatchNorm or REPAIR statistics are recomputed at every
+      t; required when the model has BatchNorm or with renormalize='repair'.
+    objective: what is measured (`mechconn.objectives`; default
+      classification's cross-entropy and accuracy).
+    path: 'linear', 'bezier', 'polychain', or a `path_fn(points, t)`.
+    renormalize: 'batchnorm' (BatchNorm statistics recomputed exactly at
+      every t; 'batchnorm_unbiased': with the unbiased variance, as PyTorch's
+      `update_bn`), 'repair' (REPAIR at every conv and dense output but the
+      last, for networks without BatchNorm: `mechconn.repair`), None
+      (nothing), or 'auto' ('batchnorm' when the model has BatchNorm, else
+      None).
+    strategy: 'map', 'chunked' or 'vmap' over t; None: `DEFAULT_STRATEGY`.
+    chunk_size: t values per chunk for 'chunked'.
+
+  Returns:
+    {name: PathEval} with each metric [K] and `statistics_finite` [K].
+
+  Example:
+    >>> core = jax.jit(lambda a, b: barriers.path_metrics(
+    ...     model.apply, (a, b), ts, {"eval": batches}, bn_batches)["eval"].loss)
+    >>> losses = core(params_a, params_b)                         # [K]
+    >>> grad_a = jax.grad(lambda a: core(a, params_b).mean())(params_a)
+    >>> per_pair = jax.vmap(core)(stacked_a, stacked_b)            # [pairs, K]
+  """
+  points = _check_points(points, "path_metrics")
+  paths.check_matching(points)
+  if not isinstance(ts, jax.core.Tracer):
+    ts = check_grid(ts)
+  apply_fn, path_function, strategy, renormalize = _resolve(
+      apply_fn, points, eval_sets, bn_batches, objective=objective, path=path,
+      renormalize=renormalize, strategy=strategy, where="path_metrics")
+  ts = jnp.asarray(ts, jnp.float32)
+  out, stats_finite = _evaluate_path_jit(
+      points, ts, dict(eval_sets), bn_batches if renormalize else None, apply_fn=apply_fn,
+      path_fn=path_function, strategy=strategy, chunk_size=int(chunk_size),
+      renormalize=renormalize, objective=objective)
+  return _path_evals(ts, out, stats_finite, objective)
 
 
 def _place(tree, sharding):
@@ -197,52 +402,55 @@ def sharding_plan(num_t: int, mesh: jax.sharding.Mesh | None) -> str:
 
 
 def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
-                  eval_data: StackedBatches | Mapping[str, StackedBatches], *,
-                  path: str | PathFn = "linear", bn_batches: StackedBatches | None = None,
-                  strategy: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  mesh: jax.sharding.Mesh | None = None, renormalize: str | None = "auto"
-                  ) -> "PathEval | dict[str, PathEval]":
-  """Loss and accuracy of the network at every t of a grid along a path.
+                  eval_batches: StackedBatches, *, path: str | PathFn = "linear",
+                  bn_batches: StackedBatches | None = None,
+                  objective: Objective = CLASSIFICATION, strategy: str | None = None,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE, mesh: jax.sharding.Mesh | None = None,
+                  renormalize: str | None = "auto") -> PathEval:
+  """The objective's metrics (loss and accuracy) at every t of a path, on one eval set; checked.
 
-  One XLA program runs all t (compiled once per grid length and shapes). At
-  each t the path's parameters and BatchNorm statistics are formed once and
-  every eval set is evaluated with them (e.g. the four counterfactual views).
+  Eager: it checks its inputs (batch keys and shapes, finite parameters and
+  data, targets within the model's outputs), places the work on a device mesh,
+  runs the pure core `path_metrics` (jittable, differentiable, vmappable:
+  use it inside your own jitted code) and refuses non-finite results. One XLA
+  program runs all t (compiled once per grid length and shapes). For several
+  sets sharing each t's statistics (the four views) use
+  `evaluate_path_on_sets`.
 
   Args:
-    apply_fn: `model.apply` of a Flax model taking `train=`.
-    points: the path's parameter pytrees ('params' collections only), e.g.
+    apply_fn: the model's apply (Flax Linen `model.apply` taking `train=`;
+      `mechconn.adapters` for models without `train` and NNX modules).
+    points: the path's parameter trees (params, not the full variables), e.g.
       (params_a, params_b) for 'linear', (a, mid, b) for a quadratic 'bezier'.
     ts: [K] grid, np.linspace(0, 1, K).
-    eval_data: one eval set, stacked {'image', 'label', 'mask'} [N, B, ...]
-      (see `mechconn.data.batching.stack_batches`; means are over masked
-      examples), or several as {name: set}.
+    eval_batches: one eval set, a dict of arrays stacked [num_batches,
+      batch_size, ...] in the objective's format (classification: {'image',
+      'label', 'mask'}, see `mechconn.data.batching.stack_batches`); means are
+      weighted by the mask.
     path: 'linear', 'bezier', 'polychain', or a `path_fn(points, t)`.
-    bn_batches: stacked {'image': [M, B, ...]} full batches from which BatchNorm
-      (or REPAIR) statistics are recomputed at every t; required when the
-      model has BatchNorm, or with renormalize='repair'.
+    bn_batches: stacked full batches from which BatchNorm (or REPAIR)
+      statistics are recomputed at every t; required when the model has
+      BatchNorm, or with renormalize='repair'.
+    objective: what is measured (`mechconn.objectives`; default classification).
     strategy: 'map', 'chunked' or 'vmap'; None picks `DEFAULT_STRATEGY` for
       the default backend.
     chunk_size: t values per chunk for 'chunked'.
     mesh: a 1-D device mesh to spread the work over (over t when K >= its
       size, else over the eval data; see the module docstring); None: the
       default device.
-    renormalize: 'batchnorm' (BatchNorm statistics recomputed exactly at
-      every t; 'batchnorm_unbiased': with the unbiased variance, as PyTorch's
-      `update_bn`), 'repair' (REPAIR at every conv and dense output but the
-      logits, for networks without BatchNorm: `mechconn.repair`), None
-      (nothing; networks without BatchNorm), or 'auto' ('batchnorm' when the
-      model has BatchNorm, else None).
+    renormalize: as `path_metrics` ('auto', 'batchnorm', 'batchnorm_unbiased',
+      'repair', None).
 
   Returns:
-    For one set, PathEval(ts, loss, accuracy), each [K], with `sharded_over`
-    and `num_devices` saying how the work was spread; for {name: set},
-    {name: PathEval}.
+    PathEval: the metrics, each [K] (`.loss`, `.accuracy`, `.summary()`), with
+    `sharded_over` and `num_devices` saying how the work was spread.
 
   Raises:
     ValueError: malformed batches (keys, shapes, dtypes), labels outside the
-      model's classes, an eval set without a real example.
+      model's classes, an eval set without a real example, full variables
+      where parameters go.
     finite.NonFiniteError: NaN or infinity in a point's parameters, the eval
-      or BatchNorm images, the recomputed statistics or the loss at some t
+      or BatchNorm inputs, the recomputed statistics or the loss at some t
       (checked by cheap in-graph reductions; XLA can otherwise turn NaN
       activations into finite logits, and a barrier of 0).
 
@@ -251,47 +459,68 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
     >>> result = evaluate_path(model.apply, (params_a, params_b), ts, eval_batches,
     ...                        bn_batches=bn_batches)
     >>> result.summary()   # {'loss': ..., 'loss_t': ..., 'error': ..., 'error_t': ...}
-    >>> views = evaluate_path(model.apply, (params_a, params_b), ts, view_batches,
-    ...                       bn_batches=bn_batches)   # {'clean': PathEval, 'cue': ...}
   """
-  single = is_single_set(eval_data)
-  eval_sets = {"eval": eval_data} if single else dict(eval_data)
-  call, plan, ts_arr, num_t = _prepare(apply_fn, points, ts, eval_sets, path=path,
-                                      bn_batches=bn_batches, strategy=strategy,
-                                      chunk_size=chunk_size, mesh=mesh,
-                                      renormalize=renormalize)
+  if _is_set_of_sets(eval_batches, objective):
+    warnings.warn("evaluate_path with {name: set} is deprecated and will be removed in the "
+                  "next release: use evaluate_path_on_sets(...) for several sets (it always "
+                  "returns {name: PathEval}); evaluate_path always returns one PathEval.",
+                  DeprecationWarning, stacklevel=2)
+    return evaluate_path_on_sets(apply_fn, points, ts, eval_batches, path=path,
+                                 bn_batches=bn_batches, objective=objective,
+                                 strategy=strategy, chunk_size=chunk_size, mesh=mesh,
+                                 renormalize=renormalize)
+  return evaluate_path_on_sets(apply_fn, points, ts, {"eval": eval_batches}, path=path,
+                               bn_batches=bn_batches, objective=objective, strategy=strategy,
+                               chunk_size=chunk_size, mesh=mesh, renormalize=renormalize)["eval"]
+
+
+def evaluate_path_on_sets(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
+                          eval_sets: Mapping[str, StackedBatches], *,
+                          path: str | PathFn = "linear",
+                          bn_batches: StackedBatches | None = None,
+                          objective: Objective = CLASSIFICATION, strategy: str | None = None,
+                          chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          mesh: jax.sharding.Mesh | None = None,
+                          renormalize: str | None = "auto") -> dict[str, PathEval]:
+  """`evaluate_path` on several eval sets at once: {name: PathEval}; checked, eager.
+
+  At each t the path's parameters and statistics are formed once and every
+  set is evaluated with them (e.g. the four counterfactual views), in one
+  compiled program. Arguments as `evaluate_path`, with `eval_sets` =
+  {name: stacked batches}.
+
+  Example:
+    >>> views = evaluate_path_on_sets(model.apply, (params_a, params_b), ts, view_batches,
+    ...                               bn_batches=bn_batches)   # {'clean': PathEval, ...}
+    >>> counterfactual.path_verdict(views)
+  """
+  call, plan, ts_arr, num_t, objective = _prepare(
+      apply_fn, points, ts, eval_sets, path=path, bn_batches=bn_batches, objective=objective,
+      strategy=strategy, chunk_size=chunk_size, mesh=mesh, renormalize=renormalize)
   placed_points, _, placed_sets, placed_bn = call.args
   n = len(placed_points)
   named_points = {f"the parameters of path point {i} of {n} (point 0 is t = 0)": p
                   for i, p in enumerate(placed_points)}
-  evaluation.check_inputs(apply_fn, named_points, placed_sets, placed_bn)
+  evaluation.check_inputs(apply_fn, named_points, placed_sets, placed_bn, objective)
   out, stats_finite = call()
   if plan == "t":  # drop the padding of the grid
     out, stats_finite = jax.tree.map(lambda x: x[:num_t], (out, stats_finite))
   _check_results(np.asarray(ts_arr), out, stats_finite, call.kwargs["renormalize"])
   num_devices = 1 if mesh is None else int(mesh.size)
-  results = {name: PathEval(ts=ts_arr, loss=loss, accuracy=accuracy, sharded_over=plan,
-                            num_devices=num_devices)
-             for name, (loss, accuracy) in out.items()}
-  return results["eval"] if single else results
+  return _path_evals(ts_arr, out, stats_finite, objective, sharded_over=plan,
+                     num_devices=num_devices)
 
 
-def is_single_set(eval_data: Mapping) -> bool:
-  """True for one stacked set ({'image': array, ...}), False for {name: set}."""
-  if not isinstance(eval_data, Mapping) or not eval_data:
-    raise ValueError("eval_data must be one stacked set {'image', 'label', 'mask'} or a "
-                     f"non-empty {{name: set}}; got {type(eval_data).__name__} "
-                     f"{'(empty)' if isinstance(eval_data, Mapping) else ''}.")
-  nested = [isinstance(v, Mapping) for v in eval_data.values()]
-  if any(nested) and not all(nested):
-    raise ValueError("eval_data mixes arrays and sets: pass one stacked set or {name: set}; "
-                     f"got keys {sorted(eval_data)}.")
-  return not any(nested)
+def _is_set_of_sets(eval_data, objective: Objective) -> bool:
+  """True for {name: set} passed where one set goes (the deprecated form of evaluate_path)."""
+  return (isinstance(eval_data, Mapping) and bool(eval_data)
+          and all(isinstance(v, Mapping) for v in eval_data.values())
+          and not any(k in eval_data for k in objective.required_keys()))
 
 
 def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array,
                    renormalize: str | None = "batchnorm") -> None:
-  """Raises NonFiniteError naming the t at which statistics or losses are not finite."""
+  """Raises NonFiniteError naming the t at which statistics or metrics are not finite."""
   stats_finite = np.asarray(jax.device_get(stats_finite))
   flags = {}
   if not stats_finite.all():
@@ -299,22 +528,30 @@ def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array,
     flags[f"the recomputed {kind} statistics at t = " + ", ".join(
         f"{t:.3g}" for t in ts[~stats_finite]) + " (the inputs are finite: the activations "
         "overflow)"] = False
+  for name, metrics in jax.device_get(out).items():
+    for metric, values in metrics.items():
+      bad = ~np.isfinite(np.asarray(values))
+      if bad.any():
+        flags[f"the {metric} on {name!r} at t = " + ", ".join(f"{t:.3g}" for t in ts[bad])] = False
   finite.raise_if_any(flags, "Path evaluation")
-  evaluation.check_losses({name: loss for name, (loss, _) in out.items()}, "Path evaluation", ts)
 
 
 def compiled_memory(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
-                    eval_data: StackedBatches | Mapping[str, StackedBatches], **kwargs
-                    ) -> dict[str, int]:
+                    eval_sets: Mapping[str, StackedBatches], **kwargs) -> dict[str, int]:
   """XLA's memory analysis of the compiled path evaluation, in bytes per device.
 
   {'argument', 'output', 'temp', 'total'}: `temp` is the working memory of the
   program (parameter copies at t, activations, BatchNorm moments); it is what
   grows with the number of t for 'vmap' and stays flat for 'map' and
-  'chunked'. Arguments as `evaluate_path` (the same names); compiles, does
-  not run.
+  'chunked'. Arguments as `evaluate_path_on_sets` (the same names); compiles,
+  does not run.
+
+  Example:
+    >>> compiled_memory(model.apply, (a, b), ts, {"eval": batches}, bn_batches=bn)["temp"]
   """
-  eval_sets = {"eval": eval_data} if is_single_set(eval_data) else dict(eval_data)
+  if not _is_set_of_sets(eval_sets, kwargs.get("objective", CLASSIFICATION)):
+    raise ValueError("compiled_memory takes eval_sets = {name: stacked batches} (as "
+                     "evaluate_path_on_sets); wrap one set as {'eval': batches}.")
   call, *_ = _prepare(apply_fn, points, ts, eval_sets, **kwargs)
   analysis = call.lower().compile().memory_analysis()
   sizes = {"argument": int(analysis.argument_size_in_bytes),
@@ -343,47 +580,36 @@ def _check_renormalize(renormalize, has_bn: bool, bn_batches) -> None:
                      "evaluate it with statistics from no data; use 'batchnorm' (or 'auto').")
   if (has_bn or renormalize == "repair") and bn_batches is None:
     raise ValueError(f"renormalize={renormalize!r} needs bn_batches (stacked full batches of "
-                     "training images) so that statistics are recomputed at every t.")
+                     "training inputs) so that statistics are recomputed at every t.")
   if renormalize in BATCHNORM and not has_bn:
     raise ValueError(f"renormalize={renormalize!r} but the model has no BatchNorm layer; use "
                      "'repair' or None.")
 
 
 def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
-             strategy=None, chunk_size=DEFAULT_CHUNK_SIZE, mesh=None, renormalize="auto"):
-  """Validates the arguments; (call, sharding plan, ts as a device array, number of t)."""
+             objective=CLASSIFICATION, strategy=None, chunk_size=DEFAULT_CHUNK_SIZE, mesh=None,
+             renormalize="auto"):
+  """Validates the arguments; (call, sharding plan, ts as a device array, number of t, objective)."""
+  objectives_lib.check_objective(objective)
   ts_np = check_grid(ts)
-  path_function = paths.path_fn(path) if isinstance(path, str) else path
-  strategy = strategy or DEFAULT_STRATEGY.get(jax.default_backend(), "map")
-  if strategy not in STRATEGIES:
-    raise ValueError(f"Unknown strategy {strategy!r}; valid strategies: {STRATEGIES}.")
-  points = tuple(points)
+  points = _check_points(points, "evaluate_path")
   paths.check_matching(points)
-  if not eval_sets:
-    raise ValueError("eval_sets is empty: pass {name: stacked batches}.")
+  if not isinstance(eval_sets, Mapping) or not eval_sets:
+    raise ValueError("eval_sets must be a non-empty {name: stacked batches}; got "
+                     f"{type(eval_sets).__name__}"
+                     f"{' (empty)' if isinstance(eval_sets, Mapping) else ''}.")
   for name, batches in eval_sets.items():
-    evaluation.check_batches(batches, ("image", "label", "mask"), f"eval set {name!r}")
-  if renormalize not in RENORMALIZE:
-    raise ValueError(f"Unknown renormalize {renormalize!r}; valid: {RENORMALIZE}.")
+    evaluation.check_batches(batches, f"eval set {name!r}", objective)
   if bn_batches is not None:
-    evaluation.check_batches(bn_batches, ("image",), "bn_batches")
-    bn_batches = {"image": bn_batches["image"]}
-  example = next(iter(eval_sets.values()))["image"][0]
-  if renormalize == "auto" and bn_batches is not None:
-    renormalize = "batchnorm"  # nothing to check (a model without BatchNorm gets {} statistics)
-  else:  # an explicit choice or no statistics batches: check it against the model
-    has_bn = batchnorm.has_batchnorm(apply_fn, {"params": points[0]}, example)
-    if renormalize == "auto":
-      renormalize = "batchnorm" if has_bn else None
-    _check_renormalize(renormalize, has_bn, bn_batches)
-  if renormalize == "repair":
-    apply_fn = repair.Repaired(apply_fn, repair.sites_of(apply_fn, {"params": points[0]},
-                                                         example))
+    evaluation.check_batches(bn_batches, "bn_batches", objective, weighted=False)
+  apply_fn, path_function, strategy, renormalize = _resolve(
+      apply_fn, points, eval_sets, bn_batches, objective=objective, path=path,
+      renormalize=renormalize, strategy=strategy, where="evaluate_path")
   if renormalize is None:
     bn_batches = None
   plan = sharding_plan(len(ts_np), mesh)
   static = dict(apply_fn=apply_fn, path_fn=path_function, strategy=strategy,
-                chunk_size=int(chunk_size), renormalize=renormalize)
+                chunk_size=int(chunk_size), renormalize=renormalize, objective=objective)
   eval_sets = dict(eval_sets)
   ts_arr = jnp.asarray(ts_np, jnp.float32)
   if plan == "none":
@@ -398,10 +624,10 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
                  **static)
   else:
     for name, batches in {**eval_sets, "bn_batches": bn_batches or {}}.items():
-      if "image" in batches:
-        mesh_lib.check_batch_size(batches["image"].shape[1], mesh.size,
+      if batches:
+        mesh_lib.check_batch_size(jax.tree.leaves(batches)[0].shape[1], mesh.size,
                                   f"the batch size of {name!r}")
     by_example = mesh_lib.batch_sharding(mesh, batch_axis=1)
     call = _Call(_evaluate_path_jit, _place(points, mesh_lib.replicated(mesh)), ts_arr,
                  _place(eval_sets, by_example), _place(bn_batches, by_example), **static)
-  return call, plan, ts_arr, len(ts_np)
+  return call, plan, ts_arr, len(ts_np), objective

@@ -18,6 +18,7 @@ training mode and records that batch's moments (float32) in a side collection,
 so any Linen model works unchanged, with no per-layer code.
 """
 
+from collections.abc import Callable
 import functools
 
 import flax.linen as nn
@@ -76,7 +77,8 @@ def has_batchnorm(apply_fn: ApplyFn, variables: Variables, images: jax.Array) ->
 
 
 def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables,
-                          batches: StackedBatches, unbiased: bool = False) -> Variables:
+                          batches: StackedBatches, unbiased: bool = False, *,
+                          inputs: str | Callable = "image") -> Variables:
   """Exact BatchNorm statistics of `variables['params']` over a set of batches.
 
   For every BatchNorm layer l:
@@ -89,16 +91,18 @@ def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables,
   Args:
     apply_fn: `model.apply` of a Flax model taking `train=`.
     variables: must hold 'params'; any 'batch_stats' are ignored.
-    batches: {'image': images_NxBx...} stacked along a leading batch axis N;
-      every batch must be full (no padding), since padded rows would bias the
-      moments.
+    batches: stacked batches (a dict of arrays [N, B, ...]); every batch must
+      be full (no padding), since padded rows would bias the moments.
+    unbiased: average the unbiased per-batch variances (PyTorch's `update_bn`).
+    inputs: the key of the model's input in a batch ('image'), or
+      inputs(batch) -> the model's input (an `Objective`'s `inputs`).
 
   Returns:
     A 'batch_stats' pytree ({} for a model without BatchNorm), float32.
 
   Raises:
     finite.NonFiniteError: (when called outside jit) the statistics are not
-      finite; the message names the images, the parameters or the first
+      finite; the message names the inputs, the parameters or the first
       non-finite layer. Under jit, check the result with `finite.all_finite`
       (as `barriers.evaluate_path` does at every t).
 
@@ -106,31 +110,32 @@ def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables,
     >>> stats = recompute_batch_stats(model.apply, {'params': params}, bn_batches)
     >>> logits = model.apply({'params': params, 'batch_stats': stats}, x, train=False)
   """
-  images_N = batches["image"]
-  num_batches = images_N.shape[0]
+  select = inputs if callable(inputs) else (lambda batch: batch[inputs])
+  num_batches = jax.tree.leaves(batches)[0].shape[0]
   if num_batches == 0:
     raise ValueError("recompute_batch_stats needs at least one batch, got 0.")
 
-  def accumulate(total, images):
-    moments = batch_moments(apply_fn, variables, images, unbiased)
-    return jax.tree.map(jnp.add, total, moments), None
+  def moments(batch):
+    return batch_moments(apply_fn, variables, select(batch), unbiased)
 
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(lambda x: batch_moments(apply_fn, variables, x),
-                                      images_N[0]))
-  total, _ = jax.lax.scan(accumulate, zeros, images_N)
+  def accumulate(total, batch):
+    return jax.tree.map(jnp.add, total, moments(batch)), None
+
+  first = jax.tree.map(lambda x: x[0], batches)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(moments, first))
+  total, _ = jax.lax.scan(accumulate, zeros, batches)
   stats = jax.tree.map(lambda s: s / num_batches, total)
   if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((stats, variables))):
-    _check_finite(stats, variables, images_N)  # called eagerly: name what is not finite
+    _check_finite(stats, variables, batches)  # called eagerly: name what is not finite
   return stats
 
 
-def _check_finite(stats: Variables, variables: Variables, images: jax.Array) -> None:
-  """Raises NonFiniteError naming the images, the parameters or the statistics' first bad leaf."""
+def _check_finite(stats: Variables, variables: Variables, batches: StackedBatches) -> None:
+  """Raises NonFiniteError naming the inputs, the parameters or the statistics' first bad leaf."""
   if bool(finite.all_finite_jit(stats)):
     return
   finite.raise_if_any({
-      "the BatchNorm images": finite.all_finite_jit(images),
+      "the BatchNorm images": finite.all_finite_jit(batches),
       "the parameters": finite.all_finite_jit(variables.get("params", {})),
       f"the recomputed statistics (first at {finite.first_nonfinite_leaf(stats)})": False,
   }, "recompute_batch_stats")

@@ -9,8 +9,8 @@ rand_cue; a shape-reliant one the opposite, with rand_img near chance.
 - `stack_views`: the views as stacked, masked batches;
 - `evaluate_views`: one model on every view, in one compiled program;
 - `path_verdict`: Definition 5 on a path evaluated on the views
-  (`barriers.evaluate_path(apply_fn, points, ts, view_batches, ...)` gives
-  {view: PathEval}; each view's `PathEval.summary()` is judged).
+  (`barriers.evaluate_path_on_sets(apply_fn, points, ts, view_batches, ...)`
+  gives {view: PathEval}; each view's `PathEval.summary()` is judged).
 """
 
 import functools
@@ -22,8 +22,10 @@ from mechconn import barriers
 from mechconn import evaluation
 from mechconn import finite
 from mechconn import mesh as mesh_lib
+from mechconn import objectives
 from mechconn.data import batching
 from mechconn.data.views import VIEWS
+from mechconn.objectives import Objective
 from mechconn.types import ApplyFn, Params, StackedBatches
 
 ViewBatches = dict[str, StackedBatches]
@@ -39,26 +41,32 @@ def stack_views(views: dict[str, np.ndarray], labels: np.ndarray, batch_size: in
           for name, images in views.items()}
 
 
-@functools.partial(jax.jit, static_argnames="apply_fn")
-def _evaluate_views(apply_fn, variables, view_batches):
-  out = {}
-  for name, batches in view_batches.items():
-    loss, accuracy = evaluation.evaluate_variables(apply_fn, variables, batches)
-    out[name] = {"loss": loss, "accuracy": accuracy}
-  return out
+@functools.partial(jax.jit, static_argnames=("apply_fn", "objective"))
+def _evaluate_views(apply_fn, variables, view_batches, objective):
+  return {name: evaluation.mean_metrics(apply_fn, variables, batches, objective)
+          for name, batches in view_batches.items()}
 
 
-def evaluate_views(apply_fn: ApplyFn, variables: dict[str, Params],
-                   view_batches: ViewBatches) -> dict[str, dict[str, jax.Array]]:
-  """Loss and accuracy of one model on each view, in one compiled program.
+def evaluate_views(apply_fn: ApplyFn, variables: dict[str, Params], view_batches: ViewBatches,
+                   objective: Objective = objectives.CLASSIFICATION
+                   ) -> dict[str, dict[str, jax.Array]]:
+  """Loss and accuracy (an objective's metrics) of one model on each view, in one program.
 
   Args:
     apply_fn: `model.apply` taking `train=`.
-    variables: {'params', 'batch_stats'?}; inference-mode BatchNorm.
-    view_batches: `stack_views` output (arrays may be sharded over devices).
+    variables: the full variables {'params', 'batch_stats'?}; inference-mode
+      BatchNorm.
+    view_batches: `stack_views` output (arrays may be sharded over devices), or
+      any {name: stacked batches}.
+    objective: what is measured (default: classification's loss and accuracy).
 
   Returns:
-    {view: {'loss': scalar, 'accuracy': scalar}}, exact means over real examples.
+    {view: {'loss': scalar, 'accuracy': scalar}} (the objective's metrics),
+    exact means over real examples.
+
+  Example:
+    >>> views = evaluate_views(model.apply, state.variables, view_batches)
+    >>> views["rand_img"]["accuracy"]
 
   Raises:
     ValueError: labels outside the model's classes or a view without examples.
@@ -67,13 +75,20 @@ def evaluate_views(apply_fn: ApplyFn, variables: dict[str, Params],
   """
   if not view_batches:
     raise ValueError("view_batches is empty: pass {view: stacked batches} (see stack_views).")
+  objectives.check_objective(objective)
+  if not isinstance(variables, dict) or "params" not in variables:
+    got = sorted(variables)[:5] if isinstance(variables, dict) else type(variables).__name__
+    raise ValueError("evaluate_views takes the model's full variables {'params', "
+                     "'batch_stats'?} (inference reads the stored statistics); got "
+                     f"{got} (bare params?).")
   for name, batches in view_batches.items():
-    evaluation.check_batches(batches, ("image", "label", "mask"), f"view {name!r}")
-  variables = mesh_lib.replicate_beside(variables, next(iter(view_batches.values()))["image"])
+    evaluation.check_batches(batches, f"view {name!r}", objective)
+  variables = mesh_lib.replicate_beside(
+      variables, jax.tree.leaves(next(iter(view_batches.values())))[0])
   evaluation.check_inputs(apply_fn, {"the model's params": variables["params"],
                                    "the model's batch_stats": variables.get("batch_stats", {})},
-                        view_batches)
-  out = _evaluate_views(apply_fn, variables, view_batches)
+                        view_batches, objective=objective)
+  out = _evaluate_views(apply_fn, variables, view_batches, objective)
   evaluation.check_losses({name: r["loss"] for name, r in out.items()}, "View evaluation")
   return out
 
@@ -103,9 +118,10 @@ def path_verdict(results: dict[str, barriers.PathEval], *,
   """Barriers per view and the paper's Definition 5 verdict.
 
   Args:
-    results: {view: PathEval} of one path (`barriers.evaluate_path` on the
-      views' batches).
-    metric: 'error' (1 - accuracy) or 'loss': which barrier decides.
+    results: {view: PathEval} of one path (`barriers.evaluate_path_on_sets`
+      on the views' batches).
+    metric: which barrier decides: 'error' (1 - accuracy) or 'loss' for
+      classification; any barrier name of the objective (`PathEval.summary`).
     tolerance: a barrier above this breaks the path on that view.
 
   Returns:
@@ -113,10 +129,11 @@ def path_verdict(results: dict[str, barriers.PathEval], *,
      'broken_views': views whose barrier exceeds the tolerance,
      'mechanistically_connected': no view broken, 'metric', 'tolerance'}.
   """
-  if metric not in ("error", "loss"):
-    raise ValueError(f"Unknown barrier metric {metric!r}; valid: ['error', 'loss'].")
   if not results:
     raise ValueError("path_verdict needs at least one evaluated view: results is empty.")
+  valid = sorted(next(iter(results.values())).barrier_curves())
+  if metric not in valid:
+    raise ValueError(f"Unknown barrier metric {metric!r}; valid: {valid}.")
   if not (isinstance(tolerance, (int, float)) and np.isfinite(tolerance) and tolerance >= 0):
     raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0.")
   table = {view: r.summary() for view, r in results.items()}

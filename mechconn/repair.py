@@ -117,27 +117,34 @@ def _sites_to_tree(per_site: dict) -> dict:
       {(*site, "stats", name): v for site, d in per_site.items() for name, v in d.items()})
 
 
-def _mean_moments(repaired: Repaired, variables, batches: StackedBatches, mode: str) -> dict:
+def _mean_moments(repaired: Repaired, variables, batches: StackedBatches, mode: str,
+                  inputs: str | Callable = "image") -> dict:
   """{site: {'mean', 'var'}}: the mean over batches of each batch's moments."""
-  images = batches["image"]
+  select = inputs if callable(inputs) else (lambda batch: batch[inputs])
 
-  def moments(x):
-    return _tree_to_sites(repaired(variables, x, train=False, mode=mode))
+  def moments(batch):
+    return _tree_to_sites(repaired(variables, select(batch), train=False, mode=mode))
 
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(moments, images[0]))
-  total, _ = jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, moments(x)), None),
-                          zeros, images)
-  return jax.tree.map(lambda s: s / images.shape[0], total)
+  first = jax.tree.map(lambda x: x[0], batches)
+  num_batches = jax.tree.leaves(batches)[0].shape[0]
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(moments, first))
+  total, _ = jax.lax.scan(lambda acc, b: (jax.tree.map(jnp.add, acc, moments(b)), None),
+                          zeros, batches)
+  return jax.tree.map(lambda s: s / num_batches, total)
 
 
-def endpoint_stats(repaired: Repaired, params, batches: StackedBatches) -> dict:
-  """{site: {'mean', 'std'}} of an end point's uncorrected sites over the batches."""
-  m = _mean_moments(repaired, {"params": params}, batches, "moments_only")
+def endpoint_stats(repaired: Repaired, params, batches: StackedBatches,
+                   inputs: str | Callable = "image") -> dict:
+  """{site: {'mean', 'std'}} of an end point's uncorrected sites over the batches.
+
+  `inputs`: the key of the model's input in a batch, or inputs(batch).
+  """
+  m = _mean_moments(repaired, {"params": params}, batches, "moments_only", inputs)
   return {site: {"mean": s["mean"], "std": jnp.sqrt(s["var"])} for site, s in m.items()}
 
 
 def repaired_variables(repaired: Repaired, params, target_a: dict, target_b: dict, t,
-                       batches: StackedBatches) -> dict:
+                       batches: StackedBatches, inputs: str | Callable = "image") -> dict:
   """Variables of `params` (the network at t) with REPAIR's statistics, for `repaired`.
 
   The targets interpolate the end points' statistics at t; the network's own
@@ -149,7 +156,7 @@ def repaired_variables(repaired: Repaired, params, target_a: dict, target_b: dic
   with_targets = {"params": params, COLLECTION: _sites_to_tree(
       {site: {**tg, "mean": jnp.zeros_like(tg["target_mean"]),
               "var": jnp.ones_like(tg["target_std"])} for site, tg in targets.items()})}
-  own = _mean_moments(repaired, with_targets, batches, "moments")
+  own = _mean_moments(repaired, with_targets, batches, "moments", inputs)
   return {"params": params, COLLECTION: _sites_to_tree(
       {site: {**targets[site], "mean": own[site]["mean"], "var": own[site]["var"]}
        for site in targets})}

@@ -32,13 +32,13 @@ def main():
   for num_t in (16, 11, 3):
     ts = np.linspace(0, 1, num_t)
     runs = {
-        "single": barriers.evaluate_path(model.apply, (a, b), ts, batches, bn_batches=bn,
-                                         mesh=one),
-        "mesh": barriers.evaluate_path(model.apply, (a, b), ts, batches, bn_batches=bn,
-                                       mesh=everywhere),
-        "mesh_global_arrays": barriers.evaluate_path(
+        "single": barriers.evaluate_path_on_sets(model.apply, (a, b), ts, batches, bn_batches=bn,
+                                                 mesh=one),
+        "mesh": barriers.evaluate_path_on_sets(model.apply, (a, b), ts, batches, bn_batches=bn,
+                                               mesh=everywhere),
+        "mesh_global_arrays": barriers.evaluate_path_on_sets(
             model.apply, (a, b), ts, sharded_views, bn_batches=bn, mesh=everywhere),
-        "mesh_chunked": barriers.evaluate_path(
+        "mesh_chunked": barriers.evaluate_path_on_sets(
             model.apply, (a, b), ts, batches, bn_batches=bn, mesh=everywhere,
             strategy="chunked")}
     out[str(num_t)] = {

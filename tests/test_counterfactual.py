@@ -55,7 +55,7 @@ def test_path_views_equal_one_path_per_view_and_the_verdict_reads_them():
   batches = counterfactual.stack_views(test_views, y, batch_size=16)
   bn = {"image": datasets.normalize(x[:32]).reshape(2, 16, 32, 32, 3)}
   ts = np.linspace(0, 1, 4)
-  together = barriers.evaluate_path(model.apply, (a, b), ts, batches, bn_batches=bn)
+  together = barriers.evaluate_path_on_sets(model.apply, (a, b), ts, batches, bn_batches=bn)
   assert set(together) == set(views.VIEWS)
   for name in views.VIEWS:
     alone = barriers.evaluate_path(model.apply, (a, b), ts, batches[name], bn_batches=bn)
@@ -67,9 +67,9 @@ def test_path_views_equal_one_path_per_view_and_the_verdict_reads_them():
 
 def test_verdict_by_hand():
   ts = jnp.linspace(0, 1, 5)
-  flat = barriers.PathEval(ts=ts, loss=jnp.ones(5), accuracy=jnp.full(5, 0.9))
-  dip = barriers.PathEval(ts=ts, loss=jnp.asarray([1.0, 1.5, 3.0, 1.2, 1.0]),
-                          accuracy=jnp.asarray([0.9, 0.8, 0.3, 0.85, 0.7]))
+  flat = barriers.PathEval.classification(ts=ts, loss=jnp.ones(5), accuracy=jnp.full(5, 0.9))
+  dip = barriers.PathEval.classification(ts=ts, loss=jnp.asarray([1.0, 1.5, 3.0, 1.2, 1.0]),
+                                         accuracy=jnp.asarray([0.9, 0.8, 0.3, 0.85, 0.7]))
   verdict = counterfactual.path_verdict({"clean": flat, "cue": dip, "rand_cue": flat})
   assert verdict["broken_views"] == ["cue"] and not verdict["mechanistically_connected"]
   # error chord at t = 0.5 is (0.1 + 0.3) / 2 = 0.2; error there 0.7: barrier 0.5.
@@ -81,8 +81,8 @@ def test_verdict_by_hand():
   assert lenient["mechanistically_connected"] and lenient["metric"] == "loss"
   with pytest.raises(ValueError, match="valid: \\['error', 'loss'\\]"):
     counterfactual.path_verdict({"cue": dip}, metric="accuracy")
-  nan = barriers.PathEval(ts=ts, loss=jnp.asarray([1.0, jnp.nan, 1.0, 1.0, 1.0]),
-                          accuracy=jnp.full(5, 0.9))
+  nan = barriers.PathEval.classification(ts=ts, loss=jnp.asarray([1.0, jnp.nan, 1.0, 1.0, 1.0]),
+                                         accuracy=jnp.full(5, 0.9))
   with pytest.raises(finite.NonFiniteError, match=r"barriers on views \['cue'\] are not finite"):
     counterfactual.path_verdict({"clean": flat, "cue": nan})  # was: "connected"
   # A set under another name is judged too (was: ignored, and "connected").

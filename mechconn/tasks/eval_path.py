@@ -97,9 +97,9 @@ def _evaluate(path: tuple, sets: tuple, *, apply_fn, mesh, renormalize="auto") -
   """((kind, points, ts), (eval sets, bn_batches)) -> (path, {set: PathEval})."""
   kind, points, ts = path
   eval_sets, bn_batches = sets
-  return path, barriers.evaluate_path(apply_fn, points, ts, eval_sets, path=kind,
-                                      bn_batches=bn_batches, mesh=mesh,
-                                      renormalize=renormalize)
+  return path, barriers.evaluate_path_on_sets(apply_fn, points, ts, eval_sets, path=kind,
+                                              bn_batches=bn_batches, mesh=mesh,
+                                              renormalize=renormalize)
 
 
 def _as_eval_sets(zeros: dict) -> tuple[dict, dict]:

@@ -150,8 +150,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Any, config_
     row = {"kind": kind, "a": list(a), "b": list(b)}
     for how in ALIGNMENTS:
       pb = _aligned(how, model, spec, nets[a], nets[b], x_both)
-      paths = jax.device_get(barriers.evaluate_path(model.apply, (nets[a], pb), ts, eval_sets,
-                                                    renormalize=None))
+      paths = jax.device_get(barriers.evaluate_path_on_sets(model.apply, (nets[a], pb), ts,
+                                                            eval_sets, renormalize=None))
       row[how] = {"barriers": {name: p.summary() for name, p in paths.items()},
                   "sign_agreement": sign_agreement(model, nets[a], pb, x_both)}
     pairs.append(row)
