@@ -13,7 +13,8 @@ are called differently go through one adapter:
     `train` argument (no BatchNorm, no dropout: a transformer, a regression
     MLP);
   - `from_nnx(module)`: a Flax NNX module, as (apply_fn, variables) in the
-    Linen convention (see `mechconn.nnx_adapter`).
+    Linen convention; `update_nnx(module, variables)` writes variables back
+    (see `mechconn.nnx_adapter`).
 
 Adapters are frozen dataclasses, so they are hashable and pass to jitted code
 as static arguments like `model.apply` itself.
@@ -22,6 +23,8 @@ as static arguments like `model.apply` itself.
 from collections.abc import Callable
 import dataclasses
 from typing import Any
+
+from mechconn.nnx_adapter import from_nnx, update as update_nnx  # pylint: disable=unused-import
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,9 +18,17 @@ A permutation `perm` maps each permutation name to an index array: unit i of
 the aligned model is unit perm[name][i] of `other`. So
 `apply_permutation(spec, perm, other)` takes `perm[name]` along each axis that
 carries `name`.
+
+What the functions take: a function that reads only parameters (the spec
+helpers, `weight_matching`) takes a params tree or the full variables
+({'params', 'batch_stats'?, ...}: its 'params' are used); a function that runs
+the network (`activation_matching`) takes the full variables;
+`apply_permutation` takes either and returns the kind it was given.
 """
 
+from collections.abc import Mapping
 import dataclasses
+import warnings
 
 import chex
 import flax
@@ -147,7 +155,16 @@ WRITTEN_SPECS = ("mlp", "resnet18", "small_cnn", "vgg13")
 
 
 def permutation_spec(model_name: str, params: Params) -> PermutationSpec:
-  """The spec of a model by its name in `mechconn.models.MODELS`, sized from its params."""
+  """The spec of a model by its name in `mechconn.models.MODELS`, sized from its params.
+
+  Args:
+    model_name: 'mlp', 'small_cnn', 'vgg13' or 'resnet18' (`WRITTEN_SPECS`).
+    params: the model's params, or its full variables (their 'params' are read).
+
+  Example:
+    spec = permutation_spec("small_cnn", variables["params"])
+  """
+  params = _params_of(params, "permutation_spec(model_name, params)", "params")
   if model_name == "mlp":
     return mlp_spec(sum(k.startswith("Dense_") for k in params))
   if model_name in ("small_cnn", "vgg13"):
@@ -156,6 +173,43 @@ def permutation_spec(model_name: str, params: Params) -> PermutationSpec:
     return resnet18_spec()
   raise ValueError(f"No permutation spec for model {model_name!r}; valid: "
                    f"{list(WRITTEN_SPECS)} (any other model: symmetry.derive_spec).")
+
+
+# --- What the public functions take. -------------------------------------------------
+
+
+def _kind(arg) -> str:
+  """What an argument is, in words, for an error message."""
+  if isinstance(arg, PermutationSpec):
+    return "a PermutationSpec"
+  if isinstance(arg, Mapping):
+    return "a dict of variables" if "params" in arg else "a dict of parameters"
+  return f"a {type(arg).__name__}"
+
+
+def _check_spec_arg(spec, where: str, position: str = "first") -> None:
+  """Raises TypeError unless `spec` is a PermutationSpec."""
+  if not isinstance(spec, PermutationSpec):
+    raise TypeError(f"`{where}`: the {position} argument must be a PermutationSpec (got "
+                    f"{_kind(spec)}; arguments swapped?)")
+
+
+def _params_of(tree, where: str, name: str) -> Params:
+  """The params of a params tree or of full variables (a top-level 'params' key)."""
+  if not isinstance(tree, Mapping):
+    swapped = "; arguments swapped?" if isinstance(tree, PermutationSpec) else ""
+    raise TypeError(f"`{where}`: `{name}` must be params or the full variables {{'params', "
+                    f"...}} (got {_kind(tree)}{swapped})")
+  return tree["params"] if "params" in tree else tree
+
+
+def _check_variables_arg(tree, where: str, name: str) -> None:
+  """Raises unless `tree` is the full variables (a dict with a top-level 'params' key)."""
+  _params_of(tree, where, name)
+  if "params" not in tree:
+    raise ValueError(f"`{where}`: `{name}` runs the network: pass the full variables "
+                     "{'params', 'batch_stats'} ({'params': params} for a model without "
+                     "state), not a dict of parameters without a 'params' key")
 
 
 # --- Applying a permutation. ------------------------------------------------------
@@ -190,22 +244,49 @@ def check_spec(spec: PermutationSpec, variables: dict) -> None:
                        f"{spec.shapes.get(path, shape)}.")
 
 
-def apply_permutation(spec: PermutationSpec, perm: Permutation, params: Params,
-                      batch_stats: Params | None = None):
-  """Permutes params (and batch_stats) by `perm`: the network computes the same function.
+_UNSET = object()  # `apply_permutation`'s deprecated `batch_stats` was not passed
+
+
+def apply_permutation(spec: PermutationSpec, perm: Permutation, tree: Params,
+                      batch_stats=_UNSET) -> Params:
+  """Permutes the units of a network by `perm`: it computes the same function.
 
   Args:
     spec: the architecture's spec.
     perm: {name: index array}; unit i of the result is unit perm[name][i].
-    params: the 'params' collection.
-    batch_stats: the 'batch_stats' collection, or None/{} for models without.
+    tree: the full variables ({'params', 'batch_stats'?, ...}; every collection
+      the spec covers is permuted, BatchNorm statistics with their units), or a
+      params tree.
+    batch_stats: deprecated (pass the variables as `tree`); given, the old
+      form's (params, batch_stats) tuple is returned.
 
   Returns:
-    permuted params, or (params, batch_stats) when batch_stats is given.
+    `tree` permuted, of the same kind: variables for variables, params for params.
+
+  Example:
+    aligned = apply_permutation(spec, perm, variables)   # {'params', 'batch_stats'}
+    aligned_params = apply_permutation(spec, perm, variables["params"])
   """
-  variables = {"params": params}
-  if batch_stats:
-    variables["batch_stats"] = batch_stats
+  call = "apply_permutation(spec, perm, tree)"
+  _check_spec_arg(spec, call)
+  params = _params_of(tree, call, "tree")
+  if batch_stats is not _UNSET:
+    warnings.warn("apply_permutation(spec, perm, params, batch_stats) is deprecated and will "
+                  "be removed in the next release: call apply_permutation(spec, perm, "
+                  "variables) with variables = {'params': params, 'batch_stats': "
+                  "batch_stats}; it returns variables.", DeprecationWarning, stacklevel=2)
+    if params is not tree:
+      raise TypeError(f"`{call}`: the deprecated `batch_stats` goes with params, not with "
+                      "the full variables; pass the variables alone.")
+    if batch_stats is None:
+      return apply_permutation(spec, perm, params)
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    out = apply_permutation(spec, perm, variables)
+    return out["params"], out.get("batch_stats", batch_stats)
+  if not isinstance(perm, Mapping):
+    raise TypeError(f"`{call}`: `perm` must be a dict {{name: index array}} (got "
+                    f"{_kind(perm)})")
+  variables = tree if params is not tree else {"params": params}
   check_spec(spec, variables)
   for name, n in group_sizes(spec, params).items():
     if name not in perm:
@@ -221,37 +302,68 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, params: Params,
       if p is not None:
         leaf = jnp.take(leaf, jnp.asarray(perm[p]), axis=axis)
     flat[path] = leaf.reshape(shape)
-  out = _unflat(flat)
-  if batch_stats is None:
-    return out["params"]
-  return out["params"], out.get("batch_stats", batch_stats)
+  out = {**variables, **_unflat(flat)}  # empty collections ({} batch_stats) kept as given
+  return out if variables is tree else out["params"]
 
 
 def group_sizes(spec: PermutationSpec, params: Params) -> dict[str, int]:
-  """{group: number of units}, read from the params."""
-  flat = flatten_variables({"params": params})
+  """{group: number of units}, read from the params (or the full variables' params).
+
+  Example:
+    group_sizes(mlp_spec(2), params)   # {'P_0': 512, 'P_1': 512}
+  """
+  call = "group_sizes(spec, params)"
+  _check_spec_arg(spec, call)
+  flat = flatten_variables({"params": _params_of(params, call, "params")})
   return {name: next(spec.view(p, flat[p]).shape[a] for p, a in where if p in flat)
           for name, where in spec.perm_to_axes.items()}
 
 
 def identity_permutation(spec: PermutationSpec, params: Params) -> Permutation:
-  """Every group in its own order (applying it changes nothing)."""
+  """Every group in its own order (applying it changes nothing).
+
+  Args:
+    spec: the architecture's spec.
+    params: params, or the full variables (their 'params' give the group sizes).
+
+  Example:
+    perm = identity_permutation(spec, variables)   # {'P_0': array([0, 1, ...]), ...}
+  """
+  _check_spec_arg(spec, "identity_permutation(spec, params)")
   return {name: np.arange(n) for name, n in group_sizes(spec, params).items()}
 
 
 def random_permutation(spec: PermutationSpec, params: Params, seed: int) -> Permutation:
-  """A uniformly random permutation of every group (for tests and null baselines)."""
+  """A uniformly random permutation of every group (for tests and null baselines).
+
+  Args:
+    spec: the architecture's spec.
+    params: params, or the full variables (their 'params' give the group sizes).
+    seed: numpy seed of the permutations.
+
+  Example:
+    shuffled = apply_permutation(spec, random_permutation(spec, variables, 0), variables)
+  """
+  _check_spec_arg(spec, "random_permutation(spec, params, seed)")
   rng = np.random.default_rng(seed)
   return {name: rng.permutation(n) for name, n in sorted(group_sizes(spec, params).items())}
 
 
 def check_pair(spec: PermutationSpec, reference: Params, other: Params) -> None:
-  """Raises ValueError unless both params fit the spec and have the same leaves and shapes.
+  """Raises ValueError unless both models fit the spec and have the same leaves and shapes.
 
-  Names the spec's missing or extra leaves (a spec of another architecture),
-  or the first leaf whose shape differs (models of different widths); raises
-  `finite.NonFiniteError` naming the first NaN or infinite leaf.
+  Reads only the params: `reference` and `other` are params trees or full
+  variables (their 'params'). Names the spec's missing or extra leaves (a spec
+  of another architecture), or the first leaf whose shape differs (models of
+  different widths); raises `finite.NonFiniteError` naming the first NaN or
+  infinite leaf, and TypeError for an argument of the wrong kind.
+
+  Example:
+    check_pair(spec, variables_a, variables_b)   # or their params
   """
+  call = "check_pair(spec, reference, other)"
+  _check_spec_arg(spec, call)
+  reference, other = _params_of(reference, call, "reference"), _params_of(other, call, "other")
   for name, params in (("reference", reference), ("other", other)):
     try:
       check_spec(spec, {"params": params})

@@ -13,50 +13,51 @@ per-batch variances, larger by n / (n - 1) with n = batch x spatial positions
 (0.4% on VGG13's 2x2 maps at batch 64); `unbiased=True` computes that, for
 parity with PyTorch-computed numbers.
 
-How: a Flax method interceptor sees the input of every BatchNorm call in
-training mode and records that batch's moments (float32) in a side collection,
-so any Linen model works unchanged, with no per-layer code.
+How: `mechconn.intercept` sees the input of every BatchNorm call in training
+mode and records that batch's moments (float32), so any Linen model (and any
+NNX model, through `mechconn.nnx_adapter`) works unchanged, with no
+per-layer code.
 """
 
 from collections.abc import Callable
-import functools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mechconn import finite
+from mechconn import intercept
 from mechconn.types import ApplyFn, StackedBatches, Variables
 
 
-MOMENTS = "batch_moments"  # side collection holding one batch's moments
+def _is_batchnorm_in_training(call: intercept.LayerCall, args, kwargs) -> bool:
+  """A BatchNorm layer's __call__ that normalises by its batch's moments."""
+  module = call.module
+  if call.method != "__call__" or intercept.kind(module) != "batchnorm":
+    return False
+  if isinstance(module, nn.Module):
+    if module.is_initializing():
+      return False
+    flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    return not nn.merge_param("use_running_average", module.use_running_average, flag)
+  flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+  return not (module.use_running_average if flag is None else flag)
 
 
-def _record_moments(next_fun, args, kwargs, context, unbiased=False):
-  """Interceptor: record the batch mean and (biased, or unbiased) variance of BatchNorm inputs."""
-  module = context.module
-  if not (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"):
-    return next_fun(*args, **kwargs)
-  x = args[0] if args else kwargs["x"]
-  use_running_average = nn.merge_param(
-      "use_running_average", module.use_running_average,
-      kwargs.get("use_running_average", args[1] if len(args) > 1 else None))
-  if not use_running_average and not module.is_initializing():
-    if kwargs.get("mask") is not None:
-      raise NotImplementedError("recompute_batch_stats does not support masked BatchNorm.")
-    feature_axes = {a % x.ndim for a in ((module.axis,) if isinstance(module.axis, int)
-                                         else module.axis)}
-    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-    x32 = jnp.asarray(x, jnp.float32)
-    mean = jnp.mean(x32, axis=reduction_axes)
-    centred = x32 - jnp.expand_dims(mean, reduction_axes)
-    var = jnp.mean(jnp.square(centred), axis=reduction_axes)
-    if unbiased:
-      n = x32.size // mean.size  # elements per feature in this batch
-      var = var * (n / max(n - 1, 1))
-    module.put_variable(MOMENTS, "mean", mean)
-    module.put_variable(MOMENTS, "var", var)
-  return next_fun(*args, **kwargs)
+def _moments(module, x: jax.Array, unbiased: bool) -> dict[str, jax.Array]:
+  """{'mean', 'var'} of a BatchNorm layer's input over every axis but its feature axes."""
+  feature_axes = {a % x.ndim for a in ((module.axis,) if isinstance(module.axis, int)
+                                       else module.axis)}
+  reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+  x32 = jnp.asarray(x, jnp.float32)
+  mean = jnp.mean(x32, axis=reduction_axes)
+  centred = x32 - jnp.expand_dims(mean, reduction_axes)
+  var = jnp.mean(jnp.square(centred), axis=reduction_axes)
+  if unbiased:
+    n = x32.size // mean.size  # elements per feature in this batch
+    var = var * (n / max(n - 1, 1))
+  return {"mean": mean, "var": var}
 
 
 def batch_moments(apply_fn: ApplyFn, variables: Variables, images: jax.Array,
@@ -65,9 +66,20 @@ def batch_moments(apply_fn: ApplyFn, variables: Variables, images: jax.Array,
   or unbiased with `unbiased`). Returns an empty dict for a model without BatchNorm.
   """
   params_only = {k: v for k, v in variables.items() if k != "batch_stats"}
-  with nn.intercept_methods(functools.partial(_record_moments, unbiased=unbiased)):
-    _, updates = apply_fn(params_only, images, train=True, mutable=["batch_stats", MOMENTS])
-  return updates.get(MOMENTS, {})
+  recorded: dict[tuple[str, ...], dict[str, jax.Array]] = {}
+
+  def record(call, next_fun, args, kwargs):
+    if _is_batchnorm_in_training(call, args, kwargs):
+      if kwargs.get("mask") is not None:
+        raise NotImplementedError("recompute_batch_stats does not support masked BatchNorm.")
+      x = args[0] if args else kwargs["x"]
+      recorded[call.path] = _moments(call.module, x, unbiased)
+    return next_fun(*args, **kwargs)
+
+  with intercept.intercept(record):
+    apply_fn(params_only, images, train=True, mutable=["batch_stats"])
+  return flax.traverse_util.unflatten_dict(
+      {(*path, name): value for path, m in recorded.items() for name, value in m.items()})
 
 
 def has_batchnorm(apply_fn: ApplyFn, variables: Variables, images: jax.Array) -> bool:

@@ -5,7 +5,9 @@ permutation groups, each step an exact linear assignment) and
 `activation_matching` (each unit to its most correlated unit, from exact
 correlations over many batches). Both take a `align.PermutationSpec`, hand-
 written (`align.permutation_spec`) or derived (`symmetry.derive_spec`), and
-return a `Permutation` for `align.apply_permutation`.
+return a `Permutation` for `align.apply_permutation`. `weight_matching` reads
+only parameters (params or the full variables); `activation_matching` runs the
+networks and takes the full variables ({'params', 'batch_stats'?, ...}).
 """
 
 from collections.abc import Iterable
@@ -16,6 +18,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from mechconn import align
+from mechconn import intercept
 from mechconn.align import Params, Permutation, PermutationSpec
 from mechconn.types import ApplyFn
 
@@ -31,12 +34,13 @@ def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
   Coordinate descent over permutation groups in a random order (seeded): for
   one group, with all others fixed, the objective is linear in its assignment,
   solved exactly by `scipy.optimize.linear_sum_assignment`. Stops when a full
-  sweep improves nothing. Only the 'params' leaves are matched.
+  sweep improves nothing. Only the 'params' leaves are matched, so params
+  suffice; full variables are accepted too (their 'params' are read).
 
   Args:
     spec: the architecture's spec.
-    reference: params to match (left unchanged).
-    other: params to permute.
+    reference: params (or variables) to match (left unchanged).
+    other: params (or variables) to permute.
     max_iter: at most this many sweeps.
     seed: the order of groups in each sweep.
     init: the permutation to start from (None: the identity).
@@ -46,9 +50,19 @@ def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
     perm such that `apply_permutation(spec, perm, other)` is aligned to reference.
 
   Raises:
+    TypeError: `spec` is not a PermutationSpec, or a model is not a dict
+      (arguments swapped?).
     ValueError: the spec does not fit the params, or the two models differ in
       a leaf's shape (`check_pair`).
+
+  Example:
+    perm = weight_matching(spec, variables_a, variables_b)
+    aligned_b = align.apply_permutation(spec, perm, variables_b)
   """
+  call = "weight_matching(spec, reference, other)"
+  align._check_spec_arg(spec, call)
+  reference = align._params_of(reference, call, "reference")
+  other = align._params_of(other, call, "other")
   align.check_pair(spec, reference, other)
   ref = {k: spec.view(k, np.asarray(v, np.float64))
          for k, v in align.flatten_variables({"params": reference}).items()}
@@ -128,20 +142,25 @@ def _similarity(spec, ref, oth, perm, name, where, nested) -> np.ndarray:
 
 def _site_outputs(apply_fn: ApplyFn, variables: dict, images: jax.Array,
                   sites: Iterable[tuple[str, ...]], post=None) -> list[jax.Array]:
-  """Outputs of the given modules' __call__ (through `post`, if given), flattened to
+  """Outputs of the given modules' first __call__ (through `post`, if given), flattened to
   [examples * positions, units]."""
-  _, state = apply_fn(variables, images, train=False,
-                      capture_intermediates=lambda mdl, method: method == "__call__",
-                      mutable=["intermediates"])
-  inter = state["intermediates"]
-  out = []
-  for site in sites:
-    node = inter
-    for key in site:
-      node = node[key]
-    value = node["__call__"][0] if post is None else post(node["__call__"][0])
-    out.append(value.reshape(-1, value.shape[-1]).astype(jnp.float32))
-  return out
+  sites = [tuple(site) for site in sites]
+  wanted, outputs = set(sites), {}
+
+  def record(call, next_fun, args, kwargs):
+    out = next_fun(*args, **kwargs)
+    if call.method == "__call__" and call.path in wanted:
+      outputs.setdefault(call.path, out)
+    return out
+
+  with intercept.intercept(record):
+    apply_fn(variables, images, train=False)
+  missing = [site for site in sites if site not in outputs]
+  if missing:
+    raise ValueError(f"Activation matching: the model never called the modules {missing[:3]} "
+                     "named as sites by the spec (a spec of another architecture?).")
+  values = [outputs[site] if post is None else post(outputs[site]) for site in sites]
+  return [v.reshape(-1, v.shape[-1]).astype(jnp.float32) for v in values]
 
 
 def _merge_moments(m1, m2):
@@ -153,6 +172,13 @@ def _merge_moments(m1, m2):
   w = n1 * n2 / n
   return (n, ma1 + da * n2 / n, mb1 + db * n2 / n, sa1 + sa2 + da**2 * w, sb1 + sb2 + db**2 * w,
           c1 + c2 + np.outer(da, db) * w)
+
+
+def _check_activation_args(spec, variables_ref, variables_other, call: str) -> None:
+  """Raises unless `spec` is a spec and both models are full variables."""
+  align._check_spec_arg(spec, call, position="second")
+  align._check_variables_arg(variables_ref, call, "variables_ref")
+  align._check_variables_arg(variables_other, call, "variables_other")
 
 
 def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
@@ -169,10 +195,24 @@ def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
   output first: sites are module outputs, before the nonlinearity that follows
   them, and units that differ only in their bias correlate perfectly there.
 
+  Args:
+    apply_fn: `model.apply`, run in inference mode (`train=False`).
+    spec: the architecture's spec; its `sites` are correlated.
+    variables_ref, variables_other: the two models' full variables
+      ({'params', 'batch_stats'?, ...}): BatchNorm reads its statistics.
+    batches: image batches, each [B, ...].
+    post: maps every site's output first (None: the outputs themselves).
+
   Returns:
     {group: [n, n] correlations (reference units x other units)} for every
     group with sites.
+
+  Example:
+    corr = activation_statistics(model.apply, spec, variables_a, variables_b, batches)
   """
+  _check_activation_args(spec, variables_ref, variables_other,
+                         "activation_statistics(apply_fn, spec, variables_ref, "
+                         "variables_other, batches)")
   names = [name for name in spec.names if spec.sites.get(name)]
   all_sites = [site for name in names for site in spec.sites[name]]
 
@@ -215,15 +255,34 @@ def activation_matching(apply_fn: ApplyFn, spec: PermutationSpec,
   the unpermuted networks: permuting units does not change any other group's
   activations, so the groups are independent. Groups that no module output
   carries on its last axis (attention heads, say) are then weight-matched with
-  the others held at their activation-matched permutations. `post`: see
-  `activation_statistics` (`jax.nn.relu` where every site feeds a ReLU).
+  the others held at their activation-matched permutations.
+
+  Args:
+    apply_fn, spec, batches: as for `activation_statistics`.
+    variables_ref: the full variables ({'params', 'batch_stats'?, ...}) to match.
+    variables_other: the full variables of the model to permute.
+    post: see `activation_statistics` (`jax.nn.relu` where every site feeds a ReLU).
+
+  Returns:
+    perm such that `apply_permutation(spec, perm, variables_other)` is aligned.
+
+  Raises:
+    TypeError: `spec` is not a PermutationSpec, or a model is not a dict.
+    ValueError: a model is given as bare params (BatchNorm needs its statistics),
+      or the models do not fit the spec or each other (`align.check_pair`).
+
+  Example:
+    perm = activation_matching(model.apply, spec, variables_a, variables_b, batches,
+                               post=jax.nn.relu)
   """
-  align.check_pair(spec, variables_ref["params"], variables_other["params"])
+  _check_activation_args(spec, variables_ref, variables_other,
+                         "activation_matching(apply_fn, spec, variables_ref, "
+                         "variables_other, batches)")
+  align.check_pair(spec, variables_ref, variables_other)
   correlations = activation_statistics(apply_fn, spec, variables_ref, variables_other, batches,
                                        post)
   perm = {name: linear_sum_assignment(c, maximize=True)[1] for name, c in correlations.items()}
   unseen = [name for name in spec.names if name not in perm]
   if unseen:
-    perm = weight_matching(spec, variables_ref["params"], variables_other["params"], init=perm,
-                           groups=unseen)
+    perm = weight_matching(spec, variables_ref, variables_other, init=perm, groups=unseen)
   return perm

@@ -11,7 +11,7 @@ interpolation of the end points' ones,
 
   y' = (y - mean_t) / sqrt(var_t + eps) * ((1 - t) std_A + t std_B) + (1 - t) mean_A + t mean_B.
 
-Sites are module outputs (by default every `nn.Conv` and `nn.Dense` but the
+Sites are module outputs (by default every conv and dense layer, Linen or NNX, but the
 last one called: the logits stay as they are). The interpolated network's own
 statistics are computed like the exact BatchNorm reset of `batchnorm`: a pass
 over the batches in which every site normalises by its batch's moments (so
@@ -27,20 +27,26 @@ import dataclasses
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mechconn import intercept
 from mechconn.types import ApplyFn, StackedBatches
 
-COLLECTION = "repair"  # variables: {site path: {'mean', 'var', 'target_mean', 'target_std'}}
-MOMENTS = "repair_moments"  # side collection: one batch's moments per site
+COLLECTION = "repair"  # {site path: {"stats": {"mean", "var", "target_mean", "target_std"}}}
 EPSILON = 1e-5
 
 
-def default_site(module: nn.Module) -> bool:
-  """Every convolution and dense layer (the last one called is dropped by `sites_of`)."""
-  return isinstance(module, (nn.Conv, nn.Dense))
+def default_site(module) -> bool:
+  """Every convolution and dense layer, Linen or NNX (the last one called is dropped by
+  `sites_of`)."""
+  return intercept.kind(module) in ("conv", "dense")
+
+
+def _moments(y: jax.Array) -> dict[str, jax.Array]:
+  axes = tuple(range(y.ndim - 1))
+  mean = jnp.mean(y, axis=axes)
+  return {"mean": mean, "var": jnp.mean(jnp.square(y - mean), axis=axes)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,43 +54,38 @@ class Repaired:
   """`apply_fn` with REPAIR at `sites` (module paths); hashable, so a static jit argument.
 
   Called like the model's apply with variables that hold `COLLECTION`; with
-  `mode='moments'` it records each site's batch moments instead (see
-  `recompute_stats`), correcting by them when `correct=True`.
+  `mode='moments'` it returns each site's batch moments instead (correcting
+  the sites by them, so later sites see the earlier ones corrected), with
+  `mode='moments_only'` the uncorrected sites' moments.
   """
 
   apply_fn: ApplyFn
   sites: tuple[tuple[str, ...], ...]
 
-  def _interceptor(self, mode: str):
-    def intercept(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      path = tuple(context.module.scope.path) if context.module.scope else ()
-      if context.method_name != "__call__" or path not in self.sites:
+  def __call__(self, variables, *args, mode: str = "apply", **kwargs):
+    per_site = _tree_to_sites(variables.get(COLLECTION, {}), depth=1)
+    model_variables = {k: v for k, v in variables.items() if k != COLLECTION}
+    recorded: dict = {}
+
+    def repair(call, next_fun, a, kw):
+      out = next_fun(*a, **kw)
+      if call.method != "__call__" or call.path not in self.sites:
         return out
-      module = context.module
       y = jnp.asarray(out, jnp.float32)
-      axes = tuple(range(y.ndim - 1))
       if mode == "apply":
-        stats = module.get_variable(COLLECTION, "stats")
-        mean, var = stats["mean"], stats["var"]
+        moments = per_site[call.path]
       else:
-        mean = jnp.mean(y, axis=axes)
-        var = jnp.mean(jnp.square(y - mean), axis=axes)
-        module.put_variable(MOMENTS, "moments", {"mean": mean, "var": var})
+        moments = recorded[call.path] = _moments(y)
         if mode == "moments_only":
           return out
-        stats = module.get_variable(COLLECTION, "stats")
-      y = (y - mean) / jnp.sqrt(var + EPSILON) * stats["target_std"] + stats["target_mean"]
+      stats = per_site[call.path]
+      y = (y - moments["mean"]) / jnp.sqrt(moments["var"] + EPSILON) * stats["target_std"] + \
+          stats["target_mean"]
       return y.astype(jnp.asarray(out).dtype)
-    return intercept
 
-  def __call__(self, variables, *args, mode: str = "apply", **kwargs):
-    with nn.intercept_methods(self._interceptor(mode)):
-      if mode == "apply":
-        return self.apply_fn(variables, *args, **kwargs)
-      mutable = kwargs.pop("mutable", [])
-      _, state = self.apply_fn(variables, *args, mutable=list(mutable) + [MOMENTS], **kwargs)
-      return state.get(MOMENTS, {})
+    with intercept.intercept(repair):
+      out = self.apply_fn(model_variables, *args, **kwargs)
+    return out if mode == "apply" else recorded
 
 
 def sites_of(apply_fn: ApplyFn, variables: dict, images, is_site: Callable[[Any], bool]
@@ -92,22 +93,21 @@ def sites_of(apply_fn: ApplyFn, variables: dict, images, is_site: Callable[[Any]
   """Paths of the modules `is_site` accepts, in call order, without the last one (the logits)."""
   found = []
 
-  def record(next_fun, args, kwargs, context):
-    path = tuple(context.module.scope.path) if context.module.scope else ()
-    if context.method_name == "__call__" and is_site(context.module) and path not in found:
-      found.append(path)
+  def record(call, next_fun, args, kwargs):
+    if call.method == "__call__" and is_site(call.module) and call.path not in found:
+      found.append(call.path)
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(record):
+  with intercept.intercept(record):
     jax.eval_shape(lambda v, x: apply_fn(v, x, train=False), variables, images)
   return tuple(found[:-1])
 
 
-def _tree_to_sites(moments) -> dict:
-  """{site path: {'mean', 'var'}} from the side collection ({...site: {'moments': {...}}})."""
+def _tree_to_sites(tree, depth: int = 1) -> dict:
+  """{site path: {name: array}} of the `COLLECTION` variables ({...site: {'stats': {...}}})."""
   per_site: dict = {}
-  for path, value in flax.traverse_util.flatten_dict(moments).items():
-    per_site.setdefault(path[:-2], {})[path[-1]] = value
+  for path, value in flax.traverse_util.flatten_dict(tree).items():
+    per_site.setdefault(path[:-1 - depth], {})[path[-1]] = value
   return per_site
 
 
@@ -123,7 +123,7 @@ def _mean_moments(repaired: Repaired, variables, batches: StackedBatches, mode: 
   select = inputs if callable(inputs) else (lambda batch: batch[inputs])
 
   def moments(batch):
-    return _tree_to_sites(repaired(variables, select(batch), train=False, mode=mode))
+    return repaired(variables, select(batch), train=False, mode=mode)
 
   first = jax.tree.map(lambda x: x[0], batches)
   num_batches = jax.tree.leaves(batches)[0].shape[0]

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechconn import align
+from mechconn import intercept
 from mechconn.axis_classes import AxisClasses, Constraint
 
 
@@ -293,10 +294,31 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
   names = [_leaf_path(path) for path, _ in leaves]
 
   def traced(values, x):
-    return apply_fn(jax.tree_util.tree_unflatten(treedef, values), x, train=False,
-                    capture_intermediates=True, mutable=["intermediates"], **apply_kwargs)
+    """(the model's outputs, {'/'.join(layer path): that layer's first output, if an array})."""
+    order, outputs = [], {}  # layers in the order their calls begin
 
-  closed, out_shapes = jax.make_jaxpr(traced, return_shape=True)(
+    def record(call, next_fun, args, kwargs):
+      if call.method == "__call__" and call.path and call.path not in order:
+        order.append(call.path)
+      out = next_fun(*args, **kwargs)
+      if call.method == "__call__" and isinstance(out, jax.Array):
+        outputs.setdefault(call.path, out)
+      return out
+
+    with intercept.intercept(record):
+      out = apply_fn(jax.tree_util.tree_unflatten(treedef, values), x, train=False,
+                     **apply_kwargs)
+    captured = tuple(path for path in order if path in outputs)
+    return out, [outputs[path] for path in captured], captured
+
+  layer_paths = []
+
+  def traced_arrays(values, x):
+    out, captured, captured_paths = traced(values, x)
+    layer_paths[:] = captured_paths
+    return out, captured
+
+  closed, out_shapes = jax.make_jaxpr(traced_arrays, return_shape=True)(
       [leaf for _, leaf in leaves], example_input)
   tracer = _Tracer()
   param_axes = [tracer.fresh(jnp.shape(leaf)) for _, leaf in leaves]
@@ -352,16 +374,14 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
       spec_axes[name] = tuple(group_names.get(fs[0]) if fs else None for fs in leaf)
 
   sites: dict[str, list[tuple[str, ...]]] = {}
-  for path, a in zip(out_paths, outs):
-    parts = path.split("/")
-    if parts[0] != "1" or len(parts) < 4 or parts[-2] != "__call__" or not a:
+  num_outputs = len(jax.tree.leaves(out_shapes[0]))
+  for module, a in zip(layer_paths, outs[num_outputs:]):
+    if not a:
       continue
-    module = tuple(parts[2:-2])
     last = axes.expand(a[-1])
     # A site's other axes must be positions (examples, pixels, tokens), not other units.
     others_fixed = not any(f in group_names for axis in a[:-1] for f in axes.expand(axis))
-    if (module and len(last) == 1 and last[0] in group_names and parts[-1] == "0"
-        and others_fixed):
+    if len(last) == 1 and last[0] in group_names and others_fixed:
       sites.setdefault(group_names[last[0]], []).append(module)
   return align.PermutationSpec(spec_axes, {k: tuple(v) for k, v in sites.items()},
                                shapes=shapes)

@@ -34,14 +34,6 @@ def _init(name, seed):
   return model, variables, x
 
 
-def _permute(spec, perm, variables):
-  if "batch_stats" in variables:
-    params, stats = align.apply_permutation(spec, perm, variables["params"],
-                                            variables["batch_stats"])
-    return {"params": params, "batch_stats": stats}
-  return {"params": align.apply_permutation(spec, perm, variables["params"])}
-
-
 # VGG13's and ResNet18's inits and matchings cost ~7 and ~10 s here: in the full suite, not
 # the fast loop (which keeps the MLP and the CNN).
 ARCH_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name in ("vgg13", "resnet18")
@@ -58,7 +50,7 @@ def arch(request):
 
 def test_permutation_keeps_the_function(arch):
   name, model, variables, x, spec, perm = arch
-  permuted = _permute(spec, perm, variables)
+  permuted = align.apply_permutation(spec, perm, variables)
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(permuted["params"]), jax.tree.leaves(variables["params"])))
   np.testing.assert_allclose(model.apply(permuted, x), model.apply(variables, x),
@@ -71,9 +63,9 @@ def test_permutation_keeps_the_function(arch):
 
 def test_weight_matching_recovers_a_hidden_permutation(arch):
   name, model, variables, x, spec, perm = arch
-  other = _permute(spec, perm, variables)
+  other = align.apply_permutation(spec, perm, variables)
   found = matching.weight_matching(spec, variables["params"], other["params"])
-  aligned = _permute(spec, found, other)
+  aligned = align.apply_permutation(spec, found, other)
   chex.assert_trees_all_equal(aligned, variables)
 
 
@@ -83,9 +75,9 @@ def test_activation_matching_recovers_a_hidden_permutation(arch):
   if "batch_stats" in variables:  # running statistics of the data, as in a trained model
     variables = {"params": variables["params"], "batch_stats": batchnorm.recompute_batch_stats(
         model.apply, variables, {"image": jnp.stack(batches)})}
-  other = _permute(spec, perm, variables)
+  other = align.apply_permutation(spec, perm, variables)
   found = matching.activation_matching(model.apply, spec, variables, other, batches)
-  chex.assert_trees_all_equal(_permute(spec, found, other), variables)
+  chex.assert_trees_all_equal(align.apply_permutation(spec, found, other), variables)
 
 
 def test_activation_statistics_are_exact_correlations():
@@ -136,7 +128,8 @@ def test_post_relu_statistics_tell_apart_units_that_differ_only_in_bias():
 def test_aligned_permuted_copy_has_zero_barrier():
   model, variables, _ = _init("small_cnn", 0)
   spec = align.permutation_spec("small_cnn", variables["params"])
-  other = _permute(spec, align.random_permutation(spec, variables["params"], 1), variables)
+  perm = align.random_permutation(spec, variables, 1)
+  other = align.apply_permutation(spec, perm, variables)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(64, 16, 16, 3)).astype(np.float32)
   labels = rng.integers(0, 10, 64)
@@ -160,8 +153,7 @@ def test_spec_errors_name_the_leaves():
   assert "params/Conv_2/kernel" in spec.axes and "params/Conv_3/kernel" not in spec.axes
   bad = align.conv_chain_spec(4)
   with pytest.raises(ValueError, match=r"spec entries without a leaf \['batch_stats/BatchNorm_3"):
-    align.apply_permutation(bad, align.identity_permutation(spec, variables["params"]),
-                            variables["params"], variables["batch_stats"])
+    align.apply_permutation(bad, align.identity_permutation(spec, variables), variables)
   with pytest.raises(ValueError, match="No permutation spec for model 'vit'"):
     align.permutation_spec("vit", variables["params"])
 
@@ -191,3 +183,69 @@ def test_a_permutation_of_the_wrong_size_or_with_repeats_is_refused():
     align.apply_permutation(spec, short, variables["params"])
   with pytest.raises(ValueError, match=r"perm\['P_1'\] must be a permutation"):
     align.apply_permutation(spec, {**perm, "P_1": np.zeros(4, int)}, variables["params"])
+
+
+def test_apply_permutation_returns_the_kind_it_was_given():
+  _, variables, _ = _init("small_cnn", 0)
+  spec = align.permutation_spec("small_cnn", variables)
+  perm = align.random_permutation(spec, variables, seed=2)
+  permuted = align.apply_permutation(spec, perm, variables)
+  assert jax.tree.structure(permuted) == jax.tree.structure(variables)
+  np.testing.assert_array_equal(permuted["batch_stats"]["BatchNorm_0"]["mean"],
+                                variables["batch_stats"]["BatchNorm_0"]["mean"][perm["P_0"]])
+  params = align.apply_permutation(spec, perm, variables["params"])
+  assert jax.tree.structure(params) == jax.tree.structure(variables["params"])
+  chex.assert_trees_all_equal(params, permuted["params"])
+
+
+def test_the_deprecated_batch_stats_argument_warns_and_returns_the_old_tuple():
+  _, variables, _ = _init("small_cnn", 0)
+  spec = align.permutation_spec("small_cnn", variables["params"])
+  perm = align.random_permutation(spec, variables, seed=2)
+  with pytest.warns(DeprecationWarning, match=r"apply_permutation\(spec, perm, variables\)"):
+    params, stats = align.apply_permutation(spec, perm, variables["params"],
+                                            variables["batch_stats"])
+  chex.assert_trees_all_equal({"params": params, "batch_stats": stats},
+                              align.apply_permutation(spec, perm, variables))
+
+
+def test_weight_matching_reads_the_params_of_variables():
+  _, variables, _ = _init("small_cnn", 0)
+  spec = align.permutation_spec("small_cnn", variables["params"])
+  other = align.apply_permutation(spec, align.random_permutation(spec, variables, 4), variables)
+  from_variables = matching.weight_matching(spec, variables, other)
+  from_params = matching.weight_matching(spec, variables["params"], other["params"])
+  chex.assert_trees_all_equal(from_variables, from_params)
+  assert any(not np.array_equal(p, np.arange(len(p))) for p in from_params.values())
+  align.check_pair(spec, variables, other)
+  chex.assert_trees_all_equal(align.group_sizes(spec, variables),
+                              align.group_sizes(spec, variables["params"]))
+
+
+def test_arguments_of_the_wrong_kind_are_named_errors():
+  model, variables, _ = _init("small_cnn", 0)
+  spec = align.permutation_spec("small_cnn", variables["params"])
+  params = variables["params"]
+  with pytest.raises(TypeError, match=r"`weight_matching\(spec, reference, other\)`: the first "
+                     r"argument must be a PermutationSpec \(got a dict of parameters; "
+                     r"arguments swapped\?\)"):
+    matching.weight_matching(params, params, spec)
+  with pytest.raises(TypeError, match=r"`reference` must be params .*\(got a PermutationSpec; "
+                     r"arguments swapped\?\)"):
+    matching.weight_matching(spec, spec, params)
+  with pytest.raises(TypeError, match=r"`apply_permutation\(spec, perm, tree\)`: the first "
+                     r"argument must be a PermutationSpec \(got a dict of variables"):
+    align.apply_permutation(variables, align.identity_permutation(spec, params), spec)
+  with pytest.raises(TypeError, match=r"`check_pair\(spec, reference, other\)`: `other` must "
+                     r"be params .*\(got a PermutationSpec"):
+    align.check_pair(spec, params, spec)
+  with pytest.raises(TypeError, match=r"`random_permutation\(spec, params, seed\)`: .*got a "
+                     r"dict of parameters; arguments swapped"):
+    align.random_permutation(params, spec, 0)
+  batches = [jnp.zeros((2, 16, 16, 3))]
+  with pytest.raises(TypeError, match=r"`activation_matching\(apply_fn, spec, .*the second "
+                     r"argument must be a PermutationSpec \(got a dict of variables"):
+    matching.activation_matching(model.apply, variables, spec, variables, batches)
+  with pytest.raises(ValueError, match=r"`variables_other` runs the network: pass the full "
+                     r"variables \{'params', 'batch_stats'\}"):
+    matching.activation_matching(model.apply, spec, variables, params, batches)

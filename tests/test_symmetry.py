@@ -106,18 +106,12 @@ def unseen(request):
   return request.param, model, variables, x, symmetry.derive_spec(model.apply, variables, x)
 
 
-def _permute(spec, perm, variables):
-  params, stats = align.apply_permutation(spec, perm, variables["params"],
-                                          variables.get("batch_stats", {}))
-  return {"params": params, **({"batch_stats": stats} if "batch_stats" in variables else {})}
-
-
 def test_a_random_permutation_of_the_derived_groups_leaves_the_function_unchanged(unseen):
   name, model, variables, x, spec = unseen
   assert len(spec.names) >= 2, spec.names
   for seed in range(3):
     perm = align.random_permutation(spec, variables["params"], seed)
-    permuted = _permute(spec, perm, variables)
+    permuted = align.apply_permutation(spec, perm, variables)
     assert not all(np.array_equal(a, b) for a, b in
                    zip(jax.tree.leaves(permuted), jax.tree.leaves(variables)))
     np.testing.assert_allclose(model.apply(permuted, x), model.apply(variables, x),
@@ -153,13 +147,13 @@ def test_heads_split_by_a_reshape_are_permuted_as_whole_heads():
 def test_matching_recovers_a_planted_permutation_exactly(unseen, method):
   name, model, variables, x, spec = unseen
   planted = align.random_permutation(spec, variables["params"], seed=1)
-  other = _permute(spec, planted, variables)
+  other = align.apply_permutation(spec, planted, variables)
   if method == "weight":
     perm = matching.weight_matching(spec, variables["params"], other["params"])
   else:
     batches = [jax.random.normal(jax.random.key(i), (16,) + x.shape[1:]) for i in range(2)]
     perm = matching.activation_matching(model.apply, spec, variables, other, batches)
-  aligned = _permute(spec, perm, other)
+  aligned = align.apply_permutation(spec, perm, other)
   for a, b in zip(jax.tree.leaves(aligned), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(a, b)
 
