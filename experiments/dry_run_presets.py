@@ -1,4 +1,5 @@
-r"""Dry-runs every paper preset of every task config (or those matching --only); one line each.
+r"""Dry-runs every paper preset of every task config and the language-model presets (or those
+matching --only); one line each.
 
   python -m experiments.dry_run_presets                       # all tasks, all paper presets
   python -m experiments.dry_run_presets --only=train.py:cifar10_box80
@@ -27,7 +28,8 @@ _ONLY = flags.DEFINE_string("only", "", "Run only the presets whose 'file:preset
 
 
 def presets() -> list[tuple[str, object]]:
-  """(name 'file.py:preset', config module) for every paper preset of every task config."""
+  """(name 'file.py:preset', config module) for every paper preset of every task config, and
+  the language model's train and eval_path presets."""
   names = train.paper_presets()
   box = [p for p in names if "_box" in p]
   out = [(f"train.py:{p}", train) for p in names]
@@ -36,6 +38,8 @@ def presets() -> list[tuple[str, object]]:
   out += [(f"eval_path.py:{p}", eval_path) for p in box if "_box0_" not in p]
   out += [(f"reproduce.py:{p}", reproduce) for p in names
           if not any(f"{c}0_" in p or f"{c}100_" in p for c in ("box", "dominoes"))]
+  out += [(f"train.py:{p}", train) for p in train.LM_PRESETS]
+  out += [(f"eval_path.py:{eval_path.LM_PRESET}{m}", eval_path) for m in ("", ",repair")]
   return out
 
 

@@ -146,6 +146,11 @@ def _call_hooked(model, hooks, inputs, *args, **kwargs):
 def from_nnx(module: nnx.Module) -> tuple[NNXApply, dict]:
   """(apply_fn, variables) of an NNX module, in the Linen convention mechconn takes.
 
+  Example:
+    >>> apply_fn, variables = from_nnx(model)          # {'params', 'batch_stats'?}
+    >>> spec = symmetry.derive_spec(apply_fn, variables, x[:2])
+    >>> stats = batchnorm.recompute_batch_stats(apply_fn, {"params": p}, bn_batches)
+
   Raises:
     TypeError: `module` is not an nnx.Module.
     ValueError: the module holds state other than nnx.Param and nnx.BatchStat

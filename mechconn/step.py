@@ -5,8 +5,10 @@
   one jitted, state-donating step on any `types.LossFn`; its randomness is
   `fold_in(root_key, step)`, so it depends only on the root key and the step
   number.
-- `ClassificationLoss`: mean softmax cross-entropy in training mode.
-- `learning_rate_schedule`, `sgd`: torch-style SGD with the paper's schedules.
+- `ClassificationLoss`: mean softmax cross-entropy in training mode;
+  `NextTokenLoss`: a causal language model's masked next-token cross-entropy.
+- `learning_rate_schedule`, `sgd`: torch-style SGD with the paper's schedules;
+  `adamw` (a language model's optimiser, with a warmed-up cosine).
 
 Imports only jax, flax, optax and chex: the losses built on it (curves,
 fine-tuning) stay pure. The loop that runs a step with checkpoints is
@@ -23,8 +25,8 @@ import optax
 
 from mechconn.types import ApplyFn, Batch, LossFn, Metrics, Params, PRNGKey
 
-SCHEDULES = ("constant", "cosine", "step")
-OPTIMIZERS = ("sgd",)
+SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @flax.struct.dataclass
@@ -89,6 +91,33 @@ class ClassificationLoss:
     return loss, (new_batch_stats, {"accuracy": accuracy})
 
 
+@flax.struct.dataclass
+class NextTokenLoss:
+  """A causal language model's next-token cross-entropy in training mode (a `LossFn`).
+
+  On a batch {'tokens': [B, L], 'mask': [B, L]} the model reads tokens[:, :-1]
+  and position i is scored on token i + 1 with weight w_i = mask[:, 1:][i]:
+  loss = sum(w * CE) / sum(w), and the accuracy of the argmax over the same
+  targets (what `objectives.next_token` measures in an evaluation).
+  `apply_fn` takes `train=` (a model without it goes through
+  `adapters.without_train`); static, as `ClassificationLoss`'s.
+  """
+
+  apply_fn: ApplyFn = flax.struct.field(pytree_node=False)
+
+  def __call__(self, params, batch_stats, batch, rng):
+    del rng  # deterministic models
+    tokens, weights = batch["tokens"], batch["mask"][:, 1:].astype(jnp.float32)
+    logits, new_batch_stats = apply_train_mode(self.apply_fn, params, batch_stats,
+                                               tokens[:, :-1])
+    logits, targets = logits.astype(jnp.float32), tokens[:, 1:]
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = jnp.argmax(logits, -1) == targets
+    count = jnp.sum(weights)
+    return jnp.sum(weights * cross_entropy) / count, (
+        new_batch_stats, {"accuracy": jnp.sum(weights * correct) / count})
+
+
 @functools.partial(jax.jit, static_argnames="tx", donate_argnums=0)
 def train_step(state: TrainState, batch: Batch, root_key: PRNGKey, *, loss_fn: LossFn,
                tx: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
@@ -114,11 +143,13 @@ def train_step(state: TrainState, batch: Batch, root_key: PRNGKey, *, loss_fn: L
 
 def learning_rate_schedule(kind: str, learning_rate: float, *, total_steps: int,
                            steps_per_epoch: int = 1, decay_every_epochs: int = 0,
-                           decay_factor: float = 0.1) -> optax.Schedule:
-  """An optax schedule: 'constant', 'cosine' (to 0 at total_steps) or 'step'.
+                           decay_factor: float = 0.1, warmup_steps: int = 0) -> optax.Schedule:
+  """An optax schedule: 'constant', 'cosine' (to 0 at total_steps), 'step' or 'warmup_cosine'.
 
   'step' multiplies the rate by `decay_factor` every `decay_every_epochs`
   epochs (the paper's x0.1 every 40 epochs), as torch's StepLR per epoch.
+  'warmup_cosine' rises linearly from 0 to `learning_rate` over `warmup_steps`,
+  then decays as a cosine to 0 at total_steps.
   """
   if kind == "constant":
     return optax.constant_schedule(learning_rate)
@@ -132,6 +163,11 @@ def learning_rate_schedule(kind: str, learning_rate: float, *, total_steps: int,
                        decay_every_epochs * steps_per_epoch)
     return optax.piecewise_constant_schedule(learning_rate,
                                              {b: decay_factor for b in boundaries})
+  if kind == "warmup_cosine":
+    if not 0 <= warmup_steps < total_steps:
+      raise ValueError(f"A 'warmup_cosine' schedule needs 0 <= warmup_steps < total_steps, got "
+                       f"warmup_steps={warmup_steps}, total_steps={total_steps}.")
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps)
   raise ValueError(f"Unknown schedule {kind!r}; valid schedules: {SCHEDULES}.")
 
 
@@ -140,6 +176,12 @@ def sgd(schedule: optax.ScalarOrSchedule, *, momentum: float = 0.9,
   """SGD with momentum; weight decay added to the gradient first, as torch.optim.SGD."""
   return optax.chain(optax.add_decayed_weights(weight_decay),
                      optax.sgd(schedule, momentum=momentum))
+
+
+def adamw(schedule: optax.ScalarOrSchedule, *, b1: float = 0.9,
+          weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Adam with decoupled weight decay (`optax.adamw`; weight_decay 0 is Adam)."""
+  return optax.adamw(schedule, b1=b1, weight_decay=weight_decay)
 
 
 def sgd_cosine(learning_rate: float, total_steps: int, *, momentum: float = 0.9,

@@ -11,7 +11,8 @@ PACKAGE = pathlib.Path(REPO) / "mechconn"
 # Pure maths: no task, no checkpoints or workdirs, no progress bars, no launcher.
 MATHS = ("paths", "batchnorm", "barriers", "evaluation", "align", "curves", "finetune",
          "counterfactual", "models", "data", "step", "finite", "types", "rngs", "flops",
-         "matching", "symmetry", "axis_classes")
+         "matching", "symmetry", "axis_classes", "objectives", "path_core", "adapters",
+         "nnx_adapter", "intercept", "repair")
 FORBIDDEN_FOR_MATHS = ("mechconn.tasks", "mechconn.loop", "mechconn.checkpoint",
                        "mechconn.workdir", "mechconn.dry_run", "orbax", "tqdm", "experiments",
                        "ml_collections", "absl")

@@ -138,6 +138,9 @@ def test_preset_sweep_lists_every_paper_preset_of_every_task():
   assert "fit_curve.py:cifar100_box90_resnet18_cue" in names
   assert "eval_path.py:cifar10_box60_vgg13" in names
   assert "reproduce.py:cifar10_dominoes80_resnet18" in names
+  for name in ("train.py:recall_lm", "train.py:recall_lm_seed1", "eval_path.py:recall_lm",
+               "eval_path.py:recall_lm,repair"):  # the language model's presets
+    assert name in names
   for name, module in dry_run_presets.presets():  # each builds (locked, with dry_run)
     assert "dry_run" in module.get_config(name.split(":", 1)[1])
 

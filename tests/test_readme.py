@@ -5,6 +5,7 @@ import io
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -28,6 +29,12 @@ def test_the_library_snippet_runs_as_written():
   result, aligned, per_view = namespace["result"], namespace["aligned"], namespace["per_view"]
   assert result.loss.shape == (11,) and set(per_view) == {"clean", "cue", "rand_cue", "rand_img"}
   np.testing.assert_allclose(per_view["clean"].loss, result.loss, rtol=1e-5)
+  # The jitted pure core computes what the checked evaluate_path returned, and differentiates.
+  np.testing.assert_allclose(namespace["core"](*(namespace[k] for k in ("params_a", "params_b"))),
+                             result.loss, rtol=1e-5)
+  grad_norm = sum(float(np.abs(np.asarray(g)).sum())
+                  for g in jax.tree.leaves(namespace["mean_path_loss_grad"]))
+  assert np.isfinite(grad_norm) and grad_norm > 0
   # Aligning the end point changes the path, not its end points' losses.
   np.testing.assert_allclose(np.asarray(aligned.loss)[[0, -1]], np.asarray(result.loss)[[0, -1]],
                              rtol=1e-4)

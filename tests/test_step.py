@@ -1,4 +1,4 @@
-"""mechconn.step: the pure step, its randomness, torch-style SGD and the schedules."""
+"""mechconn.step: the pure step, its randomness, the losses, torch-style SGD and the schedules."""
 
 import chex
 import jax
@@ -7,8 +7,13 @@ import numpy as np
 import optax
 import pytest
 
+from mechconn import adapters
+from mechconn import evaluation
+from mechconn import objectives
 from mechconn import step as step_lib
+from mechconn.data import sequences
 from mechconn.data.prototypes import make_prototype_images
+from mechconn.models import CausalLM
 from mechconn.models import get_model
 
 
@@ -88,3 +93,38 @@ def test_step_schedule_decays_every_k_epochs():
   np.testing.assert_allclose([cosine(0), cosine(5), cosine(10)], [0.2, 0.1, 0.0], atol=1e-7)
   with pytest.raises(ValueError, match="valid schedules"):
     step_lib.learning_rate_schedule("linear", 0.1, total_steps=10)
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_zero():
+  schedule = step_lib.learning_rate_schedule("warmup_cosine", 0.4, total_steps=110,
+                                             warmup_steps=10)
+  # Linear from 0 to the peak over 10 steps, then half a cosine over the other 100.
+  np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 60, 110)],
+                             [0.0, 0.2, 0.4, 0.2, 0.0], atol=1e-7)
+  with pytest.raises(ValueError, match="warmup_steps=10, total_steps=10"):
+    step_lib.learning_rate_schedule("warmup_cosine", 0.4, total_steps=10, warmup_steps=10)
+
+
+def test_next_token_loss_is_the_masked_cross_entropy_of_the_next_tokens():
+  model = CausalLM(sequences.VOCAB_SIZE, sequences.SEQ_LEN, width=8, depth=1, num_heads=2)
+  batch = {k: jnp.asarray(v) for k, v in sequences.recall_sequences(6, seed=0).items()}
+  params = model.init(jax.random.key(0), batch["tokens"])["params"]
+  loss_fn = step_lib.NextTokenLoss(adapters.without_train(model.apply))
+  loss, (batch_stats, metrics) = loss_fn(params, {}, batch, jax.random.key(1))
+  # A plain loop over the rows and positions whose next token is a target.
+  logits = np.asarray(model.apply({"params": params}, batch["tokens"][:, :-1]), np.float64)
+  tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
+  terms = [(np.log(np.exp(logits[b, i]).sum()) - logits[b, i, tokens[b, i + 1]],
+            logits[b, i].argmax() == tokens[b, i + 1])
+           for b in range(6) for i in range(sequences.SEQ_LEN - 1) if mask[b, i + 1]]
+  assert len(terms) == int(mask[:, 1:].sum()) < mask.size  # the prompt and padding count 0
+  np.testing.assert_allclose(loss, np.mean([t[0] for t in terms]), rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"], np.mean([t[1] for t in terms]), rtol=1e-6)
+  assert batch_stats == {}
+  # The evaluation's next-token objective measures the same numbers.
+  stacked = jax.tree.map(lambda x: x[None], batch)
+  means = evaluation.mean_metrics(loss_fn.apply_fn, {"params": params}, stacked,
+                                  objectives.next_token())
+  np.testing.assert_allclose(means["loss"], loss, rtol=1e-6)
+  np.testing.assert_allclose(means["accuracy"], metrics["accuracy"], rtol=1e-6)
+

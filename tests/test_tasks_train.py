@@ -87,7 +87,8 @@ def test_per_device_batch_size_is_a_value_not_a_write():
 
 
 def test_make_optimizer_takes_a_learning_rate_override():
-  opt = ml_collections.ConfigDict({"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.0,
+  opt = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
+                                   "weight_decay": 0.0,
                                    "schedule": "constant", "decay_every_epochs": 0,
                                    "decay_factor": 0.1})
   _, own = task_config.make_optimizer(opt, num_steps=10, steps_per_epoch=5)

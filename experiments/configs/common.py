@@ -54,10 +54,24 @@ def data_section() -> ml_collections.ConfigDict:
   return data
 
 
+def sequence_data_section() -> ml_collections.ConfigDict:
+  """The language model's data: embedded associative-recall sequences (train, eval_path)."""
+  data = ml_collections.ConfigDict()
+  # Embedded sequences (mechconn.tasks.sequences.DATASETS): 'recall', multi-query
+  # associative recall (mechconn.data.sequences), generated from the seed: no download.
+  data.dataset = "recall"
+  data.num_train = 96_000  # training sequences
+  data.num_test = 4096  # held-out sequences (the eval set 'test')
+  data.seed = 0  # generation: training sequences from 2 * seed, held-out from 2 * seed + 1
+  data.pipeline = "auto"  # sequences are always drawn on the host ('auto' or 'host')
+  return data
+
+
 def model_section(name: str, **kwargs) -> ml_collections.ConfigDict:
   """A model by name and its attributes."""
   model = ml_collections.ConfigDict()
-  model.name = name  # mlp, small_cnn, vgg13, resnet18 (mechconn.models.MODELS)
+  # mlp, small_cnn, vgg13, resnet18 (mechconn.models.MODELS); causal_lm for sequence data
+  model.name = name
   model.kwargs = ml_collections.ConfigDict(kwargs)  # model attributes
   # Compute dtype: float32, or bfloat16 (bfloat16 activations and weights in the compute;
   # float32 parameters, BatchNorm statistics, losses and accumulations).
@@ -67,16 +81,26 @@ def model_section(name: str, **kwargs) -> ml_collections.ConfigDict:
 
 def optimizer_section(learning_rate: float, momentum: float = 0.9, weight_decay: float = 5e-4,
                       schedule: str = "cosine", decay_every_epochs: int = 0,
-                      decay_factor: float = 0.1) -> ml_collections.ConfigDict:
-  """SGD with momentum and a learning-rate schedule."""
+                      decay_factor: float = 0.1, name: str = "sgd",
+                      warmup_steps: int | None = None) -> ml_collections.ConfigDict:
+  """SGD with momentum (or AdamW) and a learning-rate schedule.
+
+  warmup_steps None: the section has no such field (every recipe but the
+  language model's; its schedule has no warm-up).
+  """
   optimizer = ml_collections.ConfigDict()
-  optimizer.name = "sgd"  # SGD with momentum, weight decay added to the gradient
+  # sgd (momentum, weight decay added to the gradient) or adamw (decoupled weight decay)
+  optimizer.name = name
   optimizer.learning_rate = learning_rate  # peak learning rate
-  optimizer.momentum = momentum  # SGD momentum
-  optimizer.weight_decay = weight_decay  # this x the parameters is added to the gradient
-  optimizer.schedule = schedule  # constant, cosine (to 0 over the run) or step
+  optimizer.momentum = momentum  # SGD momentum; adamw's b1
+  optimizer.weight_decay = weight_decay  # sgd: this x the parameters is added to the gradient
+  # constant, cosine (to 0 over the run), step, or warmup_cosine (linear from 0 over
+  # warmup_steps, then cosine to 0)
+  optimizer.schedule = schedule
   optimizer.decay_every_epochs = decay_every_epochs  # 'step': multiply by decay_factor this often
   optimizer.decay_factor = decay_factor  # 'step' only
+  if warmup_steps is not None:
+    optimizer.warmup_steps = warmup_steps  # 'warmup_cosine': steps of the linear warm-up
   return optimizer
 
 

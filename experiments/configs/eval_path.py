@@ -15,6 +15,31 @@ numbers.
 Paper presets `{dataset}_box{percent}_{model}` (as fit_curve.py's, without the
 suffix) evaluate the paper's runs in workdir/ with their two fitted curves
 (workdir/curve_{preset}_clean and workdir/curve_{preset}_cue).
+
+Language models, `recall_lm`: the linear path and the weight-aligned linear path
+(Git Re-Basin weight matching on the permutation spec derived from the model:
+residual stream, heads, head dimensions, MLP units) between train.py's
+`recall_lm` and `recall_lm_seed1` runs, next-token loss and accuracy over the
+masked targets of their 4,096 held-out sequences (the eval set 'test'), 11 t.
+Train both first (train.py's docstring), then
+
+  python -m experiments.main --config=experiments/configs/eval_path.py:recall_lm \
+      --workdir=workdir/eval_path_lm
+  python -m experiments.main --config=experiments/configs/eval_path.py:recall_lm,repair \
+      --workdir=workdir/eval_path_lm_repair   # REPAIR at every t (1,024 training sequences)
+
+Expected on the 2-core CPU (jax 0.10), measured: 11 s and 12 s (the paths
+themselves 5 s and 7 s); every barrier at t = 0.5, every path broken:
+
+  renormalize   path               error barrier   loss barrier
+  none          linear                 0.744           2.60
+  none          linear (aligned)       0.719           2.74
+  repair        linear                 0.700           2.60
+  repair        linear (aligned)       0.699           2.82
+
+(the end points: loss 0.0007, accuracy 1.000; at t = 0.5 accuracy is 0.26-0.30;
+chance on an answer is 1/8).
+`recall_lm,quicktest` evaluates train.py's quicktest runs on 3 t.
 """
 
 import ml_collections
@@ -24,12 +49,52 @@ from experiments.configs import fit_curve as fit_curve_config
 from experiments.configs import train as train_config
 
 
+MODIFIERS = train_config.MODIFIERS + ("repair",)  # repair: language models only
+LM_PRESET = "recall_lm"
+
+
+def lm_config(modifiers: list[str]) -> ml_collections.ConfigDict:
+  """The paths between train.py's two language models (`recall_lm`, `recall_lm_seed1`)."""
+  recipe = train_config.unlocked_config(train_config.LM_PRESETS[0])
+  train_config.apply_modifiers(recipe, [m for m in modifiers if m != "repair"])
+  config = ml_collections.ConfigDict()
+  config.task = "eval_path"
+  config.seed = recipe.seed  # weight matching's order of permutation groups
+  config.data = recipe.data  # the end points' held-out sequences are the eval set 'test'
+  # The end points' model is theirs; this copy only builds a dry run before they exist.
+  config.endpoint_model = recipe.model
+  config.start_workdir, config.end_workdir = (f"workdir/{p}" for p in train_config.LM_PRESETS)
+  config.curve_workdirs = ()  # fitted curves: image models only
+  config.align = "weight"  # none or weight (Git Re-Basin weight matching on a derived spec)
+  config.path = ml_collections.ConfigDict()
+  config.path.num_t = 11  # points on the path, np.linspace(0, 1, num_t)
+  # Training sequences for REPAIR's statistics at each t (whole batches of eval_batch_size).
+  config.path.bn_examples = 1024
+  # none, or repair (each unit's activation rescaled at every t to the interpolated end
+  # points' statistics; mechconn.repair)
+  config.path.renormalize = "repair" if "repair" in modifiers else "none"
+  config.eval_batch_size = recipe.eval_batch_size  # global, for the eval set and statistics
+  if "quicktest" in modifiers:  # the data is already the quicktest train runs'
+    config.path.num_t, config.path.bn_examples = 3, 64
+    config.eval_batch_size = 32
+  config.barrier_metric = "error"  # the barrier that decides the verdict: error or loss
+  config.barrier_tolerance = 0.05  # a barrier above this breaks the path
+  config.dry_run = False  # build, time one t, estimate; read no data, write nothing
+  config.lock()
+  return config
+
+
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu')."""
-  name, modifiers = common.parse_preset(preset, "cpu", train_config.MODIFIERS)
+  name, modifiers = common.parse_preset(preset, "cpu", MODIFIERS)
+  if name == LM_PRESET:
+    return lm_config(modifiers)
+  if "repair" in modifiers:
+    raise ValueError(f"The 'repair' modifier is for {LM_PRESET!r} (BatchNorm models recompute "
+                     "their statistics instead).")
   if name != "cpu" and name not in train_config.paper_presets():
-    raise ValueError(f"Unknown preset {name!r}; valid presets: cpu and train.py's paper "
-                     "presets ({cifar10,cifar100}_box{percent}_{vgg13,resnet18}, ...).")
+    raise ValueError(f"Unknown preset {name!r}; valid presets: cpu, {LM_PRESET} and train.py's "
+                     "paper presets ({cifar10,cifar100}_box{percent}_{vgg13,resnet18}, ...).")
   paper = name != "cpu"
   recipe = train_config.unlocked_config(name if paper else "cpu_cue")  # the cue model's
   config = ml_collections.ConfigDict()

@@ -1,7 +1,10 @@
-"""Flax Linen models; every one maps NHWC images to logits and can return features.
+"""Flax Linen models; every one in `MODELS` maps NHWC images to logits and can return
+features.
 
 `model.apply(variables, x, train=False, return_features=True)` returns
-(logits, penultimate_features).
+(logits, penultimate_features). `CausalLM` (not in `MODELS`: it is a language
+model, not an image classifier) maps tokens [B, L] to next-token logits
+[B, L, vocab] and takes no `train` argument.
 """
 
 import flax.linen as nn
@@ -9,6 +12,7 @@ import flax.linen as nn
 from mechconn.models.mlp import MLP
 from mechconn.models.resnet import ResNet18
 from mechconn.models.small_cnn import SmallCNN
+from mechconn.models.transformer import CausalLM
 from mechconn.models.vgg import VGG13
 from mechconn.models.vit import ViT
 
@@ -31,4 +35,4 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MLP", "MODELS", "ResNet18", "SmallCNN", "VGG13", "ViT", "get_model"]
+__all__ = ["CausalLM", "MLP", "MODELS", "ResNet18", "SmallCNN", "VGG13", "ViT", "get_model"]

@@ -1,8 +1,10 @@
 """Tasks: whole jobs built from the library, one module per task.
 
-  train       a model on a cued dataset, evaluated on the four views
+  train       a model on a cued dataset, evaluated on the four views (or a causal language
+              model on embedded sequences, evaluated on held-out ones)
   fit_curve   a Bezier curve (or polygonal chain) between two finished train runs
-  eval_path   LMC, aligned LMC and fitted curves on the four views; Definition 5
+  eval_path   LMC, aligned LMC and fitted curves on the four views; Definition 5 (and
+              LMC, aligned LMC between two language models)
   finetune    one fine-tuning method and seed from a finished cue model
   reproduce   the paper's fine-tuning study (every method x seed, report)
   quickstart  two small models and the linear path between them, in seconds
@@ -12,7 +14,8 @@ Each task module has one `build(config, mesh, inputs)` used by its run and
 its dry run, and is launched through `runner.launch` (checks, dry run, claim,
 run). Supporting modules: `runner` (the prologue, `Build`, `write_outputs`),
 `config` (config checks and derived values), `data` (loading and sharding a
-config's data), `runs` (finished runs as inputs). A task takes any attribute
+config's data), `runs` (finished runs as inputs), `sequences` (the
+language-model case: sequence data, its model and objective). A task takes any attribute
 container as its config (e.g. an ml_collections.ConfigDict) and never parses
 files.
 """

@@ -28,6 +28,7 @@ from mechconn.models import layers
 from mechconn.models import resnet
 from mechconn.tasks import data as task_data
 from mechconn.tasks import runs
+from mechconn.tasks import sequences as task_sequences
 
 
 class AttrDict(dict):
@@ -43,9 +44,22 @@ class AttrDict(dict):
 # --- Data. -----------------------------------------------------------------------
 
 
-def check_data_config(data: Any) -> None:
-  """Validates a `data` section: names, the cue proportion, sizes within the split."""
-  checks.check_choice(data.dataset, datasets.DATASETS, "data.dataset")
+def check_data_config(data: Any, task: str | None = None) -> None:
+  """Validates a `data` section: names, the cue proportion, sizes within the split.
+
+  A sequence dataset (`tasks.sequences.DATASETS`) is valid only where `task`
+  is 'train' or 'eval_path' (the tasks with a language-model case); for any
+  other `task` (or None) it is refused with an error naming the task.
+  """
+  checks.check_choice(data.dataset, {**datasets.DATASETS, **task_sequences.DATASETS},
+                      "data.dataset")
+  if task_sequences.is_sequence_data(data.dataset):
+    if task not in ("train", "eval_path"):
+      raise ValueError(f"config.data.dataset={data.dataset!r} is a sequence dataset; "
+                       f"{f'the {task} task' if task else 'this task'} takes image datasets "
+                       f"only: {sorted(datasets.DATASETS)}.")
+    task_sequences.check_data_config(data)
+    return
   checks.check_choice(data.cue, pipeline.CUE_KINDS, "data.cue")
   if data.cue == "dominoes":
     checks.check_choice(data.simple_dataset, datasets.DATASETS, "data.simple_dataset")
@@ -66,18 +80,25 @@ def check_data_config(data: Any) -> None:
 
 def num_train_examples(data: Any) -> int:
   """Training examples of a `data` section, without loading it."""
+  if task_sequences.is_sequence_data(data.dataset):
+    return data.num_train
   full = datasets.info(data.dataset).train_size
   return full if data.num_train == -1 else min(data.num_train, full)
 
 
 def num_test_examples(data: Any) -> int:
-  """Test examples per view of a `data` section, without loading it."""
+  """Test examples per view (held-out sequences) of a `data` section, without loading it."""
+  if task_sequences.is_sequence_data(data.dataset):
+    return data.num_test
   full = datasets.info(data.dataset).test_size
   return full if data.num_test == -1 else min(data.num_test, full)
 
 
-def input_shape(data: Any) -> tuple[int, int, int]:
-  """[H, W, C] of the model inputs of a `data` section (Dominoes: 64 x 32 x 3)."""
+def input_shape(data: Any) -> tuple[int, ...]:
+  """[H, W, C] of the model inputs of a `data` section (Dominoes: 64 x 32 x 3); [L] of
+  sequences."""
+  if task_sequences.is_sequence_data(data.dataset):
+    return task_sequences.input_shape(data)
   return pipeline.input_shape(data.dataset, data.cue)
 
 
@@ -112,17 +133,24 @@ MODEL_CHOICES = {"weight_init": layers.WEIGHT_INITS, "conv_impl": layers.CONV_IM
                  "stem": resnet.STEMS}
 
 
-def check_model_config(model: Any, key: str = "model") -> None:
-  """Validates a `model` section: a known model and attributes it has, typed as declared."""
-  checks.check_choice(model.name, MODELS, f"{key}.name")
+def check_model_config(model: Any, key: str = "model", dataset: str | None = None) -> None:
+  """Validates a `model` section: a known model and attributes it has, typed as declared.
+
+  The models of a sequence `dataset` are language models (`tasks.sequences.MODELS`);
+  any other dataset's (or None's) are the image models.
+  """
+  sequence = dataset is not None and task_sequences.is_sequence_data(dataset)
+  models = task_sequences.MODELS if sequence else MODELS
+  checks.check_choice(model.name, models, f"{key}.name")
   checks.check_choice(model.get("dtype", "float32"), runs.DTYPES, f"{key}.dtype")
-  fields = {f.name for f in dataclasses.fields(MODELS[model.name])} - {
-      "parent", "name", "num_classes", "dtype"}  # dtype: the section's own field
+  fields = {f.name for f in dataclasses.fields(models[model.name])} - {
+      "parent", "name", "num_classes", "dtype",  # dtype: the section's own field
+      *task_sequences.DATA_FIELDS}  # the vocabulary and length: the dataset's
   unknown = sorted(set(model.kwargs) - fields)
   if unknown:
     raise ValueError(f"config.{key}.kwargs has {unknown}, not attributes of "
                      f"{model.name}; valid: {sorted(fields)}.")
-  hints = typing.get_type_hints(MODELS[model.name])
+  hints = typing.get_type_hints(models[model.name])
   for name, value in model.kwargs.items():  # sizes: positive, integers where declared so
     field = f"{key}.kwargs.{name}"
     if hints.get(name) is int:
@@ -145,6 +173,7 @@ def check_optimizer_config(opt: Any, prefix: str = "optimizer") -> None:
   """Validates an `optimizer` section: name, schedule, and every number's range."""
   checks.check_choice(opt.name, step_lib.OPTIMIZERS, f"{prefix}.name")
   checks.check_choice(opt.schedule, step_lib.SCHEDULES, f"{prefix}.schedule")
+  checks.check_int(warmup_steps_of(opt), f"{prefix}.warmup_steps")
   checks.check_number(opt.learning_rate, f"{prefix}.learning_rate", low=0.0, low_open=True)
   checks.check_number(opt.momentum, f"{prefix}.momentum", low=0.0, high=1.0, high_open=True)
   checks.check_number(opt.weight_decay, f"{prefix}.weight_decay", low=0.0)
@@ -154,6 +183,19 @@ def check_optimizer_config(opt: Any, prefix: str = "optimizer") -> None:
     checks.check_positive_int(opt.decay_every_epochs, f"{prefix}.decay_every_epochs")
   else:
     checks.check_int(opt.decay_every_epochs, f"{prefix}.decay_every_epochs")
+
+
+def warmup_steps_of(opt: Any) -> int:
+  """An `optimizer` section's warm-up steps ('warmup_cosine'); sections without the field
+  (every recipe but the language model's): 0."""
+  return opt.get("warmup_steps", 0)
+
+
+def check_warmup(opt: Any, num_steps: int, prefix: str = "optimizer") -> None:
+  """Refuses a 'warmup_cosine' warm-up that does not end before the run's last step."""
+  if opt.schedule == "warmup_cosine" and warmup_steps_of(opt) >= num_steps:
+    raise ValueError(f"config.{prefix}.warmup_steps={warmup_steps_of(opt)} must be fewer than "
+                     f"the run's {num_steps} steps.")
 
 
 def batch_size_of(config: Any, num_devices: int) -> int:
@@ -220,11 +262,14 @@ def make_optimizer(opt: Any, *, num_steps: int, steps_per_epoch: int,
   schedule = step_lib.learning_rate_schedule(
       opt.schedule, opt.learning_rate if learning_rate is None else learning_rate,
       total_steps=num_steps, steps_per_epoch=steps_per_epoch,
-      decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor)
+      decay_every_epochs=opt.decay_every_epochs, decay_factor=opt.decay_factor,
+      warmup_steps=warmup_steps_of(opt))
   per_step = schedule if not hold_steps else (
       lambda step: schedule(jnp.maximum(step - hold_steps, 0)))
   per_update = per_step if updates_per_step == 1 else (
       lambda count: per_step(count // updates_per_step))
+  if opt.name == "adamw":  # momentum is Adam's b1
+    return step_lib.adamw(per_update, b1=opt.momentum, weight_decay=opt.weight_decay), per_step
   return step_lib.sgd(per_update, momentum=opt.momentum,
                       weight_decay=opt.weight_decay), per_step
 

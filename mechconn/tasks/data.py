@@ -15,6 +15,9 @@ Two pipelines give bitwise the same batches (`data.pipeline`):
   - 'auto' (default): 'device' when the split takes at most
     `DEVICE_MEMORY_FRACTION` of one device's memory (on CPU, of
     `CPU_DEVICE_BYTES`), else 'host'.
+A split of token sequences (`tasks.sequences.SequenceSplit`: anything that is
+not a cued image split) always runs on the host pipeline: the device pipeline
+draws cued images only.
 """
 
 from collections.abc import Callable
@@ -44,10 +47,16 @@ def device_memory_bytes() -> int:
   return int(stats.get("bytes_limit", CPU_DEVICE_BYTES))
 
 
-def on_device(split: pipeline.CueSplit, mode: str) -> bool:
-  """Whether `mode` ('auto', 'device' or 'host') puts this split on the devices."""
+def on_device(split: Any, mode: str) -> bool:
+  """Whether `mode` ('auto', 'device' or 'host') puts this split on the devices (never a
+  split that is not a `pipeline.CueSplit`: 'auto' is 'host' for it, 'device' raises)."""
   if mode not in PIPELINES:
     raise ValueError(f"Unknown data pipeline {mode!r}; valid: {list(PIPELINES)}.")
+  if not isinstance(split, pipeline.CueSplit):
+    if mode == "device":
+      raise ValueError(f"The device pipeline draws cued image batches; a "
+                       f"{type(split).__name__} runs on data.pipeline 'host' (or 'auto').")
+    return False
   if mode != "auto":
     return mode == "device"
   return device.nbytes(split) <= DEVICE_MEMORY_FRACTION * device_memory_bytes()
@@ -57,11 +66,12 @@ class StepBatches:
   """A split's training batches, step by step, in one seed's order (or several seeds').
 
   `batches(seed, step)` is the global batch of `batching.batch_indices_at_step`
-  ({'image', 'label'}), sharded over the mesh; `batches([s1, s2, ...], step)`
-  stacks several seeds' batches on a leading axis (sharded on axis 1), for
-  vmapped seed ensembles. The same arrays from either pipeline (see the module
-  docstring). A loop uses them through `loop_inputs`, which on the device
-  pipeline moves the drawing into the step's own program.
+  ({'image', 'label'}; a sequence split's {'tokens', 'mask'}), sharded over the
+  mesh; `batches([s1, s2, ...], step)` stacks several seeds' batches on a
+  leading axis (sharded on axis 1), for vmapped seed ensembles. The same arrays
+  from either pipeline (see the module docstring). A loop uses them through
+  `loop_inputs`, which on the device pipeline moves the drawing into the step's
+  own program.
   """
 
   def __init__(self, split: pipeline.CueSplit, batch_size: int, mesh: jax.sharding.Mesh,

@@ -7,6 +7,14 @@ views, with BatchNorm statistics recomputed at each t, and writes
 `eval_path.json` (curves, `PathEval.summary()` per view, the Definition 5
 verdict, and what produced them) and `eval_path.png` (accuracy along t, one
 panel per path, one line per view).
+
+Between two language models (train runs on a sequence dataset,
+`tasks.sequences`) it evaluates the linear path and, with `align='weight'`,
+the linear path after weight matching on a permutation spec derived from the
+model (`symmetry.derive_spec`), with the next-token objective on the runs'
+held-out sequences (one eval set, 'test'), renormalised at each t by REPAIR
+(`path.renormalize='repair'`, statistics from `path.bn_examples` training
+sequences) or not at all; the record has the same layout.
 """
 
 import dataclasses
@@ -26,6 +34,7 @@ from mechconn import counterfactual
 from mechconn import curves
 from mechconn import dry_run as dry_run_lib
 from mechconn import matching
+from mechconn import objectives
 from mechconn import report
 from mechconn import symmetry
 from mechconn import workdir as workdir_lib
@@ -34,6 +43,8 @@ from mechconn.tasks import config as task_config
 from mechconn.tasks import data as task_data
 from mechconn.tasks import fit_curve
 from mechconn.tasks import runner
+from mechconn.tasks import runs
+from mechconn.tasks import sequences as task_sequences
 
 NAME = "eval_path"
 EVAL_PATH_FILE = "eval_path.json"
@@ -44,6 +55,7 @@ ALIGNMENTS = ("none", "weight", "activation")
 # official code matches VGG/ResNet blocks) or the module outputs before it.
 ACTIVATION_SITES = {"post_relu": jax.nn.relu, "module_outputs": None}
 BN_DATA = ("clean", "train")
+SEQUENCE_ALIGNMENTS = ("none", "weight")  # language models: no activation matching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +69,20 @@ class Inputs:
 def check(config: Any, num_devices: int) -> None:
   """Validates an `eval_path` config before any work (ValueError naming the key)."""
   checks.check_int(config.seed, "seed")
-  task_config.check_data_config(config.data)
-  task_config.check_model_config(config.endpoint_model, "endpoint_model")
-  checks.check_choice(config.align, ALIGNMENTS, "align")
-  checks.check_choice(config.activation_sites, tuple(ACTIVATION_SITES), "activation_sites")
-  checks.check_choice(config.path.bn_data, BN_DATA, "path.bn_data")
+  task_config.check_data_config(config.data, task=NAME)
+  task_config.check_model_config(config.endpoint_model, "endpoint_model", config.data.dataset)
+  if task_sequences.is_sequence_data(config.data.dataset):
+    checks.check_choice(config.align, SEQUENCE_ALIGNMENTS, "align")
+    task_sequences.renormalize_of(config.path)
+    if config.curve_workdirs:
+      raise ValueError("config.curve_workdirs must be empty for language models: fit_curve "
+                       "fits curves between image models only.")
+  else:
+    checks.check_choice(config.align, ALIGNMENTS, "align")
+    checks.check_choice(config.activation_sites, tuple(ACTIVATION_SITES), "activation_sites")
+    checks.check_choice(config.path.bn_data, BN_DATA, "path.bn_data")
+    task_config.renormalize_of(config.path)
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
-  task_config.renormalize_of(config.path)
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   task_config.check_eval_batch_size(config, num_devices)
   if config.path.bn_examples < config.eval_batch_size:
@@ -93,13 +112,14 @@ def inputs(config: Any, dry_run: bool) -> tuple[Inputs, dict]:
   return Inputs(endpoints, fitted), identities
 
 
-def _evaluate(path: tuple, sets: tuple, *, apply_fn, mesh, renormalize="auto") -> tuple:
+def _evaluate(path: tuple, sets: tuple, *, apply_fn, mesh, renormalize="auto",
+              objective=objectives.CLASSIFICATION) -> tuple:
   """((kind, points, ts), (eval sets, bn_batches)) -> (path, {set: PathEval})."""
   kind, points, ts = path
   eval_sets, bn_batches = sets
   return path, barriers.evaluate_path_on_sets(apply_fn, points, ts, eval_sets, path=kind,
                                               bn_batches=bn_batches, mesh=mesh,
-                                              renormalize=renormalize)
+                                              renormalize=renormalize, objective=objective)
 
 
 def _as_eval_sets(zeros: dict) -> tuple[dict, dict]:
@@ -109,27 +129,44 @@ def _as_eval_sets(zeros: dict) -> tuple[dict, dict]:
                      "mask": jnp.ones((1, n), jnp.float32)}}, {"image": zeros["image"][None]})
 
 
+def _as_sequence_sets(zeros: dict) -> tuple[dict, dict]:
+  """A zero batch -> the eval set 'test' of one batch of PAD sequences, and one statistics
+  batch of them."""
+  batch = task_sequences.as_sequences(zeros)
+  return ({task_sequences.EVAL_SET: jax.tree.map(lambda x: x[None], batch)},
+          {"tokens": batch["tokens"][None]})
+
+
 def build(config: Any, mesh: jax.sharding.Mesh, inputs: Inputs) -> runner.Build:
   """The evaluation of one path on the views, as a step.
 
   A step is `step_fn(path, (view batches, bn_batches))` with path = (kind,
   points, ts); its "batch" size for the dry run's estimate is a quarter of the
   examples one t reads (BatchNorm examples plus four views), because the timed
-  call evaluates two t on one eval and one BatchNorm batch.
+  call evaluates two t on one eval and one BatchNorm batch. Language models:
+  the held-out sequences are the one eval set, the statistics examples
+  REPAIR's.
   """
   endpoints = inputs.endpoints
   model = endpoints.start.model
-  examples_per_t = config.path.bn_examples + len(VIEWS) * task_config.num_test_examples(
+  if task_sequences.is_sequence_data(config.data.dataset):
+    num_sets, to_batch = 1, _as_sequence_sets
+    renormalize, objective = (task_sequences.renormalize_of(config.path),
+                              task_sequences.OBJECTIVE)
+  else:
+    num_sets, to_batch = len(VIEWS), _as_eval_sets
+    renormalize, objective = task_config.renormalize_of(config.path), objectives.CLASSIFICATION
+  examples_per_t = config.path.bn_examples + num_sets * task_config.num_test_examples(
       config.data)
   num_paths = 1 + (config.align != "none") + len(config.curve_workdirs)
   two_ts = ("linear", (endpoints.start.params, endpoints.end.params), np.linspace(0, 1, 2))
   return runner.Build(
       name="path point (one t)", init_fn=lambda: two_ts,
-      step_fn=functools.partial(_evaluate, apply_fn=model.apply, mesh=mesh,
-                                renormalize=task_config.renormalize_of(config.path)),
+      step_fn=functools.partial(_evaluate, apply_fn=runs.apply_fn_of(model, config.data.dataset),
+                                mesh=mesh, renormalize=renormalize, objective=objective),
       batch_size=examples_per_t // 4, steps_per_epoch=1,
       num_steps=num_paths * config.path.num_t,
-      image_shape=task_config.input_shape(config.data), model=model, to_batch=_as_eval_sets)
+      image_shape=task_config.input_shape(config.data), model=model, to_batch=to_batch)
 
 
 def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
@@ -138,16 +175,27 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
   del overwrite  # the claim, made by runner.launch, already used it
   built = build(config, mesh, inputs)
   start_run, end_run = inputs.endpoints.start, inputs.endpoints.end
-  # Data: the views to evaluate on, and the training data BatchNorm is recomputed from.
+  # Data: the views to evaluate on, and the training data BatchNorm is recomputed from
+  # (language models: the held-out sequences, and the training sequences of REPAIR).
   data = config.data
-  test_views, test_labels = task_data.load_test_views(data)
-  view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
-  bn_split = task_data.load_train_split(
-      data, cue_proportion=0.0 if config.path.bn_data == "clean" else data.cue_proportion,
-      num_examples=config.path.bn_examples)
-  bn_batches = task_data.bn_batches_of(bn_split.examples(np.arange(len(bn_split))),
-                                       config.eval_batch_size)
+  sequence = task_sequences.is_sequence_data(data.dataset)
+  if sequence:
+    view_batches = task_sequences.eval_sets(data, config.eval_batch_size, mesh)
+    bn_batches = task_sequences.statistics_batches(data, config.path.bn_examples,
+                                                   config.eval_batch_size)
+    num_test, objective = data.num_test, task_sequences.OBJECTIVE
+  else:
+    test_views, test_labels = task_data.load_test_views(data)
+    view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
+    bn_split = task_data.load_train_split(
+        data, cue_proportion=0.0 if config.path.bn_data == "clean" else data.cue_proportion,
+        num_examples=config.path.bn_examples)
+    bn_batches = task_data.bn_batches_of(bn_split.examples(np.arange(len(bn_split))),
+                                         config.eval_batch_size)
+    num_test, objective = len(test_labels), objectives.CLASSIFICATION
+  num_bn_examples = int(np.prod(jax.tree.leaves(bn_batches)[0].shape[:2]))
   model = built.model
+  apply_fn = runs.apply_fn_of(model, data.dataset)
   ts = np.linspace(0.0, 1.0, config.path.num_t)
 
   # Paths: name -> (kind, control points).
@@ -155,8 +203,9 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
   alignment = None
   if config.align != "none":
     name = start_run.config["model"]["name"]
+    example = objective.inputs_of(jax.tree.map(lambda x: x[0], bn_batches))
     spec = (align.permutation_spec(name, start_run.params) if name in align.WRITTEN_SPECS
-            else symmetry.derive_spec(model.apply, start_run.variables, bn_batches["image"][0]))
+            else symmetry.derive_spec(apply_fn, start_run.variables, example))
     if config.align == "weight":
       perm = matching.weight_matching(spec, start_run.params, end_run.params, seed=config.seed)
     else:
@@ -193,6 +242,16 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
         **verdict}
   seconds = time.perf_counter() - start
 
+  # What the statistics at each t and the evaluation read.
+  if sequence:
+    statistics = {"renormalize": {"method": config.path.renormalize, "statistics_from": "train",
+                                  "dataset": data.dataset, "num_examples": num_bn_examples}}
+    evaluated = {"dataset": data.dataset, "num_examples": int(num_test), "seed": data.seed}
+  else:
+    statistics = {"batchnorm": {"recomputed_at_every_t_from": config.path.bn_data,
+                                "dataset": data.dataset, "num_examples": num_bn_examples}}
+    evaluated = {"dataset": data.dataset, "cue": data.cue, "num_examples": int(num_test),
+                 "views_seed": data.seed}
   record = {
       "ts": ts.tolist(),
       "paths": results,
@@ -204,12 +263,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
       "curves": [{"workdir": os.path.abspath(w), **{k: r[k] for k in (
           "kind", "num_free", "step", "fit_data")}} for w, (r, _) in zip(
               config.curve_workdirs, inputs.curves)],
-      "batchnorm": {"recomputed_at_every_t_from": config.path.bn_data,
-                    "dataset": data.dataset,
-                    "num_examples": int(bn_batches["image"].shape[0] *
-                                        bn_batches["image"].shape[1])},
-      "eval": {"dataset": data.dataset, "cue": data.cue, "num_examples": int(len(test_labels)),
-               "views_seed": data.seed},
+      **statistics,
+      "eval": evaluated,
       "seconds": round(seconds, 1),
       "backend": jax.default_backend(),
       "devices": int(mesh.devices.size),

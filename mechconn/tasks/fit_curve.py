@@ -30,6 +30,7 @@ from mechconn.tasks import config as task_config
 from mechconn.tasks import data as task_data
 from mechconn.tasks import runner
 from mechconn.tasks import runs
+from mechconn.tasks import sequences as task_sequences
 
 NAME = "fit_curve"
 CURVE_FILE = "curve.json"
@@ -46,7 +47,8 @@ class Endpoints:
 
 
 def check_endpoints(start: runs.TrainedModel, end: runs.TrainedModel, data: Any) -> None:
-  """The end points share one model, and were trained on this config's dataset and views."""
+  """The end points share one model, and were trained on this config's dataset and views
+  (language models: on its sequence dataset)."""
   for key in ("name", "kwargs"):
     if start.config["model"][key] != end.config["model"][key]:
       raise ValueError(f"The end points' models differ in model.{key}: "
@@ -55,7 +57,10 @@ def check_endpoints(start: runs.TrainedModel, end: runs.TrainedModel, data: Any)
   def views(cue):  # cue 'none' (plain data) is evaluated on box views
     return "box" if cue == "none" else cue
 
-  keys = ("dataset", "cue") + (("simple_dataset",) if data.cue == "dominoes" else ())
+  if task_sequences.is_sequence_data(data.dataset):
+    keys = ("dataset",)
+  else:
+    keys = ("dataset", "cue") + (("simple_dataset",) if data.cue == "dominoes" else ())
   for run in (start, end):
     recorded = run.config["data"]
     for key in keys:
@@ -79,7 +84,9 @@ def load_endpoints(config: Any, dry_run: bool) -> tuple[Endpoints, dict]:
     if not dry_run:
       raise
     model = runs.model_of(config.endpoint_model, config.data.dataset)
-    sample = jnp.zeros((1, *task_config.input_shape(config.data)), jnp.float32)
+    sample = jnp.zeros((1, *task_config.input_shape(config.data)),
+                       jnp.int32 if task_sequences.is_sequence_data(config.data.dataset)
+                       else jnp.float32)
     start, end = (runs.TrainedModel(model=model, params=v["params"],
                                     batch_stats=v.get("batch_stats", {}), config={},
                                     checkpoint="")
@@ -93,7 +100,7 @@ def load_endpoints(config: Any, dry_run: bool) -> tuple[Endpoints, dict]:
 def check(config: Any, num_devices: int) -> None:
   """Validates a `fit_curve` config before any work (ValueError naming the key)."""
   checks.check_int(config.seed, "seed")
-  task_config.check_data_config(config.data)
+  task_config.check_data_config(config.data, task=NAME)
   task_config.check_model_config(config.endpoint_model, "endpoint_model")
   task_config.check_loop_config(config, num_devices)
   checks.check_choice(config.curve.kind, curves.CURVE_KINDS, "curve.kind")

@@ -72,6 +72,7 @@ def seed_mode(mode: str) -> str:
 
 def check(config: Any, num_devices: int) -> None:
   """Validates a `reproduce` config, and that its sets fit the cue model's training split."""
+  task_config.check_data_config(config.train.data, task=NAME)  # image data: a cue model
   train_task.check(config.train, num_devices)
   finetune_task.check_finetune_config(config, num_devices)
   checks.check_seeds(config.seeds, "seeds")

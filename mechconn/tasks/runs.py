@@ -3,8 +3,12 @@
 - `load_trained(workdir)`: the final model of a finished `train` run, refused
   when it is not finite; `run_identity(run)`: what identifies it (its recorded
   config and final step, not its path), recorded by every task that reads it.
-- `view_eval_fn`, `evaluate_views`: a model on the four counterfactual views,
-  as floats for records and logs.
+- `model_of`, `apply_fn_of`: a `model` section's network for a dataset, and
+  how mechconn calls it (an image model's `apply`; a language model's through
+  `adapters.without_train`);
+- `view_eval_fn`, `evaluate_views`: a model on the four counterfactual views
+  (or any named eval sets, with their objective), as floats for records and
+  logs.
 """
 
 from collections.abc import Callable
@@ -21,9 +25,12 @@ from mechconn import checkpoint
 from mechconn import counterfactual
 from mechconn import finite
 from mechconn import loop
+from mechconn import objectives
 from mechconn import workdir as workdir_lib
 from mechconn.data import datasets
 from mechconn.models import get_model
+from mechconn.objectives import Objective
+from mechconn.tasks import sequences as task_sequences
 from mechconn.types import ApplyFn, Params
 
 FINAL_EVAL_FILE = "final_eval.json"  # what marks a `train` run finished
@@ -50,16 +57,27 @@ DTYPES = ("float32", "bfloat16")  # a `model` section's compute dtypes
 
 
 def model_of(model_config: Any, dataset: str) -> nn.Module:
-  """The model of a `model` section for a dataset's number of classes.
+  """The model of a `model` section for a dataset's number of classes (for a sequence
+  dataset: the language model for its vocabulary and sequence length).
 
   `dtype` ('float32', or 'bfloat16': bfloat16 compute with float32 parameters,
   BatchNorm statistics and losses; absent in runs recorded before it existed:
   float32) is the model's compute dtype.
   """
   dtype = model_config.get("dtype", "float32")
-  return get_model(model_config["name"], datasets.info(dataset).num_classes,
-                   dtype=None if dtype == "float32" else jnp.dtype(dtype),
+  dtype = None if dtype == "float32" else jnp.dtype(dtype)
+  if task_sequences.is_sequence_data(dataset):
+    return task_sequences.model_of(model_config, dataset, dtype)
+  return get_model(model_config["name"], datasets.info(dataset).num_classes, dtype=dtype,
                    **model_config["kwargs"])
+
+
+def apply_fn_of(model: nn.Module, dataset: str) -> ApplyFn:
+  """`model.apply` as mechconn calls it (`apply_fn(variables, x, train=...)`): the image
+  models' own, a sequence dataset's language model through `adapters.without_train`."""
+  if task_sequences.is_sequence_data(dataset):
+    return task_sequences.apply_fn_of(model)
+  return model.apply
 
 
 def load_trained(workdir: str) -> TrainedModel:
@@ -104,19 +122,24 @@ def run_identity(run: TrainedModel) -> dict:
   return {"config": run.config, "step": int(os.path.basename(os.path.normpath(run.checkpoint)))}
 
 
-def evaluate_views(apply_fn: ApplyFn, variables: dict, view_batches: counterfactual.ViewBatches
+def evaluate_views(apply_fn: ApplyFn, variables: dict, view_batches: counterfactual.ViewBatches,
+                   objective: Objective = objectives.CLASSIFICATION
                    ) -> dict[str, dict[str, float]]:
-  """{view: {'loss', 'accuracy'}} as floats (`counterfactual.evaluate_views`, checked)."""
-  results = jax.device_get(counterfactual.evaluate_views(apply_fn, variables, view_batches))
+  """{view: {'loss', 'accuracy'}} (the objective's metrics) as floats
+  (`counterfactual.evaluate_views`, checked)."""
+  results = jax.device_get(counterfactual.evaluate_views(apply_fn, variables, view_batches,
+                                                         objective))
   return {view: {k: float(v) for k, v in r.items()} for view, r in results.items()}
 
 
 def view_eval_fn(model_of_state: Callable[[Any], tuple[ApplyFn, dict]],
-                 view_batches: counterfactual.ViewBatches) -> Callable[[Any], dict]:
+                 view_batches: counterfactual.ViewBatches,
+                 objective: Objective = objectives.CLASSIFICATION) -> Callable[[Any], dict]:
   """state -> {'eval/<view>/<loss|accuracy>': float}, computed once per step.
 
-  `model_of_state(state)` gives (apply_fn, variables) to evaluate. The loop's
-  last evaluation is also the final one: results are kept by step.
+  `model_of_state(state)` gives (apply_fn, variables) to evaluate on the
+  views (or any named eval sets) with `objective`. The loop's last evaluation
+  is also the final one: results are kept by step.
   """
   evaluated = {}
 
@@ -125,7 +148,7 @@ def view_eval_fn(model_of_state: Callable[[Any], tuple[ApplyFn, dict]],
     if step not in evaluated:
       apply_fn, variables = model_of_state(state)
       evaluated[step] = {f"eval/{view}/{k}": v for view, r in
-                         evaluate_views(apply_fn, variables, view_batches).items()
+                         evaluate_views(apply_fn, variables, view_batches, objective).items()
                          for k, v in r.items()}
     return evaluated[step]
 
