@@ -2,11 +2,15 @@
 
   Params          a parameter pytree (a Flax 'params' collection, or any subtree)
   Variables       Flax variables: {'params': ..., 'batch_stats': ...?}
-  Batch           one batch: {'image': [B, ...], 'label': [B], ...}
-  StackedBatches  batches stacked for a scan: {'image': [N, B, ...], 'label': [N, B],
-                  'mask': [N, B]} (see `mechconn.data.batching.stack_batches`)
+  Batch           one batch: a dict of arrays with a leading batch axis, e.g.
+                  {'image': [B, ...], 'label': [B], 'mask': [B]} (an objective says which
+                  key is the model's input: `mechconn.objectives`)
+  StackedBatches  batches stacked for a scan: every leaf [N, B, ...], e.g. {'image':
+                  [N, B, ...], 'label': [N, B], 'mask': [N, B]}
+                  (see `mechconn.data.batching.stack_batches`)
   Metrics         a flat dict of scalars
-  ApplyFn         `model.apply` of a Flax Linen module taking `train=`
+  ApplyFn         how mechconn calls a model: `model.apply` of a Flax Linen module
+                  taking `train=` (others through `mechconn.adapters`)
   LossFn          what `step.train_step` differentiates
   PathFn          a path through parameter space, `path_fn(points, t)`
 """

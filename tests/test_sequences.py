@@ -1,14 +1,11 @@
 """Associative-recall sequences and the causal transformer LM: the data against its
-definition, causality, the derived permutation spec (heads as units), and two trained
-seeds whose linear path has a loss barrier."""
-
-import functools
+definition, causality and the derived permutation spec (heads as units). Two trained
+seeds and the barrier between them: docs/any_model.md (tests/test_docs.py)."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mechconn import align
@@ -17,62 +14,8 @@ from mechconn import symmetry
 from mechconn.data import sequences
 from mechconn.models import CausalLM
 
-Params = chex.ArrayTree
-Batch = dict[str, jax.Array]  # {'tokens': int32 [B, L], 'mask': float32 [B, L]}
 
 TASK = sequences.TASK
-
-
-# --- Training recipe (two seeds, well under a minute on 2 CPU cores). ----------------
-
-
-def next_token_loss(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """Cross-entropy and accuracy of next-token predictions, averaged over the targets.
-
-  Position j's logits predict token j + 1, weighted by mask[:, j + 1] (1 on the
-  answer and its EOS, 0 on the prompt and the padding).
-
-  Returns:
-    (mean cross-entropy, accuracy), both over the masked targets.
-  """
-  logits, targets = logits_BxLxV[:, :-1], batch["tokens"][:, 1:]
-  weights = batch["mask"][:, 1:]
-  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = logits.argmax(-1) == targets
-  total = weights.sum()
-  return (cross_entropy * weights).sum() / total, (correct * weights).sum() / total
-
-
-def train_lm(model: CausalLM, seed: int, *, task: sequences.RecallTask = TASK,
-             steps: int = 1500, batch_size: int = 64, learning_rate: float = 3e-3,
-             warmup_steps: int = 100) -> Params:
-  """Trains `model` on fresh associative-recall batches; returns its params.
-
-  The seed decides both the initialisation and the training sequences (every
-  step sees `batch_size` new ones). Adam, a linear warm-up to `learning_rate`
-  over `warmup_steps`, then a cosine decay to 0 at `steps`.
-  """
-  data = sequences.recall_sequences(steps * batch_size, seed=seed, task=task)
-  batches = {k: v.reshape(steps, batch_size, -1) for k, v in data.items()}
-  params = model.init(jax.random.key(seed), jnp.asarray(batches["tokens"][0]))["params"]
-  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, steps))
-
-  # One jitted step; params and optimiser state are donated (updated in place).
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, batch):
-    def loss_fn(p):
-      return next_token_loss(model.apply({"params": p}, batch["tokens"]), batch)[0]
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  opt_state = tx.init(params)
-  for step in range(steps):
-    params, opt_state, loss = train_step(params, opt_state,
-                                         {k: v[step] for k, v in batches.items()})
-  if not np.isfinite(float(loss)):
-    raise FloatingPointError(f"Non-finite training loss {float(loss)} at the last step.")
-  return params
 
 
 # --- The data. -----------------------------------------------------------------------
@@ -227,37 +170,3 @@ def test_weight_matching_recovers_a_planted_permutation_exactly(small):
   perm = matching.weight_matching(spec, variables, other)
   aligned = align.apply_permutation(spec, perm, other)
   chex.assert_trees_all_equal(aligned, variables)
-
-
-# --- Two trained seeds. --------------------------------------------------------------
-
-
-@pytest.mark.slow  # trains two LMs: about 25 s on 2 CPU cores
-def test_two_seeds_learn_the_task_and_their_linear_path_has_a_barrier():
-  model = CausalLM(TASK.vocab_size, TASK.seq_len, width=32, depth=2, num_heads=2, mlp_ratio=2)
-  params_a, params_b = train_lm(model, seed=0), train_lm(model, seed=1)
-  held_out = {k: jnp.asarray(v) for k, v in sequences.recall_sequences(2048, seed=10_000).items()}
-  loss_at = jax.jit(lambda p: next_token_loss(model.apply({"params": p}, held_out["tokens"]),
-                                              held_out))
-
-  def midpoint(a, b):
-    return jax.tree.map(lambda x, y: 0.5 * x + 0.5 * y, a, b)
-
-  (loss_a, accuracy_a), (loss_b, accuracy_b) = loss_at(params_a), loss_at(params_b)
-  assert accuracy_a > 0.9 and accuracy_b > 0.9, (accuracy_a, accuracy_b)
-  assert not np.allclose(params_a["embed"]["kernel"], params_b["embed"]["kernel"])
-  ends = max(float(loss_a), float(loss_b))
-  loss_naive, _ = loss_at(midpoint(params_a, params_b))
-  assert float(loss_naive) > 0.5 and float(loss_naive) > 10 * ends, (loss_naive, ends)
-
-  # Weight matching with the derived spec: the aligned model is the same function, closer
-  # to model a in weights. (How much it lowers the barrier is measured, not asserted.)
-  spec = _derive(model, {"params": params_a}, held_out["tokens"][:2])
-  perm = matching.weight_matching(spec, {"params": params_a}, {"params": params_b})
-  aligned_b = align.apply_permutation(spec, perm, {"params": params_b})["params"]
-  np.testing.assert_allclose(loss_at(aligned_b)[0], loss_b, rtol=1e-4, atol=1e-6)
-
-  def inner(a, b):
-    return sum(float(jnp.vdot(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-  assert inner(params_a, aligned_b) > inner(params_a, params_b) + 10.0
