@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import eval_path as eval_path_configs
+from experiments.configs import finetune as finetune_configs
 from experiments.configs import fit_curve as fit_curve_configs
 from experiments.configs import train as train_configs
 from mechconn import checkpoint
@@ -237,3 +238,12 @@ def test_the_presets_dry_run_before_their_end_points_exist(tmp_path):
     record = tasks.run(config, str(tmp_path / "w"))
     assert "recall" in record["dry_run"] and record["steps"][0]["num_steps"] == num_steps
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.slow
+def test_finetune_refuses_a_language_model_as_its_cue_model(trained, tmp_path):
+  config = finetune_configs.get_config("naive,quicktest")
+  config.cue_model_workdir = trained[SEEDS[0]]
+  with pytest.raises(ValueError, match="holds a language model trained on 'recall'"):
+    tasks.run(config, str(tmp_path / "ft"))
+  assert not os.path.exists(tmp_path / "ft")

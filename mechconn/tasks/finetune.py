@@ -33,6 +33,7 @@ from mechconn.tasks import config as task_config
 from mechconn.tasks import data as task_data
 from mechconn.tasks import runner
 from mechconn.tasks import runs
+from mechconn.tasks import sequences as task_sequences
 
 NAME = "finetune"
 RESULT_FILE = "result.json"
@@ -325,6 +326,11 @@ def inputs(config: Any, dry_run: bool) -> tuple[Inputs, dict]:
   """The cue model (needed by a dry run too: its model is the one fine-tuned)."""
   del dry_run
   cue_model = runs.load_trained(config.cue_model_workdir)
+  dataset = cue_model.config["data"]["dataset"]
+  if task_sequences.is_sequence_data(dataset):
+    raise ValueError(f"config.cue_model_workdir={config.cue_model_workdir!r} holds a language "
+                     f"model trained on {dataset!r}; the finetune task fine-tunes image "
+                     "classifiers trained on a cued dataset.")
   # The cue model's data, its test views treated at this run's test cue proportion.
   data = task_config.AttrDict({**cue_model.config["data"],
                                "test_cue_proportion": config.get("test_cue_proportion", 1.0)})
