@@ -179,7 +179,7 @@ def evaluate_path_on_sets(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.
   _check_results(np.asarray(ts_arr), out, stats_finite, call.kwargs["renormalize"])
   num_devices = 1 if mesh is None else int(mesh.size)
   return path_core.path_evals(ts_arr, out, stats_finite, objective, sharded_over=plan,
-                     num_devices=num_devices)
+                              num_devices=num_devices)
 
 
 def _is_set_of_sets(eval_data, objective: Objective) -> bool:

@@ -185,7 +185,7 @@ def barrier_location(ts: chex.Array, values: chex.Array) -> float:
 
 
 def path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size,
-               renormalize, objective):
+              renormalize, objective):
   """({set: {metric: [K]}}, statistics finite [K]) over `ts` with the strategy."""
   inputs = objective.inputs
   if renormalize == "repair":  # the end points' statistics, once
@@ -217,15 +217,16 @@ _STATIC = ("apply_fn", "path_fn", "strategy", "chunk_size", "renormalize", "obje
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def evaluate_path_jit(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
-                       strategy, chunk_size, renormalize, objective):
+                      strategy, chunk_size, renormalize, objective):
+  """`path_loop` as one compiled program (the statics select and shape it)."""
   return path_loop(points, ts, eval_sets, bn_batches, apply_fn=apply_fn, path_fn=path_fn,
-                    strategy=strategy, chunk_size=chunk_size, renormalize=renormalize,
-                    objective=objective)
+                   strategy=strategy, chunk_size=chunk_size, renormalize=renormalize,
+                   objective=objective)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("mesh",))
 def evaluate_path_over_t(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn,
-                          strategy, chunk_size, renormalize, objective, mesh):
+                         strategy, chunk_size, renormalize, objective, mesh):
   """Each device evaluates its slice of `ts` (len(ts) divisible by the mesh size)."""
   loop = functools.partial(path_loop, apply_fn=apply_fn, path_fn=path_fn,
                            strategy=strategy, chunk_size=chunk_size, renormalize=renormalize,
@@ -240,6 +241,7 @@ def evaluate_path_over_t(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn
 
 
 def path_evals(ts, out, stats_finite, objective, **kwargs) -> dict[str, "PathEval"]:
+  """{set: PathEval} of `path_loop`'s output, with the objective's directions."""
   return {name: PathEval(ts=ts, metrics=metrics, statistics_finite=stats_finite,
                          higher_is_better=objective.higher_is_better,
                          complements=objective.complements, **kwargs)
@@ -261,7 +263,7 @@ def check_points(points, where: str) -> tuple:
 
 
 def resolve(apply_fn, points, eval_sets, bn_batches, *, objective, path, renormalize,
-             strategy, where):
+            strategy, where):
   """Checks what can be checked without data; (apply_fn, path_fn, strategy, renormalize)."""
   objectives_lib.check_objective(objective)
   path_function = paths.path_fn(path) if isinstance(path, str) else path

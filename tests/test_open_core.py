@@ -127,6 +127,7 @@ def test_the_core_under_jit_equals_evaluate_path_with_batchnorm(bn_cnn, strategy
   assert bool(np.all(out.statistics_finite))
 
 
+@pytest.mark.slow  # compiles the gradient of a BatchNorm path program (about 15 s)
 def test_grad_through_batchnorm_recomputation_matches_finite_differences(bn_cnn):
   model, pa, pb, eval_batches, bn_batches = bn_cnn
   ts = np.linspace(0, 1, 3)

@@ -110,9 +110,10 @@ def test_next_token_loss_is_the_masked_cross_entropy_of_the_next_tokens():
   batch = {k: jnp.asarray(v) for k, v in sequences.recall_sequences(6, seed=0).items()}
   params = model.init(jax.random.key(0), batch["tokens"])["params"]
   loss_fn = step_lib.NextTokenLoss(adapters.without_train(model.apply))
-  loss, (batch_stats, metrics) = loss_fn(params, {}, batch, jax.random.key(1))
+  loss, (batch_stats, metrics) = jax.jit(loss_fn)(params, {}, batch, jax.random.key(1))
   # A plain loop over the rows and positions whose next token is a target.
-  logits = np.asarray(model.apply({"params": params}, batch["tokens"][:, :-1]), np.float64)
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, batch["tokens"][:, :-1]),
+                      np.float64)
   tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
   terms = [(np.log(np.exp(logits[b, i]).sum()) - logits[b, i, tokens[b, i + 1]],
             logits[b, i].argmax() == tokens[b, i + 1])
@@ -123,8 +124,8 @@ def test_next_token_loss_is_the_masked_cross_entropy_of_the_next_tokens():
   assert batch_stats == {}
   # The evaluation's next-token objective measures the same numbers.
   stacked = jax.tree.map(lambda x: x[None], batch)
-  means = evaluation.mean_metrics(loss_fn.apply_fn, {"params": params}, stacked,
-                                  objectives.next_token())
+  means = jax.jit(lambda p, b: evaluation.mean_metrics(
+      loss_fn.apply_fn, {"params": p}, b, objectives.next_token()))(params, stacked)
   np.testing.assert_allclose(means["loss"], loss, rtol=1e-6)
   np.testing.assert_allclose(means["accuracy"], metrics["accuracy"], rtol=1e-6)
 
