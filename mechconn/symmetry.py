@@ -293,8 +293,10 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
   names = [_leaf_path(path) for path, _ in leaves]
 
+  layer_paths = []  # the layers whose first outputs `traced` returns, in call order
+
   def traced(values, x):
-    """(the model's outputs, {'/'.join(layer path): that layer's first output, if an array})."""
+    """(the model's outputs, [each layer's first output that is an array])."""
     order, outputs = [], {}  # layers in the order their calls begin
 
     def record(call, next_fun, args, kwargs):
@@ -308,17 +310,10 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
     with intercept.intercept(record):
       out = apply_fn(jax.tree_util.tree_unflatten(treedef, values), x, train=False,
                      **apply_kwargs)
-    captured = tuple(path for path in order if path in outputs)
-    return out, [outputs[path] for path in captured], captured
+    layer_paths[:] = [path for path in order if path in outputs]
+    return out, [outputs[path] for path in layer_paths]
 
-  layer_paths = []
-
-  def traced_arrays(values, x):
-    out, captured, captured_paths = traced(values, x)
-    layer_paths[:] = captured_paths
-    return out, captured
-
-  closed, out_shapes = jax.make_jaxpr(traced_arrays, return_shape=True)(
+  closed, out_shapes = jax.make_jaxpr(traced, return_shape=True)(
       [leaf for _, leaf in leaves], example_input)
   tracer = _Tracer()
   param_axes = [tracer.fresh(jnp.shape(leaf)) for _, leaf in leaves]

@@ -68,6 +68,17 @@ def test_jit_of_the_core_with_a_user_objective_equals_eager_evaluate_path(regres
       float(barriers.barrier_height(TS, eager.metrics["huber"])))
 
 
+def directional_derivatives(fn, point, seed, eps):
+  """(grad(fn)(point) . d, the central difference of fn along d) for a random direction d."""
+  grad = jax.jit(jax.grad(fn))(point)
+  direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape), point)
+  shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, point, direction)
+  numeric = (float(fn(shifted(1))) - float(fn(shifted(-1)))) / (2 * eps)
+  analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad),
+                                                        jax.tree.leaves(direction)))
+  return analytic, numeric
+
+
 def test_grad_of_the_mean_path_loss_matches_finite_differences(regression):
   apply_fn, batches, (a, b, *_) = regression
   objective = objectives.regression(inputs="x", target="y")
@@ -76,13 +87,7 @@ def test_grad_of_the_mean_path_loss_matches_finite_differences(regression):
     out = barriers.path_metrics(apply_fn, (a, b), TS, {"eval": batches}, objective=objective)
     return out["eval"].metrics["squared_error"].mean()
 
-  grad = jax.jit(jax.grad(mean_loss))(a)
-  direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(7), x.shape), a)
-  eps = 1e-3
-  shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, a, direction)
-  numeric = (float(mean_loss(shifted(1))) - float(mean_loss(shifted(-1)))) / (2 * eps)
-  analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad),
-                                                        jax.tree.leaves(direction)))
+  analytic, numeric = directional_derivatives(mean_loss, a, seed=7, eps=1e-3)
   assert analytic == pytest.approx(numeric, rel=2e-2)
   assert abs(analytic) > 1e-3  # a real gradient, not zero
 
@@ -137,13 +142,7 @@ def test_grad_through_batchnorm_recomputation_matches_finite_differences(bn_cnn)
     return barriers.path_metrics(model.apply, (pa, b), ts, {"eval": eval_batches},
                                  bn_batches)["eval"].loss.mean()
 
-  grad = jax.jit(jax.grad(mean_loss))(pb)
-  direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), pb)
-  eps = 1e-2
-  shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, pb, direction)
-  numeric = (float(mean_loss(shifted(1))) - float(mean_loss(shifted(-1)))) / (2 * eps)
-  analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad),
-                                                        jax.tree.leaves(direction)))
+  analytic, numeric = directional_derivatives(mean_loss, pb, seed=3, eps=1e-2)
   assert analytic == pytest.approx(numeric, rel=5e-2, abs=1e-4)
 
 

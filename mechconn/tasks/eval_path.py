@@ -169,31 +169,46 @@ def build(config: Any, mesh: jax.sharding.Mesh, inputs: Inputs) -> runner.Build:
       image_shape=task_config.input_shape(config.data), model=model, to_batch=to_batch)
 
 
+def _eval_data(config: Any, mesh: jax.sharding.Mesh) -> tuple[dict, dict, Any, dict]:
+  """(eval sets, statistics batches, objective, what they are for the record).
+
+  Image models: the four views, and the training images BatchNorm is recomputed
+  from; language models: the held-out sequences, and the training sequences of
+  REPAIR's statistics.
+  """
+  data = config.data
+  if task_sequences.is_sequence_data(data.dataset):
+    eval_sets = task_sequences.eval_sets(data, config.eval_batch_size, mesh)
+    bn_batches = task_sequences.statistics_batches(data, config.path.bn_examples,
+                                                   config.eval_batch_size)
+    num_bn = int(np.prod(bn_batches["tokens"].shape[:2]))
+    return eval_sets, bn_batches, task_sequences.OBJECTIVE, {
+        "renormalize": {"method": config.path.renormalize, "statistics_from": "train",
+                        "dataset": data.dataset, "num_examples": num_bn},
+        "eval": {"dataset": data.dataset, "num_examples": int(data.num_test), "seed": data.seed}}
+  test_views, test_labels = task_data.load_test_views(data)
+  eval_sets = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
+  bn_split = task_data.load_train_split(
+      data, cue_proportion=0.0 if config.path.bn_data == "clean" else data.cue_proportion,
+      num_examples=config.path.bn_examples)
+  bn_batches = task_data.bn_batches_of(bn_split.examples(np.arange(len(bn_split))),
+                                       config.eval_batch_size)
+  num_bn = int(np.prod(bn_batches["image"].shape[:2]))
+  return eval_sets, bn_batches, objectives.CLASSIFICATION, {
+      "batchnorm": {"recomputed_at_every_t_from": config.path.bn_data,
+                    "dataset": data.dataset, "num_examples": num_bn},
+      "eval": {"dataset": data.dataset, "cue": data.cue, "num_examples": int(len(test_labels)),
+               "views_seed": data.seed}}
+
+
 def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
         config_dict: dict, *, overwrite: bool = False) -> dict:
   """Evaluates every path; returns the eval_path.json record."""
   del overwrite  # the claim, made by runner.launch, already used it
   built = build(config, mesh, inputs)
   start_run, end_run = inputs.endpoints.start, inputs.endpoints.end
-  # Data: the views to evaluate on, and the training data BatchNorm is recomputed from
-  # (language models: the held-out sequences, and the training sequences of REPAIR).
   data = config.data
-  sequence = task_sequences.is_sequence_data(data.dataset)
-  if sequence:
-    view_batches = task_sequences.eval_sets(data, config.eval_batch_size, mesh)
-    bn_batches = task_sequences.statistics_batches(data, config.path.bn_examples,
-                                                   config.eval_batch_size)
-    num_test, objective = data.num_test, task_sequences.OBJECTIVE
-  else:
-    test_views, test_labels = task_data.load_test_views(data)
-    view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
-    bn_split = task_data.load_train_split(
-        data, cue_proportion=0.0 if config.path.bn_data == "clean" else data.cue_proportion,
-        num_examples=config.path.bn_examples)
-    bn_batches = task_data.bn_batches_of(bn_split.examples(np.arange(len(bn_split))),
-                                         config.eval_batch_size)
-    num_test, objective = len(test_labels), objectives.CLASSIFICATION
-  num_bn_examples = int(np.prod(jax.tree.leaves(bn_batches)[0].shape[:2]))
+  view_batches, bn_batches, objective, provenance = _eval_data(config, mesh)
   model = built.model
   apply_fn = runs.apply_fn_of(model, data.dataset)
   ts = np.linspace(0.0, 1.0, config.path.num_t)
@@ -242,16 +257,6 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
         **verdict}
   seconds = time.perf_counter() - start
 
-  # What the statistics at each t and the evaluation read.
-  if sequence:
-    statistics = {"renormalize": {"method": config.path.renormalize, "statistics_from": "train",
-                                  "dataset": data.dataset, "num_examples": num_bn_examples}}
-    evaluated = {"dataset": data.dataset, "num_examples": int(num_test), "seed": data.seed}
-  else:
-    statistics = {"batchnorm": {"recomputed_at_every_t_from": config.path.bn_data,
-                                "dataset": data.dataset, "num_examples": num_bn_examples}}
-    evaluated = {"dataset": data.dataset, "cue": data.cue, "num_examples": int(num_test),
-                 "views_seed": data.seed}
   record = {
       "ts": ts.tolist(),
       "paths": results,
@@ -263,8 +268,7 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
       "curves": [{"workdir": os.path.abspath(w), **{k: r[k] for k in (
           "kind", "num_free", "step", "fit_data")}} for w, (r, _) in zip(
               config.curve_workdirs, inputs.curves)],
-      **statistics,
-      "eval": evaluated,
+      **provenance,
       "seconds": round(seconds, 1),
       "backend": jax.default_backend(),
       "devices": int(mesh.devices.size),
