@@ -53,7 +53,13 @@ def _set_verbosity() -> None:
   if flags.FLAGS["verbosity"].present:
     return
   if "MECHCONN_VERBOSITY" in os.environ:
-    logging.set_verbosity(int(os.environ["MECHCONN_VERBOSITY"]))
+    value = os.environ["MECHCONN_VERBOSITY"]
+    try:
+      logging.set_verbosity(int(value))
+    except ValueError:
+      raise app.UsageError(f"MECHCONN_VERBOSITY={value!r} is not an integer; expected absl's "
+                           "verbosity (0: INFO, -1: WARNING, 1 and up: debug levels), or "
+                           "unset it.") from None
   else:
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger().setLevel(std_logging.getLevelName(
@@ -64,6 +70,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _set_verbosity()
+  if not _WORKDIR.value.strip():
+    raise app.UsageError("--workdir is empty; give the directory for the run's results, "
+                         "e.g. --workdir=/tmp/run.")
   config = _CONFIG.value
   if config.task not in tasks.TASKS:
     raise app.UsageError(f"Unknown task {config.task!r}; valid tasks: {sorted(tasks.TASKS)}.")

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from mechconn import finite
 
 PyTree = Any
+CONFIG_KEY = "mechconn_config"  # the run's config, in a step's custom metadata
 
 
 class CheckpointError(RuntimeError):
@@ -99,12 +100,26 @@ class Checkpointer:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, tree: PyTree) -> None:
-    """Starts an asynchronous, atomic save of `tree` as `step` (a no-op if it exists)."""
+  def save(self, step: int, tree: PyTree, *, config: dict | None = None) -> None:
+    """Starts an asynchronous, atomic save of `tree` as `step` (a no-op if it exists).
+
+    `config` (the run's config as a JSON-compatible dict) is recorded in the
+    step's metadata, so that a resume can tell whose checkpoint it is
+    (`recorded_config`).
+    """
     if step in self._manager.all_steps():
       return
     self._manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(tree)),
-                       force=True)
+                       force=True,
+                       custom_metadata=None if config is None else {CONFIG_KEY: config})
+
+  def recorded_config(self, step: int) -> dict | None:
+    """The config `save` recorded with `step`, or None (saved without one, or unreadable)."""
+    try:
+      custom = self._manager.metadata(step).custom_metadata or {}
+    except Exception:  # pylint: disable=broad-except  # orbax raises several types
+      return None
+    return custom.get(CONFIG_KEY)
 
   def restore(self, abstract_tree: PyTree, step: int | None = None) -> PyTree:
     """Restores `step` (default: the latest) into the structure of `abstract_tree`.

@@ -63,11 +63,28 @@ class LoopOptions:
   desc: str = "train"
 
 
+def _check_owner(ckpt: checkpoint.Checkpointer, step: int, run_config: dict | None) -> None:
+  """Refuses to resume from a checkpoint recorded with a config other than `run_config`.
+
+  A checkpoint saved without a config (by `fit`-style callers, or before configs were
+  recorded) is vouched for by the workdir's claim: its config.json is this run's.
+  """
+  recorded = ckpt.recorded_config(step)
+  if run_config is None or recorded is None:
+    return
+  diff = workdir_lib.config_differences(recorded, run_config)
+  if diff:
+    raise checkpoint.CheckpointError(
+        f"Checkpoint {ckpt.step_dir(step)} was written by a run of another config (differs in "
+        f"{diff[:8]}); this run does not resume from it. It was left as is; move it (or the "
+        "checkpoint directory) away, or use another --workdir.")
+
+
 def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple[Any, Metrics]],
                batch_fn: Callable[[int], Batch], workdir: str, options: LoopOptions, *,
                mesh: jax.sharding.Mesh, learning_rate_fn: Callable[[int], float] | None = None,
                eval_fn: Callable[[Any], dict[str, float]] | None = None,
-               examples_per_step: int = 0) -> Any:
+               examples_per_step: int = 0, run_config: dict | None = None) -> Any:
   """Runs `step_fn` to `options.num_steps`, resuming from the workdir's latest checkpoint.
 
   Args:
@@ -85,6 +102,9 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
     eval_fn: state -> flat dict of evaluation metrics, logged every
       `options.eval_every` steps and at the end.
     examples_per_step: for the logged examples/s.
+    run_config: the run's config (a JSON-compatible dict), recorded with every
+      checkpoint; a checkpoint recorded with another config is never resumed
+      (`checkpoint.CheckpointError` naming the differing keys).
 
   Returns:
     The final state (also saved as the last checkpoint).
@@ -102,8 +122,15 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
   #    and the optimiser's schedule counts in its restored state.
   latest = ckpt.latest_step()
   if latest is not None:
+    _check_owner(ckpt, latest, run_config)
     abstract = mesh_lib.abstract_like(jax.eval_shape(init_fn), replicated)
     state = ckpt.restore(abstract, latest)
+    if not bool(finite.all_finite_jit(state)):
+      raise finite.NonFiniteError(
+          f"Checkpoint {ckpt.step_dir(latest)} holds NaN or infinity (first at "
+          f"{finite.first_nonfinite_leaf(state)}): it is not a state to resume from (mechconn "
+          "never saves one; was it written or edited by something else?). It was left as "
+          "is; move it away to resume from an earlier step.")
     if jax.process_index() == 0:  # said on the terminal: a resume is not a fresh start
       print(f"{options.desc}: resumed from {ckpt.step_dir(latest)} (step {latest} of "
             f"{options.num_steps})")
@@ -169,7 +196,7 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
         writer.write({"step": done, **eval_fn(state)})
       if save_now:
         check_state(state, done, "saving it")
-        ckpt.save(done, state)
+        ckpt.save(done, state, config=run_config)
   finally:
     bar.close()
     writer.close()

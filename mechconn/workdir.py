@@ -2,9 +2,14 @@
 
 The rules, so that nothing a user saved is lost:
   - a workdir belongs to one config and one live job at a time (`claim`: a
-    lock naming its holder; a config.json that is not this task's is never
-    written over; a different config is refused, naming the differing keys,
-    unless told to overwrite, which deletes only the task's own `Layout`);
+    lock naming its holder; a config.json is mechconn's only when it carries
+    the mark mechconn writes (`FORMAT_KEY`), and one that is not this task's is
+    never written over; a different config is refused, naming the differing
+    keys, unless told to overwrite, which deletes only the task's own `Layout`
+    and is refused while a checkpoint step holds anything orbax did not write,
+    since the new run would resume from it);
+  - a launch that fails before writing any output takes its config.json back,
+    so the corrected command is not refused as "a different config";
   - JSON files are written to a temporary file and renamed into place;
   - metrics are JSON lines, one object per log step with a "step" key (read
     them with `read_metrics`, `pandas.read_json(path, lines=True)` or plain
@@ -15,22 +20,24 @@ The rules, so that nothing a user saved is lost:
 from collections.abc import Iterator
 import contextlib
 import dataclasses
-import fcntl
 import glob
 import json
 import os
 import re
 import shutil
-import socket
-import sys
-import time
 from typing import Any
 
 from absl import logging
 
+from mechconn.lock import LOCK_FILE, WorkdirBusyError, lock  # pylint: disable=unused-import
+
 CONFIG_FILE = "config.json"
+# The mark mechconn writes into every config.json it records: a config.json without it is
+# another program's (even with a "task" key), unless it is one of the runs recorded before
+# the mark, recognised by its task and its whole top-level layout (`is_mechconn_config`).
+FORMAT_KEY = "mechconn_format"
+FORMAT_VERSION = 1
 METRICS_FILE = "metrics.jsonl"
-LOCK_FILE = ".mechconn.lock"
 # What orbax writes in a checkpoint directory: '<step>' and its temporaries, holding
 # only these entries (a step directory holding anything else is never deleted).
 CHECKPOINT_ENTRY = re.compile(r"\d+(\.orbax-checkpoint-tmp(-\d+)?)?")
@@ -69,7 +76,8 @@ ADDED_FIELDS = {"model.dtype": "float32", "endpoint_model.dtype": "float32",
                 "kwargs.weight_init": "default", "test_cue_proportion": 1.0,
                 "path.bn_variance": "biased", "cbft.cue_set": "all_cued",
                 "cbft.barrier_loss": True, "cbft.schedule_per": "update",
-                "scratch.learning_rate": ANY,
+                "scratch.learning_rate": ANY, FORMAT_KEY: ANY,
+                "allow_identical_endpoints": False,
                 "activation_sites": lambda run: (
                     "module_outputs" if run.get("align") == "activation" else ANY)}
 
@@ -137,6 +145,22 @@ class Layout:
     """Deletes this layout's files and checkpoint steps from `workdir`; returns what went."""
     return self._walk(workdir, remove=True)
 
+  def foreign_steps(self, workdir: str) -> dict[str, list[str]]:
+    """{checkpoint step directory: its entries orbax did not write} (a user's files, a
+    workdir nested there): `clear` keeps these, so a run would resume from them."""
+    found = {}
+    for path in self._steps(workdir):
+      foreign = sorted(set(os.listdir(path)) - ORBAX_STEP_ENTRIES) if os.path.isdir(
+          path) else []
+      if foreign:
+        found[path] = foreign
+    return found
+
+  def _steps(self, workdir: str) -> list[str]:
+    return [os.path.join(directory, entry)
+            for directory in _matches(workdir, self.checkpoint_dirs) if os.path.isdir(directory)
+            for entry in sorted(os.listdir(directory)) if CHECKPOINT_ENTRY.fullmatch(entry)]
+
   def _walk(self, workdir: str, remove: bool) -> list[str]:
     found = []
     for path in _matches(workdir, self.files):
@@ -144,26 +168,21 @@ class Layout:
         found.append(path)
         if remove:
           os.remove(path)
-    for directory in _matches(workdir, self.checkpoint_dirs):
-      if not os.path.isdir(directory):
+    foreign = self.foreign_steps(workdir)
+    for path in self._steps(workdir):
+      if path in foreign:  # `claim` refuses to overwrite while these exist
+        logging.warning("Keeping %s: it holds %s, which orbax did not write.", path,
+                        foreign[path][:5])
         continue
-      for entry in sorted(os.listdir(directory)):
-        path = os.path.join(directory, entry)
-        if not CHECKPOINT_ENTRY.fullmatch(entry):
-          continue
-        foreign = sorted(set(os.listdir(path)) - ORBAX_STEP_ENTRIES) if os.path.isdir(
-            path) else []
-        if foreign:  # something else lives in it (a workdir nested there, a user's files)
-          logging.warning("Keeping %s: it holds %s, which orbax did not write.", path,
-                          foreign[:5])
-          continue
-        found.append(path)
-        if remove and os.path.isdir(path):
-          shutil.rmtree(path)
-        elif remove:
-          os.remove(path)
-      if remove:
-        _remove_if_empty(directory)
+      found.append(path)
+      if remove and os.path.isdir(path):
+        shutil.rmtree(path)
+      elif remove:
+        os.remove(path)
+    if remove:
+      for directory in _matches(workdir, self.checkpoint_dirs):
+        if os.path.isdir(directory):
+          _remove_if_empty(directory)
     return found
 
 
@@ -179,76 +198,6 @@ def _remove_if_empty(directory: str) -> None:
     pass
 
 
-class WorkdirBusyError(RuntimeError):
-  """Another live job holds the workdir's lock."""
-
-
-_HELD: set[str] = set()  # workdirs this process has locked
-
-
-def _holder_text(record: dict | None) -> str:
-  if not record:
-    return "owner unknown"
-  return (f"pid {record.get('pid')} on host {record.get('host')!r}, since "
-          f"{record.get('since')}: {' '.join(record.get('argv', []))}")
-
-
-@contextlib.contextmanager
-def lock(workdir: str) -> Iterator[None]:
-  """Holds the workdir's lock (an `fcntl.flock` on workdir/.mechconn.lock) while inside.
-
-  The lock file records the holder's pid, host, start time and command line.
-  A second job is refused with `WorkdirBusyError` naming the holder. The
-  kernel releases a flock when its process dies, so the lock of a killed job
-  is stale by construction: the next job takes it over (and logs whose it was).
-
-  Raises:
-    WorkdirBusyError: another live process (or this one) holds the lock.
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise FileExistsError(f"The workdir {workdir} is a file, not a directory; use another "
-                          "--workdir. Nothing was changed.")
-  os.makedirs(workdir, exist_ok=True)
-  key = os.path.realpath(workdir)
-  path = os.path.join(workdir, LOCK_FILE)
-  if key in _HELD:
-    raise WorkdirBusyError(f"{workdir} is already claimed by this process (pid {os.getpid()}).")
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise WorkdirBusyError(
-          f"{workdir} is in use by another mechconn job ({_holder_text(_read_lock(fd))}). "
-          "Wait for it to finish or stop it, or use another --workdir. Nothing was "
-          "changed.") from None
-    previous = _read_lock(fd)
-    if previous and (previous.get("pid"), previous.get("host")) != (os.getpid(),
-                                                                     socket.gethostname()):
-      logging.warning("Taking over the lock of %s from a job that ended without releasing "
-                      "it (%s).", workdir, _holder_text(previous))
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
-    _HELD.add(key)
-    try:
-      yield
-    finally:
-      _HELD.discard(key)
-      os.ftruncate(fd, 0)  # released cleanly: a record left behind means a killed holder
-  finally:
-    os.close(fd)  # releases the flock
-
-
-def _read_lock(fd: int) -> dict | None:
-  try:
-    record = json.loads(os.pread(fd, 65536, 0).decode() or "null")
-  except ValueError:
-    return None
-  return record if isinstance(record, dict) else None
-
-
 @contextlib.contextmanager
 def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = False
           ) -> Iterator[None]:
@@ -256,14 +205,21 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
 
   Resuming (the same config recorded) is allowed; everything else that could
   lose a user's data is refused before anything is written:
-    - a workdir held by a live job (see `lock`);
+    - a workdir held by a live job (see `lock`), or one mechconn cannot write;
     - a config.json that is not a mechconn config of this task (e.g. another
-      project's model directory), with or without `overwrite`;
+      project's model directory, even one with a "task" key: see
+      `is_mechconn_config`), with or without `overwrite`;
     - a different config of this task, unless `overwrite`; then only the files
       of `layout` are deleted (never anything else) before the new config is
-      recorded;
+      recorded; and not while a checkpoint step of `layout` holds anything
+      orbax did not write (it would be kept, and the new run resume from it);
     - files named like `layout`'s outputs without a config.json saying that
       mechconn wrote them, with or without `overwrite`.
+
+  The config is recorded with mechconn's mark (`FORMAT_KEY`). When the run
+  raises before any output of `layout` exists in a workdir that had no
+  config.json, that config.json is removed again: a refused launch leaves no
+  record, so the corrected command is not refused as a different config.
 
   Fields that do not change results (`UNCOMPARED_FIELDS`: progress bars, where
   the data is read from) may differ between the recorded config and this one.
@@ -277,18 +233,26 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
 
   Raises:
     FileExistsError: the workdir holds another config or foreign files.
+    PermissionError: the workdir (or its checkpoint directory) is not writable.
     WorkdirBusyError: another job holds the workdir.
   """
   # Checked before locking, so that nothing (not even a lock file) is written into
   # a directory that is refused; checked again under the lock, where it counts.
   check_claim(workdir, config_dict, layout, overwrite=overwrite)
+  path = os.path.join(workdir, CONFIG_FILE)
   with lock(workdir):
+    fresh = not os.path.exists(path)
     if check_claim(workdir, config_dict, layout, overwrite=overwrite):
       removed = layout.clear(workdir)
       logging.warning("--overwrite: removed %d outputs of the previous run in %s: %s",
                       len(removed), workdir, removed[:10])
-    write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict)
-    yield
+    write_json_atomic(path, {**config_dict, FORMAT_KEY: FORMAT_VERSION})
+    try:
+      yield
+    except BaseException:
+      if fresh and not layout.existing(workdir):  # nothing recorded: take the claim back
+        os.remove(path)
+      raise
 
 
 # Tasks recorded under an older name: their workdirs are this task's (a relaunch there is a
@@ -296,18 +260,61 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
 RENAMED_TASKS = {"linear_barrier": "quickstart"}
 
 
+def recorded_task(recorded: Any) -> str | None:
+  """The task a recorded config.json names (under its current name), or None."""
+  task = recorded.get("task") if isinstance(recorded, dict) else None
+  return RENAMED_TASKS.get(task, task) if isinstance(task, str) else None
+
+
+def is_mechconn_config(recorded: Any, config_dict: dict) -> bool:
+  """Whether a config.json's content was written by mechconn for `config_dict`'s task.
+
+  It carries mechconn's mark (`FORMAT_KEY`), or it is a run recorded before the
+  mark: this task, and every top-level key one this task's config has (fields
+  added since, `ADDED_FIELDS`, may be missing). A "task" key alone is not enough.
+  """
+  if recorded_task(recorded) is None:
+    return False
+  if FORMAT_KEY in recorded:
+    return recorded[FORMAT_KEY] == FORMAT_VERSION
+  if recorded_task(recorded) != config_dict.get("task"):
+    return False
+  if recorded["task"] in RENAMED_TASKS:  # recorded under the old name: a different config
+    return True
+  keys, wanted = set(recorded) - {"inputs"}, set(config_dict) - {"inputs"}
+  return (keys <= wanted | {"task"} and
+          all(added_default(k) is not None for k in wanted - keys))
+
+
+def _check_writable(workdir: str, layout: Layout) -> None:
+  """Raises PermissionError when the workdir or a checkpoint directory exists unwritable
+  (a run would otherwise train until its first checkpoint, then fail)."""
+  dirs = [workdir] + _matches(workdir, layout.checkpoint_dirs)
+  for directory in dirs:
+    if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+      raise PermissionError(f"{directory} is not writable by this user, and the run would "
+                            "write there; make it writable or use another --workdir. Nothing "
+                            "was changed.")
+
+
 def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool
                 ) -> bool:
   """Raises as `claim` would, reading only; True when `claim` would clear an old run."""
+  if not workdir:
+    raise ValueError("The workdir is empty: give the directory for this run's results "
+                     "(e.g. --workdir=/tmp/run).")
   path = os.path.join(workdir, CONFIG_FILE)
   task = config_dict.get("task")
+  _check_writable(workdir, layout)
   if os.path.exists(path):
     recorded = _read_json(path)
-    if not isinstance(recorded, dict) or RENAMED_TASKS.get(recorded.get("task"),
-                                                           recorded.get("task")) != task:
-      what = (f"a mechconn {recorded['task']!r} run" if isinstance(recorded, dict) and
-              isinstance(recorded.get("task"), str) else "a config.json that mechconn did not "
-              "write")
+    if not is_mechconn_config(recorded, config_dict) or recorded_task(recorded) != task:
+      mark = recorded.get(FORMAT_KEY) if isinstance(recorded, dict) else None
+      what = ("a config.json that mechconn did not write" if mark is None or
+              recorded_task(recorded) is None else
+              f"a run of another mechconn (its {FORMAT_KEY} is {mark!r}; this one writes "
+              f"{FORMAT_VERSION})" if mark != FORMAT_VERSION else
+              f"a mechconn {recorded['task']!r} run")
       raise FileExistsError(
           f"{workdir} holds {what}, not a {task!r} run (see {path}). mechconn does not write "
           "into it, with or without --overwrite: use another --workdir. Nothing was changed.")
@@ -318,6 +325,15 @@ def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: b
           "Use a new --workdir, or pass --overwrite to delete that run's outputs. Nothing was "
           "overwritten.")
     stale = bool(diff)
+    foreign = layout.foreign_steps(workdir) if stale else {}
+    if foreign:
+      step, entries = next(iter(foreign.items()))
+      raise FileExistsError(
+          f"--overwrite would keep {step}: it holds {entries[:5]}, which orbax did not write "
+          f"({len(foreign)} such step director{'ies' if len(foreign) > 1 else 'y'}: "
+          f"{sorted(foreign)[:3]}), and the new run would resume from that step of the old "
+          "one. Move them out of the checkpoint directory, then relaunch. Nothing was "
+          "changed.")
   else:
     existing = layout.existing(workdir) if os.path.isdir(workdir) else []
     if existing:  # another program's files, or an older mechconn's: not ours to delete

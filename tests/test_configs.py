@@ -23,6 +23,7 @@ from mechconn.tasks import finetune as finetune_task
 from mechconn.tasks import fit_curve as fit_curve_task
 from mechconn.tasks import quickstart as quickstart_task
 from mechconn.tasks import reproduce as reproduce_task
+from mechconn.tasks import runs
 from mechconn.tasks import train as train_task
 
 
@@ -211,10 +212,12 @@ def test_connectivity_config_errors_name_the_key():
   reproduce = reproduce_configs.get_config("cpu")
   assert task_config.renormalize_of(reproduce.path) == "auto"  # biased, the default
   reproduce.path.bn_variance = "unbiased"
-  task_config.check_bn_variance(reproduce.path, reproduce.train.model, reproduce.train.data)
+  task_config.check_bn_variance(
+      reproduce.path, runs.model_of(reproduce.train.model, reproduce.train.data.dataset),
+      task_config.input_shape(reproduce.train.data))
   with reproduce.train.unlocked():
     reproduce.train.model = common.model_section("mlp", hidden=(8,))
-  with pytest.raises(ValueError, match=r"bn_variance='unbiased' but mlp has no BatchNorm"):
+  with pytest.raises(ValueError, match=r"bn_variance='unbiased' but MLP has no BatchNorm"):
     reproduce_task.check(reproduce, num_devices=1)
   config = fit_curve_configs.get_config("cpu_clean")
   config.curve.kind = "spline"

@@ -152,3 +152,17 @@ def test_a_curve_of_an_end_point_retrained_in_place_is_refused(runs, tmp_path):
   # The fit itself, relaunched, is refused too (it would resume against the new end point).
   with pytest.raises(FileExistsError, match=r"differs in \['inputs.start.config.seed'\]"):
     tasks.run(fit, str(tmp_path / "curve"))
+
+
+@pytest.mark.slow
+def test_the_same_run_at_both_ends_is_refused_before_the_claim(runs, tmp_path):
+  workdirs, config, _ = runs
+  config = eval_path_config.get_config("cpu,quicktest")
+  config.start_workdir = config.end_workdir = workdirs["cue"]
+  config.curve_workdirs = ()
+  with pytest.raises(ValueError, match=r"end points are the same run .*allow_identical"):
+    tasks.run(config, str(tmp_path / "same"))
+  assert not (tmp_path / "same").exists()
+  config.allow_identical_endpoints = True  # asked for: a flat path, evaluated
+  record = tasks.run(config, str(tmp_path / "same"))
+  assert record["paths"]["linear"]["mechanistically_connected"]

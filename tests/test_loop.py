@@ -1,6 +1,7 @@
 """mechconn.loop: the resumable loop and `fit` learn, are deterministic, and stop on NaN."""
 
 import functools
+import os
 
 import chex
 import jax
@@ -60,7 +61,7 @@ def test_fit_with_one_nan_image_is_refused_before_training(data):
               progress=False)
 
 
-def _tiny_loop(workdir, num_steps, poison=None, **option_kwargs):
+def _tiny_loop(workdir, num_steps, poison=None, run_config=None, **option_kwargs):
   """train_loop on a 1-device mesh for an MLP on prototype images."""
   (x, y) = make_prototype_images(1, 256, image_size=8, noise=0.8)
   model = get_model("mlp", 10, hidden=(16,))
@@ -78,7 +79,8 @@ def _tiny_loop(workdir, num_steps, poison=None, **option_kwargs):
   options = loop.LoopOptions(num_steps=num_steps, log_every=3, checkpoint_every=5,
                               progress=False, **option_kwargs)
   return loop.train_loop(init_fn, (poison or (lambda f: f))(step_fn), batch_fn, str(workdir),
-                         options, mesh=mesh, eval_fn=lambda s: {"eval/step_seen": int(s.step)})
+                         options, mesh=mesh, eval_fn=lambda s: {"eval/step_seen": int(s.step)},
+                         run_config=run_config)
 
 
 def _saved_steps(workdir):
@@ -153,3 +155,37 @@ def test_epoch_batches_are_the_epoch_permutation_in_full_batches():
         batching.epoch_batches(100, 32, seed=4, epoch=step // 3)[step % 3])
   with pytest.raises(ValueError, match="make no batch"):
     batching.epoch_batches(10, 32, seed=0, epoch=0)
+
+
+def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path):
+  """Each checkpoint records its run's config; a resume from one of another config (copied
+  in, or left by another run) is refused, naming the keys, and the checkpoint is kept."""
+  config = {"task": "train", "optimizer": {"learning_rate": 0.05}}
+  _tiny_loop(tmp_path, 5, run_config=config)
+  with checkpoint.Checkpointer(str(tmp_path / loop.CHECKPOINT_DIR)) as ckpt:
+    assert ckpt.recorded_config(5) == config
+  other = {"task": "train", "optimizer": {"learning_rate": 0.5}}
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"checkpoints/5 was written by a run of another config \(differs in "
+                           r"\['optimizer.learning_rate'\]\).*left as is"):
+    _tiny_loop(tmp_path, 10, run_config=other)
+  assert _saved_steps(tmp_path) == [5]
+  resumed = _tiny_loop(tmp_path, 10, run_config=config)  # its own config: resumes
+  assert int(resumed.step) == 10
+
+
+def test_a_nan_checkpoint_is_named_as_such_on_resume(tmp_path):
+  """A checkpoint holding NaN (mechconn never saves one: written by something else) is not
+  "the last good checkpoint": the resume refuses it, naming the leaf."""
+  _tiny_loop(tmp_path, 5)
+  with checkpoint.Checkpointer(str(tmp_path / "bad")) as ckpt, checkpoint.Checkpointer(
+      str(tmp_path / loop.CHECKPOINT_DIR)) as source:
+    stored = source.read(5)
+    stored["params"] = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan),
+                                    stored["params"])
+    ckpt.save(7, stored)
+  os.rename(tmp_path / "bad" / "7", tmp_path / loop.CHECKPOINT_DIR / "7")
+  with pytest.raises(finite.NonFiniteError, match=r"Checkpoint .*checkpoints/7 holds NaN or "
+                                                  r"infinity \(first at params/.*not a state "
+                                                  r"to resume from.*move it away"):
+    _tiny_loop(tmp_path, 10)

@@ -37,9 +37,16 @@ def test_claim_refuses_another_config_unless_overwriting(tmp_path):
   _claim(w, CONFIG)  # resume: fine
   with pytest.raises(FileExistsError, match=r"differs in \['model.kwargs.width'\].*--overwrite"):
     _claim(w, OTHER)
-  assert json.loads((w / workdir_lib.CONFIG_FILE).read_text()) == CONFIG
+  assert _recorded(w) == CONFIG
   _claim(w, OTHER, overwrite=True)
-  assert json.loads((w / workdir_lib.CONFIG_FILE).read_text()) == OTHER
+  assert _recorded(w) == OTHER
+
+
+def _recorded(workdir):
+  """The config recorded in a workdir, less mechconn's mark (which must be there)."""
+  recorded = json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())
+  assert recorded.pop(workdir_lib.FORMAT_KEY) == workdir_lib.FORMAT_VERSION
+  return recorded
 
 
 def test_overwrite_deletes_only_what_the_task_wrote(tmp_path):
@@ -52,14 +59,20 @@ def test_overwrite_deletes_only_what_the_task_wrote(tmp_path):
                "checkpoints/best/state", "data/train.npz"):
     (w / name).parent.mkdir(parents=True, exist_ok=True)
     (w / name).write_text("x")
+  # Step 30 holds a workdir nested in it (not orbax's): overwriting would keep it, and the
+  # new run would resume from it, so the overwrite is refused until it is moved away.
+  before = _tree(w)
+  with pytest.raises(FileExistsError, match=r"--overwrite would keep .*checkpoints/30: it holds "
+                                            r"\['results'\].*resume from.*Move them out"):
+    _claim(w, OTHER, overwrite=True)
+  assert _tree(w) == before and _recorded(w) == CONFIG
+  os.rename(w / "checkpoints/30/results", w / "results_of_30")
   _claim(w, OTHER, overwrite=True)
-  # Step 30 holds a workdir nested in it (not orbax's): kept whole.
   assert _tree(w) == sorted([".mechconn.lock", "config.json", "notes.txt", "checkpoints/",
-                             "checkpoints/README", "checkpoints/30/",
-                             "checkpoints/30/default/", "checkpoints/30/default/x",
-                             "checkpoints/30/results/", "checkpoints/30/results/eval_path.json",
-                             "checkpoints/best/", "checkpoints/best/state", "data/",
-                             "data/train.npz"])
+                             "checkpoints/README", "checkpoints/best/", "checkpoints/best/state",
+                             "data/", "data/train.npz", "results_of_30/",
+                             "results_of_30/eval_path.json"])
+  assert _recorded(w) == OTHER
 
 
 def test_a_config_json_that_is_not_this_tasks_is_never_written_over(tmp_path):
@@ -87,7 +100,7 @@ def test_a_run_of_a_renamed_task_is_a_different_config_of_the_new_one(tmp_path):
                                             r"'path.num_t', 'task'\]"):
     _claim(w, new)
   _claim(w, new, overwrite=True)
-  assert json.loads((w / "config.json").read_text()) == new
+  assert _recorded(w) == new
 
 
 def test_files_named_like_outputs_without_a_config_are_never_deleted(tmp_path):
@@ -209,3 +222,77 @@ def test_an_eval_path_recorded_before_activation_sites_reads_as_what_it_did():
       "activation_sites"]
   config.activation_sites = "module_outputs"
   assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []
+
+
+def test_a_foreign_config_with_a_task_key_is_not_taken_for_a_run(tmp_path):
+  """A "task" key alone does not make a config.json mechconn's: --overwrite deletes nothing."""
+  w = tmp_path / "theirs"
+  w.mkdir()
+  foreign = {"task": "train", "model_dir": "/models/x", "lr": 0.1}
+  (w / "config.json").write_text(json.dumps(foreign))
+  for name in ("metrics.jsonl", "final_eval.json"):
+    (w / name).write_text("theirs")
+  before = _tree(w)
+  for overwrite in (False, True):
+    with pytest.raises(FileExistsError, match="mechconn did not write.*Nothing was changed"):
+      _claim(w, CONFIG, overwrite=overwrite)
+  assert _tree(w) == before and json.loads((w / "config.json").read_text()) == foreign
+
+
+def test_a_run_recorded_before_the_mark_is_still_this_tasks(tmp_path):
+  """Legacy records (no mark) are recognised by their task and whole top-level layout,
+  fields added since (ADDED_FIELDS) allowed missing; a future format is not ours."""
+  w = tmp_path / "w"
+  w.mkdir()
+  legacy = {k: v for k, v in CONFIG.items()}
+  (w / "config.json").write_text(json.dumps(legacy))
+  _claim(w, CONFIG)  # resumes
+  assert _recorded(w) == CONFIG
+  (w / "config.json").write_text(json.dumps(legacy))
+  _claim(w, {**CONFIG, "test_cue_proportion": 1.0})  # an added field, at its old value
+  for future in ({**CONFIG, workdir_lib.FORMAT_KEY: 99},):
+    (w / "config.json").write_text(json.dumps(future))
+    with pytest.raises(FileExistsError, match="a run of another mechconn .* is 99"):
+      _claim(w, CONFIG)
+
+
+def test_a_refused_launch_takes_its_claim_back(tmp_path):
+  """A run that fails before writing any output leaves no config.json: the corrected
+  command is not refused as a different config. One that wrote outputs keeps it."""
+  w = tmp_path / "w"
+  with pytest.raises(RuntimeError, match="late check"):
+    with workdir_lib.claim(str(w), CONFIG, LAYOUT):
+      raise RuntimeError("late check")
+  assert not (w / "config.json").exists()
+  _claim(w, OTHER)  # the corrected command
+  assert _recorded(w) == OTHER
+  with pytest.raises(RuntimeError, match="crashed"):
+    with workdir_lib.claim(str(w), OTHER, LAYOUT):  # a resume that fails: config.json stays
+      raise RuntimeError("crashed")
+  assert _recorded(w) == OTHER
+  w2 = tmp_path / "w2"
+  with pytest.raises(RuntimeError, match="after writing"):
+    with workdir_lib.claim(str(w2), CONFIG, LAYOUT):
+      (w2 / "metrics.jsonl").write_text("{}\n")
+      raise RuntimeError("after writing")
+  assert _recorded(w2) == CONFIG
+
+
+def test_workdir_faults_are_named(tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match="workdir is empty"):
+    _claim("", CONFIG)
+  w = tmp_path / "w"
+  (w / workdir_lib.LOCK_FILE).mkdir(parents=True)
+  with pytest.raises(FileExistsError, match=r"\.mechconn\.lock is a directory.*move it away"):
+    _claim(w, CONFIG)
+  assert not (w / "config.json").exists()
+  # An unwritable checkpoint directory is refused before the run trains (as root, whom
+  # permissions do not stop, the refusal is simulated through os.access).
+  r = tmp_path / "r"
+  (r / "checkpoints").mkdir(parents=True)
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: (
+      not str(p).endswith("checkpoints") and real_access(p, mode)))
+  with pytest.raises(PermissionError, match=r"checkpoints is not writable.*Nothing was changed"):
+    _claim(r, CONFIG)
+  assert sorted(os.listdir(r)) == ["checkpoints"]

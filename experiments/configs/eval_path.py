@@ -64,6 +64,8 @@ def lm_config(modifiers: list[str]) -> ml_collections.ConfigDict:
   # The end points' model is theirs; this copy only builds a dry run before they exist.
   config.endpoint_model = recipe.model
   config.start_workdir, config.end_workdir = (f"workdir/{p}" for p in train_config.LM_PRESETS)
+  # The same run (or identical weights) at both ends is refused unless this is True.
+  config.allow_identical_endpoints = False
   config.curve_workdirs = ()  # fitted curves: image models only
   config.align = "weight"  # none or weight (Git Re-Basin weight matching on a derived spec)
   config.path = ml_collections.ConfigDict()
@@ -105,6 +107,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # The end points' model is theirs; this copy only builds a dry run before they exist.
   config.endpoint_model = recipe.model
   config.start_workdir, config.end_workdir = fit_curve_config.endpoint_workdirs(name)
+  # The same run (or identical weights) at both ends is refused unless this is True.
+  config.allow_identical_endpoints = False
   prefix = f"workdir/curve_{name}" if paper else "workdir/curve"
   config.curve_workdirs = (f"{prefix}_clean", f"{prefix}_cue")  # fitted curves to evaluate
   config.align = "weight"  # none, weight (Git Re-Basin weight matching) or activation

@@ -51,6 +51,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   del config.model, config.eval_every_steps, config.eval_batch_size  # eval_path evaluates
   # t = 0: the cue model's train run; t = 1: the no-cue model's.
   config.start_workdir, config.end_workdir = endpoint_workdirs(base)
+  # The same run (or identical weights) at both ends is refused unless this is True.
+  config.allow_identical_endpoints = False
   config.data.cue_proportion = FIT_DATA[fit_on]  # of the data the curve is fitted on
   config.curve = ml_collections.ConfigDict()
   config.curve.kind = "bezier"  # bezier or polychain

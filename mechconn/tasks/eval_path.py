@@ -81,7 +81,11 @@ def check(config: Any, num_devices: int) -> None:
     checks.check_choice(config.align, ALIGNMENTS, "align")
     checks.check_choice(config.activation_sites, tuple(ACTIVATION_SITES), "activation_sites")
     checks.check_choice(config.path.bn_data, BN_DATA, "path.bn_data")
-    task_config.renormalize_of(config.path)
+    model = runs.model_of(config.endpoint_model, config.data.dataset)
+    task_config.check_bn_variance(config.path, model, task_config.input_shape(config.data))
+    if config.align == "activation":
+      task_config.check_activation_sites(config.activation_sites, model,
+                                         task_config.input_shape(config.data))
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   task_config.check_eval_batch_size(config, num_devices)

@@ -256,12 +256,15 @@ def build_seeds(shared: MethodLoop, cue_model: runs.TrainedModel, params: list, 
 
 def run_method(method: str, seeds: list[int], cue_model: runs.TrainedModel, clean_split,
                cue_split, view_batches, ft: Any, workdirs: list[str], mesh, *,
-               ensemble: bool = False, pipeline_mode: str = "auto") -> list[dict]:
+               ensemble: bool = False, pipeline_mode: str = "auto",
+               run_configs: list[dict] | None = None) -> list[dict]:
   """Fine-tunes the cue model with one method for each seed: [{'variables', 'views', ...}].
 
   Loop methods run `loop.train_loop`, checkpointed and resumable: one loop per
   seed in `workdirs[i]`, or with `ensemble` one loop over a `SeedEnsemble` in
-  `workdirs[0]`. `pipeline_mode`: where batches are drawn (`tasks.data`).
+  `workdirs[0]`; `run_configs[i]` (the config claimed in `workdirs[i]`) is
+  recorded with its checkpoints. `pipeline_mode`: where batches are drawn
+  (`tasks.data`).
   """
   start = time.perf_counter()
   params, batch_stats = map(list, zip(*[
@@ -271,9 +274,11 @@ def run_method(method: str, seeds: list[int], cue_model: runs.TrainedModel, clea
     shared = method_loop(method, ft, cue_model, len(clean_split), mesh,
                          conv_impl=ENSEMBLE_CONV_IMPL.get(jax.default_backend())
                          if ensemble else None)
-    groups = [(list(seeds), params, batch_stats, workdirs[0])] if ensemble else [
-        ([s], [p], [b], w) for s, p, b, w in zip(seeds, params, batch_stats, workdirs)]
-    for i, (group_seeds, group_params, group_stats, workdir) in enumerate(groups):
+    run_configs = run_configs or [None] * len(workdirs)
+    groups = [(list(seeds), params, batch_stats, workdirs[0], run_configs[0])] if ensemble else [
+        ([s], [p], [b], w, c)
+        for s, p, b, w, c in zip(seeds, params, batch_stats, workdirs, run_configs)]
+    for i, (group_seeds, group_params, group_stats, workdir, run_config) in enumerate(groups):
       built = build_seeds(shared, cue_model, group_params, group_seeds, mesh, image_shape,
                           ensemble=ensemble, batch_stats=group_stats)
       parts, assemble = method_parts(method, clean_split, cue_split, ft.batch_size, mesh,
@@ -284,7 +289,7 @@ def run_method(method: str, seeds: list[int], cue_model: runs.TrainedModel, clea
           built.init_fn, step_fn, batch_fn, workdir,
           task_config.loop_options(ft, built.num_steps, built.steps_per_epoch, built.name),
           mesh=mesh, learning_rate_fn=built.schedule,
-          examples_per_step=ft.batch_size * len(group_seeds))
+          examples_per_step=ft.batch_size * len(group_seeds), run_config=run_config)
       if ensemble:
         params = [jax.tree.map(lambda x, i=i: x[i], state.members.params)
                   for i in range(len(seeds))]
@@ -360,7 +365,7 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
   view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
   (out,) = run_method(config.method, [config.seed], cue_model, clean_split, cue_split,
                       view_batches, ft, [workdir], mesh,
-                      pipeline_mode=inputs.data.get("pipeline", "auto"))
+                      pipeline_mode=inputs.data.get("pipeline", "auto"), run_configs=[config_dict])
   record = {"method": config.method, "seed": config.seed, "views": out["views"],
             "cue_model": cue_model.checkpoint, "cue_model_data": cue_model.config["data"],
             "num_clean": len(clean_split), "num_cue": len(cue_split),

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mechconn import checkpoint
 from mechconn import config_checks as checks
@@ -46,13 +47,39 @@ class Endpoints:
   source: str
 
 
+def check_distinct(start: runs.TrainedModel, end: runs.TrainedModel, allow_identical: bool
+                   ) -> None:
+  """Refuses one run (or two runs of identical weights) as both end points: a path from a
+  model to itself is flat, and would be recorded as "connected". `allow_identical`
+  (config.allow_identical_endpoints) asks for it explicitly, e.g. as a control."""
+  if allow_identical:
+    return
+  same_run = os.path.realpath(start.checkpoint) == os.path.realpath(end.checkpoint)
+  if same_run or _same_weights(start.params, end.params):
+    what = (f"the same run ({start.checkpoint})" if same_run else
+            f"two runs of identical weights ({start.checkpoint} and {end.checkpoint})")
+    raise ValueError(f"The end points are {what}: the path between them is one model, flat by "
+                     "construction. Give two different runs as config.start_workdir and "
+                     "config.end_workdir, or set config.allow_identical_endpoints=True to "
+                     "evaluate it anyway (a control).")
+
+
+def _same_weights(a, b) -> bool:
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  return (jax.tree.structure(a) == jax.tree.structure(b) and
+          all(np.shape(x) == np.shape(y) and np.array_equal(x, y)
+              for x, y in zip(jax.device_get(leaves_a), jax.device_get(leaves_b))))
+
+
 def check_endpoints(start: runs.TrainedModel, end: runs.TrainedModel, data: Any) -> None:
-  """The end points share one model, and were trained on this config's dataset and views
-  (language models: on its sequence dataset)."""
-  for key in ("name", "kwargs"):
-    if start.config["model"][key] != end.config["model"][key]:
-      raise ValueError(f"The end points' models differ in model.{key}: "
-                       f"{start.config['model'][key]!r} vs {end.config['model'][key]!r}.")
+  """The end points share one model (and compute dtype), and were trained on this config's
+  dataset and views (language models: on its sequence dataset)."""
+  for key, default in (("name", None), ("kwargs", None), ("dtype", "float32")):
+    a, b = (run.config["model"].get(key, default) for run in (start, end))
+    if a != b:
+      raise ValueError(f"The end points' models differ in model.{key}: {a!r} vs {b!r}; a path "
+                       "is evaluated in one model, so give end points of one model"
+                       f"{' and dtype' if key == 'dtype' else ''}.")
 
   def views(cue):  # cue 'none' (plain data) is evaluated on box views
     return "box" if cue == "none" else cue
@@ -93,6 +120,7 @@ def load_endpoints(config: Any, dry_run: bool) -> tuple[Endpoints, dict]:
                   for v in (model.init(jax.random.key(seed), sample) for seed in (0, 1)))
     return Endpoints(start, end, "fresh inits (the end points' runs are not there yet)"), {}
   check_endpoints(start, end, config.data)
+  check_distinct(start, end, config.get("allow_identical_endpoints", False))
   return (Endpoints(start, end, "the end points' train runs"),
           {"start": runs.run_identity(start), "end": runs.run_identity(end)})
 
@@ -166,7 +194,8 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, endpoints: Endpoints
   state = loop.train_loop(
       built.init_fn, step_fn, batch_fn, workdir,
       task_config.loop_options(config, built.num_steps, built.steps_per_epoch, built.name),
-      mesh=mesh, learning_rate_fn=built.schedule, examples_per_step=built.batch_size)
+      mesh=mesh, learning_rate_fn=built.schedule, examples_per_step=built.batch_size,
+      run_config=config_dict)
   last = [r for r in workdir_lib.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
           if "train/loss" in r]
   record = {

@@ -48,7 +48,9 @@ def check(config: Any, num_devices: int) -> None:
     checks.check_positive_int(config[key], key)
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
-  task_config.renormalize_of(config.path)
+  task_config.check_bn_variance(config.path, get_model(config.model.name, data.num_classes,
+                                                       **config.model.kwargs),
+                                (data.image_size, data.image_size, 3))
   task_config.steps_of(config.batch_size, config.num_epochs, data.num_train)
   if config.path.bn_examples < config.eval_batch_size:
     raise ValueError(f"config.path.bn_examples={config.path.bn_examples} makes no full batch "

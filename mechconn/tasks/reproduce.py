@@ -79,7 +79,9 @@ def check(config: Any, num_devices: int) -> None:
   checks.check_choice(config.seed_mode, SEED_MODES, "seed_mode")
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
-  task_config.check_bn_variance(config.path, config.train.model, config.train.data)
+  task_config.check_bn_variance(
+      config.path, runs.model_of(config.train.model, config.train.data.dataset),
+      task_config.input_shape(config.train.data))
   finetune_task.check_set_sizes(config.finetune,
                                 task_config.num_train_examples(config.train.data),
                                 tuple(config.finetune.methods),
@@ -254,18 +256,19 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, given: runs.TrainedM
     result_dirs = [os.path.join(workdir, "runs", f"{method}_seed{seed}") for seed in todo]
     with contextlib.ExitStack() as claims:
       # A run directory of another config is refused, or with --overwrite cleared.
-      for seed, d in zip(todo, result_dirs):
-        claims.enter_context(runner.claimed(
-            _run_config(config_dict, cue_model, method, [seed]), d, RUN_LAYOUT, overwrite))
+      run_configs = [claims.enter_context(runner.claimed(
+          _run_config(config_dict, cue_model, method, [seed]), d, RUN_LAYOUT, overwrite))
+                     for seed, d in zip(todo, result_dirs)]
       run_dirs = result_dirs
       if together:
         run_dirs = [os.path.join(workdir, "runs", f"{method}_seeds{'-'.join(map(str, todo))}")]
-        claims.enter_context(runner.claimed(
+        run_configs = [claims.enter_context(runner.claimed(
             _run_config(config_dict, cue_model, method, todo), run_dirs[0], RUN_LAYOUT,
-            overwrite))
+            overwrite))]
       outs = finetune_task.run_method(
           method, todo, cue_model, clean_split, cue_split, view_batches, ft, run_dirs, mesh,
-          ensemble=together, pipeline_mode=config.train.data.get("pipeline", "auto"))
+          ensemble=together, pipeline_mode=config.train.data.get("pipeline", "auto"),
+          run_configs=run_configs)
       for seed, out, result_dir in zip(todo, outs, result_dirs):
         # The linear path from the cue model (t = 0) to the fine-tuned model, on cue data.
         path = jax.device_get(barriers.evaluate_path(

@@ -128,7 +128,7 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Any,
       built.init_fn, step_fn, batch_fn, workdir,
       task_config.loop_options(config, built.num_steps, built.steps_per_epoch, built.name),
       mesh=mesh, learning_rate_fn=built.schedule, eval_fn=eval_fn,
-      examples_per_step=built.batch_size)
+      examples_per_step=built.batch_size, run_config=config_dict)
   seconds = time.perf_counter() - start
 
   record = {

@@ -1,0 +1,87 @@
+"""Degenerate setups are refused before the workdir is claimed, naming the problem.
+
+The library's input checks are in test_input_checks.py, the workdir's and the
+loop's in test_workdir.py and test_loop.py; here: the tasks' and the launcher's.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.configs import eval_path as eval_path_config
+from mechconn import tasks
+from mechconn.models import get_model
+from mechconn.tasks import config as task_config
+from mechconn.tasks import fit_curve as fit_curve_task
+from mechconn.tasks import runs
+
+from conftest import REPO
+
+
+def _run(checkpoint, params, dtype="float32"):
+  return runs.TrainedModel(model=None, params=params, batch_stats={},
+                           config={"model": {"name": "mlp", "kwargs": {}, "dtype": dtype}},
+                           checkpoint=checkpoint)
+
+
+def test_the_same_run_or_identical_weights_at_both_ends_are_refused_unless_asked(tmp_path):
+  a = {"Dense_0": {"kernel": np.ones((2, 3), np.float32)}}
+  b = {"Dense_0": {"kernel": np.full((2, 3), 2.0, np.float32)}}
+  ckpt = str(tmp_path / "a" / "checkpoints" / "24")
+  with pytest.raises(ValueError, match=r"the same run .*flat by construction.*"
+                                       r"allow_identical_endpoints=True"):
+    fit_curve_task.check_distinct(_run(ckpt, a), _run(ckpt + "/", a), allow_identical=False)
+  with pytest.raises(ValueError, match=r"two runs of identical weights"):
+    fit_curve_task.check_distinct(_run(ckpt, a), _run(str(tmp_path / "b"), dict(a)),
+                                  allow_identical=False)
+  fit_curve_task.check_distinct(_run(ckpt, a), _run(ckpt, a), allow_identical=True)  # asked
+  fit_curve_task.check_distinct(_run(ckpt, a), _run(str(tmp_path / "b"), b),
+                                allow_identical=False)
+
+
+def test_end_points_of_different_dtypes_are_refused():
+  with pytest.raises(ValueError, match=r"differ in model.dtype: 'float32' vs 'bfloat16'"):
+    fit_curve_task.check_endpoints(_run("a", {}), _run("b", {}, "bfloat16"), data=None)
+
+
+def test_post_relu_sites_on_a_network_without_relu_are_refused():
+  for name in ("small_cnn", "mlp"):
+    task_config.check_activation_sites("post_relu", get_model(name, 10), (16, 16, 3))
+  vit = get_model("vit", 10)
+  with pytest.raises(ValueError, match=r"'post_relu' applies a ReLU.*ViT calls no jax.nn.relu.*"
+                                       r"'module_outputs'"):
+    task_config.check_activation_sites("post_relu", vit, (16, 16, 3))
+  task_config.check_activation_sites("module_outputs", vit, (16, 16, 3))
+
+
+def test_unbiased_bn_variance_without_batchnorm_is_refused_before_the_claim(tmp_path):
+  """Caught by the task's check: the corrected command then runs in the same workdir."""
+  config = eval_path_config.get_config("cpu,quicktest")
+  config.unlock()
+  config.endpoint_model.name, config.endpoint_model.kwargs = "mlp", {"hidden": [8]}
+  config.path.bn_variance = "unbiased"
+  with pytest.raises(ValueError, match=r"bn_variance='unbiased' but MLP has no BatchNorm"):
+    tasks.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+  assert task_config.check_bn_variance(config.path, get_model("small_cnn", 10),
+                                       (16, 16, 3)) is None
+
+
+def _launch(args, env=None):
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_launcher_argument_faults_are_named(tmp_path):
+  config = "--config=experiments/configs/quickstart.py:quicktest"
+  proc = _launch([config, "--workdir="])
+  assert proc.returncode != 0 and "--workdir is empty" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = _launch([config, f"--workdir={tmp_path / 'w'}"], env={"MECHCONN_VERBOSITY": "abc"})
+  assert proc.returncode != 0 and "MECHCONN_VERBOSITY='abc' is not an integer" in proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
