@@ -9,13 +9,18 @@ between claims (C1..C5 read the same end points). A finished run is reused;
 an unfinished one resumes. `report` reads only the runs' JSON records: a claim
 whose runs are missing is reported as not run, never guessed. `--pairs=N`
 (default 3) is how many seed pairs of end points C1..C5 use.
+
+Nothing is lost to a typo: `run` refuses a --workdir that holds anything but
+claims runs (another task's run, say), `report` one that is missing or empty,
+and neither replaces a report (--out) that has results the new one lacks, or
+a file that is not a claims report, unless given --overwrite.
 """
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -239,32 +244,113 @@ def load_records(claim: Claim, root: str, pairs: int, cache: dict) -> dict | Non
   return None if any(r is None for r in records.values()) else records
 
 
+def _run_stem(name: str) -> str:
+  """A run's name without its seed-pair index ('train_cue_2' -> 'train_cue')."""
+  return re.sub(r"_\d+$", "", name)
+
+
+# Every claims run's name, up to its seed-pair index: what a claims workdir holds.
+RUN_STEMS = frozenset(_run_stem(run.name) for claim in CLAIMS for run in claim.runs(1))
+
+
+def workdir_problem(root: str, action: str) -> str | None:
+  """Why `root` cannot be the claims workdir for `action` ('run' or 'report'); None: it can.
+
+  A claims workdir holds only claims runs (directories named after them); `run` may also
+  make a new or empty one, while `report` needs runs to read.
+  """
+  if not os.path.isdir(root):
+    if os.path.exists(root):
+      return f"--workdir {root} is a file, not a claims workdir"
+    return None if action == "run" else (
+        f"--workdir {root} does not exist: no claims runs to report (a typo? `python -m "
+        "experiments.claims run` makes them)")
+  config = os.path.join(root, workdir_lib.CONFIG_FILE)
+  if os.path.exists(config):
+    try:
+      with open(config) as f:
+        task = repr(json.load(f).get("task"))
+    except (OSError, ValueError, AttributeError):
+      task = "unreadable"
+    return (f"--workdir {root} holds a mechconn run (task {task}, {config}), not claims runs: "
+            "the claims' runs would be nested inside it; use another --workdir")
+  entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+  foreign = [e for e in entries if _run_stem(e) not in RUN_STEMS]
+  if foreign:
+    return (f"--workdir {root} is not a claims workdir: it holds {foreign[:5]}, not claims "
+            "runs; use a new or empty --workdir, or the claims one")
+  if not entries and action == "report":
+    return (f"--workdir {root} is empty: no claims runs to report (`python -m "
+            "experiments.claims run` makes them)")
+  return None
+
+
+def _positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+  return value
+
+
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m experiments.claims",
+                                   description=__doc__.splitlines()[0])
   parser.add_argument("action", choices=("run", "report"))
   parser.add_argument("claims", nargs="*", default=["all"], help="claim ids, or all")
   parser.add_argument("--workdir", default="workdir/claims")
-  parser.add_argument("--pairs", type=int, default=3)
+  parser.add_argument("--pairs", type=_positive_int, default=3,
+                      help="seed pairs of end points C1..C5 use (>= 1)")
   parser.add_argument("--out", default="docs/claims.md")
   parser.add_argument("--overwrite", action="store_true",
-                      help="replace runs of another config (as experiments.main --overwrite)")
+                      help="run: replace runs of another config (as experiments.main "
+                           "--overwrite); both: replace an --out with results the new report "
+                           "lacks, or that is not a claims report")
   args = parser.parse_args(argv)
   ids = [c.id for c in CLAIMS] if args.claims in (["all"], []) else args.claims
   unknown = sorted(set(ids) - set(BY_ID))
   if unknown:
-    raise SystemExit(f"Unknown claims {unknown}; valid: {list(BY_ID)} or all.")
+    parser.error(f"unknown claims {unknown}; valid: {list(BY_ID)} or all")
+  problem = workdir_problem(args.workdir, args.action)
+  if problem:
+    parser.error(f"{problem}. Nothing was run or written.")
   if args.action == "run":
-    run_claims(ids, args.workdir, args.pairs, args.overwrite)
+    try:
+      run_claims(ids, args.workdir, args.pairs, args.overwrite)
+    except FileExistsError as e:  # a run's directory is another config's: the task's refusal
+      parser.exit(1, f"{parser.prog}: error: {e}\n")
+  write_report(args.workdir, args.pairs, args.out, args.overwrite, parser.error)
+
+
+def write_report(root: str, pairs: int, out: str, overwrite: bool, refuse: Callable) -> None:
+  """Writes the report of the runs in `root` to `out` (with the figures beside it), unless it
+  would replace a report with results it lacks, or a file that is not a claims report, without
+  `overwrite`: then `refuse(message)` (which exits) and nothing is written."""
   from experiments import claims_report  # noqa: PLC0415 (only the report needs it)
-  cache = {}
-  text = claims_report.render(CLAIMS, lambda c: load_records(c, args.workdir, args.pairs, cache),
-                              args.pairs, figures=functools.partial(
-                                  claims_report.copy_figures, root=args.workdir,
-                                  out_dir=os.path.dirname(args.out) or "."))
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
+  cache, figures = {}, []  # figures: copied only once the report is written
+
+  def claim_figures(claim):
+    found = claims_report.figure_files(claim, root)
+    figures.extend(found)
+    return list(dict.fromkeys(target for _, target in found))
+
+  text = claims_report.render(CLAIMS, lambda c: load_records(c, root, pairs, cache), pairs,
+                              figures=claim_figures)
+  if os.path.exists(out) and not overwrite:
+    with open(out) as f:
+      problem = claims_report.replacement_problem(f.read(), text)
+    if problem:
+      refuse(f"--out {out} was not replaced: {problem}. Pass --overwrite to replace it.")
+      return
+  out_dir = os.path.dirname(out) or "."
+  os.makedirs(out_dir, exist_ok=True)
+  claims_report.copy_figures(figures, out_dir)
+  with open(out, "w") as f:
     f.write(text)
-  print(f"wrote {args.out}")
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """docs/claims.md from the claims' run records (`python -m experiments.claims report`)."""
 
 import os
+import re
 import shutil
 
 HEADER = """# The paper's claims, reproduced on embedded data
@@ -23,17 +24,17 @@ def _cell(text: str) -> str:
 FIGURE_DIR = "claims"  # beside the report
 
 
-def copy_figures(claim, *, root: str, out_dir: str) -> list[str]:
-  """Copies a claim's figures from its runs next to the report; their relative paths."""
-  paths = []
-  for run_name, file in claim.figures:
-    source = os.path.join(root, run_name, file)
-    if os.path.exists(source):
-      target = os.path.join(FIGURE_DIR, f"{run_name}_{file}")
-      os.makedirs(os.path.join(out_dir, FIGURE_DIR), exist_ok=True)
-      shutil.copyfile(source, os.path.join(out_dir, target))
-      paths.append(target)
-  return list(dict.fromkeys(paths))
+def figure_files(claim, root: str) -> list[tuple[str, str]]:
+  """(source, path relative to the report) of each of a claim's figures that its runs made."""
+  return [(os.path.join(root, run_name, file), os.path.join(FIGURE_DIR, f"{run_name}_{file}"))
+          for run_name, file in claim.figures if os.path.exists(os.path.join(root, run_name, file))]
+
+
+def copy_figures(files: list[tuple[str, str]], out_dir: str) -> None:
+  """Copies (source, relative target) figures next to the report in `out_dir`."""
+  for source, target in dict.fromkeys(files):
+    os.makedirs(os.path.join(out_dir, os.path.dirname(target)), exist_ok=True)
+    shutil.copyfile(source, os.path.join(out_dir, target))
 
 
 def render(claims, load, pairs: int, figures=lambda claim: []) -> str:
@@ -56,3 +57,23 @@ def render(claims, load, pairs: int, figures=lambda claim: []) -> str:
   table = ["| claim | the paper's statement | command | measured | verdict |",
            "|---|---|---|---|---|", *rows]
   return "\n".join([HEADER, *table, "", "## Details", "", *details])
+
+
+def claims_with_results(text: str) -> list[str]:
+  """The claim ids whose row in a report's table has a verdict other than 'not run'."""
+  rows = re.finditer(r"^\| (C\d+) \|.*\*\*([^*|]+)\*\* \|$", text, re.M)
+  return [row.group(1) for row in rows if row.group(2) != "not run"]
+
+
+def replacement_problem(old: str, new: str) -> str | None:
+  """Why report text `new` must not replace `old` unasked (None: it may): `old` is not a claims
+  report, or it has results for claims that `new` reports as not run."""
+  if not old.startswith(HEADER.splitlines()[0]):
+    return (f"it is not a claims report (its first line is {old.partition(chr(10))[0][:60]!r}, "
+            f"not {HEADER.splitlines()[0]!r})")
+  lost = sorted(set(claims_with_results(old)) - set(claims_with_results(new)),
+                key=lambda c: int(c[1:]))
+  if lost:
+    return (f"it has results for {lost} that the new report would lose (their runs are "
+            "missing from --workdir, or of another recipe or --pairs)")
+  return None

@@ -194,6 +194,16 @@ def _check_spec_arg(spec, where: str, position: str = "first") -> None:
                     f"{_kind(spec)}; arguments swapped?)")
 
 
+def check_has_groups(spec: PermutationSpec, where: str) -> None:
+  """Raises ValueError if `spec` has no permutation group: aligning would permute nothing."""
+  if not spec.perm_to_axes:
+    raise ValueError(f"`{where}`: the permutation spec has no permutation group (no axis of its "
+                     f"{len(spec.axes)} leaves carries one), so there is nothing to permute and "
+                     "aligning would return the model unchanged. A model without hidden units "
+                     "has none; a derived spec of a model with hidden units that has none says "
+                     "why in derive_spec's warning.")
+
+
 def _params_of(tree, where: str, name: str) -> Params:
   """The params of a params tree or of full variables (a top-level 'params' key)."""
   if not isinstance(tree, Mapping):

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mechconn import evaluation
 from mechconn import finite
+from mechconn import input_checks
 from mechconn import mesh as mesh_lib
 from mechconn import objectives as objectives_lib
 from mechconn import path_core
@@ -117,9 +117,13 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
     `sharded_over` and `num_devices` saying how the work was spread.
 
   Raises:
-    ValueError: malformed batches (keys, shapes, dtypes), labels outside the
+    ValueError: malformed batches (keys, shapes, dtypes; integer images),
+      images outside a normalised range (uint8 scale), labels outside the
       model's classes, an eval set without a real example, full variables
-      where parameters go.
+      where parameters go, points of different dtypes, model outputs the
+      objective cannot read (e.g. a tuple), statistics data constant at a
+      BatchNorm layer or REPAIR site of an end point (e.g. all-zero
+      bn_batches images). The checks: `mechconn.input_checks`.
     finite.NonFiniteError: NaN or infinity in a point's parameters, the eval
       or BatchNorm inputs, the recomputed statistics or the loss at some t
       (checked by cheap in-graph reductions; XLA can otherwise turn NaN
@@ -172,14 +176,17 @@ def evaluate_path_on_sets(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.
   n = len(placed_points)
   named_points = {f"the parameters of path point {i} of {n} (point 0 is t = 0)": p
                   for i, p in enumerate(placed_points)}
-  evaluation.check_inputs(apply_fn, named_points, placed_sets, placed_bn, objective)
-  out, stats_finite = call()
+  input_checks.check_inputs(apply_fn, named_points, placed_sets, placed_bn, objective)
+  input_checks.warn_if_identical_ends(placed_points, "evaluate_path")
+  out, stats_finite, stats_vary = call()
   if plan == "t":  # drop the padding of the grid
-    out, stats_finite = jax.tree.map(lambda x: x[:num_t], (out, stats_finite))
+    out, stats_finite, stats_vary = jax.tree.map(lambda x: x[:num_t],
+                                                 (out, stats_finite, stats_vary))
   _check_results(np.asarray(ts_arr), out, stats_finite, call.kwargs["renormalize"])
+  _check_statistics_vary(stats_vary, n, call.kwargs["renormalize"])
   num_devices = 1 if mesh is None else int(mesh.size)
-  return path_core.path_evals(ts_arr, out, stats_finite, objective, sharded_over=plan,
-                              num_devices=num_devices)
+  return path_core.path_evals(ts_arr, out, stats_finite, stats_vary, objective,
+                              sharded_over=plan, num_devices=num_devices)
 
 
 def _is_set_of_sets(eval_data, objective: Objective) -> bool:
@@ -205,6 +212,22 @@ def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array,
       if bad.any():
         flags[f"the {metric} on {name!r} at t = " + ", ".join(f"{t:.3g}" for t in ts[bad])] = False
   finite.raise_if_any(flags, "Path evaluation")
+
+
+def _check_statistics_vary(stats_vary: dict, num_points: int, renormalize: str | None) -> None:
+  """Raises ValueError naming each layer whose statistics are constant at an end point."""
+  ends = {0: "path point 0 (t = 0)", -1: f"path point {num_points - 1} (t = 1)"}
+  constant = {layer: [ends[i] for i in ends if not flags[i]]
+              for layer, flags in jax.device_get(stats_vary).items()}
+  constant = {layer: at for layer, at in constant.items() if at}
+  if constant:
+    kind = "REPAIR site" if renormalize == "repair" else "BatchNorm layer"
+    raise ValueError(
+        "Path evaluation refused: the statistics data (bn_batches) give zero variance at "
+        + "; ".join(f"{kind} {layer!r} of {' and '.join(at)}" for layer, at in constant.items())
+        + ": every unit of the layer is constant over those inputs (e.g. all-zero or constant "
+        "images), so it would output a constant at every t (one prediction for every input, a "
+        "meaningless curve). Pass real training inputs as bn_batches.")
 
 
 def compiled_memory(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
@@ -257,9 +280,9 @@ def _prepare(apply_fn, points, ts, eval_sets, *, path="linear", bn_batches=None,
                      f"{type(eval_sets).__name__}"
                      f"{' (empty)' if isinstance(eval_sets, Mapping) else ''}.")
   for name, batches in eval_sets.items():
-    evaluation.check_batches(batches, f"eval set {name!r}", objective)
+    input_checks.check_batches(batches, f"eval set {name!r}", objective)
   if bn_batches is not None:
-    evaluation.check_batches(bn_batches, "bn_batches", objective, weighted=False)
+    input_checks.check_batches(bn_batches, "bn_batches", objective, weighted=False)
   apply_fn, path_function, strategy, renormalize = path_core.resolve(
       apply_fn, points, eval_sets, bn_batches, objective=objective, path=path,
       renormalize=renormalize, strategy=strategy, where="evaluate_path")

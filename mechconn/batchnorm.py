@@ -113,6 +113,7 @@ def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables,
     A 'batch_stats' pytree ({} for a model without BatchNorm), float32.
 
   Raises:
+    ValueError: integer images (unnormalised) under the 'image' key.
     finite.NonFiniteError: (when called outside jit) the statistics are not
       finite; the message names the inputs, the parameters or the first
       non-finite layer. Under jit, check the result with `finite.all_finite`
@@ -123,6 +124,10 @@ def recompute_batch_stats(apply_fn: ApplyFn, variables: Variables,
     >>> logits = model.apply({'params': params, 'batch_stats': stats}, x, train=False)
   """
   select = inputs if callable(inputs) else (lambda batch: batch[inputs])
+  if inputs == "image" and not jnp.issubdtype(batches["image"].dtype, jnp.floating):
+    raise ValueError(f"recompute_batch_stats: batches['image'] has dtype "
+                     f"{batches['image'].dtype}; expected floating-point images, normalised "
+                     "(convert uint8 images with x / 255 and the dataset's mean and std).")
   num_batches = jax.tree.leaves(batches)[0].shape[0]
   if num_batches == 0:
     raise ValueError("recompute_batch_stats needs at least one batch, got 0.")

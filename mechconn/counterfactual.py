@@ -21,6 +21,7 @@ import numpy as np
 from mechconn import barriers
 from mechconn import evaluation
 from mechconn import finite
+from mechconn import input_checks
 from mechconn import mesh as mesh_lib
 from mechconn import objectives
 from mechconn.data import batching
@@ -69,27 +70,27 @@ def evaluate_views(apply_fn: ApplyFn, variables: dict[str, Params], view_batches
     >>> views["rand_img"]["accuracy"]
 
   Raises:
-    ValueError: labels outside the model's classes or a view without examples.
-    finite.NonFiniteError: NaN or infinity in the variables, a view's images
-      or a view's loss.
+    ValueError: bare params, malformed batches, integer images or images
+      outside a normalised range, labels outside the model's classes, a view
+      without examples, a negative stored variance (the batch_stats leaf
+      named), model outputs the objective cannot read (e.g. a tuple):
+      `mechconn.input_checks`.
+    finite.NonFiniteError: NaN or infinity in the variables (the first bad
+      leaf named), a view's images or a view's loss.
   """
   if not view_batches:
     raise ValueError("view_batches is empty: pass {view: stacked batches} (see stack_views).")
   objectives.check_objective(objective)
-  if not isinstance(variables, dict) or "params" not in variables:
-    got = sorted(variables)[:5] if isinstance(variables, dict) else type(variables).__name__
-    raise ValueError("evaluate_views takes the model's full variables {'params', "
-                     "'batch_stats'?} (inference reads the stored statistics); got "
-                     f"{got} (bare params?).")
+  input_checks.check_variables(variables, "evaluate_views")
   for name, batches in view_batches.items():
-    evaluation.check_batches(batches, f"view {name!r}", objective)
+    input_checks.check_batches(batches, f"view {name!r}", objective)
   variables = mesh_lib.replicate_beside(
       variables, jax.tree.leaves(next(iter(view_batches.values())))[0])
-  evaluation.check_inputs(apply_fn, {"the model's params": variables["params"],
-                                   "the model's batch_stats": variables.get("batch_stats", {})},
-                        view_batches, objective=objective)
+  input_checks.check_inputs(apply_fn, {"the model's params": variables["params"]},
+                            view_batches, objective=objective,
+                            batch_stats=variables.get("batch_stats"), where="evaluate_views")
   out = _evaluate_views(apply_fn, variables, view_batches, objective)
-  evaluation.check_losses({name: r["loss"] for name, r in out.items()}, "View evaluation")
+  input_checks.check_losses({name: r["loss"] for name, r in out.items()}, "View evaluation")
   return out
 
 

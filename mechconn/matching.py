@@ -52,8 +52,8 @@ def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
   Raises:
     TypeError: `spec` is not a PermutationSpec, or a model is not a dict
       (arguments swapped?).
-    ValueError: the spec does not fit the params, or the two models differ in
-      a leaf's shape (`check_pair`).
+    ValueError: the spec has no permutation group (nothing to permute), does
+      not fit the params, or the two models differ in a leaf's shape (`check_pair`).
 
   Example:
     perm = weight_matching(spec, variables_a, variables_b)
@@ -61,6 +61,7 @@ def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
   """
   call = "weight_matching(spec, reference, other)"
   align._check_spec_arg(spec, call)
+  align.check_has_groups(spec, call)
   reference = align._params_of(reference, call, "reference")
   other = align._params_of(other, call, "other")
   align.check_pair(spec, reference, other)
@@ -177,6 +178,7 @@ def _merge_moments(m1, m2):
 def _check_activation_args(spec, variables_ref, variables_other, call: str) -> None:
   """Raises unless `spec` is a spec and both models are full variables."""
   align._check_spec_arg(spec, call, position="second")
+  align.check_has_groups(spec, call)
   align._check_variables_arg(variables_ref, call, "variables_ref")
   align._check_variables_arg(variables_other, call, "variables_other")
 
@@ -268,8 +270,9 @@ def activation_matching(apply_fn: ApplyFn, spec: PermutationSpec,
 
   Raises:
     TypeError: `spec` is not a PermutationSpec, or a model is not a dict.
-    ValueError: a model is given as bare params (BatchNorm needs its statistics),
-      or the models do not fit the spec or each other (`align.check_pair`).
+    ValueError: the spec has no permutation group (nothing to permute), a model
+      is given as bare params (BatchNorm needs its statistics), or the models do
+      not fit the spec or each other (`align.check_pair`).
 
   Example:
     perm = activation_matching(model.apply, spec, variables_a, variables_b, batches,

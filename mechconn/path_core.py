@@ -27,10 +27,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from mechconn import adapters
 from mechconn import batchnorm
 from mechconn import evaluation
 from mechconn import finite
+from mechconn import input_checks
 from mechconn import mesh as mesh_lib
 from mechconn import objectives as objectives_lib
 from mechconn import paths
@@ -62,6 +62,12 @@ class PathEval:
       statistics at each t were finite (all True without renormalisation).
       `evaluate_path` raises where one is False; under your own `jax.jit`,
       check it yourself.
+    statistics_vary: {layer: [K] bool}, for each BatchNorm layer (or REPAIR
+      site) whether some unit of the statistics it is normalised to at t
+      varies (`input_checks.statistics_vary`); {} without renormalisation.
+      False at t = 0 or 1 means the statistics data were constant there (e.g.
+      all-zero images) and the layer outputs a constant at every t;
+      `evaluate_path` raises then (inside the path a layer may collapse).
     higher_is_better, complements: the objective's (see `objectives.Objective`).
     sharded_over, num_devices: how `evaluate_path` spread the work.
 
@@ -72,6 +78,7 @@ class PathEval:
   ts: jax.Array
   metrics: dict[str, jax.Array]
   statistics_finite: jax.Array | None = None
+  statistics_vary: dict[str, jax.Array] | None = None
   higher_is_better: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
   complements: tuple[tuple[str, str], ...] = flax.struct.field(pytree_node=False, default=())
   sharded_over: str = flax.struct.field(pytree_node=False, default="none")  # SHARDED_OVER
@@ -186,7 +193,7 @@ def barrier_location(ts: chex.Array, values: chex.Array) -> float:
 
 def path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size,
               renormalize, objective):
-  """({set: {metric: [K]}}, statistics finite [K]) over `ts` with the strategy."""
+  """({set: {metric: [K]}}, statistics finite [K], {layer: statistics vary [K]}) over `ts`."""
   inputs = objective.inputs
   if renormalize == "repair":  # the end points' statistics, once
     targets = [repair.endpoint_stats(apply_fn, points[i], bn_batches, inputs) for i in (0, -1)]
@@ -194,17 +201,17 @@ def path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy,
   def at(t):
     params = path_fn(points, t)
     variables = {"params": params}
-    stats_finite = jnp.asarray(True)
+    stats = {}
     if renormalize == "repair":
       variables = repair.repaired_variables(apply_fn, params, *targets, t, bn_batches, inputs)
-      stats_finite = finite.all_finite(variables[repair.COLLECTION])
+      stats = variables[repair.COLLECTION]
     elif renormalize in BATCHNORM:  # once per t, shared by every eval set
-      variables["batch_stats"] = batchnorm.recompute_batch_stats(
+      variables["batch_stats"] = stats = batchnorm.recompute_batch_stats(
           apply_fn, variables, bn_batches, unbiased=renormalize == "batchnorm_unbiased",
           inputs=inputs)
-      stats_finite = finite.all_finite(variables["batch_stats"])
-    return {name: evaluation.mean_metrics(apply_fn, variables, batches, objective)
-            for name, batches in eval_sets.items()}, stats_finite
+    return ({name: evaluation.mean_metrics(apply_fn, variables, batches, objective)
+             for name, batches in eval_sets.items()},
+            finite.all_finite(stats), input_checks.statistics_vary(stats))
 
   if strategy == "vmap":
     return jax.vmap(at)(ts)
@@ -240,16 +247,17 @@ def evaluate_path_over_t(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn
   return jax.lax.with_sharding_constraint(out, mesh_lib.replicated(mesh))
 
 
-def path_evals(ts, out, stats_finite, objective, **kwargs) -> dict[str, "PathEval"]:
+def path_evals(ts, out, stats_finite, stats_vary, objective, **kwargs) -> dict[str, "PathEval"]:
   """{set: PathEval} of `path_loop`'s output, with the objective's directions."""
   return {name: PathEval(ts=ts, metrics=metrics, statistics_finite=stats_finite,
+                         statistics_vary=stats_vary,
                          higher_is_better=objective.higher_is_better,
                          complements=objective.complements, **kwargs)
           for name, metrics in out.items()}
 
 
 def check_points(points, where: str) -> tuple:
-  """The path's points as a tuple; a named error for full variables or a lone tree."""
+  """The path's points as a tuple; a named error for full variables, a lone tree or mixed dtypes."""
   if isinstance(points, Mapping) or not isinstance(points, Sequence) or not points:
     raise TypeError(f"{where}: points must be a sequence of parameter trees, e.g. "
                     f"(params_a, params_b) for a linear path; got {type(points).__name__}.")
@@ -259,6 +267,7 @@ def check_points(points, where: str) -> tuple:
           f"{where}: path point {i} holds the full variables (collections "
           f"{sorted(point)}); pass its parameters, variables['params']: the path "
           "interpolates parameters and recomputes BatchNorm statistics at every t.")
+  input_checks.check_point_dtypes(points, where)
   return tuple(points)
 
 
@@ -274,16 +283,12 @@ def resolve(apply_fn, points, eval_sets, bn_batches, *, objective, path, renorma
     raise ValueError(f"Unknown renormalize {renormalize!r}; valid: {RENORMALIZE}.")
   if not isinstance(eval_sets, Mapping) or not eval_sets:
     raise ValueError(f"{where}: eval_sets must be a non-empty {{name: stacked batches}}.")
-  first = jax.tree.map(lambda x: x[0], next(iter(eval_sets.values())))
-  example = jax.eval_shape(objective.inputs_of, first)
-  try:  # abstract: a model that cannot be called as mechconn calls models fails here, named
-    jax.eval_shape(lambda p, x: apply_fn({"params": p}, x, train=True, mutable=["batch_stats"]),
-                   points[0], example)
-  except TypeError as e:
-    hint = adapters.train_argument_hint(e)
-    if hint is None:
-      raise
-    raise TypeError(f"{where}: {hint}.") from e
+  # Abstract: a model that cannot be called as mechconn calls models, or whose outputs the
+  # objective cannot read, fails here, named.
+  input_checks.check_outputs(apply_fn, points[0], next(iter(eval_sets.values())), objective,
+                             where)
+  example = jax.eval_shape(lambda b: objective.inputs_of(jax.tree.map(lambda x: x[0], b)),
+                           next(iter(eval_sets.values())))
   if renormalize == "auto" and bn_batches is not None:
     renormalize = "batchnorm"  # nothing to check (a model without BatchNorm gets {} statistics)
   else:  # an explicit choice or no statistics batches: check it against the model
@@ -311,8 +316,9 @@ def path_metrics(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
   stacked end points or grids. At each t the path's parameters and their
   BatchNorm (or REPAIR) statistics are formed once and every eval set is
   evaluated with them. It checks only what needs no data (shapes, names,
-  the renormalisation against the model); the checked, eager entry points
-  are `evaluate_path` (one set) and `evaluate_path_on_sets`.
+  dtypes of the points, the model's outputs against the objective, the
+  renormalisation against the model); the checked, eager entry points are
+  `evaluate_path` (one set) and `evaluate_path_on_sets`.
 
   Args:
     apply_fn: the model's apply, `apply_fn(variables, inputs, *, train,
@@ -341,7 +347,8 @@ def path_metrics(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
     chunk_size: t values per chunk for 'chunked'.
 
   Returns:
-    {name: PathEval} with each metric [K] and `statistics_finite` [K].
+    {name: PathEval} with each metric [K], `statistics_finite` [K] and
+    `statistics_vary` {layer: [K]} (check them yourself under `jax.jit`).
 
   Example:
     >>> core = jax.jit(lambda a, b: barriers.path_metrics(
@@ -358,11 +365,11 @@ def path_metrics(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
       apply_fn, points, eval_sets, bn_batches, objective=objective, path=path,
       renormalize=renormalize, strategy=strategy, where="path_metrics")
   ts = jnp.asarray(ts, jnp.float32)
-  out, stats_finite = evaluate_path_jit(
+  out, stats_finite, stats_vary = evaluate_path_jit(
       points, ts, dict(eval_sets), bn_batches if renormalize else None, apply_fn=apply_fn,
       path_fn=path_function, strategy=strategy, chunk_size=int(chunk_size),
       renormalize=renormalize, objective=objective)
-  return path_evals(ts, out, stats_finite, objective)
+  return path_evals(ts, out, stats_finite, stats_vary, objective)
 
 
 def check_renormalize(renormalize, has_bn: bool, bn_batches) -> None:

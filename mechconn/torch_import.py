@@ -17,8 +17,11 @@ transposed, BatchNorm `weight`/`bias`/`running_mean`/`running_var` become
 variance convention: PyTorch's `running_var` holds the *unbiased* batch
 variance (mechconn's recomputed statistics hold the biased one, a factor
 n / (n - 1)); imported as is, the model computes exactly PyTorch's eval logits.
-Every key must be used and every shape must match the model, or the error
-names the key.
+Every key must be used, every shape must match the model, every weight must
+be floating point (an integer or bool tensor is refused, not cast; only
+`num_batches_tracked` is an integer, and dropped) and BatchNorm statistics
+must be valid (a finite running_mean, a finite running_var >= 0), or the
+error names the key. A file safetensors cannot read is named as such.
 """
 
 from collections.abc import Callable
@@ -39,8 +42,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"No checkpoint at {path!r}.")
   if path.endswith(".safetensors"):
+    import safetensors  # pylint: disable=g-import-not-at-top
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return dict(load_file(path))
+    try:
+      return dict(load_file(path))
+    except safetensors.SafetensorError as e:
+      raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt? "
+                       f"{os.path.getsize(path)} bytes; safetensors says: {e}).") from None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -99,6 +107,25 @@ def _mapping_resnet18(sd, torchvision: bool):
   return out + _linear_entries("head", "fc" if torchvision else "linear")
 
 
+def _check_tensor(key: str, value: np.ndarray, leaf) -> None:
+  """Raises ValueError for a weight that is not floating point, or BatchNorm statistics that
+  are not finite (a variance must also be >= 0)."""
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    want = f"{leaf.dtype} in the model" if leaf is not None else "a float dtype"
+    raise ValueError(f"{key!r} has dtype {value.dtype} where the model has a float weight "
+                     f"({want}): it is not cast (integer or bool weights are not a trained "
+                     "model's; save the state dict with float tensors).")
+  if key.endswith((".running_var", ".running_mean")):
+    values = np.asarray(value, np.float64).ravel()
+    bad = ~np.isfinite(values) | (values < 0 if key.endswith(".running_var") else False)
+    if bad.any():
+      i = int(np.flatnonzero(bad)[0])
+      need = "finite and >= 0" if key.endswith(".running_var") else "finite"
+      raise ValueError(f"{key!r} holds {values[i]} at index {i} ({int(bad.sum())} of "
+                       f"{bad.size} entries bad): BatchNorm statistics must be {need} (a "
+                       "corrupt checkpoint, or one of a diverged run). Nothing was imported.")
+
+
 def model_of(layout: str, state_dict: dict[str, np.ndarray]):
   """The mechconn model for a state dict of `layout` (classes and width from its shapes)."""
   if layout not in LAYOUTS:
@@ -122,8 +149,10 @@ def import_state_dict(layout: str, state_dict: dict[str, np.ndarray]):
   """(model, variables) of a PyTorch state dict of `layout` (see the module docstring).
 
   Raises:
-    ValueError: a key the layout needs is missing, a key is left unused, or a
-      tensor's shape does not fit the model (each named).
+    ValueError: a key the layout needs is missing, a key is left unused, a
+      tensor's shape does not fit the model, a weight is not floating point
+      (never cast silently), or a BatchNorm `running_var` is negative or not
+      finite (a `running_mean` not finite); each named.
   """
   model = model_of(layout, state_dict)
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()
@@ -140,6 +169,7 @@ def import_state_dict(layout: str, state_dict: dict[str, np.ndarray]):
       model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, shape, shape, 3), jnp.float32)))
   flat = {}
   for path, key, transform in mapping:
+    _check_tensor(key, state_dict[key], expected.get(path))
     value = np.asarray(transform(state_dict[key]) if transform else state_dict[key], np.float32)
     if path not in expected or expected[path].shape != value.shape:
       want = expected[path].shape if path in expected else "no such leaf"

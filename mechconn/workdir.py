@@ -181,21 +181,14 @@ class Layout:
         os.remove(path)
     if remove:
       for directory in _matches(workdir, self.checkpoint_dirs):
-        if os.path.isdir(directory):
-          _remove_if_empty(directory)
+        with contextlib.suppress(OSError):  # not empty: something not ours is there
+          os.rmdir(directory)
     return found
 
 
 def _matches(workdir: str, patterns: tuple[str, ...]) -> list[str]:
   return sorted({p for pattern in patterns
                  for p in glob.glob(os.path.join(glob.escape(workdir), pattern))})
-
-
-def _remove_if_empty(directory: str) -> None:
-  try:
-    os.rmdir(directory)
-  except OSError:  # not empty: something that is not ours is there
-    pass
 
 
 @contextlib.contextmanager
@@ -287,14 +280,20 @@ def is_mechconn_config(recorded: Any, config_dict: dict) -> bool:
 
 
 def _check_writable(workdir: str, layout: Layout) -> None:
-  """Raises PermissionError when the workdir or a checkpoint directory exists unwritable
-  (a run would otherwise train until its first checkpoint, then fail)."""
-  dirs = [workdir] + _matches(workdir, layout.checkpoint_dirs)
-  for directory in dirs:
-    if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
-      raise PermissionError(f"{directory} is not writable by this user, and the run would "
-                            "write there; make it writable or use another --workdir. Nothing "
-                            "was changed.")
+  """Raises when the workdir (or its nearest existing parent) or a checkpoint directory is
+  not a writable directory: a run would otherwise fail late (after training, in orbax)."""
+  parent = os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  for path in [parent] + _matches(workdir, layout.checkpoint_dirs):
+    if not os.path.isdir(path):
+      raise FileExistsError(f"{path} is a file, not a directory (the run's "
+                            f"{'checkpoints' if path != parent else 'workdir'}); use another "
+                            "--workdir, or move it away. Nothing was changed.")
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise PermissionError(f"{path} is not writable by this user, and the run would write "
+                            "there; make it writable or use another --workdir. Nothing was "
+                            "changed.")
 
 
 def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool

@@ -11,6 +11,7 @@ from mechconn import matching
 from mechconn import barriers
 from mechconn import batchnorm
 from mechconn import finite
+from mechconn import input_checks
 from mechconn.data import batching
 from mechconn.models import get_model
 
@@ -141,8 +142,10 @@ def test_aligned_permuted_copy_has_zero_barrier():
   assert raw.summary()["loss"] > 1e-3  # unaligned: the middle differs from the ends
   found = matching.weight_matching(spec, variables["params"], other["params"])
   aligned = align.apply_permutation(spec, found, other["params"])
-  result = barriers.evaluate_path(model.apply, (variables["params"], aligned), ts,
-                                  eval_batches, bn_batches=bn)
+  # The permutation is found exactly: the aligned copy is the reference, weight for weight.
+  with pytest.warns(input_checks.IdenticalEndpointsWarning):
+    result = barriers.evaluate_path(model.apply, (variables["params"], aligned), ts,
+                                    eval_batches, bn_batches=bn)
   np.testing.assert_allclose(result.loss, result.loss[0], rtol=1e-5)
   assert result.summary()["loss"] == pytest.approx(0.0, abs=1e-5)
 
@@ -249,3 +252,18 @@ def test_arguments_of_the_wrong_kind_are_named_errors():
   with pytest.raises(ValueError, match=r"`variables_other` runs the network: pass the full "
                      r"variables \{'params', 'batch_stats'\}"):
     matching.activation_matching(model.apply, spec, variables, params, batches)
+
+
+def test_aligning_with_a_spec_without_groups_is_refused():
+  model, variables, x = _init("small_cnn", 0)
+  spec = align.permutation_spec("small_cnn", variables)
+  empty = align.PermutationSpec({path: (None,) * len(perms) for path, perms in spec.axes.items()},
+                                {})
+  other = align.apply_permutation(spec, align.random_permutation(spec, variables, 1), variables)
+  nothing = r"the permutation spec has no permutation group .* nothing to permute"
+  with pytest.raises(ValueError, match=r"`weight_matching\(spec, reference, other\)`: " + nothing):
+    matching.weight_matching(empty, variables, other)
+  with pytest.raises(ValueError, match=r"`activation_matching\(apply_fn, spec, .*" + nothing):
+    matching.activation_matching(model.apply, empty, variables, other, [x])
+  with pytest.raises(ValueError, match=r"`activation_statistics\(apply_fn, spec, .*" + nothing):
+    matching.activation_statistics(model.apply, empty, variables, other, [x])

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from mechconn import barriers, batchnorm, finite, paths
+from mechconn import barriers, batchnorm, finite, input_checks, paths
 from mechconn.data.batching import stack_batches
 from mechconn.models import get_model
 
@@ -114,9 +114,11 @@ def test_bezier_path_matches_loop(cnn_setup):
 
 
 def test_same_model_at_both_ends_has_zero_barrier(cnn_setup):
+  """A flat control: correct, and flagged (identical end points are no evidence of anything)."""
   model, pa, _, _, _, eval_batches, bn_batches = cnn_setup
-  result = barriers.evaluate_path(model.apply, (pa, pa), np.linspace(0, 1, NUM_T),
-                                  eval_batches, bn_batches=bn_batches)
+  with pytest.warns(input_checks.IdenticalEndpointsWarning, match="identical weights"):
+    result = barriers.evaluate_path(model.apply, (pa, pa), np.linspace(0, 1, NUM_T),
+                                    eval_batches, bn_batches=bn_batches)
   np.testing.assert_allclose(result.loss, result.loss[0], rtol=1e-5)
   b = result.summary()
   assert set(b) == {"loss", "loss_t", "error", "error_t"}

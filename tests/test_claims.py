@@ -1,6 +1,8 @@
 """The claims runner and report: verdicts from the stated criteria, not-run rows, C13 end to end."""
 
 import copy
+import dataclasses
+import json
 
 import pytest
 
@@ -126,3 +128,89 @@ def test_endpoint_signatures_claim_reads_final_evals():
   assert result["verdict"] == "reproduced" and "rand_img 0.540" in result["measured"]
   records["train_nocue_0"] = final((0.82, 0.9, 0.81, 0.3))  # the no-cue model reads the cue
   assert measures.c1(records, 1)["verdict"] == "partly"
+
+
+def _refused(argv, capsys, code=2) -> str:
+  """The one-line error of `claims.main(argv)`, which must exit with `code`."""
+  with pytest.raises(SystemExit) as exit_info:
+    claims.main(argv)
+  assert exit_info.value.code == code
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last.startswith("python -m experiments.claims: error: ")
+  return last
+
+
+def test_numeric_and_claim_arguments_are_one_line_errors(tmp_path, capsys):
+  out = f"--out={tmp_path / 'claims.md'}"
+  for pairs in ("0", "-2", "two"):
+    assert "argument --pairs: must be a positive integer, got" in _refused(
+        ["report", f"--pairs={pairs}", f"--workdir={tmp_path}", out], capsys)
+  assert "unknown claims ['C99']; valid: ['C1'," in _refused(["run", "C99", out], capsys)
+  assert not (tmp_path / "claims.md").exists()
+
+
+def test_report_refuses_a_missing_or_empty_workdir(tmp_path, capsys):
+  out = tmp_path / "claims.md"
+  missing = _refused(["report", f"--workdir={tmp_path / 'tpyo'}", f"--out={out}"], capsys)
+  assert f"--workdir {tmp_path / 'tpyo'} does not exist: no claims runs to report" in missing
+  (tmp_path / "empty").mkdir()
+  empty = _refused(["report", f"--workdir={tmp_path / 'empty'}", f"--out={out}"], capsys)
+  assert f"--workdir {tmp_path / 'empty'} is empty" in empty
+  assert not out.exists()
+
+
+def _report_with_results(ids) -> str:
+  """A report whose claims `ids` have results (the others not run)."""
+  result = {"measured": "m", "verdict": "reproduced", "criteria": "c", "setup": "s"}
+  fake = [dataclasses.replace(c, measure=lambda records, pairs: result) for c in claims.CLAIMS]
+  return claims_report.render(fake, lambda c: {} if c.id in ids else None, 3)
+
+
+def test_report_never_replaces_a_more_complete_report_unasked(tmp_path, capsys):
+  runs, out = tmp_path / "runs", tmp_path / "claims.md"
+  (runs / "theory").mkdir(parents=True)  # a claims run, unfinished: every claim is not run
+  old = _report_with_results({"C2", "C13"})
+  assert claims_report.claims_with_results(old) == ["C2", "C13"]
+  out.write_text(old)
+  argv = ["report", f"--workdir={runs}", f"--out={out}"]
+  assert ("was not replaced: it has results for ['C2', 'C13'] that the new report would lose"
+          in _refused(argv, capsys))
+  assert out.read_text() == old
+  claims.main(argv + ["--overwrite"])
+  assert claims_report.claims_with_results(out.read_text()) == []
+  claims.main(argv)  # as complete as the report it replaces
+  (runs / "eval_path_weight_0").mkdir()
+  (runs / "eval_path_weight_0" / "eval_path.png").write_bytes(b"png")
+  figures = claims_report.figure_files(claims.BY_ID["C2"], str(runs))
+  assert figures == [(str(runs / "eval_path_weight_0" / "eval_path.png"),
+                      "claims/eval_path_weight_0_eval_path.png")]
+  claims_report.copy_figures(figures, str(tmp_path))
+  assert (tmp_path / "claims" / "eval_path_weight_0_eval_path.png").read_bytes() == b"png"
+  readme = tmp_path / "README.md"
+  readme.write_text("# My notes\n")
+  assert "it is not a claims report (its first line is '# My notes'" in _refused(
+      ["report", f"--workdir={runs}", f"--out={readme}"], capsys)
+  assert readme.read_text() == "# My notes\n"
+
+
+def test_run_refuses_another_tasks_workdir_or_a_foreign_directory(tmp_path, capsys):
+  train = tmp_path / "train_run"
+  train.mkdir()
+  (train / "config.json").write_text(json.dumps({"task": "train", "seed": 0}))
+  out = f"--out={tmp_path / 'claims.md'}"
+  assert (f"--workdir {train} holds a mechconn run (task 'train', {train / 'config.json'}), "
+          "not claims runs: the claims' runs would be nested inside it") in _refused(
+              ["run", "C13", f"--workdir={train}", out], capsys)
+  assert sorted(p.name for p in train.iterdir()) == ["config.json"]
+  mine = tmp_path / "mine"
+  (mine / "notes").mkdir(parents=True)
+  assert (f"--workdir {mine} is not a claims workdir: it holds ['notes'], not claims runs"
+          in _refused(["run", "C13", f"--workdir={mine}", out], capsys))
+  assert sorted(p.name for p in mine.iterdir()) == ["notes"]
+  # A claims workdir (any seed pair), a new one and an empty one are fine to run into.
+  for name in ("train_cue_5", "eval_path_activation_module_outputs_2", "study_p60", "theory"):
+    (tmp_path / "claims" / name).mkdir(parents=True)
+  assert claims.workdir_problem(str(tmp_path / "claims"), "run") is None
+  assert claims.workdir_problem(str(tmp_path / "new"), "run") is None
+  (tmp_path / "empty").mkdir()
+  assert claims.workdir_problem(str(tmp_path / "empty"), "run") is None

@@ -1,6 +1,8 @@
 """Permutation specs derived by tracing: the built-in models' hand-written specs, and models
 mechconn has never seen (residual CNN with a flatten, LayerNorm MLP, ViT with heads)."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -199,3 +201,54 @@ def test_a_position_dependent_operation_fixes_its_axis_without_error():
   spec = symmetry.derive_spec(model.apply, variables, x)
   assert spec.axes["params/a/kernel"] == (None, None)  # cumsum: a's units keep their order
   assert spec.axes["params/b/kernel"][1] == "P_b"
+
+
+class ReturnsItsFeatures(nn.Module):
+  """(logits, features): the features are the hidden units the head reads."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    features = nn.relu(nn.Dense(5, name="hidden")(x.reshape(x.shape[0], -1)))
+    return nn.Dense(2, name="head")(features), features
+
+
+def test_a_model_returning_its_hidden_units_is_refused_with_how_to_derive_through_the_logits():
+  model = ReturnsItsFeatures()
+  x = jnp.ones((2, 3))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=re.escape(
+      "the model returns 2 arrays ([0], [1]), and [1] holds hidden units that its layers read "
+      "(1 group(s) of parameter axes, e.g. params/hidden/kernel axis 1)") + ".*" + re.escape(
+          "derive_spec(lambda v, x, **kw: model.apply(v, x, **kw)[0], variables, x)")):
+    symmetry.derive_spec(model.apply, variables, x)
+  # The advice works: through the logits, the hidden units are a group.
+  spec = symmetry.derive_spec(lambda v, x, **kw: model.apply(v, x, **kw)[0], variables, x)
+  assert spec.axes["params/hidden/kernel"] == (None, "P_hidden")
+  assert spec.axes["params/head/kernel"] == ("P_hidden", None)
+
+
+def test_outputs_that_hold_no_hidden_units_leave_the_groups_alone():
+  class TwoHeadsAndAnAuxiliaryLoss(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      h = nn.relu(nn.Dense(5, name="hidden")(x))
+      return {"a": nn.Dense(2, name="a")(h), "b": nn.Dense(3, name="b")(h),
+              "aux": jnp.mean(h ** 2)}
+
+  model = TwoHeadsAndAnAuxiliaryLoss()
+  x = jnp.ones((2, 3))
+  spec = symmetry.derive_spec(model.apply, model.init(jax.random.key(0), x), x)
+  assert spec.names == ["P_hidden"] and spec.axes["params/b/kernel"] == ("P_hidden", None)
+
+
+def test_a_spec_without_groups_warns_and_says_why():
+  model = nn.Dense(3)  # no hidden units: nothing to permute
+  x = jnp.ones((2, 4))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.warns(symmetry.NoPermutationGroupWarning, match=re.escape(
+      "the derived spec has no permutation group (every axis shared by two parameters is fixed "
+      "by the model's output), so aligning with it would permute nothing")):
+    spec = symmetry.derive_spec(lambda v, x, train=False: model.apply(v, x), variables, x)
+  assert spec.names == []
+  with pytest.raises(ValueError, match="nothing to permute"):
+    matching.weight_matching(spec, variables, variables)

@@ -67,6 +67,43 @@ def test_missing_files_and_pickles_without_torch_are_named(tmp_path, monkeypatch
     torch_import.load_state_dict(str(path))
 
 
+def test_a_garbage_or_truncated_safetensors_file_is_named(tmp_path):
+  garbage, truncated = tmp_path / "garbage.safetensors", tmp_path / "truncated.safetensors"
+  garbage.write_bytes(b"not a safetensors file at all")
+  with open(os.path.join(DATA, "mmc_resnet18.safetensors"), "rb") as f:
+    truncated.write_bytes(f.read()[:5000])
+  for path in (garbage, truncated):
+    with pytest.raises(ValueError, match=f"'{path}' is not a readable safetensors file "
+                                         r"\(truncated or corrupt\?"):
+      torch_import.load(str(path), "mmc_resnet18")
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_an_integer_weight_is_refused_not_cast(dtype):
+  state = load_file(os.path.join(DATA, "mmc_resnet18.safetensors"))
+  state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].astype(dtype)
+  with pytest.raises(ValueError, match=f"'layer1.0.conv1.weight' has dtype {np.dtype(dtype)} "
+                                       r"where the model has a float weight \(float32"):
+    torch_import.import_state_dict("mmc_resnet18", state)
+  # BatchNorm's step counter is an integer in PyTorch: still dropped, not refused.
+  state = load_file(os.path.join(DATA, "mmc_resnet18.safetensors"))
+  state["bn1.num_batches_tracked"] = np.asarray(100, np.int64)
+  torch_import.import_state_dict("mmc_resnet18", state)
+
+
+@pytest.mark.parametrize("key,value,need", [
+    ("layer2.0.bn1.running_var", -0.5, r"finite and >= 0"),
+    ("layer2.0.bn1.running_var", np.nan, r"finite and >= 0"),
+    ("bn1.running_var", np.inf, r"finite and >= 0"),
+    ("bn1.running_mean", np.nan, r"finite \(")])
+def test_invalid_batchnorm_statistics_are_refused_at_import(key, value, need):
+  state = load_file(os.path.join(DATA, "mmc_resnet18.safetensors"))
+  state[key] = state[key].copy()
+  state[key][3] = value
+  with pytest.raises(ValueError, match=f"'{key}' holds {value} at index 3 .*must be {need}"):
+    torch_import.import_state_dict("mmc_resnet18", state)
+
+
 def test_safetensors_written_by_numpy_read_back(tmp_path):
   state = load_file(os.path.join(DATA, "mmc_vgg13.safetensors"))
   save_file(state, str(tmp_path / "copy.safetensors"))

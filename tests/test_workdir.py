@@ -286,6 +286,16 @@ def test_workdir_faults_are_named(tmp_path, monkeypatch):
   with pytest.raises(FileExistsError, match=r"\.mechconn\.lock is a directory.*move it away"):
     _claim(w, CONFIG)
   assert not (w / "config.json").exists()
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(FileExistsError, match=r"/f is a file, not a directory \(the run's workdir"):
+    _claim(tmp_path / "f" / "run", CONFIG)
+  c = tmp_path / "c"
+  c.mkdir()
+  (c / "checkpoints").write_text("notes")
+  with pytest.raises(FileExistsError, match=r"checkpoints is a file, not a directory \(the "
+                                            r"run's checkpoints"):
+    _claim(c, CONFIG)
+  assert sorted(os.listdir(c)) == ["checkpoints"]
   # An unwritable checkpoint directory is refused before the run trains (as root, whom
   # permissions do not stop, the refusal is simulated through os.access).
   r = tmp_path / "r"

@@ -22,6 +22,7 @@ import functools
 import os
 import time
 from typing import Any
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from mechconn import config_checks as checks
 from mechconn import counterfactual
 from mechconn import curves
 from mechconn import dry_run as dry_run_lib
+from mechconn import input_checks
 from mechconn import matching
 from mechconn import objectives
 from mechconn import report
@@ -117,28 +119,42 @@ def inputs(config: Any, dry_run: bool) -> tuple[Inputs, dict]:
 
 
 def _evaluate(path: tuple, sets: tuple, *, apply_fn, mesh, renormalize="auto",
-              objective=objectives.CLASSIFICATION) -> tuple:
-  """((kind, points, ts), (eval sets, bn_batches)) -> (path, {set: PathEval})."""
+              objective=objectives.CLASSIFICATION, allow_identical=False) -> tuple:
+  """((kind, points, ts), (eval sets, bn_batches)) -> (path, {set: PathEval}).
+
+  `allow_identical`: identical end points were asked for (a control), so the library's
+  warning about them is not repeated."""
   kind, points, ts = path
   eval_sets, bn_batches = sets
-  return path, barriers.evaluate_path_on_sets(apply_fn, points, ts, eval_sets, path=kind,
-                                              bn_batches=bn_batches, mesh=mesh,
-                                              renormalize=renormalize, objective=objective)
+  with warnings.catch_warnings():
+    if allow_identical:
+      warnings.simplefilter("ignore", input_checks.IdenticalEndpointsWarning)
+    return path, barriers.evaluate_path_on_sets(apply_fn, points, ts, eval_sets, path=kind,
+                                                bn_batches=bn_batches, mesh=mesh,
+                                                renormalize=renormalize, objective=objective)
+
+
+def _varied(x: jax.Array, num_values: int = 4) -> jax.Array:
+  """`x` plus a fixed pattern of `num_values` values: the dry run's statistics batch. All-zero
+  statistics data are refused by path evaluation (every layer would be constant)."""
+  pattern = (jnp.arange(x.size) % num_values).reshape(x.shape)
+  return x + pattern.astype(x.dtype)
 
 
 def _as_eval_sets(zeros: dict) -> tuple[dict, dict]:
   """A zero batch -> one eval set of one batch, and one BatchNorm batch of the same size."""
   n = zeros["label"].shape[0]
   return ({"clean": {"image": zeros["image"][None], "label": zeros["label"][None],
-                     "mask": jnp.ones((1, n), jnp.float32)}}, {"image": zeros["image"][None]})
+                     "mask": jnp.ones((1, n), jnp.float32)}},
+          {"image": _varied(zeros["image"])[None]})
 
 
 def _as_sequence_sets(zeros: dict) -> tuple[dict, dict]:
   """A zero batch -> the eval set 'test' of one batch of PAD sequences, and one statistics
-  batch of them."""
+  batch of the special tokens (PAD, BOS, SEP, EOS: in any vocabulary)."""
   batch = task_sequences.as_sequences(zeros)
   return ({task_sequences.EVAL_SET: jax.tree.map(lambda x: x[None], batch)},
-          {"tokens": batch["tokens"][None]})
+          {"tokens": _varied(batch["tokens"])[None]})
 
 
 def build(config: Any, mesh: jax.sharding.Mesh, inputs: Inputs) -> runner.Build:
@@ -167,7 +183,8 @@ def build(config: Any, mesh: jax.sharding.Mesh, inputs: Inputs) -> runner.Build:
   return runner.Build(
       name="path point (one t)", init_fn=lambda: two_ts,
       step_fn=functools.partial(_evaluate, apply_fn=runs.apply_fn_of(model, config.data.dataset),
-                                mesh=mesh, renormalize=renormalize, objective=objective),
+                                mesh=mesh, renormalize=renormalize, objective=objective,
+                                allow_identical=config.get("allow_identical_endpoints", False)),
       batch_size=examples_per_t // 4, steps_per_epoch=1,
       num_steps=num_paths * config.path.num_t,
       image_shape=task_config.input_shape(config.data), model=model, to_batch=to_batch)
