@@ -52,7 +52,7 @@ def lock(workdir: str) -> Iterator[None]:
   os.makedirs(workdir, exist_ok=True)
   key = os.path.realpath(workdir)
   path = os.path.join(workdir, LOCK_FILE)
-  if os.path.isdir(path) or (os.path.exists(path) and not os.path.isfile(path)):
+  if os.path.lexists(path) and not os.path.isfile(path):  # a directory, a dangling link
     raise FileExistsError(f"{path} is a directory (or another non-file), where mechconn keeps "
                           "the workdir's lock file; move it away or use another --workdir. "
                           "Nothing was changed.")

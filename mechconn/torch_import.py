@@ -41,6 +41,9 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """{name: array} from a .safetensors file or a .pt/.pth state dict (weights only)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"No checkpoint at {path!r}.")
+  if not os.path.isfile(path):
+    raise ValueError(f"{path!r} is a directory, not a checkpoint file (.safetensors, or a "
+                     "PyTorch .pt/.pth).")
   if path.endswith(".safetensors"):
     import safetensors  # pylint: disable=g-import-not-at-top
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top

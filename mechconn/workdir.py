@@ -8,8 +8,7 @@ The rules, so that nothing a user saved is lost:
     keys, unless told to overwrite, which deletes only the task's own `Layout`
     and is refused while a checkpoint step holds anything orbax did not write,
     since the new run would resume from it);
-  - a launch that fails before writing any output takes its config.json back,
-    so the corrected command is not refused as "a different config";
+  - a launch that fails before writing any output takes its config.json back;
   - JSON files are written to a temporary file and renamed into place;
   - metrics are JSON lines, one object per log step with a "step" key (read
     them with `read_metrics`, `pandas.read_json(path, lines=True)` or plain
@@ -42,6 +41,10 @@ METRICS_FILE = "metrics.jsonl"
 # only these entries (a step directory holding anything else is never deleted).
 CHECKPOINT_ENTRY = re.compile(r"\d+(\.orbax-checkpoint-tmp(-\d+)?)?")
 ORBAX_STEP_ENTRIES = {"default", "_CHECKPOINT_METADATA", "commit_success.txt"}
+# Names in orbax's (OCDBT) item directory, at any depth (anything else there is a user's).
+ORBAX_ITEM_ENTRY = re.compile(r"_sharding|_METADATA|_CHECKPOINT_METADATA|commit_success\.txt|"
+                              r"manifest\.ocdbt|d|array_metadatas|(ocdbt\.)?process_\d+|"
+                              r"[0-9a-f]{32}")
 
 
 def config_to_dict(config: Any) -> dict:
@@ -150,8 +153,13 @@ class Layout:
     workdir nested there): `clear` keeps these, so a run would resume from them."""
     found = {}
     for path in self._steps(workdir):
-      foreign = sorted(set(os.listdir(path)) - ORBAX_STEP_ENTRIES) if os.path.isdir(
-          path) else []
+      if not os.path.isdir(path):
+        continue
+      foreign = sorted(set(os.listdir(path)) - ORBAX_STEP_ENTRIES)
+      item = os.path.join(path, "default")
+      for root, dirs, files in os.walk(item) if os.path.isdir(item) else ():
+        foreign += [os.path.relpath(os.path.join(root, e), path) for e in sorted(dirs + files)
+                    if not ORBAX_ITEM_ENTRY.fullmatch(e)]
       if foreign:
         found[path] = foreign
     return found
@@ -213,10 +221,8 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
   raises before any output of `layout` exists in a workdir that had no
   config.json, that config.json is removed again: a refused launch leaves no
   record, so the corrected command is not refused as a different config.
-
-  Fields that do not change results (`UNCOMPARED_FIELDS`: progress bars, where
-  the data is read from) may differ between the recorded config and this one.
-  One process claims (process 0 of a multi-host job: see `train.claimed`).
+  Fields that do not change results (`UNCOMPARED_FIELDS`) may differ. Process 0
+  alone claims in a multi-host job (see `runner.claimed`).
 
   Args:
     workdir: the job's directory (created if missing).
@@ -248,8 +254,7 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
       raise
 
 
-# Tasks recorded under an older name: their workdirs are this task's (a relaunch there is a
-# different config: refused, or with --overwrite cleared).
+# Tasks recorded under an older name: their workdirs hold a different config of the new one.
 RENAMED_TASKS = {"linear_barrier": "quickstart"}
 
 

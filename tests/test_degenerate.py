@@ -58,11 +58,14 @@ def test_post_relu_sites_on_a_network_without_relu_are_refused():
 
 
 def test_unbiased_bn_variance_without_batchnorm_is_refused_before_the_claim(tmp_path):
-  """Caught by the task's check: the corrected command then runs in the same workdir."""
+  """Judged on the end points' model (here the dry run's stand-in, the runs being absent)
+  when they are loaded, before the claim."""
   config = eval_path_config.get_config("cpu,quicktest")
   config.unlock()
   config.endpoint_model.name, config.endpoint_model.kwargs = "mlp", {"hidden": [8]}
   config.path.bn_variance = "unbiased"
+  config.start_workdir, config.end_workdir = str(tmp_path / "a"), str(tmp_path / "b")
+  config.dry_run = True
   with pytest.raises(ValueError, match=r"bn_variance='unbiased' but MLP has no BatchNorm"):
     tasks.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()

@@ -53,9 +53,9 @@ def test_overwrite_deletes_only_what_the_task_wrote(tmp_path):
   w = tmp_path / "w"
   _claim(w, CONFIG)
   for name in ("metrics.jsonl", "result.json", "notes.txt", "checkpoints/README",
-               "checkpoints/10/default/d/x", "checkpoints/10/_CHECKPOINT_METADATA",
-               "checkpoints/20.orbax-checkpoint-tmp-171/default/x",
-               "checkpoints/30/default/x", "checkpoints/30/results/eval_path.json",
+               "checkpoints/10/default/d/0123456789abcdef0123456789abcdef", "checkpoints/10/_CHECKPOINT_METADATA",
+               "checkpoints/20.orbax-checkpoint-tmp-171/default/_METADATA",
+               "checkpoints/30/default/manifest.ocdbt", "checkpoints/30/results/eval_path.json",
                "checkpoints/best/state", "data/train.npz"):
     (w / name).parent.mkdir(parents=True, exist_ok=True)
     (w / name).write_text("x")
@@ -67,10 +67,14 @@ def test_overwrite_deletes_only_what_the_task_wrote(tmp_path):
     _claim(w, OTHER, overwrite=True)
   assert _tree(w) == before and _recorded(w) == CONFIG
   os.rename(w / "checkpoints/30/results", w / "results_of_30")
+  (w / "checkpoints/10/default/mine.txt").write_text("x")  # a user's file inside orbax's item
+  with pytest.raises(FileExistsError, match=r"checkpoints/10: it holds \['default/mine.txt'\]"):
+    _claim(w, OTHER, overwrite=True)
+  os.rename(w / "checkpoints/10/default/mine.txt", w / "mine.txt")
   _claim(w, OTHER, overwrite=True)
   assert _tree(w) == sorted([".mechconn.lock", "config.json", "notes.txt", "checkpoints/",
                              "checkpoints/README", "checkpoints/best/", "checkpoints/best/state",
-                             "data/", "data/train.npz", "results_of_30/",
+                             "data/", "data/train.npz", "mine.txt", "results_of_30/",
                              "results_of_30/eval_path.json"])
   assert _recorded(w) == OTHER
 
@@ -286,6 +290,12 @@ def test_workdir_faults_are_named(tmp_path, monkeypatch):
   with pytest.raises(FileExistsError, match=r"\.mechconn\.lock is a directory.*move it away"):
     _claim(w, CONFIG)
   assert not (w / "config.json").exists()
+  d = tmp_path / "d"
+  d.mkdir()
+  (d / workdir_lib.LOCK_FILE).symlink_to(tmp_path / "nowhere")
+  with pytest.raises(FileExistsError, match=r"\.mechconn\.lock is a directory \(or another "
+                                            r"non-file\)"):
+    _claim(d, CONFIG)
   (tmp_path / "f").write_text("x")
   with pytest.raises(FileExistsError, match=r"/f is a file, not a directory \(the run's workdir"):
     _claim(tmp_path / "f" / "run", CONFIG)

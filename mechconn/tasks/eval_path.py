@@ -83,11 +83,7 @@ def check(config: Any, num_devices: int) -> None:
     checks.check_choice(config.align, ALIGNMENTS, "align")
     checks.check_choice(config.activation_sites, tuple(ACTIVATION_SITES), "activation_sites")
     checks.check_choice(config.path.bn_data, BN_DATA, "path.bn_data")
-    model = runs.model_of(config.endpoint_model, config.data.dataset)
-    task_config.check_bn_variance(config.path, model, task_config.input_shape(config.data))
-    if config.align == "activation":
-      task_config.check_activation_sites(config.activation_sites, model,
-                                         task_config.input_shape(config.data))
+    task_config.renormalize_of(config.path)  # bn_variance; against the model in `inputs`
   checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
   checks.check_int(config.path.num_t, "path.num_t", minimum=2)
   task_config.check_eval_batch_size(config, num_devices)
@@ -108,6 +104,8 @@ def check(config: Any, num_devices: int) -> None:
 def inputs(config: Any, dry_run: bool) -> tuple[Inputs, dict]:
   """The end points and curves (a curve fitted between other end points is refused)."""
   endpoints, ends = fit_curve.load_endpoints(config, dry_run)
+  if not task_sequences.is_sequence_data(config.data.dataset):
+    _check_model_settings(config, endpoints.start.model)
   if dry_run:
     return Inputs(endpoints, []), {}
   fitted = [fit_curve.load_curve(w) for w in config.curve_workdirs]
@@ -116,6 +114,15 @@ def inputs(config: Any, dry_run: bool) -> tuple[Inputs, dict]:
   identities = {**ends, "curves": [{"config": c, "step": r["step"]}
                                    for c, (r, _) in zip(curve_configs, fitted)]}
   return Inputs(endpoints, fitted), identities
+
+
+def _check_model_settings(config: Any, model: Any) -> None:
+  """Settings that depend on the end points' model (the runs', not `endpoint_model`, the
+  dry run's stand-in), refused before the workdir is claimed."""
+  shape = task_config.input_shape(config.data)
+  task_config.check_bn_variance(config.path, model, shape)
+  if config.align == "activation":
+    task_config.check_activation_sites(config.activation_sites, model, shape)
 
 
 def _evaluate(path: tuple, sets: tuple, *, apply_fn, mesh, renormalize="auto",
