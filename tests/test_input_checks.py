@@ -29,15 +29,8 @@ def cnn():
           stack_batches(x, y, 16, drop_remainder=True))
 
 
-class TinyMLP(nn.Module):
-  """Dense layers only: REPAIR sites Dense_0 and Dense_1 (the logits' Dense_2 is not one)."""
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(6)(x))
-    x = nn.relu(nn.Dense(5)(x))
-    return nn.Dense(3)(x)
+# Dense layers only: REPAIR sites Dense_0 and Dense_1 (the logits' Dense_2 is not one).
+from test_repair import TinyMLP  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope="module")
