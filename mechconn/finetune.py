@@ -131,8 +131,8 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epoc
   n = len(labels)
   batch_size = min(batch_size, n)
   steps_per_epoch = n // batch_size
-  tx = step_lib.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch),
-                    momentum=momentum, weight_decay=weight_decay)
+  tx = step_lib.sgd_cosine(learning_rate, epochs * steps_per_epoch, momentum=momentum,
+                           weight_decay=weight_decay)
   check_features(features, "fit_head", labels, num_classes)
   head = fresh_head(jax.random.key(seed), features.shape[1], num_classes)
   state = step_lib.fresh_state(head, tx)

@@ -43,9 +43,8 @@ all_finite_jit = jax.jit(all_finite)
 
 
 def leaf_path(path) -> str:
-  """'/'-joined keys of a `tree_flatten_with_path` path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                  for k in path)
+  """'/'-joined keys of a `tree_flatten_with_path` path: dict keys, indices, attribute names."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def first_nonfinite_leaf(tree) -> str | None:

@@ -67,22 +67,18 @@ def _is_float(leaf: Any) -> bool:
 def _combine(points: Sequence[Params], weights: Callable[[Any], Sequence[Any]]) -> Params:
   """sum_i w_i * point_i leafwise; non-float leaves pass through by the rule above."""
   check_matching(points)
-  leaves_per_point = [jax.tree_util.tree_leaves_with_path(p) for p in points]
-  treedef = jax.tree_util.tree_structure(points[0])
-  out = []
-  for leaf_group in zip(*leaves_per_point):
-    path = leaf_group[0][0]
-    values = [v for _, v in leaf_group]
-    if _is_float(values[0]):
-      w = weights(jnp.result_type(values[0]))
-      acc = w[0] * values[0]
-      for w_i, v in zip(w[1:], values[1:]):
-        acc = acc + w_i * v
-      out.append(acc.astype(jnp.result_type(values[0])))
-    else:
+
+  def combine_leaf(path, *values):
+    if not _is_float(values[0]):
       _check_passthrough(path, values)
-      out.append(values[0])
-  return jax.tree_util.tree_unflatten(treedef, out)
+      return values[0]
+    w = weights(jnp.result_type(values[0]))
+    acc = w[0] * values[0]
+    for w_i, v in zip(w[1:], values[1:]):
+      acc = acc + w_i * v
+    return acc.astype(jnp.result_type(values[0]))
+
+  return jax.tree_util.tree_map_with_path(combine_leaf, *points)
 
 
 def _check_passthrough(path, values) -> None:

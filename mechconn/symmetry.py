@@ -43,6 +43,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 
 from mechconn import align
+from mechconn import finite
 from mechconn import intercept
 from mechconn.axis_classes import AxisClasses, Constraint
 from mechconn.axis_tracer import AxisTracer
@@ -54,10 +55,6 @@ class UnsupportedOperation(ValueError):
 
 class NoPermutationGroupWarning(UserWarning):
   """A derived spec has no permutation group: aligning with it would permute nothing."""
-
-
-def _leaf_path(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
@@ -93,7 +90,7 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
       what fixed the axes the parameters share.
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  names = [_leaf_path(path) for path, _ in leaves]
+  names = [finite.leaf_path(path) for path, _ in leaves]
 
   layer_paths = []  # the layers whose first outputs `traced` returns, in call order
 
