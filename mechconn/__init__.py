@@ -3,6 +3,7 @@
 Pure functions over parameter pytrees, and the tasks built from them:
 
 - `mechconn.types`: shared aliases and protocols (Params, Batch, StackedBatches, ApplyFn, ...).
+- `mechconn.trees`: small pytree helpers (`variables_of`, `stack`).
 - `mechconn.paths`: linear, Bezier and polygonal-chain paths between models.
 - `mechconn.batchnorm`: exact recomputation of BatchNorm statistics.
 - `mechconn.evaluation`: exact masked means over stacked batches; input checks.

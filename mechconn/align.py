@@ -38,6 +38,7 @@ import numpy as np
 
 from mechconn import finite
 from mechconn import paths
+from mechconn import trees
 
 Params = chex.ArrayTree
 Permutation = dict[str, np.ndarray]
@@ -290,7 +291,7 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, tree: Params,
                       "the full variables; pass the variables alone.")
     if batch_stats is None:
       return apply_permutation(spec, perm, params)
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    variables = trees.variables_of(params, batch_stats)
     out = apply_permutation(spec, perm, variables)
     return out["params"], out.get("batch_stats", batch_stats)
   if not isinstance(perm, Mapping):

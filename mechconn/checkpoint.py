@@ -121,6 +121,32 @@ class Checkpointer:
       return None
     return custom.get(CONFIG_KEY)
 
+  def _stored_tree(self, step: int, purpose: str) -> PyTree:
+    """The metadata tree (shapes and dtypes) of `step`; raises CheckpointError when unreadable.
+
+    `purpose` completes the advice "move it away to <purpose> an earlier step".
+    """
+    where = self.step_dir(step)
+    try:
+      stored = getattr(self._manager.item_metadata(step), "tree", None)
+    except Exception as e:  # orbax raises several types for an unreadable step
+      raise CheckpointError(f"Checkpoint {where} is unreadable ({_cause(e)}). It was left "
+                            f"as is; move it away to {purpose} an earlier step.") from e
+    if stored is None:
+      raise CheckpointError(f"Checkpoint {where} has no readable metadata (incomplete or "
+                            f"corrupt). It was left as is; move it away to {purpose} an "
+                            "earlier step.")
+    return stored
+
+  def _restore(self, step: int, target: PyTree, purpose: str) -> PyTree:
+    """orbax's restore of `step` into `target` (a state dict); raises CheckpointError."""
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # orbax and TensorStore raise several types
+      raise CheckpointError(f"Checkpoint {self.step_dir(step)} could not be read "
+                            f"({_cause(e)}). It was left as is; move it away to {purpose} an "
+                            "earlier step.") from e
+
   def restore(self, abstract_tree: PyTree, step: int | None = None) -> PyTree:
     """Restores `step` (default: the latest) into the structure of `abstract_tree`.
 
@@ -138,21 +164,8 @@ class Checkpointer:
       raise CheckpointError(f"No checkpoint to restore in {self.directory}.")
     where = self.step_dir(step)
     target = flax.serialization.to_state_dict(abstract_tree)
-    try:
-      metadata = self._manager.item_metadata(step)
-    except Exception as e:  # orbax raises several types for an unreadable step
-      raise CheckpointError(f"Checkpoint {where} is unreadable ({_cause(e)}). It was left "
-                            "as is; move it away to resume from an earlier step.") from e
-    if metadata is None or getattr(metadata, "tree", None) is None:
-      raise CheckpointError(f"Checkpoint {where} has no readable metadata (incomplete or "
-                            "corrupt). It was left as is; move it away to resume from an "
-                            "earlier step.")
-    check_compatible(metadata.tree, target, where)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:
-      raise CheckpointError(f"Checkpoint {where} could not be read ({_cause(e)}). It was "
-                            "left as is; move it away to resume from an earlier step.") from e
+    check_compatible(self._stored_tree(step, "resume from"), target, where)
+    restored = self._restore(step, target, "resume from")
     return flax.serialization.from_state_dict(abstract_tree, restored)
 
   def read(self, step: int | None = None) -> dict:
@@ -164,24 +177,11 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No checkpoint to read in {self.directory}.")
-    where = self.step_dir(step)
-    try:
-      metadata = self._manager.item_metadata(step)
-      stored = getattr(metadata, "tree", None)
-    except Exception as e:  # orbax raises several types for an unreadable step
-      raise CheckpointError(f"Checkpoint {where} is unreadable ({_cause(e)}). It was left "
-                            "as is; move it away to read an earlier step.") from e
-    if stored is None:
-      raise CheckpointError(f"Checkpoint {where} has no readable metadata (incomplete or "
-                            "corrupt). It was left as is.")
+    stored = self._stored_tree(step, "read")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           stored)
-    try:
-      return self._manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:
-      raise CheckpointError(f"Checkpoint {where} could not be read ({_cause(e)}). It was "
-                            "left as is; move it away to read an earlier step.") from e
+    return self._restore(step, target, "read")
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import flax
 import jax
 import jax.numpy as jnp
-import optax
 
+from mechconn import objectives
 from mechconn import paths
 from mechconn import step as step_lib
 from mechconn.types import ApplyFn, Params
@@ -51,10 +51,8 @@ class CurveLoss:
     t = jax.random.uniform(rng, (), jnp.float32)
     params = paths.path_fn(self.kind)((self.start, *free, self.end), t)
     logits, _ = step_lib.apply_train_mode(self.apply_fn, params, self.batch_stats, batch["image"])
-    logits = logits.astype(jnp.float32)  # the loss in float32 for bfloat16 models too
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return loss, (batch_stats, {"accuracy": accuracy, "t": t})
+    means = objectives.mean_classification_metrics(logits, batch["label"])  # float32
+    return means["loss"], (batch_stats, {"accuracy": means["accuracy"], "t": t})
 
 
 def init_free_points(start: Params, end: Params, num_free: int, init: str,

@@ -34,8 +34,10 @@ import numpy as np
 import optax
 
 from mechconn import finite
+from mechconn import objectives
 from mechconn import paths
 from mechconn import step as step_lib
+from mechconn import trees
 from mechconn.data import batching
 from mechconn.types import ApplyFn, Params
 
@@ -114,8 +116,8 @@ class HeadLoss:
   def __call__(self, head, batch_stats, batch, rng):
     del rng
     logits = batch["feature"] @ head["kernel"] + head["bias"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, (batch_stats, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])})
+    means = objectives.mean_classification_metrics(logits, batch["label"])
+    return means["loss"], (batch_stats, {"accuracy": means["accuracy"]})
 
 
 def fresh_head(rng: jax.Array, num_features: int, num_classes: int) -> Params:
@@ -144,8 +146,7 @@ def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epoc
       state, metrics = step_lib.train_step(state, {"feature": feats[idx], "label": labs[idx]},
                                            key, loss_fn=HeadLoss(), tx=tx)
       epoch_metrics.append(metrics)
-    finite.raise_if_diverged(jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                         *epoch_metrics)),
+    finite.raise_if_diverged(jax.device_get(trees.stack(epoch_metrics)),
                              epoch * steps_per_epoch, lambda: "fit_head keeps no checkpoints")
   return state.params
 
@@ -195,7 +196,7 @@ def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
 
   def objective(head):
     logits = x @ head["kernel"] + head["bias"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    ce = jnp.mean(objectives.classification_metrics(logits, y)["loss"])
     return ce + 0.5 * l2 * jnp.sum(head["kernel"] ** 2)
 
   head = {"kernel": jnp.zeros((x.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
@@ -276,12 +277,6 @@ def invariance_loss(features_clean: jax.Array, labels_clean: jax.Array,
   return jnp.sum(per_class * both) / jnp.maximum(both.sum(), 1.0)
 
 
-def _ce(logits, labels):
-  """Mean cross-entropy, in float32 for bfloat16 models too."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         labels).mean()
-
-
 @flax.struct.dataclass
 class CBFTLoss:
   """The two CBFT objectives; `reference` are the cue model's params theta_C.
@@ -307,7 +302,8 @@ class CBFTLoss:
   def barrier_at(self, point, batch_stats, images, labels):
     """|m - CE(f(x; point), y)| in train-mode BatchNorm."""
     logits, _ = step_lib.apply_train_mode(self.apply_fn, point, batch_stats, images)
-    return jnp.abs(self.margin - _ce(logits, labels))
+    ce = jnp.mean(objectives.classification_metrics(logits, labels)["loss"])  # float32
+    return jnp.abs(self.margin - ce)
 
   def barrier(self, params, batch_stats, images, labels, t):
     """The barrier loss at t theta_C + (1 - t) theta, differentiable in theta.
@@ -321,23 +317,17 @@ class CBFTLoss:
   def clean(self, params, batch_stats, batch, invariance_on):
     """CE on the clean batch plus lambda x invariance between clean and cue features."""
     images = jnp.concatenate([batch["clean_image"], batch["cue_image"]])
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-      (logits, feats), updates = self.apply_fn(variables, images, train=True,
-                                               return_features=True, mutable=["batch_stats"])
-      new_stats = updates["batch_stats"]
-    else:
-      logits, feats = self.apply_fn(variables, images, train=True, return_features=True)
-      new_stats = batch_stats
+    (logits, feats), new_stats = step_lib.apply_train_mode(self.apply_fn, params, batch_stats,
+                                                           images, return_features=True)
     n = batch["clean_image"].shape[0]
-    ce = _ce(logits[:n], batch["clean_label"])
+    means = objectives.mean_classification_metrics(logits[:n], batch["clean_label"])
+    ce = means["loss"]  # float32
     feats = feats.astype(jnp.float32)  # class means and norms in float32
     inv = invariance_loss(feats[:n], batch["clean_label"], feats[n:], batch["cue_label"],
                           self.num_classes)
     total = ce + self.invariance_weight * invariance_on * inv
-    accuracy = jnp.mean(jnp.argmax(logits[:n], -1) == batch["clean_label"])
-    return total, (new_stats, {"clean_ce": ce, "invariance": inv, "accuracy": accuracy})
+    return total, (new_stats, {"clean_ce": ce, "invariance": inv,
+                               "accuracy": means["accuracy"]})
 
 
 @functools.partial(jax.jit, static_argnames=("tx", "warmup_steps"), donate_argnums=0)

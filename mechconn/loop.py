@@ -35,6 +35,7 @@ from mechconn import finite
 from mechconn import mesh as mesh_lib
 from mechconn import rngs
 from mechconn import step as step_lib
+from mechconn import trees
 from mechconn import workdir as workdir_lib
 from mechconn.data import batching
 from mechconn.types import Batch, Metrics
@@ -46,7 +47,7 @@ LAYOUT = workdir_lib.Layout(files=(workdir_lib.METRICS_FILE,), checkpoint_dirs=(
 
 def stack_metrics(metrics: list[Metrics]) -> dict[str, np.ndarray]:
   """Per-step metric dicts -> {name: [steps, ...]} on the host (one transfer)."""
-  return jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *metrics))
+  return jax.device_get(trees.stack(metrics))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mechconn import intercept
+from mechconn import trees
 
 # The variable types that map to Linen collections; any other state is refused.
 COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
@@ -167,7 +168,7 @@ def from_nnx(module: nnx.Module) -> tuple[NNXApply, dict]:
                      f"({kinds}); build it for evaluation without RNG streams or caches "
                      "(e.g. rngs=None for dropout) or split them off before from_nnx.")
   params, stats = _str_keys(nnx.to_pure_dict(params)), _str_keys(nnx.to_pure_dict(stats))
-  variables = {"params": params, **({"batch_stats": stats} if jax.tree.leaves(stats) else {})}
+  variables = trees.variables_of(params, stats)
   return NNXApply(graphdef, _template(stats)), variables
 
 

@@ -124,11 +124,26 @@ WEIGHT = "_weight"  # the key of the summed weights in `weighted_sums`
 # --- Built-in objectives. ---------------------------------------------------------
 
 
-def _classification_metrics(logits, batch):
-  labels = batch["label"]
+def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """Per-element softmax cross-entropy 'loss' and 'accuracy' of logits [..., C] against labels [...].
+
+  loss = -log softmax(logits)[label], in float32 for bfloat16 models too;
+  accuracy = 1.0 where argmax(logits) == label, else 0.0 (float32). The one
+  definition behind `CLASSIFICATION`, `next_token()` and the training losses
+  (`step.ClassificationLoss`, `step.NextTokenLoss`, curves, fine-tuning).
+  """
   return {"loss": optax.softmax_cross_entropy_with_integer_labels(
               logits.astype(jnp.float32), labels),
           "accuracy": (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)}
+
+
+def mean_classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """`classification_metrics` averaged over every element: {'loss': [], 'accuracy': []}."""
+  return {name: jnp.mean(value) for name, value in classification_metrics(logits, labels).items()}
+
+
+def _classification_metrics(logits, batch):
+  return classification_metrics(logits, batch["label"])
 
 
 def _labels_in_range(batch, num_outputs):
@@ -195,10 +210,7 @@ class _NextTokenMetrics:
   tokens: str
 
   def __call__(self, logits, batch):
-    targets = batch[self.tokens][:, 1:]
-    return {"loss": optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), targets),
-            "accuracy": (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)}
+    return classification_metrics(logits, batch[self.tokens][:, 1:])
 
 
 @dataclasses.dataclass(frozen=True)

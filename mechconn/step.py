@@ -10,8 +10,8 @@
 - `learning_rate_schedule`, `sgd`: torch-style SGD with the paper's schedules;
   `adamw` (a language model's optimiser, with a warmed-up cosine).
 
-Imports only jax, flax, optax and chex: the losses built on it (curves,
-fine-tuning) stay pure. The loop that runs a step with checkpoints is
+Imports only jax, flax, optax and mechconn's pure helpers (types, trees,
+objectives): the losses built on it (curves, fine-tuning) stay pure. The loop that runs a step with checkpoints is
 `mechconn.loop`.
 """
 
@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mechconn import objectives
+from mechconn import trees
 from mechconn.types import ApplyFn, Batch, LossFn, Metrics, Params, PRNGKey
 
 SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
@@ -41,9 +43,7 @@ class TrainState:
   @property
   def variables(self) -> dict[str, Params]:
     """The Flax variables for `model.apply` ('batch_stats' only when present)."""
-    if self.batch_stats:
-      return {"params": self.params, "batch_stats": self.batch_stats}
-    return {"params": self.params}
+    return trees.variables_of(self.params, self.batch_stats)
 
 
 def fresh_state(params: Params, tx: optax.GradientTransformation,
@@ -62,13 +62,17 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def apply_train_mode(apply_fn: ApplyFn, params: Params, batch_stats: Params,
-                     images: jax.Array) -> tuple[jax.Array, Params]:
-  """Logits in training mode and the updated batch_stats (unchanged when there are none)."""
-  if not batch_stats:
-    return apply_fn({"params": params}, images, train=True), batch_stats
-  logits, updates = apply_fn({"params": params, "batch_stats": batch_stats}, images,
-                             train=True, mutable=["batch_stats"])
-  return logits, updates["batch_stats"]
+                     images: jax.Array, **apply_kwargs) -> tuple[jax.Array, Params]:
+  """Outputs in training mode and the updated batch_stats (unchanged when there are none).
+
+  `apply_kwargs` go to `apply_fn` (e.g. `return_features=True`).
+  """
+  variables = trees.variables_of(params, batch_stats)
+  if "batch_stats" not in variables:
+    return apply_fn(variables, images, train=True, **apply_kwargs), batch_stats
+  outputs, updates = apply_fn(variables, images, train=True, mutable=["batch_stats"],
+                              **apply_kwargs)
+  return outputs, updates["batch_stats"]
 
 
 @flax.struct.dataclass
@@ -85,10 +89,8 @@ class ClassificationLoss:
     del rng  # deterministic models; dropout-like layers would take it here
     logits, new_batch_stats = apply_train_mode(self.apply_fn, params, batch_stats,
                                                batch["image"])
-    logits = logits.astype(jnp.float32)  # the loss in float32 for bfloat16 models too
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return loss, (new_batch_stats, {"accuracy": accuracy})
+    means = objectives.mean_classification_metrics(logits, batch["label"])  # float32
+    return means["loss"], (new_batch_stats, {"accuracy": means["accuracy"]})
 
 
 @flax.struct.dataclass
@@ -110,12 +112,10 @@ class NextTokenLoss:
     tokens, weights = batch["tokens"], batch["mask"][:, 1:].astype(jnp.float32)
     logits, new_batch_stats = apply_train_mode(self.apply_fn, params, batch_stats,
                                                tokens[:, :-1])
-    logits, targets = logits.astype(jnp.float32), tokens[:, 1:]
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = jnp.argmax(logits, -1) == targets
+    per_token = objectives.classification_metrics(logits, tokens[:, 1:])  # float32
     count = jnp.sum(weights)
-    return jnp.sum(weights * cross_entropy) / count, (
-        new_batch_stats, {"accuracy": jnp.sum(weights * correct) / count})
+    return jnp.sum(weights * per_token["loss"]) / count, (
+        new_batch_stats, {"accuracy": jnp.sum(weights * per_token["accuracy"]) / count})
 
 
 @functools.partial(jax.jit, static_argnames="tx", donate_argnums=0)

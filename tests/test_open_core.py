@@ -222,3 +222,19 @@ def test_several_sets_passed_to_evaluate_path_still_work_with_a_deprecation_warn
             lambda x: x, model.init(jax.random.key(0), eval_batches["image"][0])["batch_stats"])},
         eval_batches)
   assert np.isfinite(float(loss)) and 0 <= float(accuracy) <= 1
+
+
+def test_classification_metrics_are_cross_entropy_and_argmax_by_definition():
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 4)).astype(jnp.bfloat16)
+  labels = jnp.array([[0, 1, 2, 3, 0], [3, 3, 1, 0, 2]])
+  per = objectives.classification_metrics(logits, labels)
+  x = np.asarray(logits, np.float64)
+  log_softmax = x - x.max(-1, keepdims=True)
+  log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+  want = -np.take_along_axis(log_softmax, np.asarray(labels)[..., None], -1)[..., 0]
+  assert per["loss"].dtype == per["accuracy"].dtype == jnp.float32
+  np.testing.assert_allclose(per["loss"], want, rtol=1e-5)
+  np.testing.assert_array_equal(per["accuracy"], x.argmax(-1) == np.asarray(labels))
+  means = objectives.mean_classification_metrics(logits, labels)
+  np.testing.assert_allclose(means["loss"], want.mean(), rtol=1e-5)
+  assert means["accuracy"] == np.float32(np.mean(x.argmax(-1) == np.asarray(labels)))

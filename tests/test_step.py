@@ -17,7 +17,7 @@ from mechconn.models import CausalLM
 from mechconn.models import get_model
 
 
-def test_the_step_module_imports_only_jax_flax_optax_chex():
+def test_the_step_module_imports_only_jax_flax_optax_chex_and_pure_helpers():
   import ast
   import inspect
   tree = ast.parse(inspect.getsource(step_lib))
@@ -28,7 +28,11 @@ def test_the_step_module_imports_only_jax_flax_optax_chex():
   assert roots <= {"functools", "flax", "jax", "optax", "chex", "mechconn"}, roots
   mechconn_imports = {node.module for node in ast.walk(tree)
                       if isinstance(node, ast.ImportFrom) and node.module.startswith("mechconn")}
-  assert mechconn_imports == {"mechconn.types"}
+  mechconn_imports |= {f"mechconn.{alias.name}" for node in ast.walk(tree)
+                       if isinstance(node, ast.ImportFrom) and node.module == "mechconn"
+                       for alias in node.names}
+  assert mechconn_imports - {"mechconn"} == {"mechconn.types", "mechconn.trees",
+                                             "mechconn.objectives"}
 
 
 def test_train_step_matches_manual_sgd():
