@@ -5,7 +5,8 @@ that must carry one permutation (`AxisClasses.unify`), refines an axis a
 reshape splits or merges, and fixes an axis whose positions the operation
 reads (`AxisClasses.fix`, with a `Constraint` saying why). A primitive with
 no rule here fixes every axis it touches (a non-positional constraint, which
-`derive_spec` reports if it decides a group).
+`derive_spec` reports if it decides a group). The rules are a table, `RULES`:
+primitive name -> rule; a call primitive (`CALLS`) is followed into its body.
 """
 
 import dataclasses
@@ -77,67 +78,90 @@ class AxisTracer:
     return axes
 
   def equation(self, eqn, ins, where):
-    name = eqn.primitive.name
-    p = eqn.params
-    shapes = [tuple(v.aval.shape) for v in eqn.invars]
-    out_shapes = [tuple(v.aval.shape) for v in eqn.outvars]
-    here = f"'{name}' in {where}"
-    if name in CALLS and CALLS[name] and CALLS[name] in p:
+    """The axes of `eqn`'s outputs, from its inputs' axes `ins`, by its primitive's rule."""
+    name, p = eqn.primitive.name, eqn.params
+    if CALLS.get(name) and CALLS[name] in p:
       body = p[CALLS[name]]
       inner, consts = (body.jaxpr, body.consts) if hasattr(body, "jaxpr") else (body, ())
       n = len(ins) - len(inner.invars)
       return self.run(inner, consts, ins[n:], where)
-    if name in ELEMENTWISE:
-      out = self.fresh(out_shapes[0])
-      for a, s in zip(ins, shapes):
-        if len(s) == len(out_shapes[0]):
-          for i, (si, so) in enumerate(zip(s, out_shapes[0])):
-            if si == so:
-              self.axes.unify(a[i], out[i], Constraint(False, here))
-      return [out]
-    if name in IDENTITIES:
-      return list(ins)
-    if name in SYMMETRIC_REDUCTIONS:
-      return [[a for i, a in enumerate(ins[0]) if i not in p["axes"]]]
-    if name in ("argmax", "argmin"):
-      for i in p["axes"]:
-        self.axes.fix(ins[0][i], Constraint(True, here))
-      return [[a for i, a in enumerate(ins[0]) if i not in p["axes"]]]
-    if name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
-      self.axes.fix(ins[0][p["axis"]], Constraint(True, here))
-      return [list(ins[0])]
-    if name == "broadcast_in_dim":
-      out = self.fresh(p["shape"])
-      for i, d in enumerate(p["broadcast_dimensions"]):
-        if shapes[0][i] == p["shape"][d]:
-          out[d] = ins[0][i]
-      return [out]
-    if name == "transpose":
-      return [[ins[0][i] for i in p["permutation"]]]
-    if name == "squeeze":
-      return [[a for i, a in enumerate(ins[0]) if i not in p["dimensions"]]]
-    if name == "reshape" and p.get("dimensions") is None:
-      return [self.reshape(ins[0], out_shapes[0], Constraint(False, here))]
-    if name == "dot_general":
-      return [self.dot_general(ins, shapes, p["dimension_numbers"], here)]
-    if name == "conv_general_dilated":
-      return [self.conv(ins, out_shapes[0], p, here)]
-    if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min"):
-      return [self.window(ins[0], out_shapes[0], p, here)]
-    if name in ("slice", "dynamic_slice", "pad", "rev"):
-      return [self.positional(ins[0], shapes[0], out_shapes[0], name, p, here)]
-    if name == "concatenate":
-      return [self.concatenate(ins, out_shapes[0], p["dimension"], here)]
-    if name == "iota":
-      out = self.fresh(out_shapes[0])
-      self.axes.fix(out[p["dimension"]], Constraint(True, here))
-      return [out]
-    # No rule: nothing is known about how it treats positions.
+    rule = RULES.get(name, AxisTracer._no_rule)
+    return rule(self, eqn, ins, f"'{name}' in {where}")
+
+  # --- One rule per primitive (`RULES`): rule(self, eqn, ins, here) -> output axes. ----
+
+  def _elementwise(self, eqn, ins, here):
+    out_shape = _out_shapes(eqn)[0]
+    out = self.fresh(out_shape)
+    for a, s in zip(ins, _in_shapes(eqn)):
+      if len(s) == len(out_shape):
+        for i, (si, so) in enumerate(zip(s, out_shape)):
+          if si == so:
+            self.axes.unify(a[i], out[i], Constraint(False, here))
+    return [out]
+
+  def _identity(self, eqn, ins, here):
+    return list(ins)
+
+  def _symmetric_reduction(self, eqn, ins, here):
+    return [[a for i, a in enumerate(ins[0]) if i not in eqn.params["axes"]]]
+
+  def _arg_reduction(self, eqn, ins, here):
+    for i in eqn.params["axes"]:
+      self.axes.fix(ins[0][i], Constraint(True, here))
+    return self._symmetric_reduction(eqn, ins, here)
+
+  def _cumulative(self, eqn, ins, here):
+    self.axes.fix(ins[0][eqn.params["axis"]], Constraint(True, here))
+    return [list(ins[0])]
+
+  def _broadcast_in_dim(self, eqn, ins, here):
+    p = eqn.params
+    out = self.fresh(p["shape"])
+    for i, d in enumerate(p["broadcast_dimensions"]):
+      if _in_shapes(eqn)[0][i] == p["shape"][d]:
+        out[d] = ins[0][i]
+    return [out]
+
+  def _transpose(self, eqn, ins, here):
+    return [[ins[0][i] for i in eqn.params["permutation"]]]
+
+  def _squeeze(self, eqn, ins, here):
+    return [[a for i, a in enumerate(ins[0]) if i not in eqn.params["dimensions"]]]
+
+  def _reshape(self, eqn, ins, here):
+    if eqn.params.get("dimensions") is not None:
+      return self._no_rule(eqn, ins, here)
+    return [self.reshape(ins[0], _out_shapes(eqn)[0], Constraint(False, here))]
+
+  def _dot_general(self, eqn, ins, here):
+    return [self.dot_general(ins, _in_shapes(eqn), eqn.params["dimension_numbers"], here)]
+
+  def _conv(self, eqn, ins, here):
+    return [self.conv(ins, _out_shapes(eqn)[0], eqn.params, here)]
+
+  def _window(self, eqn, ins, here):
+    return [self.window(ins[0], _out_shapes(eqn)[0], eqn.params, here)]
+
+  def _positional(self, eqn, ins, here):
+    return [self.positional(ins[0], _in_shapes(eqn)[0], _out_shapes(eqn)[0],
+                            eqn.primitive.name, eqn.params, here)]
+
+  def _concatenate(self, eqn, ins, here):
+    return [self.concatenate(ins, _out_shapes(eqn)[0], eqn.params["dimension"], here)]
+
+  def _iota(self, eqn, ins, here):
+    out = self.fresh(_out_shapes(eqn)[0])
+    self.axes.fix(out[eqn.params["dimension"]], Constraint(True, here))
+    return [out]
+
+  def _no_rule(self, eqn, ins, here):
+    """Nothing is known about how it treats positions: every axis it touches is fixed."""
     event = Constraint(False, f"{here} (no rule for this operation)")
     for a in ins:
       for axis in a:
         self.axes.fix(axis, event)
-    return [self.fresh(s, event) for s in out_shapes]
+    return [self.fresh(s, event) for s in _out_shapes(eqn)]
 
   # --- Rules with structure. ------------------------------------------------------
 
@@ -237,3 +261,33 @@ class AxisTracer:
       self.axes.fix(b, Constraint(False, f"{here} (joins different axes along one axis)"))
     self.axes.fix(out[dim], Constraint(True, here))
     return out
+
+
+def _in_shapes(eqn) -> list[tuple[int, ...]]:
+  return [tuple(v.aval.shape) for v in eqn.invars]
+
+
+def _out_shapes(eqn) -> list[tuple[int, ...]]:
+  return [tuple(v.aval.shape) for v in eqn.outvars]
+
+
+# primitive name -> rule; a primitive not here fixes every axis it touches (`_no_rule`).
+RULES = {
+    **dict.fromkeys(ELEMENTWISE, AxisTracer._elementwise),
+    **dict.fromkeys(IDENTITIES, AxisTracer._identity),
+    **dict.fromkeys(SYMMETRIC_REDUCTIONS, AxisTracer._symmetric_reduction),
+    **dict.fromkeys(("argmax", "argmin"), AxisTracer._arg_reduction),
+    **dict.fromkeys(("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"),
+                    AxisTracer._cumulative),
+    "broadcast_in_dim": AxisTracer._broadcast_in_dim,
+    "transpose": AxisTracer._transpose,
+    "squeeze": AxisTracer._squeeze,
+    "reshape": AxisTracer._reshape,
+    "dot_general": AxisTracer._dot_general,
+    "conv_general_dilated": AxisTracer._conv,
+    **dict.fromkeys(("reduce_window_sum", "reduce_window_max", "reduce_window_min"),
+                    AxisTracer._window),
+    **dict.fromkeys(("slice", "dynamic_slice", "pad", "rev"), AxisTracer._positional),
+    "concatenate": AxisTracer._concatenate,
+    "iota": AxisTracer._iota,
+}

@@ -80,13 +80,10 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
                   renormalize: str | None = "auto") -> PathEval:
   """The objective's metrics (loss and accuracy) at every t of a path, on one eval set; checked.
 
-  Eager: it checks its inputs (batch keys and shapes, finite parameters and
-  data, targets within the model's outputs), places the work on a device mesh,
-  runs the pure core `path_metrics` (jittable, differentiable, vmappable:
-  use it inside your own jitted code) and refuses non-finite results. One XLA
-  program runs all t (compiled once per grid length and shapes). For several
-  sets sharing each t's statistics (the four views) use
-  `evaluate_path_on_sets`.
+  Eager: it checks its inputs, places the work on a device mesh, runs the pure
+  core `path_metrics` (jittable, differentiable, vmappable: use it inside your
+  own jitted code) in one XLA program for all t, and refuses non-finite
+  results. Several sets sharing each t's statistics: `evaluate_path_on_sets`.
 
   Args:
     apply_fn: the model's apply (Flax Linen `model.apply` taking `train=`;
@@ -94,21 +91,18 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
     points: the path's parameter trees (params, not the full variables), e.g.
       (params_a, params_b) for 'linear', (a, mid, b) for a quadratic 'bezier'.
     ts: [K] grid, np.linspace(0, 1, K).
-    eval_batches: one eval set, a dict of arrays stacked [num_batches,
-      batch_size, ...] in the objective's format (classification: {'image',
-      'label', 'mask'}, see `mechconn.data.batching.stack_batches`); means are
-      weighted by the mask.
+    eval_batches: one eval set, arrays stacked [num_batches, batch_size, ...]
+      in the objective's format (classification: {'image', 'label', 'mask'},
+      `mechconn.data.batching.stack_batches`); means weighted by the mask.
     path: 'linear', 'bezier', 'polychain', or a `path_fn(points, t)`.
     bn_batches: stacked full batches from which BatchNorm (or REPAIR)
       statistics are recomputed at every t; required when the model has
       BatchNorm, or with renormalize='repair'.
     objective: what is measured (`mechconn.objectives`; default classification).
-    strategy: 'map', 'chunked' or 'vmap'; None picks `DEFAULT_STRATEGY` for
-      the default backend.
+    strategy: 'map', 'chunked' or 'vmap' (None: the backend's `DEFAULT_STRATEGY`).
     chunk_size: t values per chunk for 'chunked'.
     mesh: a 1-D device mesh to spread the work over (over t when K >= its
-      size, else over the eval data; see the module docstring); None: the
-      default device.
+      size, else over the eval data); None: the default device.
     renormalize: as `path_metrics` ('auto', 'batchnorm', 'batchnorm_unbiased',
       'repair', None).
 
@@ -117,17 +111,13 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
     `sharded_over` and `num_devices` saying how the work was spread.
 
   Raises:
-    ValueError: malformed batches (keys, shapes, dtypes; integer images),
-      images outside a normalised range (uint8 scale), labels outside the
-      model's classes, an eval set without a real example, full variables
-      where parameters go, points of different dtypes, model outputs the
-      objective cannot read (e.g. a tuple), statistics data constant at a
-      BatchNorm layer or REPAIR site of an end point (e.g. all-zero
-      bn_batches images). The checks: `mechconn.input_checks`.
-    finite.NonFiniteError: NaN or infinity in a point's parameters, the eval
-      or BatchNorm inputs, the recomputed statistics or the loss at some t
-      (checked by cheap in-graph reductions; XLA can otherwise turn NaN
-      activations into finite logits, and a barrier of 0).
+    ValueError: inputs that would give a wrong number (the checks are listed
+      in `mechconn.input_checks`: malformed or uint8-scale batches, labels
+      outside the model's classes, statistics data constant at a BatchNorm
+      layer or REPAIR site of an end point, ...).
+    finite.NonFiniteError: NaN or infinity in a point's parameters, the inputs,
+      the recomputed statistics or the loss at some t (XLA can otherwise turn
+      NaN activations into finite logits, and a barrier of 0).
 
   Example:
     >>> ts = np.linspace(0, 1, 11)
@@ -135,18 +125,12 @@ def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
     ...                        bn_batches=bn_batches)
     >>> result.summary()   # {'loss': ..., 'loss_t': ..., 'error': ..., 'error_t': ...}
   """
-  if _is_set_of_sets(eval_batches, objective):
-    warnings.warn("evaluate_path with {name: set} is deprecated and will be removed in the "
-                  "next release: use evaluate_path_on_sets(...) for several sets (it always "
-                  "returns {name: PathEval}); evaluate_path always returns one PathEval.",
-                  DeprecationWarning, stacklevel=2)
-    return evaluate_path_on_sets(apply_fn, points, ts, eval_batches, path=path,
-                                 bn_batches=bn_batches, objective=objective,
-                                 strategy=strategy, chunk_size=chunk_size, mesh=mesh,
-                                 renormalize=renormalize)
-  return evaluate_path_on_sets(apply_fn, points, ts, {"eval": eval_batches}, path=path,
-                               bn_batches=bn_batches, objective=objective, strategy=strategy,
-                               chunk_size=chunk_size, mesh=mesh, renormalize=renormalize)["eval"]
+  several = _is_set_of_sets(eval_batches, objective, warn=True)
+  evals = evaluate_path_on_sets(
+      apply_fn, points, ts, eval_batches if several else {"eval": eval_batches}, path=path,
+      bn_batches=bn_batches, objective=objective, strategy=strategy, chunk_size=chunk_size,
+      mesh=mesh, renormalize=renormalize)
+  return evals if several else evals["eval"]
 
 
 def evaluate_path_on_sets(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
@@ -189,11 +173,20 @@ def evaluate_path_on_sets(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.
                               sharded_over=plan, num_devices=num_devices)
 
 
-def _is_set_of_sets(eval_data, objective: Objective) -> bool:
-  """True for {name: set} passed where one set goes (the deprecated form of evaluate_path)."""
-  return (isinstance(eval_data, Mapping) and bool(eval_data)
-          and all(isinstance(v, Mapping) for v in eval_data.values())
-          and not any(k in eval_data for k in objective.required_keys()))
+def _is_set_of_sets(eval_data, objective: Objective, warn: bool = False) -> bool:
+  """True for {name: set} passed where one set goes (the deprecated form of evaluate_path).
+
+  With `warn`, that form warns (DeprecationWarning, attributed to evaluate_path's caller).
+  """
+  several = (isinstance(eval_data, Mapping) and bool(eval_data)
+             and all(isinstance(v, Mapping) for v in eval_data.values())
+             and not any(k in eval_data for k in objective.required_keys()))
+  if several and warn:
+    warnings.warn("evaluate_path with {name: set} is deprecated and will be removed in the "
+                  "next release: use evaluate_path_on_sets(...) for several sets (it always "
+                  "returns {name: PathEval}); evaluate_path always returns one PathEval.",
+                  DeprecationWarning, stacklevel=3)
+  return several
 
 
 def _check_results(ts: np.ndarray, out: dict, stats_finite: jax.Array,

@@ -292,6 +292,19 @@ def _input_flags(named_trees, eval_sets, bn_batches, batch_stats, *, num_outputs
   return finite_flags, valid_flags, image_extents, variance_mins
 
 
+def _images_out_of_range(image_extents: dict) -> list[str]:
+  """[the problem] when some images range beyond MAX_ABS_IMAGE (uint8 scale), else []."""
+  outside = {what: (float(lo), float(hi)) for what, (lo, hi) in image_extents.items()
+             if np.isfinite([lo, hi]).all() and max(abs(lo), abs(hi)) > MAX_ABS_IMAGE}
+  if not outside:
+    return []
+  return [", ".join(f"{what} range over [{lo:.4g}, {hi:.4g}]" for what, (lo, hi) in outside.items())
+          + f"; expected normalised images within [-{MAX_ABS_IMAGE:g}, {MAX_ABS_IMAGE:g}] "
+          "(normalised CIFAR, ImageNet and MNIST pixels lie within about +-3): for uint8-scale "
+          "images divide by 255 and normalise by the dataset's mean and std (e.g. "
+          f"mechconn.data.datasets.normalize); {OTHER_KEY_HINT}"]
+
+
 def check_inputs(apply_fn: ApplyFn, named_params: dict[str, Params],
                  eval_sets: dict[str, StackedBatches],
                  bn_batches: StackedBatches | None = None,
@@ -338,15 +351,7 @@ def check_inputs(apply_fn: ApplyFn, named_params: dict[str, Params],
               f"{float(low):.3g}); variances are >= 0: recompute the statistics "
               "(batchnorm.recompute_batch_stats) or fix the checkpoint they came from"
               for path, low in variance_mins.items() if low < 0]
-  outside = {what: (float(lo), float(hi)) for what, (lo, hi) in image_extents.items()
-             if np.isfinite([lo, hi]).all() and max(abs(lo), abs(hi)) > MAX_ABS_IMAGE}
-  if outside:
-    invalid.append(
-        ", ".join(f"{what} range over [{lo:.4g}, {hi:.4g}]" for what, (lo, hi) in outside.items())
-        + f"; expected normalised images within [-{MAX_ABS_IMAGE:g}, {MAX_ABS_IMAGE:g}] "
-        "(normalised CIFAR, ImageNet and MNIST pixels lie within about +-3): for uint8-scale "
-        "images divide by 255 and normalise by the dataset's mean and std (e.g. "
-        f"mechconn.data.datasets.normalize); {OTHER_KEY_HINT}")
+  invalid += _images_out_of_range(image_extents)
   if invalid:
     raise ValueError("Evaluation refused: " + "; ".join(invalid) + ".")
   named = {  # the first bad leaf of a tree, found on the host on the error path only

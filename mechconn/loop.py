@@ -110,99 +110,130 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
   Returns:
     The final state (also saved as the last checkpoint).
   """
-  replicated = mesh_lib.replicated(mesh)
-  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                  max_to_keep=options.max_to_keep)
+  state = _restore_or_init(ckpt, init_fn, mesh, options, run_config)
+  start = int(state.step)
+  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  if jax.process_index() == 0:
+    workdir_lib.truncate_metrics(metrics_path, start)
+  recorder = _Recorder(ckpt, metrics_path, options, start, learning_rate_fn=learning_rate_fn,
+                       eval_fn=eval_fn, examples_per_step=examples_per_step,
+                       run_config=run_config)
+  try:
+    for step in range(start, options.num_steps):
+      state, metrics = step_fn(state, batch_fn(step))
+      recorder.after_step(step, state, metrics)
+  finally:
+    recorder.close()
+  return state
+
+
+def _restore_or_init(ckpt: checkpoint.Checkpointer, init_fn: Callable[[], Any],
+                     mesh: jax.sharding.Mesh, options: LoopOptions,
+                     run_config: dict | None) -> Any:
+  """The state to start from: the latest checkpoint (checked), else a fresh init."""
+  replicated = mesh_lib.replicated(mesh)
   # Resume order:
   # 1. the latest complete checkpoint, checked leaf by leaf against an abstract
   #    state (no arrays allocated); a fresh init when there is none;
   # 2. metrics lines past the restored step are dropped (a killed run may have
-  #    logged steps that it had not checkpointed);
+  #    logged steps that it had not checkpointed; `train_loop` does this);
   # 3. nothing else: batches and step keys are functions of the step number,
   #    and the optimiser's schedule counts in its restored state.
   latest = ckpt.latest_step()
-  if latest is not None:
-    _check_owner(ckpt, latest, run_config)
-    abstract = mesh_lib.abstract_like(jax.eval_shape(init_fn), replicated)
-    state = ckpt.restore(abstract, latest)
-    if not bool(finite.all_finite_jit(state)):
-      raise finite.NonFiniteError(
-          f"Checkpoint {ckpt.step_dir(latest)} holds NaN or infinity (first at "
-          f"{finite.first_nonfinite_leaf(state)}): it is not a state to resume from (mechconn "
-          "never saves one; was it written or edited by something else?). It was left as "
-          "is; move it away to resume from an earlier step.")
-    if jax.process_index() == 0:  # said on the terminal: a resume is not a fresh start
-      print(f"{options.desc}: resumed from {ckpt.step_dir(latest)} (step {latest} of "
-            f"{options.num_steps})")
-  else:
-    state = jax.jit(init_fn, out_shardings=replicated)()
-  start = int(state.step)
-  if jax.process_index() == 0:
-    workdir_lib.truncate_metrics(metrics_path, start)
+  if latest is None:
+    return jax.jit(init_fn, out_shardings=replicated)()
+  _check_owner(ckpt, latest, run_config)
+  abstract = mesh_lib.abstract_like(jax.eval_shape(init_fn), replicated)
+  state = ckpt.restore(abstract, latest)
+  if not bool(finite.all_finite_jit(state)):
+    raise finite.NonFiniteError(
+        f"Checkpoint {ckpt.step_dir(latest)} holds NaN or infinity (first at "
+        f"{finite.first_nonfinite_leaf(state)}): it is not a state to resume from (mechconn "
+        "never saves one; was it written or edited by something else?). It was left as "
+        "is; move it away to resume from an earlier step.")
+  if jax.process_index() == 0:  # said on the terminal: a resume is not a fresh start
+    print(f"{options.desc}: resumed from {ckpt.step_dir(latest)} (step {latest} of "
+          f"{options.num_steps})")
+  return state
 
-  writer = workdir_lib.MetricsWriter(metrics_path, enabled=jax.process_index() == 0)
-  bar = tqdm.tqdm(total=options.num_steps, initial=start, desc=options.desc,
-                  disable=not options.progress or jax.process_index() != 0,
-                  dynamic_ncols=True, leave=False)
-  pending, window_start, tick = [], start, time.perf_counter()
 
-  def saved_so_far():  # only on the error path: it waits for pending saves
-    ckpt.wait()
-    last_good = ckpt.latest_step()
-    return (f"the last good checkpoint is {ckpt.step_dir(last_good)}" if last_good is not None
-            else "no checkpoint had been written")
+class _Recorder:
+  """What `train_loop` does after each step: check, log, evaluate and save when due."""
 
-  def check_state(state, done, why):
+  def __init__(self, ckpt: checkpoint.Checkpointer, metrics_path: str, options: LoopOptions,
+               start: int, *, learning_rate_fn, eval_fn, examples_per_step, run_config):
+    self.ckpt, self.options, self.run_config = ckpt, options, run_config
+    self.learning_rate_fn, self.eval_fn = learning_rate_fn, eval_fn
+    self.examples_per_step = examples_per_step
+    self.writer = workdir_lib.MetricsWriter(metrics_path, enabled=jax.process_index() == 0)
+    self.bar = tqdm.tqdm(total=options.num_steps, initial=start, desc=options.desc,
+                         disable=not options.progress or jax.process_index() != 0,
+                         dynamic_ncols=True, leave=False)
+    self.pending, self.window_start, self.tick = [], start, time.perf_counter()
+
+  def after_step(self, step: int, state: Any, metrics: Metrics) -> None:
+    """Records step `step` (0-based; `state` is after it) and acts on what is due."""
+    options, done = self.options, step + 1
+    self.pending.append(metrics)  # stays on device until the next log, eval or checkpoint
+    self.bar.update(1)
+    last = done == options.num_steps
+    log_now = done % options.log_every == 0 or last
+    eval_now = self.eval_fn is not None and (
+        (options.eval_every and done % options.eval_every == 0) or last)
+    save_now = done % options.checkpoint_every == 0 or last
+    if log_now or eval_now or save_now:  # read the window's metrics: finite?
+      stacked = stack_metrics(self.pending)
+      finite.raise_if_diverged(stacked, self.window_start, self.saved_so_far)
+    if log_now:
+      self.log(step, stacked)
+    if eval_now:
+      self.check_state(state, done, "evaluating it")
+      self.writer.write({"step": done, **self.eval_fn(state)})
+    if save_now:
+      self.check_state(state, done, "saving it")
+      self.ckpt.save(done, state, config=self.run_config)
+
+  def log(self, step: int, stacked: dict[str, np.ndarray]) -> None:
+    """Writes the window's mean metrics after `step`; starts the next window."""
+    done, elapsed = step + 1, time.perf_counter() - self.tick
+    record = {"step": done}
+    if self.options.steps_per_epoch:
+      record["epoch"] = round(done / self.options.steps_per_epoch, 4)
+    record.update({f"train/{k}": float(np.mean(v)) for k, v in stacked.items()})
+    if self.learning_rate_fn is not None:
+      record["learning_rate"] = float(self.learning_rate_fn(step))
+    if self.examples_per_step:
+      record["examples_per_s"] = round(self.examples_per_step * len(self.pending) / elapsed, 1)
+    self.writer.write(record)
+    self.bar.set_postfix(loss=f"{record['train/loss']:.3f}",
+                         acc=f"{record.get('train/accuracy', float('nan')):.3f}",
+                         lr=f"{record.get('learning_rate', float('nan')):.3g}",
+                         ex_s=f"{record.get('examples_per_s', 0):.0f}")
+    self.pending, self.window_start, self.tick = [], done, time.perf_counter()
+
+  def saved_so_far(self) -> str:
+    """The last good checkpoint, for an error message (waits for pending saves)."""
+    self.ckpt.wait()
+    last_good = self.ckpt.latest_step()
+    return (f"the last good checkpoint is {self.ckpt.step_dir(last_good)}"
+            if last_good is not None else "no checkpoint had been written")
+
+  def check_state(self, state: Any, done: int, why: str) -> None:
+    """Raises unless every leaf of `state` is finite, before it is saved or evaluated."""
     # Metrics cover params and gradients; this also covers batch_stats and the
     # optimiser state: one compiled reduction, before anything is saved or evaluated.
     if not bool(finite.all_finite_jit(state)):
       raise finite.NonFiniteError(
           f"The training state after step {done} holds NaN or infinity (first at "
           f"{finite.first_nonfinite_leaf(state)}), found before {why}; it was not saved. "
-          f"{saved_so_far().capitalize()}.")
+          f"{self.saved_so_far().capitalize()}.")
 
-  try:
-    for step in range(start, options.num_steps):
-      state, metrics = step_fn(state, batch_fn(step))
-      pending.append(metrics)  # stays on device until the next log, eval or checkpoint
-      done = step + 1
-      bar.update(1)
-      last = done == options.num_steps
-      log_now = done % options.log_every == 0 or last
-      eval_now = eval_fn is not None and (
-          (options.eval_every and done % options.eval_every == 0) or last)
-      save_now = done % options.checkpoint_every == 0 or last
-      if log_now or eval_now or save_now:  # read the window's metrics: finite?
-        stacked = stack_metrics(pending)
-        finite.raise_if_diverged(stacked, window_start, saved_so_far)
-      if log_now:
-        elapsed = time.perf_counter() - tick
-        record = {"step": done}
-        if options.steps_per_epoch:
-          record["epoch"] = round(done / options.steps_per_epoch, 4)
-        record.update({f"train/{k}": float(np.mean(v)) for k, v in stacked.items()})
-        if learning_rate_fn is not None:
-          record["learning_rate"] = float(learning_rate_fn(step))
-        if examples_per_step:
-          record["examples_per_s"] = round(examples_per_step * len(pending) / elapsed, 1)
-        writer.write(record)
-        bar.set_postfix(loss=f"{record['train/loss']:.3f}",
-                        acc=f"{record.get('train/accuracy', float('nan')):.3f}",
-                        lr=f"{record.get('learning_rate', float('nan')):.3g}",
-                        ex_s=f"{record.get('examples_per_s', 0):.0f}")
-        pending, window_start, tick = [], done, time.perf_counter()
-      if eval_now:
-        check_state(state, done, "evaluating it")
-        writer.write({"step": done, **eval_fn(state)})
-      if save_now:
-        check_state(state, done, "saving it")
-        ckpt.save(done, state, config=run_config)
-  finally:
-    bar.close()
-    writer.close()
-    ckpt.close()
-  return state
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+    self.ckpt.close()
 
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,

@@ -65,9 +65,7 @@ def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
   reference = align._params_of(reference, call, "reference")
   other = align._params_of(other, call, "other")
   align.check_pair(spec, reference, other)
-  ref = {k: spec.view(k, np.asarray(v, np.float64))
-         for k, v in align.flatten_variables({"params": reference}).items()}
-  oth = {k: spec.view(k, np.asarray(v, np.float64)) for k, v in align.flatten_variables({"params": other}).items()}
+  ref, oth = _viewed(spec, reference), _viewed(spec, other)
   perm_to_axes = {name: [(p, a) for p, a in where if p in ref]
                   for name, where in spec.perm_to_axes.items()}
   nested = _nested_groups(spec, perm_to_axes)
@@ -78,17 +76,29 @@ def weight_matching(spec: PermutationSpec, reference: Params, other: Params, *,
   for _ in range(max_iter):
     improved = False
     for name in rng.permutation(names):
-      similarity = _similarity(spec, ref, oth, perm, name, perm_to_axes[name], nested[name])
-      _, assignment = linear_sum_assignment(similarity, maximize=True)
-      n = len(perm[name])
-      old = similarity[np.arange(n), perm[name]].sum()
-      new = similarity[np.arange(n), assignment].sum()
-      if new > old + 1e-12 * max(1.0, abs(old)):
-        perm[name] = assignment
-        improved = True
+      improved |= _match_group(spec, ref, oth, perm, name, perm_to_axes[name], nested[name])
     if not improved:
       break
   return perm
+
+
+def _viewed(spec: PermutationSpec, params: Params) -> dict[str, np.ndarray]:
+  """{leaf path: the leaf in float64, in its view shape} of a params tree."""
+  return {k: spec.view(k, np.asarray(v, np.float64))
+          for k, v in align.flatten_variables({"params": params}).items()}
+
+
+def _match_group(spec, ref, oth, perm, name, where, nested) -> bool:
+  """Reassigns group `name` exactly, the others fixed; True when that improved the objective."""
+  similarity = _similarity(spec, ref, oth, perm, name, where, nested)
+  _, assignment = linear_sum_assignment(similarity, maximize=True)
+  n = len(perm[name])
+  old = similarity[np.arange(n), perm[name]].sum()
+  new = similarity[np.arange(n), assignment].sum()
+  if new > old + 1e-12 * max(1.0, abs(old)):
+    perm[name] = assignment
+    return True
+  return False
 
 
 # Groups of at most this many units are matched with their nested groups relaxed.
@@ -236,6 +246,11 @@ def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
     totals = m if totals is None else [_merge_moments(t, x) for t, x in zip(totals, m)]
   if totals is None:
     raise ValueError("activation_statistics needs at least one batch.")
+  return _correlations(spec, names, totals)
+
+
+def _correlations(spec: PermutationSpec, names: list[str], totals: list) -> dict[str, np.ndarray]:
+  """{group: the sum over its sites of the correlations}, from merged moments per site."""
   out, i = {}, 0
   for name in names:
     corr = 0.0

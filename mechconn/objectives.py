@@ -125,7 +125,7 @@ WEIGHT = "_weight"  # the key of the summed weights in `weighted_sums`
 
 
 def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-  """Per-element softmax cross-entropy 'loss' and 'accuracy' of logits [..., C] against labels [...].
+  """Per-element softmax cross-entropy 'loss' and 'accuracy' of logits [..., C], labels [...].
 
   loss = -log softmax(logits)[label], in float32 for bfloat16 models too;
   accuracy = 1.0 where argmax(logits) == label, else 0.0 (float32). The one

@@ -310,21 +310,16 @@ def path_metrics(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, PathEval]:
   """The objective's metrics at every t of a path, on each eval set: the pure core.
 
-  A pure function of arrays: call it inside `jax.jit`, differentiate it with
-  `jax.grad` with respect to the points (the gradient flows through the path,
-  the recomputed statistics and the metrics), map it with `jax.vmap` over
-  stacked end points or grids. At each t the path's parameters and their
-  BatchNorm (or REPAIR) statistics are formed once and every eval set is
-  evaluated with them. It checks only what needs no data (shapes, names,
-  dtypes of the points, the model's outputs against the objective, the
-  renormalisation against the model); the checked, eager entry points are
+  A pure function of arrays: `jax.jit` it, `jax.grad` it with respect to the
+  points (through the path, the recomputed statistics and the metrics), or
+  `jax.vmap` it over stacked end points or grids. At each t the parameters and
+  their BatchNorm (or REPAIR) statistics are formed once for every eval set.
+  It checks only what needs no data; the checked, eager entry points are
   `evaluate_path` (one set) and `evaluate_path_on_sets`.
 
   Args:
-    apply_fn: the model's apply, `apply_fn(variables, inputs, *, train,
-      mutable=...)` as Flax Linen's `model.apply` (for a model without a
-      `train` argument wrap it in `mechconn.adapters.without_train`; an NNX
-      module: `mechconn.adapters.from_nnx`).
+    apply_fn: the model's apply, as Flax Linen's `model.apply` taking `train=`
+      (other models through `mechconn.adapters`).
     points: the path's parameter trees (params, not the full variables), e.g.
       (params_a, params_b) for 'linear', (a, mid, b) for a quadratic 'bezier'.
     ts: [K] grid from 0 to 1, np.linspace(0, 1, K) (checked when concrete).
@@ -334,15 +329,12 @@ def path_metrics(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
     bn_batches: stacked full batches (same format; the objective's inputs are
       read) from which BatchNorm or REPAIR statistics are recomputed at every
       t; required when the model has BatchNorm or with renormalize='repair'.
-    objective: what is measured (`mechconn.objectives`; default
-      classification's cross-entropy and accuracy).
+    objective: what is measured (`mechconn.objectives`; default classification).
     path: 'linear', 'bezier', 'polychain', or a `path_fn(points, t)`.
     renormalize: 'batchnorm' (BatchNorm statistics recomputed exactly at
       every t; 'batchnorm_unbiased': with the unbiased variance, as PyTorch's
-      `update_bn`), 'repair' (REPAIR at every conv and dense output but the
-      last, for networks without BatchNorm: `mechconn.repair`), None
-      (nothing), or 'auto' ('batchnorm' when the model has BatchNorm, else
-      None).
+      `update_bn`), 'repair' (`mechconn.repair`, for networks without
+      BatchNorm), None, or 'auto' ('batchnorm' when the model has BatchNorm).
     strategy: 'map', 'chunked' or 'vmap' over t; None: `DEFAULT_STRATEGY`.
     chunk_size: t values per chunk for 'chunked'.
 

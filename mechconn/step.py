@@ -11,8 +11,8 @@
   `adamw` (a language model's optimiser, with a warmed-up cosine).
 
 Imports only jax, flax, optax and mechconn's pure helpers (types, trees,
-objectives): the losses built on it (curves, fine-tuning) stay pure. The loop that runs a step with checkpoints is
-`mechconn.loop`.
+objectives): the losses built on it (curves, fine-tuning) stay pure. The loop
+that runs a step with checkpoints is `mechconn.loop`.
 """
 
 import functools

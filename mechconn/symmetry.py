@@ -91,7 +91,47 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
   names = [finite.leaf_path(path) for path, _ in leaves]
+  closed, out_shapes, layer_paths = _trace(apply_fn, treedef, [leaf for _, leaf in leaves],
+                                           example_input, apply_kwargs)
+  tracer = AxisTracer()
+  param_axes = [tracer.fresh(jnp.shape(leaf)) for _, leaf in leaves]
+  input_axes = [tracer.fresh(jnp.shape(x), Constraint(True, "the model's input"))
+                for x in jax.tree.leaves(example_input)]
+  outs = tracer.run(closed.jaxpr, closed.consts, param_axes + input_axes)
+  axes = tracer.axes
+  num_outputs = len(jax.tree.leaves(out_shapes[0]))
+  output_events = _fix_outputs(axes, out_shapes[0], outs[:num_outputs])
 
+  factors, occurrences = _factors(axes, names, param_axes)
+  groups = _free_groups(axes, occurrences)
+  first_use = _first_use(closed.jaxpr, len(leaves))
+  if num_outputs > 1:
+    _refuse_hidden_outputs(tracer, occurrences, output_events, names, first_use)
+  if not groups:
+    warnings.warn(_no_group_message(axes, occurrences), NoPermutationGroupWarning, stacklevel=2)
+  group_names = _group_names(groups, factors, names, first_use)
+  spec_axes, shapes = _spec_axes(axes, factors, group_names)
+  return align.PermutationSpec(
+      spec_axes, _sites(axes, layer_paths, outs[num_outputs:], group_names), shapes=shapes)
+
+
+def _factors(axes: AxisClasses, names: list[str], param_axes: list):
+  """({leaf: the expanded factors of each axis}, {class: [(leaf, factor index)]})."""
+  factors = {name: [axes.expand(a) for a in leaf_axes]
+             for name, leaf_axes in zip(names, param_axes)}
+  occurrences: dict[int, list[tuple[str, int]]] = {}
+  for name, leaf in factors.items():
+    for k, f in enumerate(f for fs in leaf for f in fs):
+      occurrences.setdefault(f, []).append((name, k))
+  return factors, occurrences
+
+
+def _trace(apply_fn, treedef, values, example_input, apply_kwargs):
+  """(closed jaxpr, output shapes, layer paths) of the model, in inference mode.
+
+  The jaxpr returns the model's outputs, then the first array output of every
+  layer (in call order) whose path is in the returned list of layer paths.
+  """
   layer_paths = []  # the layers whose first outputs `traced` returns, in call order
 
   def traced(values, x):
@@ -112,25 +152,16 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
     layer_paths[:] = [path for path in order if path in outputs]
     return out, [outputs[path] for path in layer_paths]
 
-  closed, out_shapes = jax.make_jaxpr(traced, return_shape=True)(
-      [leaf for _, leaf in leaves], example_input)
-  tracer = AxisTracer()
-  param_axes = [tracer.fresh(jnp.shape(leaf)) for _, leaf in leaves]
-  input_axes = [tracer.fresh(jnp.shape(x), Constraint(True, "the model's input"))
-                for x in jax.tree.leaves(example_input)]
-  outs = tracer.run(closed.jaxpr, closed.consts, param_axes + input_axes)
-  axes = tracer.axes
-  num_outputs = len(jax.tree.leaves(out_shapes[0]))
-  output_events = _fix_outputs(axes, out_shapes[0], outs[:num_outputs])
+  closed, out_shapes = jax.make_jaxpr(traced, return_shape=True)(values, example_input)
+  return closed, out_shapes, layer_paths
 
-  # Expanded factors of every leaf axis; occurrences of each class.
-  factors = {name: [axes.expand(a) for a in leaf_axes]
-             for name, leaf_axes in zip(names, param_axes)}
-  occurrences: dict[int, list[tuple[str, int]]] = {}  # class -> (leaf, factor index)
-  for name, leaf in factors.items():
-    for k, f in enumerate(f for fs in leaf for f in fs):
-      occurrences.setdefault(f, []).append((name, k))
 
+def _free_groups(axes: AxisClasses, occurrences: dict) -> dict[int, list[tuple[str, int]]]:
+  """{class: its parameter axes} of the classes no operation fixes that two axes share.
+
+  Raises UnsupportedOperation where an operation without a positional rule
+  decides such a class.
+  """
   groups = {}
   for root, where in occurrences.items():
     events = axes.events[root]
@@ -142,18 +173,26 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
           "operation with supported ones (see mechconn.symmetry).")
     if not events and len(where) > 1:
       groups[root] = where
-  first_use = _first_use(closed.jaxpr, len(leaves))
-  if num_outputs > 1:
-    # Hidden units (ones a layer reads) that only the model's outputs keep from permuting.
-    read = set(axes.expand([f for a in tracer.contracted for f in a]))
-    hidden_out = [root for root, where in occurrences.items()
-                  if root in read and len(where) > 1 and axes.events[root]
-                  and all(e in output_events for e in axes.events[root])]
-    if hidden_out:
-      raise ValueError(_hidden_outputs_message(axes, output_events, hidden_out, _writer(
-          occurrences[hidden_out[0]], names, first_use)[-2:]))
-  if not groups:
-    warnings.warn(_no_group_message(axes, occurrences), NoPermutationGroupWarning, stacklevel=2)
+  return groups
+
+
+def _refuse_hidden_outputs(tracer: AxisTracer, occurrences: dict,
+                           output_events: list[Constraint], names: list[str],
+                           first_use: dict[int, int]) -> None:
+  """Raises when hidden units (ones a layer reads) are kept from permuting only by outputs."""
+  axes = tracer.axes
+  read = set(axes.expand([f for a in tracer.contracted for f in a]))
+  hidden_out = [root for root, where in occurrences.items()
+                if root in read and len(where) > 1 and axes.events[root]
+                and all(e in output_events for e in axes.events[root])]
+  if hidden_out:
+    raise ValueError(_hidden_outputs_message(axes, output_events, hidden_out, _writer(
+        occurrences[hidden_out[0]], names, first_use)[-2:]))
+
+
+def _group_names(groups: dict, factors: dict, names: list[str],
+                 first_use: dict[int, int]) -> dict[int, str]:
+  """{class: 'P_<module>' (or 'P_<module>:<axis>')}, named after the kernel writing it."""
   group_names = {}
   for root, where in sorted(groups.items(), key=lambda kv: _writer(kv[1], names, first_use)):
     leaf, axis = _writer(where, names, first_use)[-2:]
@@ -163,7 +202,11 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
     while name in group_names.values():
       name += "'"
     group_names[root] = name
+  return group_names
 
+
+def _spec_axes(axes: AxisClasses, factors: dict, group_names: dict[int, str]):
+  """({leaf: group name or None per (view) axis}, {leaf: view shape where factored})."""
   spec_axes, shapes = {}, {}
   for name, leaf in factors.items():
     # An axis that a reshape factored needs a view only where a group is one of the factors.
@@ -173,9 +216,14 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
       spec_axes[name] = tuple(group_names.get(f) for fs in leaf for f in fs)
     else:
       spec_axes[name] = tuple(group_names.get(fs[0]) if fs else None for fs in leaf)
+  return spec_axes, shapes
 
+
+def _sites(axes: AxisClasses, layer_paths: list, layer_axes: list,
+           group_names: dict[int, str]) -> dict[str, tuple]:
+  """{group: the layers whose output carries it on its last axis (and no group elsewhere)}."""
   sites: dict[str, list[tuple[str, ...]]] = {}
-  for module, a in zip(layer_paths, outs[num_outputs:]):
+  for module, a in zip(layer_paths, layer_axes):
     if not a:
       continue
     last = axes.expand(a[-1])
@@ -183,8 +231,7 @@ def derive_spec(apply_fn: Callable[..., Any], variables: dict, example_input,
     others_fixed = not any(f in group_names for axis in a[:-1] for f in axes.expand(axis))
     if len(last) == 1 and last[0] in group_names and others_fixed:
       sites.setdefault(group_names[last[0]], []).append(module)
-  return align.PermutationSpec(spec_axes, {k: tuple(v) for k, v in sites.items()},
-                               shapes=shapes)
+  return {k: tuple(v) for k, v in sites.items()}
 
 
 def _fix_outputs(axes: AxisClasses, out_tree, outs) -> list[Constraint]:
