@@ -62,18 +62,22 @@ class LoopOptions:
   steps_per_epoch: int = 0  # for the 'epoch' field of the logs (0: omitted)
   progress: bool = True
   desc: str = "train"
+  # How configs recorded with checkpoints by earlier versions read today (the tasks':
+  # `tasks.records.VOCABULARY`); the default compares every field as recorded.
+  vocabulary: workdir_lib.Vocabulary = workdir_lib.EXACT
 
 
-def _check_owner(ckpt: checkpoint.Checkpointer, step: int, run_config: dict | None) -> None:
+def _check_owner(ckpt: checkpoint.Checkpointer, step: int, run_config: dict | None,
+                 vocabulary: workdir_lib.Vocabulary = workdir_lib.EXACT) -> None:
   """Refuses to resume from a checkpoint recorded with a config other than `run_config`.
 
-  A checkpoint saved without a config (by `fit`-style callers, or before configs were
-  recorded) is vouched for by the workdir's claim: its config.json is this run's.
+  A checkpoint saved without a config (by `fit`-style callers, or by any run that passes
+  none) is vouched for by the workdir's claim: its config.json is this run's.
   """
   recorded = ckpt.recorded_config(step)
   if run_config is None or recorded is None:
     return
-  diff = workdir_lib.config_differences(recorded, run_config)
+  diff = workdir_lib.config_differences(recorded, run_config, vocabulary)
   if diff:
     raise checkpoint.CheckpointError(
         f"Checkpoint {ckpt.step_dir(step)} was written by a run of another config (differs in "
@@ -144,7 +148,7 @@ def _restore_or_init(ckpt: checkpoint.Checkpointer, init_fn: Callable[[], Any],
   latest = ckpt.latest_step()
   if latest is None:
     return jax.jit(init_fn, out_shardings=replicated)()
-  _check_owner(ckpt, latest, run_config)
+  _check_owner(ckpt, latest, run_config, options.vocabulary)
   abstract = mesh_lib.abstract_like(jax.eval_shape(init_fn), replicated)
   state = ckpt.restore(abstract, latest)
   if not bool(finite.all_finite_jit(state)):

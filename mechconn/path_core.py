@@ -39,10 +39,9 @@ from mechconn.objectives import Objective
 from mechconn.types import ApplyFn, Params, PathFn, StackedBatches
 
 STRATEGIES = ("map", "chunked", "vmap")
-# Measured with benchmarks/path_eval.py (README, Performance and Accelerators): on
-# XLA:CPU a sequential lax.map matches a Python loop of jitted points and beats vmap
-# several-fold; on one H200 they tie and on one H100 the loop is faster. 'map' keeps
-# memory flat and is one program; TPU is unmeasured.
+# Per backend, chosen by benchmarks/path_eval.py (its numbers: README, Performance and
+# Accelerators): 'map' is one program whose memory stays flat in the number of t; on
+# XLA:CPU it beats 'vmap' several-fold. TPU is unmeasured.
 DEFAULT_STRATEGY = {"cpu": "map", "gpu": "map", "tpu": "map"}
 DEFAULT_CHUNK_SIZE = 4
 BATCHNORM = ("batchnorm", "batchnorm_unbiased")  # recomputed statistics (batchnorm module)

@@ -13,8 +13,8 @@ accident and a reader can see what a seed drives:
          cue sets with default_rng([seed, CLEAN_CUE_SPLIT]); CBFT's cue batches
          are ordered with the seed `seed + CUE_BATCH_SEED_OFFSET`.
 
-Two older streams keep their draws (changing them would change published
-numbers): `finetune.fit_head` initialises its head and keys its steps with
+Two streams draw from the seed itself (kept so that published numbers
+reproduce): `finetune.fit_head` initialises its head and keys its steps with
 key(seed) itself, and `finetune.balanced_subset` (DFR) draws with
 default_rng(seed). Embedded datasets and views take `data.seed` (see
 `data.datasets`, `data.views`).

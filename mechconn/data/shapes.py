@@ -10,7 +10,7 @@ diamond, cross, hollow square, ellipse) with random position, size, rotation
 foreground and background colours (kept apart in brightness) and Gaussian pixel
 noise. The shape is the hard attribute, the box cue the simple one. The
 defaults are calibrated (benchmarks/shapes_difficulty.py, 3 epochs of a
-SmallCNN(32) on 50,000 images, about 3.5 CPU minutes each): no cue, 0.82 clean
+SmallCNN(32) on 50,000 images): no cue, 0.82 clean
 test accuracy; box cue at p = 0.8: clean 0.68, cue 0.99, rand_cue 0.43,
 rand_img 0.55 (the paper's signature of a cue-reliant model).
 

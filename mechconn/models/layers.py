@@ -1,13 +1,12 @@
 """Shared layers: convolution implementations chosen by measurement.
 
-XLA:CPU convolutions collapse on tiny feature maps (a 3x3, 512 -> 512 conv on
-a 2x2 map ran at about 2 GFLOP/s here, against about 140 GFLOP/s for the same
-product as patches + one matmul), and are slow with very few input channels
-(an RGB stem, 3 -> 32 channels on 32x32 maps at batch 128: forward 19.6 ms
-against 8.5 ms as patches, weight gradient 58 ms against 14 ms); on other
-layers XLA's own convolution is the faster one (see benchmarks/conv_impl.py). `conv_general_dilated_auto` picks
-per layer, from static shapes, at trace time; it is passed to `nn.Conv` so the
-parameter tree is the same whichever implementation runs.
+XLA:CPU convolutions are slow on tiny feature maps (a 3x3, 512 -> 512 conv on
+a 2x2 map) and with very few input channels (an RGB stem), where the same
+product as patches + one matmul is several times faster; on other layers XLA's
+own convolution is the faster one (measured in benchmarks/conv_impl.py).
+`conv_general_dilated_auto` picks per layer, from static shapes, at trace time;
+it is passed to `nn.Conv` so the parameter tree is the same whichever
+implementation runs.
 """
 
 import functools
@@ -101,9 +100,8 @@ def _xla_conv_patches_grad(lhs, rhs, window_strides, padding):
   The primal (inference, path evaluation) runs XLA's conv, the faster one on
   maps larger than 2x2. The tangent is written as patches + matmul, so its
   transpose, the backward pass, is two matmuls and a patch scatter instead of
-  XLA:CPU's convolution gradients, the slow part of a training step
-  (SmallCNN(32), batch 128: 171 ms per step with XLA's conv gradients, 128 ms
-  this way). A custom JVP (not VJP) keeps forward-mode AD (jvp, Hessians) working.
+  XLA:CPU's convolution gradients, the slow part of a training step (faster
+  this way: benchmarks/conv_impl.py). A custom JVP (not VJP) keeps forward-mode AD (jvp, Hessians) working.
   """
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
