@@ -4,9 +4,9 @@ For each model, on random 32x32x3 batches (default 128 examples):
   step     `step.train_step` alone (donated state, data already on device);
   loop     the train task's inner loop with the host pipeline: the batch of the
            step gathered, normalised and cued in numpy on a shapes10 box-cue
-           split, copied to the devices (`tasks.data.StepBatches`, 'host'),
+           split, copied to the devices (`data.steps.StepBatches`, 'host'),
            then the step; its ratio to `step` is the host data overhead;
-  loop_device  the same loop with the device pipeline (`tasks.data.loop_inputs`:
+  loop_device  the same loop with the device pipeline (`data.steps.loop_inputs`:
            the split on the devices, the epoch's indices uploaded once, and the
            step's own program gathering and cueing its batch; 'device', the
            default where the data fits);
@@ -51,7 +51,7 @@ from mechconn import mesh as mesh_lib
 from mechconn import step as step_lib
 from mechconn.data import pipeline
 from mechconn.models import get_model
-from mechconn.tasks import data as task_data
+from mechconn.data import steps as data_steps
 
 sys.path.insert(0, os.path.dirname(__file__))
 from path_eval import median_seconds, peaks  # noqa: E402
@@ -80,7 +80,7 @@ def bench_model(label, model, args, peak, split):
       holder["state"], metrics = step(holder["state"], batch)
     return metrics["loss"]
 
-  loops = {mode: task_data.loop_inputs_for(step, split, args.batch, 0, mesh, mode)
+  loops = {mode: data_steps.loop_inputs_for(step, split, args.batch, 0, mesh, mode)
            for mode in ("host", "device")}
 
   def full_loop(mode="host"):

@@ -16,7 +16,7 @@ The rules, so that nothing a user saved is lost:
     file of a killed-and-resumed run equals that of an uninterrupted one.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import glob
@@ -27,6 +27,7 @@ import shutil
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 
 from mechconn.lock import LOCK_FILE, WorkdirBusyError, lock  # pylint: disable=unused-import
 
@@ -53,64 +54,55 @@ def config_to_dict(config: Any) -> dict:
   return json.loads(json.dumps(config_dict))
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict) -> dict:
   """{'a': {'b': 1}} -> {'a.b': 1}."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+  return traverse_util.flatten_dict(d, sep=".")
 
 
-# Config fields that never change a run's numbers: a relaunch may change them (e.g.
-# to point at the data after a first launch failed to find it).
-UNCOMPARED_FIELDS = ("progress", "data_dir", "download", "pipeline")
+def _unchanged(recorded: dict, current: dict | None = None) -> dict:
+  del current  # the exact vocabulary reads every recorded config as it is
+  return recorded
 
 
-# Fields added after runs were recorded, with the value that does what those runs did:
-# a run recorded without one compares as having this value (matched on the key's end).
-# ANY: a setting no recorded run used (e.g. the scratch baseline's learning rate for a study
-# that never ran it), so absent compares equal to any value. A callable reads the run's
-# (flattened) config: eval_path's activation sites mattered only to activation matching.
-ANY = object()
-ADDED_FIELDS = {"model.dtype": "float32", "endpoint_model.dtype": "float32",
-                "kwargs.weight_init": "default", "test_cue_proportion": 1.0,
-                "path.bn_variance": "biased", "cbft.cue_set": "all_cued",
-                "cbft.barrier_loss": True, "cbft.schedule_per": "update",
-                "scratch.learning_rate": ANY, FORMAT_KEY: ANY,
-                "allow_identical_endpoints": False,
-                "activation_sites": lambda run: (
-                    "module_outputs" if run.get("align") == "activation" else ANY)}
+def _named_task(recorded: dict) -> str | None:
+  task = recorded.get("task")
+  return task if isinstance(task, str) else None
 
 
-def added_default(key: str, run: dict | None = None):
-  """What a run (its flattened config) recorded without the dotted key did: its
-  ADDED_FIELDS value, else None."""
-  value = next((v for suffix, v in ADDED_FIELDS.items()
-                if key == suffix or key.endswith("." + suffix)), None)
-  return value(run or {}) if callable(value) else value
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+  """How configs recorded by earlier versions read today; given by the code that owns the
+  fields (`mechconn.tasks.records.VOCABULARY`), so that this module knows none.
 
-
-def config_differences(old: dict, new: dict) -> list[str]:
-  """Dotted keys whose values differ between two config dicts (sorted).
-
-  Keys whose last part is in `UNCOMPARED_FIELDS` are not compared; a key of
-  `ADDED_FIELDS` absent on one side compares as its listed value (or the value it computes
-  from that side's config).
+  Attributes:
+    upgrade: (recorded, current config) -> the recorded config in today's fields.
+    task_of: a recorded config -> the task it names under today's name, or None.
+    renamed_tasks: old task names: a run recorded under one is a different config.
+    uncompared: fields (last dotted part) that never change a run's numbers.
   """
-  old, new = flatten(old), flatten(json.loads(json.dumps(new)))
 
-  def value(config, key):
-    return config[key] if key in config else added_default(key, config)
+  upgrade: Callable[[dict, dict | None], dict] = _unchanged
+  task_of: Callable[[dict], str | None] = _named_task
+  renamed_tasks: tuple[str, ...] = ()
+  uncompared: tuple[str, ...] = ()
 
-  def differ(key):
-    a, b = value(old, key), value(new, key)
-    return a is not ANY and b is not ANY and a != b
 
+EXACT = Vocabulary()  # every field compared, as recorded
+
+
+def config_differences(old: dict, new: dict, vocabulary: Vocabulary = EXACT) -> list[str]:
+  """Dotted keys whose values differ between a recorded config and a current one (sorted),
+  the recorded one read in today's fields (`vocabulary.upgrade`); fields that never change
+  numbers (`vocabulary.uncompared`) are not compared."""
+  new = json.loads(json.dumps(new))
+  old = {k: v for k, v in old.items() if k != FORMAT_KEY}  # the mark, not a field of the run
+  old, new = flatten(vocabulary.upgrade(old, new)), flatten(new)
   return sorted(k for k in set(old) | set(new)
-                if differ(k) and k.rpartition(".")[2] not in UNCOMPARED_FIELDS)
+                if old.get(k, _MISSING) != new.get(k, _MISSING)
+                and k.rpartition(".")[2] not in vocabulary.uncompared)
+
+
+_MISSING = object()
 
 
 def _read_json(path: str) -> Any:
@@ -200,8 +192,8 @@ def _matches(workdir: str, patterns: tuple[str, ...]) -> list[str]:
 
 
 @contextlib.contextmanager
-def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = False
-          ) -> Iterator[None]:
+def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = False,
+          vocabulary: Vocabulary = EXACT) -> Iterator[None]:
   """Locks the workdir and records `config_dict` as its config for the duration of a run.
 
   Resuming (the same config recorded) is allowed; everything else that could
@@ -221,7 +213,8 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
   raises before any output of `layout` exists in a workdir that had no
   config.json, that config.json is removed again: a refused launch leaves no
   record, so the corrected command is not refused as a different config.
-  Fields that do not change results (`UNCOMPARED_FIELDS`) may differ. Process 0
+  A recorded config is read in today's fields and fields that do not change
+  results may differ (`vocabulary`). Process 0
   alone claims in a multi-host job (see `runner.claimed`).
 
   Args:
@@ -229,6 +222,7 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
     config_dict: the job's config as a plain dict, with its 'task'.
     layout: what the task writes there.
     overwrite: replace a run of a different config.
+    vocabulary: how configs recorded by earlier versions read today.
 
   Raises:
     FileExistsError: the workdir holds another config or foreign files.
@@ -237,11 +231,11 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
   """
   # Checked before locking, so that nothing (not even a lock file) is written into
   # a directory that is refused; checked again under the lock, where it counts.
-  check_claim(workdir, config_dict, layout, overwrite=overwrite)
+  check_claim(workdir, config_dict, layout, overwrite=overwrite, vocabulary=vocabulary)
   path = os.path.join(workdir, CONFIG_FILE)
   with lock(workdir):
     fresh = not os.path.exists(path)
-    if check_claim(workdir, config_dict, layout, overwrite=overwrite):
+    if check_claim(workdir, config_dict, layout, overwrite=overwrite, vocabulary=vocabulary):
       removed = layout.clear(workdir)
       logging.warning("--overwrite: removed %d outputs of the previous run in %s: %s",
                       len(removed), workdir, removed[:10])
@@ -254,34 +248,24 @@ def claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool = 
       raise
 
 
-# Tasks recorded under an older name: their workdirs hold a different config of the new one.
-RENAMED_TASKS = {"linear_barrier": "quickstart"}
-
-
-def recorded_task(recorded: Any) -> str | None:
-  """The task a recorded config.json names (under its current name), or None."""
-  task = recorded.get("task") if isinstance(recorded, dict) else None
-  return RENAMED_TASKS.get(task, task) if isinstance(task, str) else None
-
-
-def is_mechconn_config(recorded: Any, config_dict: dict) -> bool:
+def is_mechconn_config(recorded: Any, config_dict: dict,
+                       vocabulary: Vocabulary = EXACT) -> bool:
   """Whether a config.json's content was written by mechconn for `config_dict`'s task.
 
   It carries mechconn's mark (`FORMAT_KEY`), or it is a run recorded before the
-  mark: this task, and every top-level key one this task's config has (fields
-  added since, `ADDED_FIELDS`, may be missing). A "task" key alone is not enough.
+  mark: this task, and, read in today's fields (`vocabulary.upgrade`), exactly
+  the top-level keys this task's config has. A "task" key alone is not enough.
   """
-  if recorded_task(recorded) is None:
+  if not isinstance(recorded, dict) or vocabulary.task_of(recorded) is None:
     return False
   if FORMAT_KEY in recorded:
     return recorded[FORMAT_KEY] == FORMAT_VERSION
-  if recorded_task(recorded) != config_dict.get("task"):
+  if vocabulary.task_of(recorded) != config_dict.get("task"):
     return False
-  if recorded["task"] in RENAMED_TASKS:  # recorded under the old name: a different config
+  if recorded["task"] in vocabulary.renamed_tasks:  # the old name: a different config
     return True
-  keys, wanted = set(recorded) - {"inputs"}, set(config_dict) - {"inputs"}
-  return (keys <= wanted | {"task"} and
-          all(added_default(k) is not None for k in wanted - keys))
+  keys = set(vocabulary.upgrade(recorded, config_dict)) - {"inputs"}
+  return keys == set(config_dict) - {"inputs"}
 
 
 def _check_writable(workdir: str, layout: Layout) -> None:
@@ -301,8 +285,8 @@ def _check_writable(workdir: str, layout: Layout) -> None:
                             "changed.")
 
 
-def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool
-                ) -> bool:
+def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: bool,
+                vocabulary: Vocabulary = EXACT) -> bool:
   """Raises as `claim` would, reading only; True when `claim` would clear an old run."""
   if not workdir:
     raise ValueError("The workdir is empty: give the directory for this run's results "
@@ -312,17 +296,18 @@ def check_claim(workdir: str, config_dict: dict, layout: Layout, *, overwrite: b
   _check_writable(workdir, layout)
   if os.path.exists(path):
     recorded = _read_json(path)
-    if not is_mechconn_config(recorded, config_dict) or recorded_task(recorded) != task:
+    recorded_task = vocabulary.task_of(recorded) if isinstance(recorded, dict) else None
+    if not is_mechconn_config(recorded, config_dict, vocabulary) or recorded_task != task:
       mark = recorded.get(FORMAT_KEY) if isinstance(recorded, dict) else None
       what = ("a config.json that mechconn did not write" if mark is None or
-              recorded_task(recorded) is None else
+              recorded_task is None else
               f"a run of another mechconn (its {FORMAT_KEY} is {mark!r}; this one writes "
               f"{FORMAT_VERSION})" if mark != FORMAT_VERSION else
               f"a mechconn {recorded['task']!r} run")
       raise FileExistsError(
           f"{workdir} holds {what}, not a {task!r} run (see {path}). mechconn does not write "
           "into it, with or without --overwrite: use another --workdir. Nothing was changed.")
-    diff = config_differences(recorded, config_dict)
+    diff = config_differences(recorded, config_dict, vocabulary)
     if diff and not overwrite:
       raise FileExistsError(
           f"{workdir} holds a run of a different config (see {path}; differs in {diff}). "

@@ -1,5 +1,6 @@
 """experiments/configs: presets build and validate; bad values fail early and clearly."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,13 +18,16 @@ from experiments.configs import reproduce as reproduce_configs
 from experiments.configs import train as train_configs
 from mechconn import finetune
 from mechconn import tasks
-from mechconn.tasks import config as task_config
+from mechconn import workdir as workdir_lib
+from mechconn.tasks import methods
+from mechconn.tasks import optim
+from mechconn.tasks import records
+from mechconn.tasks import specs
 from mechconn.tasks import eval_path as eval_path_task
 from mechconn.tasks import finetune as finetune_task
 from mechconn.tasks import fit_curve as fit_curve_task
 from mechconn.tasks import quickstart as quickstart_task
 from mechconn.tasks import reproduce as reproduce_task
-from mechconn.tasks import runs
 from mechconn.tasks import train as train_task
 
 
@@ -58,7 +62,7 @@ def test_one_vocabulary_for_path_points_and_batchnorm_examples():
 def test_every_preset_builds_locked_and_valid(preset):
   for name in (preset, f"{preset},quicktest"):
     config = train_configs.get_config(name)
-    train_task.check(config, num_devices=8)
+    train_task.resolve(config, num_devices=8)
     with pytest.raises(AttributeError):
       config.not_a_field = 1  # locked: unknown keys are refused
 
@@ -124,7 +128,7 @@ def test_invalid_values_name_the_key_and_the_valid_choices(key, value, message):
   section, _, field = key.rpartition(".")
   (config[section] if section else config)[field] = value
   with pytest.raises(ValueError, match=message):
-    train_task.check(config, num_devices=8)
+    train_task.resolve(config, num_devices=8)
 
 
 def test_model_attribute_choices_are_checked_before_any_work():
@@ -133,7 +137,7 @@ def test_model_attribute_choices_are_checked_before_any_work():
   config.model.kwargs.weight_init = "xavier"
   with pytest.raises(ValueError, match=r"config.model.kwargs.weight_init='xavier' is not valid; "
                                        r"valid choices: \['default', 'torch'\]"):
-    train_task.check(config, num_devices=1)
+    train_task.resolve(config, num_devices=1)
 
 
 def test_unknown_model_attribute_is_named():
@@ -141,7 +145,7 @@ def test_unknown_model_attribute_is_named():
   with config.unlocked():
     config.model.kwargs.depth = 3
   with pytest.raises(ValueError, match=r"config.model.kwargs has \['depth'\].*valid: .*'width'"):
-    train_task.check(config, num_devices=1)
+    train_task.resolve(config, num_devices=1)
 
 
 def test_invalid_config_fails_before_any_work(tmp_path):
@@ -172,10 +176,10 @@ def test_connectivity_presets_build_and_validate(base):
   for fit_on in ("clean", "cue"):
     for modifiers in ("", ",quicktest"):
       config = fit_curve_configs.get_config(f"{base}_{fit_on}{modifiers}")
-      fit_curve_task.check(config, num_devices=8)
+      fit_curve_task.resolve(config, num_devices=8)
       assert config.data.cue_proportion == {"clean": 0.0, "cue": 1.0}[fit_on]
   config = eval_path_configs.get_config(base)
-  eval_path_task.check(config, num_devices=8)
+  eval_path_task.resolve(config, num_devices=8)
   start, end = config.start_workdir, config.end_workdir
   if base == "cpu":
     assert (start, end) == ("workdir/cpu_cue", "workdir/cpu_nocue")
@@ -194,35 +198,34 @@ def test_connectivity_config_errors_name_the_key():
   config = eval_path_configs.get_config("cpu")
   config.align = "procrustes"
   with pytest.raises(ValueError, match=r"config.align='procrustes'.*'activation', 'none'"):
-    eval_path_task.check(config, 1)
+    eval_path_task.resolve(config, 1)
   config = eval_path_configs.get_config("cpu")
   config.activation_sites = "post_gelu"
   with pytest.raises(ValueError, match=r"config.activation_sites='post_gelu'.*'module_outputs'"):
-    eval_path_task.check(config, 1)
+    eval_path_task.resolve(config, 1)
   config = eval_path_configs.get_config("cpu")
   config.path.num_t = 1
   with pytest.raises(ValueError, match="config.path.num_t=1 must be at least 2"):
-    eval_path_task.check(config, 1)
+    eval_path_task.resolve(config, 1)
   config = eval_path_configs.get_config("cpu")
   config.path.bn_variance = "sample"
   with pytest.raises(ValueError, match=r"config.path.bn_variance='sample'.*'biased', 'unbiased'"):
-    eval_path_task.check(config, 1)
+    eval_path_task.resolve(config, 1)
   config.path.bn_variance = "unbiased"
-  assert task_config.renormalize_of(config.path) == "batchnorm_unbiased"
+  assert specs.path_spec(config.path).renormalize == "batchnorm_unbiased"
   reproduce = reproduce_configs.get_config("cpu")
-  assert task_config.renormalize_of(reproduce.path) == "auto"  # biased, the default
+  assert specs.path_spec(reproduce.path).renormalize == "auto"  # biased, the default
   reproduce.path.bn_variance = "unbiased"
-  task_config.check_bn_variance(
-      reproduce.path, runs.model_of(reproduce.train.model, reproduce.train.data.dataset),
-      task_config.input_shape(reproduce.train.data))
+  resolved = reproduce_task.resolve(reproduce, num_devices=1)  # SmallCNN has BatchNorm
+  assert resolved.path.renormalize == "batchnorm_unbiased"
   with reproduce.train.unlocked():
     reproduce.train.model = common.model_section("mlp", hidden=(8,))
   with pytest.raises(ValueError, match=r"bn_variance='unbiased' but MLP has no BatchNorm"):
-    reproduce_task.check(reproduce, num_devices=1)
+    reproduce_task.resolve(reproduce, num_devices=1)
   config = fit_curve_configs.get_config("cpu_clean")
   config.curve.kind = "spline"
   with pytest.raises(ValueError, match=r"config.curve.kind='spline'.*'bezier', 'polychain'"):
-    fit_curve_task.check(config, 1)
+    fit_curve_task.resolve(config, 1)
   with pytest.raises(ValueError, match="must end in _clean or _cue|valid presets"):
     fit_curve_configs.get_config("cpu")
 
@@ -235,8 +238,8 @@ def test_connectivity_config_errors_name_the_key():
 def test_reproduce_presets_build_and_validate(preset):
   for name in (preset, f"{preset},quicktest"):
     config = reproduce_configs.get_config(name)
-    train_task.check(config.train, num_devices=8)
-    finetune_task.check_finetune_config(config, num_devices=8)
+    train_task.resolve(config.train, num_devices=8)
+    reproduce_task.resolve(config, num_devices=8)
   if preset != "cpu":
     ft = reproduce_configs.get_config(preset).finetune
     assert (ft.optimizer.learning_rate, ft.batch_size, ft.num_epochs, ft.num_clean,
@@ -252,14 +255,14 @@ def test_naive_learning_rate_must_be_positive():
   config.unlock()
   config.finetune.naive.learning_rate = 0.0
   with pytest.raises(ValueError, match=r"finetune.naive.learning_rate=0.0 must be > 0"):
-    finetune_task.check_finetune_config(config, num_devices=1)
+    reproduce_task.resolve(config, num_devices=1)
 
 
 def test_finetune_presets_are_the_methods():
   for method in finetune.METHODS:
     config = finetune_configs.get_config(f"{method},quicktest")
     assert config.method == method and tuple(config.finetune.methods) == (method,)
-    finetune_task.check_finetune_config(config, num_devices=8)
+    assert finetune_task.resolve(config, num_devices=8).finetune.methods == (method,)
 
 
 def test_a_refused_launch_writes_nothing(tmp_path):
@@ -276,27 +279,27 @@ def test_task_configs_range_check_their_own_numbers():
   config = quickstart_configs.get_config("quicktest")
   config.optimizer.learning_rate = -0.05  # was: gradient ascent, and a result written
   with pytest.raises(ValueError, match=r"config.optimizer.learning_rate=-0.05 must be > 0"):
-    quickstart_task.check(config, 1)
+    quickstart_task.resolve(config, 1)
   config = eval_path_configs.get_config("cpu")
   config.barrier_tolerance = float("nan")
   with pytest.raises(ValueError, match=r"config.barrier_tolerance=nan must be a finite number"):
-    eval_path_task.check(config, 1)
+    eval_path_task.resolve(config, 1)
   config = fit_curve_configs.get_config("cpu_clean")
   config.optimizer.momentum = -1.0
   with pytest.raises(ValueError, match=r"config.optimizer.momentum=-1.0 must be in \[0, 1\)"):
-    fit_curve_task.check(config, 1)
+    fit_curve_task.resolve(config, 1)
   config = reproduce_configs.get_config("cpu")
   config.finetune.optimizer.weight_decay = -5.0
   with pytest.raises(ValueError, match=r"config.finetune.optimizer.weight_decay=-5.0 must be >= 0"):
-    reproduce_task.check(config, 1)
+    reproduce_task.resolve(config, 1)
   config = reproduce_configs.get_config("cpu")
   config.finetune.cbft.margin = float("inf")
   with pytest.raises(ValueError, match=r"config.finetune.cbft.margin=inf must be a finite"):
-    reproduce_task.check(config, 1)
+    reproduce_task.resolve(config, 1)
   config = reproduce_configs.get_config("cpu")
   config.seeds = (0, 0)
   with pytest.raises(ValueError, match=r"config.seeds=\(0, 0\) repeats a seed"):
-    reproduce_task.check(config, 1)
+    reproduce_task.resolve(config, 1)
 
 
 def test_test_cue_proportion_reaches_the_views():
@@ -306,9 +309,9 @@ def test_test_cue_proportion_reaches_the_views():
   from mechconn.tasks import data as task_data
   config = train_configs.get_config("cpu_cue")
   config.data.num_test = 200
-  full, labels = task_data.load_test_views(config.data)
+  full, labels = task_data.load_test_views(specs.data_spec(config.data, "train"))
   config.data.test_cue_proportion = 0.5
-  half, _ = task_data.load_test_views(config.data)
+  half, _ = task_data.load_test_views(specs.data_spec(config.data, "train"))
   expected, _ = pipeline.load_test_views("shapes10", "box", num_examples=200,
                                          cue_proportion=0.5)
   for name in full:
@@ -321,10 +324,9 @@ def test_cbft_iterations_share_one_learning_rate():
   """Both optimiser updates of a CBFT iteration run at the iteration's rate (the official
   scheduler steps once per iteration); 'update' keeps the earlier per-update schedule."""
   import jax.numpy as jnp
-  import ml_collections
   opt = common.optimizer_section(0.1, momentum=0.0, weight_decay=0.0)  # cosine to 0
-  tx, schedule = task_config.make_optimizer(opt, num_steps=10, steps_per_epoch=5,
-                                            updates_per_step=2)
+  tx, schedule = optim.make_optimizer(specs.optimizer_spec(opt), num_steps=10,
+                                      steps_per_epoch=5, updates_per_step=2)
   params, state = jnp.zeros(()), tx.init(jnp.zeros(()))
   deltas = []
   for _ in range(20):
@@ -332,17 +334,24 @@ def test_cbft_iterations_share_one_learning_rate():
     deltas.append(-float(updates))
   np.testing.assert_allclose(deltas, [float(schedule(i // 2)) for i in range(20)], rtol=1e-6)
   assert deltas[-1] > 0  # the last iteration still learns (per update it would be at 0)
-  cbft = ml_collections.ConfigDict({"schedule_per": "iteration", "barrier_loss": True,
-                                    "warmup_epochs": 1})
-  assert task_config.cbft_schedule(cbft, 5) == (2, 0)
-  cbft.barrier_loss = False  # one update per iteration: nothing to share
-  assert task_config.cbft_schedule(cbft, 5) == (1, 0)
-  cbft.schedule_per, cbft.barrier_loss = "update", True
-  assert task_config.cbft_schedule(cbft, 5) == (1, 0)
-  cbft.schedule_per = "epoch"
+  config = reproduce_configs.get_config("cpu")
+  cbft = reproduce_task.resolve(config, 1).finetune.cbft
+  assert cbft.schedule_per == "iteration" and methods.cbft_schedule(cbft, 5) == (2, 0)
+  no_barrier = dataclasses.replace(cbft, barrier_loss=False)  # one update: nothing to share
+  assert methods.cbft_schedule(no_barrier, 5) == (1, 0)
+  assert methods.cbft_schedule(dataclasses.replace(cbft, schedule_per="update"), 5) == (1, 0)
+  config.finetune.cbft.schedule_per = "epoch"
   with pytest.raises(ValueError, match=r"finetune.cbft.schedule_per='epoch'.*'iteration'"):
-    task_config.cbft_schedule(cbft, 5)
-  assert task_config.cbft_schedule(ml_collections.ConfigDict({}), 5) == (1, 0)  # old runs
+    reproduce_task.resolve(config, 1)
+  # A run recorded before the field existed advanced per update; a config without the field
+  # is not a config (no default below the boundary).
+  recorded = workdir_lib.config_to_dict(reproduce_configs.get_config("cpu"))
+  del recorded["finetune"]["cbft"]["schedule_per"]
+  assert records.upgrade(recorded)["finetune"]["cbft"]["schedule_per"] == "update"
+  with config.unlocked():
+    del config.finetune.cbft.schedule_per
+  with pytest.raises(AttributeError, match="schedule_per"):
+    reproduce_task.resolve(config, 1)
 
 
 def _official_cbft_rates(base, num_epochs, iters, warmup_epochs):
@@ -363,13 +372,14 @@ def test_cbft_schedule_after_warmup_is_the_official_scripts(warmup_epochs):
   """'iteration_after_warmup': both updates of every iteration at the rate the official loop
   gives that iteration (its scheduler stepped only from epoch warmup_epochs + 1)."""
   import jax.numpy as jnp
-  import ml_collections
-  cbft = ml_collections.ConfigDict({"schedule_per": "iteration_after_warmup",
-                                    "barrier_loss": True, "warmup_epochs": warmup_epochs})
-  shared, held = task_config.cbft_schedule(cbft, 4)
+  cbft = methods.CBFTSpec(margin=1.0, invariance_weight=1.0, warmup_epochs=warmup_epochs,
+                          t_distribution="clip", barrier_loss=True,
+                          schedule_per="iteration_after_warmup", cue_set="all_cued")
+  shared, held = methods.cbft_schedule(cbft, 4)
   opt = common.optimizer_section(0.1, momentum=0.0, weight_decay=0.0)  # cosine to 0
-  tx, schedule = task_config.make_optimizer(opt, num_steps=20, steps_per_epoch=4,
-                                            updates_per_step=shared, hold_steps=held)
+  tx, schedule = optim.make_optimizer(specs.optimizer_spec(opt), num_steps=20,
+                                      steps_per_epoch=4, updates_per_step=shared,
+                                      hold_steps=held)
   params, state = jnp.zeros(()), tx.init(jnp.zeros(()))
   deltas = []
   for _ in range(2 * 20):

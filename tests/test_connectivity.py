@@ -87,26 +87,28 @@ def test_unfinished_end_point_is_refused(tmp_path):
 
 
 def test_end_points_must_match_the_path_config_data():
-  import ml_collections
+  import dataclasses
   from types import SimpleNamespace
+  from experiments.configs import train as train_configs
+  from mechconn.tasks import runs as runs_lib
+  from mechconn.tasks import specs
 
   def run(**data):
-    return SimpleNamespace(config={"model": {"name": "small_cnn", "kwargs": {"width": 4}},
+    return SimpleNamespace(config={"model": {"name": "small_cnn", "kwargs": {"width": 4},
+                                             "dtype": "float32"},
                                    "data": {"dataset": "shapes10", "cue": "box",
                                             "simple_dataset": "glyphs10", **data}},
                            checkpoint="ckpt")
 
-  box = ml_collections.ConfigDict({"dataset": "shapes10", "cue": "box",
-                                   "simple_dataset": "glyphs10"})
-  fit_curve_task.check_endpoints(run(), run(cue="none"), box)  # 'none' is evaluated on box views
+  box = specs.data_spec(train_configs.get_config("cpu_cue").data, "train")
+  runs_lib.check_endpoints(run(), run(cue="none"), box)  # 'none' is evaluated on box views
   with pytest.raises(ValueError, match=r"trained with data.cue='dominoes' but this config has "
                                        r"config.data.cue='box'"):
-    fit_curve_task.check_endpoints(run(), run(cue="dominoes"), box)
-  dominoes = ml_collections.ConfigDict({"dataset": "shapes10", "cue": "dominoes",
-                                        "simple_dataset": "glyphs10"})
+    runs_lib.check_endpoints(run(), run(cue="dominoes"), box)
+  dominoes = dataclasses.replace(box, cue="dominoes")
   with pytest.raises(ValueError, match=r"data.simple_dataset='mnist'"):
-    fit_curve_task.check_endpoints(run(cue="dominoes"),
-                                   run(cue="dominoes", simple_dataset="mnist"), dominoes)
+    runs_lib.check_endpoints(run(cue="dominoes"),
+                             run(cue="dominoes", simple_dataset="mnist"), dominoes)
 
 
 @pytest.mark.slow

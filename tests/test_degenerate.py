@@ -14,9 +14,8 @@ import pytest
 from experiments.configs import eval_path as eval_path_config
 from mechconn import tasks
 from mechconn.models import get_model
-from mechconn.tasks import config as task_config
-from mechconn.tasks import fit_curve as fit_curve_task
 from mechconn.tasks import runs
+from mechconn.tasks import specs
 
 from conftest import REPO
 
@@ -33,28 +32,28 @@ def test_the_same_run_or_identical_weights_at_both_ends_are_refused_unless_asked
   ckpt = str(tmp_path / "a" / "checkpoints" / "24")
   with pytest.raises(ValueError, match=r"the same run .*flat by construction.*"
                                        r"allow_identical_endpoints=True"):
-    fit_curve_task.check_distinct(_run(ckpt, a), _run(ckpt + "/", a), allow_identical=False)
+    runs.check_distinct(_run(ckpt, a), _run(ckpt + "/", a), allow_identical=False)
   with pytest.raises(ValueError, match=r"two runs of identical weights"):
-    fit_curve_task.check_distinct(_run(ckpt, a), _run(str(tmp_path / "b"), dict(a)),
-                                  allow_identical=False)
-  fit_curve_task.check_distinct(_run(ckpt, a), _run(ckpt, a), allow_identical=True)  # asked
-  fit_curve_task.check_distinct(_run(ckpt, a), _run(str(tmp_path / "b"), b),
-                                allow_identical=False)
+    runs.check_distinct(_run(ckpt, a), _run(str(tmp_path / "b"), dict(a)),
+                        allow_identical=False)
+  runs.check_distinct(_run(ckpt, a), _run(ckpt, a), allow_identical=True)  # asked
+  runs.check_distinct(_run(ckpt, a), _run(str(tmp_path / "b"), b),
+                      allow_identical=False)
 
 
 def test_end_points_of_different_dtypes_are_refused():
   with pytest.raises(ValueError, match=r"differ in model.dtype: 'float32' vs 'bfloat16'"):
-    fit_curve_task.check_endpoints(_run("a", {}), _run("b", {}, "bfloat16"), data=None)
+    runs.check_endpoints(_run("a", {}), _run("b", {}, "bfloat16"), data=None)
 
 
 def test_post_relu_sites_on_a_network_without_relu_are_refused():
   for name in ("small_cnn", "mlp"):
-    task_config.check_activation_sites("post_relu", get_model(name, 10), (16, 16, 3))
+    specs.check_activation_sites("post_relu", get_model(name, 10), (16, 16, 3))
   vit = get_model("vit", 10)
   with pytest.raises(ValueError, match=r"'post_relu' applies a ReLU.*ViT calls no jax.nn.relu.*"
                                        r"'module_outputs'"):
-    task_config.check_activation_sites("post_relu", vit, (16, 16, 3))
-  task_config.check_activation_sites("module_outputs", vit, (16, 16, 3))
+    specs.check_activation_sites("post_relu", vit, (16, 16, 3))
+  specs.check_activation_sites("module_outputs", vit, (16, 16, 3))
 
 
 def test_unbiased_bn_variance_without_batchnorm_is_refused_before_the_claim(tmp_path):
@@ -69,8 +68,8 @@ def test_unbiased_bn_variance_without_batchnorm_is_refused_before_the_claim(tmp_
   with pytest.raises(ValueError, match=r"bn_variance='unbiased' but MLP has no BatchNorm"):
     tasks.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
-  assert task_config.check_bn_variance(config.path, get_model("small_cnn", 10),
-                                       (16, 16, 3)) is None
+  assert specs.check_bn_variance(specs.path_spec(config.path), get_model("small_cnn", 10),
+                                 (16, 16, 3)) is None
 
 
 def _launch(args, env=None):

@@ -1,4 +1,4 @@
-"""mechconn.data.device, tasks.data.StepBatches: batches drawn on the devices equal the host's."""
+"""mechconn.data.device, data.steps.StepBatches: batches drawn on the devices equal the host's."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from mechconn import mesh as mesh_lib
 from mechconn.data import batching
 from mechconn.data import device
 from mechconn.data import pipeline
-from mechconn.tasks import data as task_data
+from mechconn.data import steps as data_steps
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_pixel_table_is_the_host_normalisation():
 def test_step_batches_are_the_same_from_either_pipeline(splits, seeds):
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
   split = splits["dominoes"]
-  host = task_data.StepBatches(split, 32, mesh, "host")
-  dev = task_data.StepBatches(split, 32, mesh, "device")
+  host = data_steps.StepBatches(split, 32, mesh, "host")
+  dev = data_steps.StepBatches(split, 32, mesh, "device")
   assert dev.on_device and not host.on_device
   for step in (0, 11, 12, 40):  # 12 steps per epoch: the second epoch's order too
     a, b = jax.device_get(host(seeds, step)), jax.device_get(dev(seeds, step))
@@ -69,9 +69,9 @@ def test_step_batches_are_the_same_from_either_pipeline(splits, seeds):
 
 def test_auto_puts_a_split_on_the_device_when_it_fits(splits, monkeypatch):
   split = splits["box"]
-  assert task_data.on_device(split, "auto")  # 1.2 MB
-  monkeypatch.setattr(task_data, "device_memory_bytes", lambda: device.nbytes(split))
-  assert not task_data.on_device(split, "auto")  # more than a quarter of the device
-  assert task_data.on_device(split, "device") and not task_data.on_device(split, "host")
+  assert data_steps.on_device(split, "auto")  # 1.2 MB
+  monkeypatch.setattr(data_steps, "device_memory_bytes", lambda: device.nbytes(split))
+  assert not data_steps.on_device(split, "auto")  # more than a quarter of the device
+  assert data_steps.on_device(split, "device") and not data_steps.on_device(split, "host")
   with pytest.raises(ValueError, match=r"Unknown data pipeline 'gpu'"):
-    task_data.on_device(split, "gpu")
+    data_steps.on_device(split, "gpu")

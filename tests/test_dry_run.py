@@ -14,7 +14,7 @@ from experiments.configs import train as train_config
 from mechconn import dry_run
 from mechconn import mesh as mesh_lib
 from mechconn import tasks
-from mechconn.tasks import config as task_config
+from mechconn.tasks import specs
 from mechconn.tasks import runner
 from mechconn.tasks import train as train_task
 
@@ -62,7 +62,7 @@ def test_train_dry_run_reads_no_data_and_writes_nothing(tmp_path, capsys):
 def test_dominoes_dry_run_uses_the_stacked_image_shape():
   config = _unlocked(train_config, "cpu_cue,quicktest")
   config.data.cue = "dominoes"
-  assert task_config.input_shape(config.data) == (64, 32, 3)
+  assert specs.data_spec(config.data, "train").input_shape == (64, 32, 3)
   mesh = mesh_lib.data_mesh()
   state, timing, batch = runner.time_build(train_task.build(config, mesh), mesh)
   assert batch["image"].shape == (8, 64, 32, 3) and int(state.step) == 8  # 4 calls x 2 sizes
@@ -98,8 +98,8 @@ def test_fit_curve_dry_run_before_the_end_points_exist(tmp_path):
 def test_unknown_dataset_is_named():
   config = _unlocked(train_config, "cpu_cue").data
   config.dataset = "imagenet"
-  with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'; valid datasets: \["):
-    task_config.num_train_examples(config)
+  with pytest.raises(ValueError, match=r"config.data.dataset='imagenet' is not valid; valid choices: \["):
+    specs.data_spec(config, "train")
 
 
 @pytest.mark.slow

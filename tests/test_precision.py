@@ -10,7 +10,7 @@ from mechconn import barriers, loop, step as step_lib, tasks, workdir as workdir
 from mechconn.data.batching import stack_batches
 from mechconn.data.prototypes import make_prototype_images
 from mechconn.models import get_model
-from mechconn.tasks import runs
+from mechconn.tasks import records, runs, specs
 
 # Measured on the 2-core CPU (SmallCNN(8), 2 epochs on prototype images, 11 t, 512 test
 # images): bfloat16 vs float32 losses along the path differ by at most 2e-4, accuracies by
@@ -79,15 +79,18 @@ def test_model_dtype_is_a_config_field_and_old_runs_read_as_float32():
   assert config.model.dtype == "float32"
   recorded = workdir_lib.config_to_dict(config)
   del recorded["model"]["dtype"]  # a run recorded before the field existed
-  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []
-  assert runs.model_of(recorded["model"], "shapes10").dtype is None
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config),
+                                        records.VOCABULARY) == []
+  upgraded = records.upgrade(recorded)
+  assert specs.model_spec(specs.section(upgraded["model"]), dataset="shapes10").build(
+      ).dtype is None
   config.model.dtype = "bfloat16"
-  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [
-      "model.dtype"]
-  assert runs.model_of(config.model, "shapes10").dtype == jnp.bfloat16
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config),
+                                        records.VOCABULARY) == ["model.dtype"]
+  assert specs.model_spec(config.model, dataset="shapes10").build().dtype == jnp.bfloat16
   config.model.dtype = "float16"
   with pytest.raises(ValueError, match=r"config.model.dtype='float16'.*'bfloat16', 'float32'"):
-    tasks.train.check(config, num_devices=1)
+    tasks.train.resolve(config, num_devices=1)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from mechconn import workdir as workdir_lib
 from mechconn.data import pipeline
 from mechconn.tasks import data as task_data
 from mechconn.tasks import finetune as finetune_task
+from mechconn.tasks import methods
 from mechconn.tasks import reproduce
 
 
@@ -176,10 +177,10 @@ def test_finetune_task_runs_one_method(study, tmp_path):
   assert result["num_clean"] == 100
   with pytest.raises(ValueError, match="valid presets"):
     finetune_config.get_config("sgd,quicktest")
-  unknown = finetune_config.get_config("lp,quicktest")
+  unknown = reproduce_config.get_config("cpu,quicktest")
   unknown.finetune.methods = ("sgd",)
   with pytest.raises(ValueError, match="valid methods"):
-    finetune_task.check_finetune_config(unknown, 1)
+    reproduce.resolve(unknown, 1)
 
 
 @pytest.mark.slow
@@ -195,7 +196,7 @@ def test_scratch_baseline_starts_from_a_fresh_init_not_the_cue_model(study, tmp_
   cue_model = runs.load_trained(cue_dir)
   split = pipeline.load_train_split("shapes10", "box", 0.8, num_examples=512)
   clean, _ = task_data.split_clean_and_cue(split, 100, 200, seed=0)
-  start, stats = finetune_task.start_variables("scratch", 4, cue_model, clean, None)
+  start, stats = methods.start_variables("scratch", 4, cue_model, clean, None)
   fresh = cue_model.model.init(rngs.scratch_init_key(4), clean.examples(np.arange(1))["image"])
   for a, b, c in zip(jax.tree.leaves(start), jax.tree.leaves(fresh["params"]),
                      jax.tree.leaves(cue_model.params)):
@@ -212,17 +213,17 @@ def test_scratch_baseline_starts_from_a_fresh_init_not_the_cue_model(study, tmp_
 
 @pytest.mark.slow
 def test_finetune_task_views_at_a_test_cue_proportion(study, tmp_path):
-  """config.test_cue_proportion reaches the fine-tuned model's views: 0 cues no test image,
+  """config.data.test_cue_proportion reaches the fine-tuned model's views: 0 cues no test image,
   so the cue and rand_cue views are the clean one."""
   workdir, _, _ = study
   config = finetune_config.get_config("lp,quicktest")
   config.cue_model_workdir = os.path.join(workdir, "cue_model")
-  config.test_cue_proportion = 0.0
+  config.data.test_cue_proportion = 0.0
   result = tasks.run(config, str(tmp_path / "lp0"))
   views = {k: v["accuracy"] for k, v in result["views"].items()}
   assert views["cue"] == views["rand_cue"] == views["clean"]
-  config.test_cue_proportion = 1.5
-  with pytest.raises(ValueError, match=r"config.test_cue_proportion=1.5 must be in \[0, 1\]"):
+  config.data.test_cue_proportion = 1.5
+  with pytest.raises(ValueError, match=r"config.data.test_cue_proportion=1.5 must be in \[0, 1\]"):
     tasks.run(config, str(tmp_path / "bad"))
 
 
@@ -246,7 +247,7 @@ def test_vmapped_seed_ensemble_matches_separate_runs(study, tmp_path, conv_impl,
   """seed_mode='vmap': one compiled step for all seeds gives each seed's separate run, also
   with the ensemble's convolutions as patches + matmul (what GPUs use: ENSEMBLE_CONV_IMPL)."""
   if conv_impl:
-    monkeypatch.setitem(finetune_task.ENSEMBLE_CONV_IMPL, "cpu", conv_impl)
+    monkeypatch.setitem(methods.ENSEMBLE_CONV_IMPL, "cpu", conv_impl)
   workdir, config, record = study
   config = reproduce_config.get_config("cpu,quicktest")
   config.cue_model_workdir = os.path.join(workdir, "cue_model")
@@ -280,11 +281,11 @@ def test_an_ensemble_conv_impl_replaces_the_steps_convolutions(method):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   cue = runs.TrainedModel(model=model, params=variables["params"],
                           batch_stats=variables["batch_stats"], config={}, checkpoint="")
-  ft = finetune_config.get_config(f"{method},quicktest").finetune
+  ft = finetune_task.resolve(finetune_config.get_config(f"{method},quicktest"), 1).finetune
   mesh = mesh_lib.data_mesh(jax.devices()[:1])
 
   def step_model(**kwargs):
-    shared = finetune_task.method_loop(method, ft, cue, 100, mesh, **kwargs)
+    shared = methods.method_loop(method, ft, cue, mesh, **kwargs)
     return shared.member_step.keywords["loss_fn"].apply_fn.__self__
 
   assert step_model().conv_impl == "auto"

@@ -27,4 +27,4 @@ def test_quickstart_config_errors_name_the_field(key, value, message):
   section, _, field = key.rpartition(".")
   (config[section] if section else config)[field] = value
   with pytest.raises(ValueError, match=message):
-    quickstart.check(config, num_devices=1)
+    quickstart.resolve(config, num_devices=1)

@@ -25,9 +25,10 @@ from mechconn import mesh as mesh_lib
 from mechconn import tasks
 from mechconn.data import batching
 from mechconn.data import sequences
+from mechconn.data import steps as data_steps
 from mechconn.models import CausalLM
-from mechconn.tasks import config as task_config
-from mechconn.tasks import data as task_data
+from mechconn.tasks import optim
+from mechconn.tasks import specs
 from mechconn.tasks import eval_path as eval_path_task
 from mechconn.tasks import fit_curve as fit_curve_task
 from mechconn.tasks import runs
@@ -71,10 +72,10 @@ def test_stacked_sequences_pad_with_rows_that_have_no_targets():
 
 def test_sequences_run_on_the_host_pipeline():
   split = task_sequences.load_split(_data(num_train=64), "train")
-  assert not task_data.on_device(split, "auto") and not task_data.on_device(split, "host")
+  assert not data_steps.on_device(split, "auto") and not data_steps.on_device(split, "host")
   with pytest.raises(ValueError, match="device pipeline draws cued image batches"):
-    task_data.on_device(split, "device")
-  batches = task_data.StepBatches(split, 16, mesh_lib.data_mesh())
+    data_steps.on_device(split, "device")
+  batches = data_steps.StepBatches(split, 16, mesh_lib.data_mesh())
   batch = batches(3, 5)
   idx = batching.batch_indices_at_step(64, 16, seed=3, step=5)
   np.testing.assert_array_equal(batch["tokens"], split.tokens[idx])
@@ -87,7 +88,7 @@ def test_the_presets_are_two_seeds_of_one_recipe():
   assert a.to_dict() == b.to_dict()
   assert (a.model.name, a.data.dataset, a.optimizer.name) == ("causal_lm", "recall", "adamw")
   for preset in SEEDS + tuple(f"{p},quicktest" for p in SEEDS):
-    train_task.check(train_configs.get_config(preset), num_devices=8)
+    train_task.resolve(train_configs.get_config(preset), num_devices=8)
   quick = train_configs.get_config("recall_lm,quicktest")
   assert quick.optimizer.warmup_steps < 32 and quick.model.kwargs.width == 8
   ev = eval_path_configs.get_config("recall_lm")
@@ -96,7 +97,7 @@ def test_the_presets_are_two_seeds_of_one_recipe():
   assert ev.path.renormalize == "none"
   assert eval_path_configs.get_config("recall_lm,repair").path.renormalize == "repair"
   for preset in ("recall_lm", "recall_lm,repair", "recall_lm,quicktest"):
-    eval_path_task.check(eval_path_configs.get_config(preset), num_devices=8)
+    eval_path_task.resolve(eval_path_configs.get_config(preset), num_devices=8)
   with pytest.raises(ValueError, match="'repair' modifier is for 'recall_lm'"):
     eval_path_configs.get_config("cpu,repair")
 
@@ -119,7 +120,7 @@ def test_invalid_language_model_configs_name_the_key(key, value, message):
   with config.unlocked():
     (config[section] if section else config)[field] = value
   with pytest.raises(ValueError, match=message):
-    train_task.check(config, num_devices=1)
+    train_task.resolve(config, num_devices=1)
 
 
 def test_tasks_without_a_language_model_case_refuse_sequence_data():
@@ -127,16 +128,17 @@ def test_tasks_without_a_language_model_case_refuse_sequence_data():
   config.data.dataset = "recall"
   with pytest.raises(ValueError, match=r"'recall' is a sequence dataset; the fit_curve task "
                                        r"takes image datasets only"):
-    fit_curve_task.check(config, num_devices=1)
+    fit_curve_task.resolve(config, num_devices=1)
   config = eval_path_configs.get_config("recall_lm")
   config.align = "activation"
   with pytest.raises(ValueError, match=r"config.align='activation'.*\['none', 'weight'\]"):
-    eval_path_task.check(config, num_devices=1)
+    eval_path_task.resolve(config, num_devices=1)
 
 
 def test_adamw_takes_momentum_as_b1_and_warms_up():
   opt = train_configs.get_config("recall_lm").optimizer
-  tx, schedule = task_config.make_optimizer(opt, num_steps=1500, steps_per_epoch=1500)
+  tx, schedule = optim.make_optimizer(specs.optimizer_spec(opt), num_steps=1500,
+                                      steps_per_epoch=1500)
   assert float(schedule(0)) == 0.0 and float(schedule(100)) == pytest.approx(3e-3)
   params, grads = {"w": jnp.ones(2)}, {"w": jnp.asarray([0.5, -0.02])}
   state = tx.init(params)

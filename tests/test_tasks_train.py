@@ -16,7 +16,8 @@ from mechconn import finite
 from mechconn import loop
 from mechconn import tasks
 from mechconn import workdir as workdir_lib
-from mechconn.tasks import config as task_config
+from mechconn.tasks import optim
+from mechconn.tasks import specs
 from mechconn.tasks import runs
 from mechconn.tasks import train as train_task
 
@@ -79,20 +80,20 @@ def test_per_device_batch_size_is_a_value_not_a_write():
   config = train_configs.get_config("cpu_cue,quicktest")
   with config.unlocked():
     config.per_device_batch_size = 4
-  train_task.check(config, num_devices=8)
-  assert task_config.batch_size_of(config, 8) == 32
+  assert train_task.resolve(config, num_devices=8).loop.batch_size == 32
   assert config.batch_size == 32 and config.per_device_batch_size == 4  # unchanged
   config.batch_size = 7  # ignored while per_device_batch_size is set
-  assert task_config.batch_size_of(config, 2) == 8
+  assert train_task.resolve(config, num_devices=2).loop.batch_size == 8
 
 
 def test_make_optimizer_takes_a_learning_rate_override():
   opt = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
                                    "weight_decay": 0.0,
                                    "schedule": "constant", "decay_every_epochs": 0,
-                                   "decay_factor": 0.1})
-  _, own = task_config.make_optimizer(opt, num_steps=10, steps_per_epoch=5)
-  _, override = task_config.make_optimizer(opt, num_steps=10, steps_per_epoch=5, learning_rate=0.001)
+                                   "decay_factor": 0.1, "warmup_steps": 0})
+  opt = specs.optimizer_spec(opt)
+  _, own = optim.make_optimizer(opt, num_steps=10, steps_per_epoch=5)
+  _, override = optim.make_optimizer(opt, num_steps=10, steps_per_epoch=5, learning_rate=0.001)
   assert float(own(3)) == pytest.approx(0.1) and float(override(3)) == pytest.approx(0.001)
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mechconn import workdir as workdir_lib
+from mechconn.tasks import records
 
 CONFIG = {"task": "train", "seed": 0, "num_t": 5,
           "model": {"name": "small_cnn", "kwargs": {"width": 4}}}
@@ -20,7 +21,8 @@ LAYOUT = workdir_lib.Layout(files=("metrics.jsonl", "result.json"),
 
 
 def _claim(workdir, config, **kwargs):
-  with workdir_lib.claim(str(workdir), config, LAYOUT, **kwargs):
+  """A claim as the tasks make it (configs recorded earlier read in today's fields)."""
+  with workdir_lib.claim(str(workdir), config, LAYOUT, vocabulary=records.VOCABULARY, **kwargs):
     pass
 
 
@@ -202,14 +204,17 @@ def test_a_study_recorded_before_the_protocol_options_compares_equal():
   del recorded["train"]["data"]["test_cue_proportion"], recorded["path"]["bn_variance"]
   del recorded["finetune"]["cbft"]["cue_set"], recorded["finetune"]["cbft"]["barrier_loss"]
   del recorded["finetune"]["scratch"]
-  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config),
+                                        records.VOCABULARY) == []
   del recorded["finetune"]["cbft"]["schedule_per"]  # before it, CBFT's schedule ran per update
-  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config),
+                                        records.VOCABULARY) == [
       "finetune.cbft.schedule_per"]
   recorded["finetune"]["cbft"]["schedule_per"] = "iteration"
   config.finetune.scratch.learning_rate = 0.3
   config.finetune.cbft.cue_set = "as_split"
-  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config),
+                                        records.VOCABULARY) == [
       "finetune.cbft.cue_set"]
 
 
@@ -220,12 +225,15 @@ def test_an_eval_path_recorded_before_activation_sites_reads_as_what_it_did():
   config = eval_path_configs.get_config("cpu")
   recorded = workdir_lib.config_to_dict(config)
   del recorded["activation_sites"]
-  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config),
+                                        records.VOCABULARY) == []
   recorded["align"] = config.align = "activation"
-  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == [
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config),
+                                        records.VOCABULARY) == [
       "activation_sites"]
   config.activation_sites = "module_outputs"
-  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)) == []
+  assert workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config),
+                                        records.VOCABULARY) == []
 
 
 def test_a_foreign_config_with_a_task_key_is_not_taken_for_a_run(tmp_path):
@@ -253,7 +261,7 @@ def test_a_run_recorded_before_the_mark_is_still_this_tasks(tmp_path):
   _claim(w, CONFIG)  # resumes
   assert _recorded(w) == CONFIG
   (w / "config.json").write_text(json.dumps(legacy))
-  _claim(w, {**CONFIG, "test_cue_proportion": 1.0})  # an added field, at its old value
+  _claim(w, {**CONFIG, "allow_identical_endpoints": False})  # an added field, at its old value
   for future in ({**CONFIG, workdir_lib.FORMAT_KEY: 99},):
     (w / "config.json").write_text(json.dumps(future))
     with pytest.raises(FileExistsError, match="a run of another mechconn .* is 99"):

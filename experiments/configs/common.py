@@ -82,12 +82,8 @@ def model_section(name: str, **kwargs) -> ml_collections.ConfigDict:
 def optimizer_section(learning_rate: float, momentum: float = 0.9, weight_decay: float = 5e-4,
                       schedule: str = "cosine", decay_every_epochs: int = 0,
                       decay_factor: float = 0.1, name: str = "sgd",
-                      warmup_steps: int | None = None) -> ml_collections.ConfigDict:
-  """SGD with momentum (or AdamW) and a learning-rate schedule.
-
-  warmup_steps None: the section has no such field (every recipe but the
-  language model's; its schedule has no warm-up).
-  """
+                      warmup_steps: int = 0) -> ml_collections.ConfigDict:
+  """SGD with momentum (or AdamW) and a learning-rate schedule."""
   optimizer = ml_collections.ConfigDict()
   # sgd (momentum, weight decay added to the gradient) or adamw (decoupled weight decay)
   optimizer.name = name
@@ -99,25 +95,22 @@ def optimizer_section(learning_rate: float, momentum: float = 0.9, weight_decay:
   optimizer.schedule = schedule
   optimizer.decay_every_epochs = decay_every_epochs  # 'step': multiply by decay_factor this often
   optimizer.decay_factor = decay_factor  # 'step' only
-  if warmup_steps is not None:
-    optimizer.warmup_steps = warmup_steps  # 'warmup_cosine': steps of the linear warm-up
+  optimizer.warmup_steps = warmup_steps  # 'warmup_cosine': steps of the linear warm-up
   return optimizer
 
 
 def add_loop_fields(config: ml_collections.ConfigDict, *, num_epochs: int, batch_size: int,
                     log_every_steps: int, checkpoint_every_steps: int, max_to_keep: int,
-                    progress: bool = True, per_device_batch_size: int | None = None,
+                    progress: bool = True, per_device_batch_size: int = 0,
                     eval_batch_size: int | None = None,
                     eval_every_steps: int | None = None) -> None:
   """Adds the fields of a resumable training loop to `config`.
 
-  None: the task has no such field (per_device_batch_size where the batch is
-  fixed; eval_* where the loop evaluates nothing).
+  None: the task has no such field (eval_* where the loop evaluates nothing).
   """
   config.num_epochs = num_epochs  # passes over the training data
   config.batch_size = batch_size  # global; divisible by the device count (<= 128 per CPU device)
-  if per_device_batch_size is not None:
-    config.per_device_batch_size = per_device_batch_size  # > 0: batch_size = this x the devices
+  config.per_device_batch_size = per_device_batch_size  # > 0: batch_size = this x the devices
   if eval_batch_size is not None:
     config.eval_batch_size = eval_batch_size  # global, for evaluation (and feature extraction)
   config.log_every_steps = log_every_steps  # a metrics line (and progress bar update) this often
@@ -147,10 +140,8 @@ def finetune_section(paper: bool) -> ml_collections.ConfigDict:
   ft.num_cue = 47500 if paper else 20000  # cue examples for CBFT (all cued); -1: the rest
   ft.optimizer = optimizer_section(0.01, weight_decay=1e-4)  # LP-FT's second stage and CBFT
   add_loop_fields(ft, num_epochs=20 if paper else 10,  # epochs over the clean set
-                  batch_size=256 if paper else 128,
-                  eval_batch_size=512 if paper else 128,  # feature extraction, views
-                  log_every_steps=10, eval_every_steps=0, checkpoint_every_steps=100,
-                  max_to_keep=1)
+                  batch_size=256 if paper else 128, log_every_steps=10,
+                  checkpoint_every_steps=100, max_to_keep=1)
   ft.naive = ml_collections.ConfigDict()
   # Naive FT's peak learning rate. The paper's Table 1 has two naive rows, lr 0.01 (the
   # official default) and 0.001; on the embedded data lr 0.01 moves the cue model further
@@ -173,7 +164,7 @@ def finetune_section(paper: bool) -> ml_collections.ConfigDict:
   ft.cbft.t_distribution = "clip"  # clip (official code) or truncnorm (paper text)
   ft.cbft.barrier_loss = True  # False: the ablation without the barrier step
   # The learning-rate schedule advances per CBFT iteration (both updates at its rate, as the
-  # official scheduler), or per optimiser update ('update': mechconn before 2026-11-26); the
+  # official scheduler), or per optimiser update ('update': the schedule ends halfway); the
   # paper presets, as the official script, only from epoch warmup_epochs + 1 on.
   ft.cbft.schedule_per = "iteration_after_warmup" if paper else "iteration"
   # CBFT's cue examples: all_cued (every one carries the cue) or as_split (as the official
@@ -186,6 +177,5 @@ def shrink_finetune(ft: ml_collections.ConfigDict) -> None:
   """The quicktest fine-tuning recipe: tiny sets, 2 epochs, no progress bar."""
   ft.num_clean, ft.num_cue = 100, 200
   ft.num_epochs, ft.batch_size = 2, 32
-  ft.eval_batch_size = 80
   ft.lp.num_epochs = 5
   ft.progress = False

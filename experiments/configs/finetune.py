@@ -31,9 +31,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.finetune = common.finetune_section(paper="paper" in modifiers)
   config.finetune.methods = (method,)
   config.eval_batch_size = 512  # global, for the four views
-  # Fraction of each class's test examples the cue views treat (data.test_cue_proportion of
-  # the other tasks; the cue model's data gives the rest of the views' recipe).
-  config.test_cue_proportion = 1.0
+  # The views' data is the cue model's, but for the fraction of each class's test examples
+  # the cue views treat.
+  config.data = ml_collections.ConfigDict()
+  config.data.test_cue_proportion = 1.0
   # Load the cue model, build the method's loop, time one step, estimate; no data, no files.
   config.dry_run = False
   if "quicktest" in modifiers:

@@ -25,7 +25,10 @@ import ml_collections
 from experiments.configs import common
 from experiments.configs import train as train_config
 
-FIT_DATA = {"clean": 0.0, "cue": 1.0}  # cue proportion of the data the curve is fitted on
+FIT_DATA = {"clean": 0.0, "cue": 1.0}
+# The loop fields taken from the cue model's recipe (a curve fit evaluates nothing).
+LOOP_FIELDS = ("num_epochs", "batch_size", "per_device_batch_size", "log_every_steps",
+               "checkpoint_every_steps", "max_to_keep", "progress")  # cue proportion of the data the curve is fitted on
 
 
 def endpoint_workdirs(base: str) -> tuple[str, str]:
@@ -43,12 +46,18 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   if fit_on not in FIT_DATA or not (base == "cpu" or base in train_config.paper_presets()):
     raise ValueError(f"Unknown preset {name!r}; valid presets: cpu_clean, cpu_cue and "
                      "{train.py's paper preset}_{clean,cue}, e.g. cifar10_box80_vgg13_clean.")
-  # The cue model's training recipe, less what a curve fit does not use.
-  config = train_config.unlocked_config("cpu_cue" if base == "cpu" else base)
+  # The cue model's training recipe: its data, model, optimiser and loop (the curve's).
+  recipe = train_config.unlocked_config("cpu_cue" if base == "cpu" else base)
+  config = ml_collections.ConfigDict()
   config.task = "fit_curve"
+  config.seed = recipe.seed  # the free points' init and the step's t
+  config.data = recipe.data
   # The end points' model is theirs; this copy only builds a dry run before they exist.
-  config.endpoint_model = config.model
-  del config.model, config.eval_every_steps, config.eval_batch_size  # eval_path evaluates
+  config.endpoint_model = recipe.model
+  config.optimizer = recipe.optimizer
+  common.add_loop_fields(config, **{k: recipe[k] for k in LOOP_FIELDS})
+  # Build, time one curve step, estimate the fit; read no data, write nothing.
+  config.dry_run = False
   # t = 0: the cue model's train run; t = 1: the no-cue model's.
   config.start_workdir, config.end_workdir = endpoint_workdirs(base)
   # The same run (or identical weights) at both ends is refused unless this is True.

@@ -29,8 +29,6 @@ import ml_collections
 from experiments.configs import common
 from experiments.configs import train as train_config
 
-finetune_section = common.finetune_section  # finetune.py and older imports
-shrink_finetune = common.shrink_finetune
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -50,7 +48,6 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # default, mechconn.tasks.reproduce.DEFAULT_SEED_MODE).
   config.seed_mode = "auto"
   config.train = train_config.unlocked_config(name if paper else "cpu_cue")  # the cue model
-  del config.train.dry_run  # the study's own dry_run below
   config.dry_run = False  # time one cue-model, naive and CBFT step; estimate; no data, no files
   config.cue_model_workdir = ""  # a finished train run to use; '': train it in workdir/cue_model
   config.finetune = common.finetune_section(paper)

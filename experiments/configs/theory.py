@@ -25,7 +25,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown preset {name!r}; valid presets: ['default', 'quicktest'].")
   config = ml_collections.ConfigDict()
   config.task = "theory"
-  config.seeds = 3  # networks per attribute (init seeds 0..seeds-1, then seeds..2 seeds-1)
+  # Networks per attribute (init seeds 0..num_seeds-1, then num_seeds..2 num_seeds-1).
+  config.num_seeds = 3
   config.data = ml_collections.ConfigDict()
   config.data.bands = 4  # bands of the complex attribute (labels alternate between bands)
   config.data.noise_dims = 8  # input dimensions carrying no label
@@ -38,9 +39,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 128
   config.num_epochs = 30
   config.eval_batch_size = 512
-  config.num_t = 11  # points on each path
+  config.path = ml_collections.ConfigDict()
+  config.path.num_t = 11  # points on each path, np.linspace(0, 1, num_t)
   if name == "quicktest" or "quicktest" in modifiers:
     config.data.num_test = 1024
-    config.num_epochs, config.seeds, config.num_t = 12, 2, 3
+    config.num_epochs, config.num_seeds, config.path.num_t = 12, 2, 3
   config.lock()
   return config

@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = common.model_section("small_cnn", width=32)
   config.optimizer = common.optimizer_section(0.05)
   common.add_loop_fields(
-      config, num_epochs=3, batch_size=128, per_device_batch_size=0, eval_batch_size=512,
+      config, num_epochs=3, batch_size=128, eval_batch_size=512,
       log_every_steps=50, eval_every_steps=390, checkpoint_every_steps=200, max_to_keep=2)
   # Build everything, run one step, print the mesh, placement, per-device batch and
   # an estimate of the run's time; read no data, write nothing (mechconn.tasks.train.dry_run).
@@ -101,7 +101,7 @@ def lm_config(seed: int) -> ml_collections.ConfigDict:
   config.optimizer = common.optimizer_section(3e-3, weight_decay=0.0, schedule="warmup_cosine",
                                               name="adamw", warmup_steps=100)
   common.add_loop_fields(
-      config, num_epochs=1, batch_size=64, per_device_batch_size=0, eval_batch_size=512,
+      config, num_epochs=1, batch_size=64, eval_batch_size=512,
       log_every_steps=100, eval_every_steps=500, checkpoint_every_steps=500, max_to_keep=2)
   # Build everything, run one step, estimate the run; read no data, write nothing.
   config.dry_run = False
@@ -148,7 +148,7 @@ def apply_quicktest(config: ml_collections.ConfigDict) -> None:
   config.data.num_test = 200
   if "model" in config:  # fit_curve and eval_path take the end points' model
     config.model.kwargs = ml_collections.ConfigDict(_quick_model_kwargs(config.model))
-  if "warmup_steps" in config.optimizer:  # the language model's: within its 32 steps
+  if config.optimizer.warmup_steps:  # the language model's: within its 32 steps
     config.optimizer.warmup_steps = 4
   quick = {"num_epochs": 2, "batch_size": 32,
            "eval_batch_size": 80,  # divisible by 8 and 16 (fake-device tests)

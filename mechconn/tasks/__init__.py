@@ -10,17 +10,25 @@
   quickstart  two small models and the linear path between them, in seconds
   theory      the one-hidden-layer theory on two-attribute synthetic data (claim C13)
 
-Each task module has one `build(config, mesh, inputs)` used by its run and
-its dry run, and is launched through `runner.launch` (checks, dry run, claim,
-run). Supporting modules: `runner` (the prologue, `Build`, `write_outputs`),
-`config` (config checks and derived values), `data` (loading and sharding a
-config's data), `runs` (finished runs as inputs), `sequences` (the
-language-model case: sequence data, its model and objective). A task takes any attribute
-container as its config (e.g. an ml_collections.ConfigDict) and never parses
-files.
+Each task module resolves its config once (`resolve(config, num_devices)`:
+every field checked, into the task's frozen, typed spec) and runs from the
+spec; it is launched through `runner.launch` (resolve, inputs, dry run, claim,
+run). Supporting modules:
+
+  specs       the shared config sections as typed values (data, model, optimizer, loop, path)
+  records     recorded configs read in today's fields (the upgrade of old runs)
+  runner      the prologue, `Job`, `Build`, `write_outputs`
+  runs        finished runs as inputs (train runs, end points, fitted curves), views
+  methods     the fine-tuning methods as runs (shared by finetune and reproduce)
+  data        a data section loaded: views, statistics batches, clean and cue sets
+  optim       the optimiser and schedule of an optimizer section
+  alignment   the end point aligned to the start (none, weight or activation matching)
+  sequences   the language-model case: sequence data, its model and objective
+
+A task takes an `ml_collections.ConfigDict` as its config and never parses files.
 """
 
-from typing import Any
+import ml_collections
 
 from mechconn.tasks import eval_path
 from mechconn.tasks import finetune
@@ -35,7 +43,7 @@ TASKS = {task.NAME: task for task in (train, fit_curve, eval_path, finetune, rep
                                       quickstart, theory)}
 
 
-def run(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
   """Runs (or dry-runs) the task named by `config.task` in `workdir`; returns its record."""
   if config.task not in TASKS:
     raise ValueError(f"Unknown task {config.task!r}; valid tasks: {sorted(TASKS)}.")

@@ -21,11 +21,11 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any
 import warnings
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mechconn import align
@@ -35,24 +35,23 @@ from mechconn import counterfactual
 from mechconn import curves
 from mechconn import dry_run as dry_run_lib
 from mechconn import input_checks
-from mechconn import matching
 from mechconn import objectives
 from mechconn import report
 from mechconn import symmetry
 from mechconn import workdir as workdir_lib
 from mechconn.data.views import VIEWS
-from mechconn.tasks import config as task_config
+from mechconn.tasks import alignment
 from mechconn.tasks import data as task_data
-from mechconn.tasks import fit_curve
 from mechconn.tasks import runner
 from mechconn.tasks import runs
 from mechconn.tasks import sequences as task_sequences
+from mechconn.tasks import specs
 
 NAME = "eval_path"
 EVAL_PATH_FILE = "eval_path.json"
 EVAL_PATH_FIGURE = "eval_path.png"
 LAYOUT = workdir_lib.Layout(files=(EVAL_PATH_FILE, EVAL_PATH_FIGURE))
-ALIGNMENTS = ("none", "weight", "activation")
+ALIGNMENTS = alignment.ALIGNMENTS
 # What activation matching correlates: the ReLU of every site (the units' outputs, as the
 # official code matches VGG/ResNet blocks) or the module outputs before it.
 ACTIVATION_SITES = {"post_relu": jax.nn.relu, "module_outputs": None}
@@ -61,84 +60,105 @@ SEQUENCE_ALIGNMENTS = ("none", "weight")  # language models: no activation match
 
 
 @dataclasses.dataclass(frozen=True)
-class Inputs:
-  """The end points and the fitted curves: [(curve.json record, free points)]."""
+class EvalPathSpec:
+  """An `eval_path` config, resolved."""
 
-  endpoints: fit_curve.Endpoints
-  curves: list[tuple[dict, tuple]]
+  seed: int  # weight matching's order of permutation groups
+  data: specs.DataSpec
+  endpoints: runs.EndpointsSpec
+  curve_workdirs: tuple[str, ...]
+  align: str
+  activation_sites: str  # image models: what activation matching correlates
+  path: specs.PathSpec
+  bn_data: str  # image models: BatchNorm statistics from clean or train data
+  eval_batch_size: int
+  barrier_metric: str
+  barrier_tolerance: float
+  dry_run: bool
+
+  @property
+  def num_paths(self) -> int:
+    return 1 + (self.align != "none") + len(self.curve_workdirs)
 
 
-def check(config: Any, num_devices: int) -> None:
-  """Validates an `eval_path` config before any work (ValueError naming the key)."""
+def resolve(config: ml_collections.ConfigDict, num_devices: int) -> EvalPathSpec:
+  """An `eval_path` config, checked before any work (ValueError naming the key)."""
   checks.check_int(config.seed, "seed")
-  task_config.check_data_config(config.data, task=NAME)
-  task_config.check_model_config(config.endpoint_model, "endpoint_model", config.data.dataset)
-  if task_sequences.is_sequence_data(config.data.dataset):
+  data = specs.data_spec(config.data, NAME)
+  curve_workdirs = tuple(config.curve_workdirs)
+  if data.is_sequence:
     checks.check_choice(config.align, SEQUENCE_ALIGNMENTS, "align")
-    task_sequences.renormalize_of(config.path)
-    if config.curve_workdirs:
+    if curve_workdirs:
       raise ValueError("config.curve_workdirs must be empty for language models: fit_curve "
                        "fits curves between image models only.")
+    sites, bn_data = "", ""
   else:
     checks.check_choice(config.align, ALIGNMENTS, "align")
     checks.check_choice(config.activation_sites, tuple(ACTIVATION_SITES), "activation_sites")
     checks.check_choice(config.path.bn_data, BN_DATA, "path.bn_data")
-    task_config.renormalize_of(config.path)  # bn_variance; against the model in `inputs`
-  checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
-  checks.check_int(config.path.num_t, "path.num_t", minimum=2)
-  task_config.check_eval_batch_size(config, num_devices)
-  if config.path.bn_examples < config.eval_batch_size:
-    raise ValueError(f"config.path.bn_examples={config.path.bn_examples} makes no full batch "
-                     f"of eval_batch_size={config.eval_batch_size}.")
-  available = task_config.num_train_examples(config.data)
-  if config.path.bn_examples > available:
-    raise ValueError(f"config.path.bn_examples={config.path.bn_examples} exceeds the "
-                     f"{available} training examples.")
+    sites, bn_data = config.activation_sites, config.path.bn_data
+  path = specs.path_spec(config.path, sequence=data.is_sequence)
+  eval_batch = specs.eval_batch_size(config.eval_batch_size, num_devices)
+  if path.bn_examples < eval_batch:
+    raise ValueError(f"config.path.bn_examples={path.bn_examples} makes no full batch "
+                     f"of eval_batch_size={eval_batch}.")
+  if path.bn_examples > data.num_train_examples:
+    raise ValueError(f"config.path.bn_examples={path.bn_examples} exceeds the "
+                     f"{data.num_train_examples} training examples.")
   checks.check_choice(config.barrier_metric, ("error", "loss"), "barrier_metric")
   checks.check_number(config.barrier_tolerance, "barrier_tolerance", low=0.0)
-  for i, w in enumerate(config.curve_workdirs):
+  for i, w in enumerate(curve_workdirs):
     if not w:
       raise ValueError(f"config.curve_workdirs[{i}] is empty: give a finished fit_curve run.")
+  return EvalPathSpec(
+      seed=config.seed, data=data, endpoints=runs.endpoints_spec(config, data),
+      curve_workdirs=curve_workdirs, align=config.align, activation_sites=sites, path=path,
+      bn_data=bn_data, eval_batch_size=eval_batch, barrier_metric=config.barrier_metric,
+      barrier_tolerance=config.barrier_tolerance, dry_run=config.dry_run)
 
 
-def inputs(config: Any, dry_run: bool) -> tuple[Inputs, dict]:
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """The end points and the fitted curves: [(curve.json record, free points)]."""
+
+  endpoints: runs.Endpoints
+  curves: list[tuple[dict, tuple]]
+
+
+def inputs(spec: EvalPathSpec, dry_run: bool) -> tuple[Inputs, dict]:
   """The end points and curves (a curve fitted between other end points is refused)."""
-  endpoints, ends = fit_curve.load_endpoints(config, dry_run)
-  if not task_sequences.is_sequence_data(config.data.dataset):
-    _check_model_settings(config, endpoints.start.model)
+  endpoints, ends = runs.load_endpoints(spec.endpoints, spec.data, dry_run)
+  if not spec.data.is_sequence:  # settings that depend on the runs' model, not the stand-in
+    specs.check_bn_variance(spec.path, endpoints.start.model, spec.data.input_shape)
+    if spec.align == "activation":
+      specs.check_activation_sites(spec.activation_sites, endpoints.start.model,
+                                   spec.data.input_shape)
   if dry_run:
     return Inputs(endpoints, []), {}
-  fitted = [fit_curve.load_curve(w) for w in config.curve_workdirs]
-  curve_configs = [fit_curve.check_curve_ends(record, w, ends, endpoints.start, endpoints.end)
-                   for (record, _), w in zip(fitted, config.curve_workdirs)]
+  fitted = [runs.load_curve(w) for w in spec.curve_workdirs]
+  curve_configs = [runs.check_curve_ends(record, w, ends, endpoints.start, endpoints.end)
+                   for (record, _), w in zip(fitted, spec.curve_workdirs)]
   identities = {**ends, "curves": [{"config": c, "step": r["step"]}
                                    for c, (r, _) in zip(curve_configs, fitted)]}
   return Inputs(endpoints, fitted), identities
 
 
-def _check_model_settings(config: Any, model: Any) -> None:
-  """Settings that depend on the end points' model (the runs', not `endpoint_model`, the
-  dry run's stand-in), refused before the workdir is claimed."""
-  shape = task_config.input_shape(config.data)
-  task_config.check_bn_variance(config.path, model, shape)
-  if config.align == "activation":
-    task_config.check_activation_sites(config.activation_sites, model, shape)
+def _objective(spec: EvalPathSpec) -> objectives.Objective:
+  return task_sequences.OBJECTIVE if spec.data.is_sequence else objectives.CLASSIFICATION
 
 
-def _evaluate(path: tuple, sets: tuple, *, apply_fn, mesh, renormalize="auto",
-              objective=objectives.CLASSIFICATION, allow_identical=False) -> tuple:
-  """((kind, points, ts), (eval sets, bn_batches)) -> (path, {set: PathEval}).
-
-  `allow_identical`: identical end points were asked for (a control), so the library's
-  warning about them is not repeated."""
+def evaluate(spec: EvalPathSpec, job: runner.Job, path: tuple, sets: tuple) -> dict:
+  """{eval set: PathEval} of one path (kind, points, ts) on (eval sets, statistics batches)."""
+  endpoints = job.inputs.endpoints
   kind, points, ts = path
   eval_sets, bn_batches = sets
   with warnings.catch_warnings():
-    if allow_identical:
+    if spec.endpoints.allow_identical:  # asked for (a control): the warning is not repeated
       warnings.simplefilter("ignore", input_checks.IdenticalEndpointsWarning)
-    return path, barriers.evaluate_path_on_sets(apply_fn, points, ts, eval_sets, path=kind,
-                                                bn_batches=bn_batches, mesh=mesh,
-                                                renormalize=renormalize, objective=objective)
+    return barriers.evaluate_path_on_sets(
+        endpoints.start.spec.apply_fn(endpoints.start.model), points, ts, eval_sets,
+        path=kind, bn_batches=bn_batches, mesh=job.mesh, renormalize=spec.path.renormalize,
+        objective=_objective(spec))
 
 
 def _varied(x: jax.Array, num_values: int = 4) -> jax.Array:
@@ -164,167 +184,142 @@ def _as_sequence_sets(zeros: dict) -> tuple[dict, dict]:
           {"tokens": _varied(batch["tokens"])[None]})
 
 
-def build(config: Any, mesh: jax.sharding.Mesh, inputs: Inputs) -> runner.Build:
-  """The evaluation of one path on the views, as a step.
-
-  A step is `step_fn(path, (view batches, bn_batches))` with path = (kind,
-  points, ts); its "batch" size for the dry run's estimate is a quarter of the
-  examples one t reads (BatchNorm examples plus four views), because the timed
-  call evaluates two t on one eval and one BatchNorm batch. Language models:
-  the held-out sequences are the one eval set, the statistics examples
-  REPAIR's.
-  """
-  endpoints = inputs.endpoints
-  model = endpoints.start.model
-  if task_sequences.is_sequence_data(config.data.dataset):
-    num_sets, to_batch = 1, _as_sequence_sets
-    renormalize, objective = (task_sequences.renormalize_of(config.path),
-                              task_sequences.OBJECTIVE)
-  else:
-    num_sets, to_batch = len(VIEWS), _as_eval_sets
-    renormalize, objective = task_config.renormalize_of(config.path), objectives.CLASSIFICATION
-  examples_per_t = config.path.bn_examples + num_sets * task_config.num_test_examples(
-      config.data)
-  num_paths = 1 + (config.align != "none") + len(config.curve_workdirs)
-  two_ts = ("linear", (endpoints.start.params, endpoints.end.params), np.linspace(0, 1, 2))
-  return runner.Build(
-      name="path point (one t)", init_fn=lambda: two_ts,
-      step_fn=functools.partial(_evaluate, apply_fn=runs.apply_fn_of(model, config.data.dataset),
-                                mesh=mesh, renormalize=renormalize, objective=objective,
-                                allow_identical=config.get("allow_identical_endpoints", False)),
-      batch_size=examples_per_t // 4, steps_per_epoch=1,
-      num_steps=num_paths * config.path.num_t,
-      image_shape=task_config.input_shape(config.data), model=model, to_batch=to_batch)
-
-
-def _eval_data(config: Any, mesh: jax.sharding.Mesh) -> tuple[dict, dict, Any, dict]:
-  """(eval sets, statistics batches, objective, what they are for the record).
+def _eval_data(spec: EvalPathSpec, mesh: jax.sharding.Mesh) -> tuple[dict, dict, dict]:
+  """(eval sets, statistics batches, what they are for the record).
 
   Image models: the four views, and the training images BatchNorm is recomputed
   from; language models: the held-out sequences, and the training sequences of
   REPAIR's statistics.
   """
-  data = config.data
-  if task_sequences.is_sequence_data(data.dataset):
-    eval_sets = task_sequences.eval_sets(data, config.eval_batch_size, mesh)
-    bn_batches = task_sequences.statistics_batches(data, config.path.bn_examples,
-                                                   config.eval_batch_size)
+  data, path = spec.data, spec.path
+  if data.is_sequence:
+    eval_sets = task_sequences.eval_sets(data, spec.eval_batch_size, mesh)
+    bn_batches = task_sequences.statistics_batches(data, path.bn_examples, spec.eval_batch_size)
     num_bn = int(np.prod(bn_batches["tokens"].shape[:2]))
-    return eval_sets, bn_batches, task_sequences.OBJECTIVE, {
-        "renormalize": {"method": config.path.renormalize, "statistics_from": "train",
+    return eval_sets, bn_batches, {
+        "renormalize": {"method": path.renormalize or "none", "statistics_from": "train",
                         "dataset": data.dataset, "num_examples": num_bn},
         "eval": {"dataset": data.dataset, "num_examples": int(data.num_test), "seed": data.seed}}
   test_views, test_labels = task_data.load_test_views(data)
-  eval_sets = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
+  eval_sets = task_data.shard_views(test_views, test_labels, spec.eval_batch_size, mesh)
   bn_split = task_data.load_train_split(
-      data, cue_proportion=0.0 if config.path.bn_data == "clean" else data.cue_proportion,
-      num_examples=config.path.bn_examples)
+      data, cue_proportion=0.0 if spec.bn_data == "clean" else data.cue_proportion,
+      num_examples=path.bn_examples)
   bn_batches = task_data.bn_batches_of(bn_split.examples(np.arange(len(bn_split))),
-                                       config.eval_batch_size)
+                                       spec.eval_batch_size)
   num_bn = int(np.prod(bn_batches["image"].shape[:2]))
-  return eval_sets, bn_batches, objectives.CLASSIFICATION, {
-      "batchnorm": {"recomputed_at_every_t_from": config.path.bn_data,
+  return eval_sets, bn_batches, {
+      "batchnorm": {"recomputed_at_every_t_from": spec.bn_data,
                     "dataset": data.dataset, "num_examples": num_bn},
       "eval": {"dataset": data.dataset, "cue": data.cue, "num_examples": int(len(test_labels)),
                "views_seed": data.seed}}
 
 
-def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Inputs,
-        config_dict: dict, *, overwrite: bool = False) -> dict:
-  """Evaluates every path; returns the eval_path.json record."""
-  del overwrite  # the claim, made by runner.launch, already used it
-  built = build(config, mesh, inputs)
+def _aligned_path(spec: EvalPathSpec, endpoints: runs.Endpoints, bn_batches: dict
+                  ) -> tuple[tuple, dict]:
+  """The linear path after alignment, (kind, points), and what the alignment did."""
+  start_run, end_run = endpoints.start, endpoints.end
+  apply_fn = start_run.spec.apply_fn(start_run.model)
+  name = start_run.config["model"]["name"]
+  example = _objective(spec).inputs_of(jax.tree.map(lambda x: x[0], bn_batches))
+  perm_spec = (align.permutation_spec(name, start_run.params) if name in align.WRITTEN_SPECS
+               else symmetry.derive_spec(apply_fn, start_run.variables, example))
+  batches = list(bn_batches["image"]) if spec.align == "activation" else []
+  aligned_end, perm = alignment.aligned_end(
+      spec.align, perm_spec, start_run.model.apply, start_run.variables, end_run.variables,
+      batches, seed=spec.seed, post=ACTIVATION_SITES.get(spec.activation_sites))
+  record = {"method": spec.align,
+            "fraction_of_units_moved": {k: float(np.mean(v != np.arange(len(v))))
+                                        for k, v in perm.items()},
+            "matched_on": (f"{len(batches) * spec.eval_batch_size} {spec.bn_data} training "
+                           "images" if spec.align == "activation" else "weights")}
+  if spec.align == "activation":
+    record["activation_sites"] = spec.activation_sites
+  return ("linear", (start_run.params, aligned_end)), record
+
+
+def _paths(spec: EvalPathSpec, inputs: Inputs, bn_batches: dict) -> tuple[dict, dict | None]:
+  """{name: (kind, control points)} of every path, and what the alignment did (or None)."""
   start_run, end_run = inputs.endpoints.start, inputs.endpoints.end
-  data = config.data
-  view_batches, bn_batches, objective, provenance = _eval_data(config, mesh)
-  model = built.model
-  apply_fn = runs.apply_fn_of(model, data.dataset)
-  ts = np.linspace(0.0, 1.0, config.path.num_t)
-
-  # Paths: name -> (kind, control points).
-  path_points = {"linear": ("linear", (start_run.params, end_run.params))}
-  alignment = None
-  if config.align != "none":
-    name = start_run.config["model"]["name"]
-    example = objective.inputs_of(jax.tree.map(lambda x: x[0], bn_batches))
-    spec = (align.permutation_spec(name, start_run.params) if name in align.WRITTEN_SPECS
-            else symmetry.derive_spec(apply_fn, start_run.variables, example))
-    if config.align == "weight":
-      perm = matching.weight_matching(spec, start_run.params, end_run.params, seed=config.seed)
-    else:
-      perm = matching.activation_matching(model.apply, spec, start_run.variables,
-                                          end_run.variables, list(bn_batches["image"]),
-                                          post=ACTIVATION_SITES[config.activation_sites])
-    aligned_end = align.apply_permutation(spec, perm, end_run.params)
-    path_points["linear (aligned)"] = ("linear", (start_run.params, aligned_end))
-    moved = {k: float(np.mean(v != np.arange(len(v)))) for k, v in perm.items()}
-    alignment = {"method": config.align, "fraction_of_units_moved": moved,
-                 "matched_on": (f"{len(bn_batches['image']) * config.eval_batch_size} "
-                                f"{config.path.bn_data} training images"
-                                if config.align == "activation" else "weights")}
-    if config.align == "activation":
-      alignment["activation_sites"] = config.activation_sites
-  for (record, free), w in zip(inputs.curves, config.curve_workdirs):
-    label = fit_curve.curve_label(record)
-    if label in path_points:  # two curves of one kind on one dataset: name them apart
+  paths = {"linear": ("linear", (start_run.params, end_run.params))}
+  record = None
+  if spec.align != "none":
+    paths["linear (aligned)"], record = _aligned_path(spec, inputs.endpoints, bn_batches)
+  for (fitted, free), w in zip(inputs.curves, spec.curve_workdirs):
+    label = runs.curve_label(fitted)
+    if label in paths:  # two curves of one kind on one dataset: name them apart
       label = f"{label} [{os.path.basename(os.path.normpath(w))}]"
-    path_points[label] = (record["kind"],
-                          curves.curve_points(start_run.params, free, end_run.params))
+    paths[label] = (fitted["kind"], curves.curve_points(start_run.params, free, end_run.params))
+  return paths, record
 
+
+def run(spec: EvalPathSpec, job: runner.Job) -> dict:
+  """Evaluates every path; returns the eval_path.json record."""
+  start_run, end_run = job.inputs.endpoints.start, job.inputs.endpoints.end
+  view_batches, bn_batches, provenance = _eval_data(spec, job.mesh)
+  ts = np.linspace(0.0, 1.0, spec.path.num_t)
+  paths, alignment_record = _paths(spec, job.inputs, bn_batches)
   start = time.perf_counter()
   results = {}
-  for name, (kind, points) in path_points.items():
-    _, views = built.step_fn((kind, points, ts), (view_batches, bn_batches))
-    views = jax.device_get(views)
-    verdict = counterfactual.path_verdict(views, metric=config.barrier_metric,
-                                          tolerance=config.barrier_tolerance)
+  for name, (kind, points) in paths.items():
+    views = jax.device_get(evaluate(spec, job, (kind, points, ts), (view_batches, bn_batches)))
+    verdict = counterfactual.path_verdict(views, metric=spec.barrier_metric,
+                                          tolerance=spec.barrier_tolerance)
     results[name] = {
         "kind": kind,
         "views": {v: {"loss": np.asarray(r.loss).tolist(),
                       "accuracy": np.asarray(r.accuracy).tolist()} for v, r in views.items()},
         **verdict}
-  seconds = time.perf_counter() - start
-
   record = {
       "ts": ts.tolist(),
       "paths": results,
-      "alignment": alignment,
+      "alignment": alignment_record,
       "start": {"checkpoint": start_run.checkpoint, "seed": start_run.config["seed"],
                 "data": start_run.config["data"]},
       "end": {"checkpoint": end_run.checkpoint, "seed": end_run.config["seed"],
               "data": end_run.config["data"]},
       "curves": [{"workdir": os.path.abspath(w), **{k: r[k] for k in (
           "kind", "num_free", "step", "fit_data")}} for w, (r, _) in zip(
-              config.curve_workdirs, inputs.curves)],
+              spec.curve_workdirs, job.inputs.curves)],
       **provenance,
-      "seconds": round(seconds, 1),
+      "seconds": round(time.perf_counter() - start, 1),
       "backend": jax.default_backend(),
-      "devices": int(mesh.devices.size),
+      "devices": int(job.mesh.devices.size),
       "path_eval_sharded_over": next(iter(views.values())).sharded_over,
-      "config": config_dict,
+      "config": job.config_dict,
   }
   print(format_barrier_table(record))
-  runner.write_outputs(workdir, {EVAL_PATH_FILE: record,
-                                 EVAL_PATH_FIGURE: functools.partial(report.plot_path_views,
-                                                                     record)})
+  runner.write_outputs(job.workdir, {
+      EVAL_PATH_FILE: record,
+      EVAL_PATH_FIGURE: functools.partial(report.plot_path_views, record)})
   return record
 
 
-def dry_run(config: Any, mesh: jax.sharding.Mesh, inputs: Inputs) -> dict:
-  """One t of a path timed with `build`'s step function, the evaluation's estimate.
+def dry_run(spec: EvalPathSpec, job: runner.Job) -> dict:
+  """One t of a path timed (the evaluation of two t on one batch), the evaluation's estimate.
 
-  A "step" is one t: BatchNorm statistics from `path.bn_examples` examples
-  and the four views of the test split. The estimate leaves out the alignment
-  (seconds for weight matching).
+  A "step" is one t: statistics from `path.bn_examples` examples and the eval
+  sets (four views, or the held-out sequences); the timed call evaluates two t
+  on one eval and one statistics batch, so its batch is a quarter of one t's
+  examples. The estimate leaves out the alignment (seconds for weight matching).
   """
-  built = build(config, mesh, inputs)
-  _, timing, sets = runner.time_build(built, mesh, state=built.init_fn())
-  num_paths = built.num_steps // config.path.num_t
+  endpoints = job.inputs.endpoints
+  num_sets = 1 if spec.data.is_sequence else len(VIEWS)
+  examples_per_t = spec.path.bn_examples + num_sets * spec.data.num_test_examples
+  two_ts = ("linear", (endpoints.start.params, endpoints.end.params), np.linspace(0, 1, 2))
+
+  def point(path, sets):  # the timer's (carry, batch) -> (carry, out)
+    return path, evaluate(spec, job, path, sets)
+
+  _, timing, sets = dry_run_lib.time_on_zero_batches(
+      "path point (one t)", point, two_ts, spec.data.input_shape, job.mesh,
+      global_batch=examples_per_t // 4, num_steps=spec.num_paths * spec.path.num_t,
+      to_batch=_as_sequence_sets if spec.data.is_sequence else _as_eval_sets)
   return dry_run_lib.report(
-      f"eval_path: {num_paths} path(s) x {config.path.num_t} t of "
-      f"{type(built.model).__name__} on {config.data.dataset}; end points: "
-      f"{inputs.endpoints.source}", mesh,
-      {"end point params": (inputs.endpoints.start.params, inputs.endpoints.end.params),
+      f"eval_path: {spec.num_paths} path(s) x {spec.path.num_t} t of "
+      f"{type(endpoints.start.model).__name__} on {spec.data.dataset}; end points: "
+      f"{endpoints.source}", job.mesh,
+      {"end point params": (endpoints.start.params, endpoints.end.params),
        "eval batch": sets[0]}, [timing])
 
 

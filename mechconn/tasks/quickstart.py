@@ -6,12 +6,12 @@ same numbers), evaluates the linear path at `path.num_t` points with BatchNorm
 statistics recomputed at each, and writes `linear_barrier.json`.
 """
 
+import dataclasses
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mechconn import barriers
@@ -20,19 +20,54 @@ from mechconn import loop
 from mechconn import workdir as workdir_lib
 from mechconn.data import batching
 from mechconn.data import prototypes
-from mechconn.models import get_model
-from mechconn.tasks import config as task_config
 from mechconn.tasks import data as task_data
+from mechconn.tasks import optim
 from mechconn.tasks import runner
+from mechconn.tasks import specs
 
 NAME = "quickstart"
 RESULT_FILE = "linear_barrier.json"
 LAYOUT = workdir_lib.Layout(files=(RESULT_FILE,))
 
 
-def check(config: Any, num_devices: int) -> None:
-  """Validates a quickstart config before any work, naming the field."""
-  del num_devices  # `fit` trains on one device
+@dataclasses.dataclass(frozen=True)
+class PrototypeData:
+  """The embedded prototype-image task (`data.prototypes`)."""
+
+  num_classes: int
+  image_size: int
+  noise: float
+  num_train: int
+  num_test: int
+  train_seed: int
+  test_seed: int
+
+  def split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of the 'train' or 'test' split."""
+    return prototypes.make_prototype_images(
+        self.train_seed if split == "train" else self.test_seed,
+        self.num_train if split == "train" else self.num_test, num_classes=self.num_classes,
+        image_size=self.image_size, noise=self.noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartSpec:
+  """A quickstart config, resolved."""
+
+  seed: int  # model i is trained with seed + i
+  data: PrototypeData
+  model: specs.ModelSpec
+  optimizer: specs.OptimizerSpec
+  batch_size: int
+  num_epochs: int
+  eval_batch_size: int
+  path: specs.PathSpec
+
+
+def resolve(config: ml_collections.ConfigDict, num_devices: int) -> QuickstartSpec:
+  """A quickstart config, checked before any work, naming the field (`loop.fit` trains on
+  one device, whatever `num_devices`)."""
+  del num_devices  # the protocol's argument: `loop.fit` trains on one device
   checks.check_int(config.seed, "seed")
   data = config.data
   checks.check_int(data.num_classes, "data.num_classes", minimum=2)
@@ -42,83 +77,65 @@ def check(config: Any, num_devices: int) -> None:
     checks.check_positive_int(data[key], f"data.{key}")
   for key in ("train_seed", "test_seed"):
     checks.check_int(data[key], f"data.{key}")
-  task_config.check_model_config(config.model)
-  task_config.check_optimizer_config(config.optimizer)
   for key in ("batch_size", "num_epochs", "eval_batch_size"):
     checks.check_positive_int(config[key], key)
-  checks.check_int(config.path.num_t, "path.num_t", minimum=2)
-  checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
-  task_config.check_bn_variance(config.path, get_model(config.model.name, data.num_classes,
-                                                       **config.model.kwargs),
-                                (data.image_size, data.image_size, 3))
-  task_config.steps_of(config.batch_size, config.num_epochs, data.num_train)
-  if config.path.bn_examples < config.eval_batch_size:
-    raise ValueError(f"config.path.bn_examples={config.path.bn_examples} makes no full batch "
-                     f"of eval_batch_size={config.eval_batch_size}.")
-  if config.path.bn_examples > data.num_train:
-    raise ValueError(f"config.path.bn_examples={config.path.bn_examples} exceeds "
+  spec = QuickstartSpec(
+      seed=config.seed, data=PrototypeData(**data.to_dict()),
+      model=specs.model_spec(config.model, num_classes=data.num_classes),
+      optimizer=specs.optimizer_spec(config.optimizer), batch_size=config.batch_size,
+      num_epochs=config.num_epochs, eval_batch_size=config.eval_batch_size,
+      path=specs.path_spec(config.path))
+  specs.check_bn_variance(spec.path, spec.model.build(),
+                          (data.image_size, data.image_size, 3))
+  _steps(spec)
+  if spec.path.bn_examples < spec.eval_batch_size:
+    raise ValueError(f"config.path.bn_examples={spec.path.bn_examples} makes no full batch "
+                     f"of eval_batch_size={spec.eval_batch_size}.")
+  if spec.path.bn_examples > data.num_train:
+    raise ValueError(f"config.path.bn_examples={spec.path.bn_examples} exceeds "
                      f"config.data.num_train={data.num_train}.")
+  return spec
 
 
-def inputs(config: Any, dry_run: bool) -> tuple[None, None]:
-  """The quickstart reads no finished run."""
-  del config, dry_run
-  return None, None
+def _steps(spec: QuickstartSpec) -> tuple[int, int]:
+  """(steps per epoch, total steps); raises when the training split makes no batch."""
+  steps_per_epoch = spec.data.num_train // spec.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={spec.batch_size} exceeds the {spec.data.num_train} "
+                     "training examples: it makes no full batch.")
+  return steps_per_epoch, spec.num_epochs * steps_per_epoch
 
 
-def build(config: Any, mesh: jax.sharding.Mesh | None = None, inputs: Any = None
-          ) -> runner.Build:
-  """The model and optimiser both seeds train with (`loop.fit` makes their states)."""
-  del mesh, inputs
-  data = config.data
-  steps_per_epoch, num_steps = task_config.steps_of(config.batch_size, config.num_epochs,
-                                                    data.num_train)
-  tx, schedule = task_config.make_optimizer(config.optimizer, num_steps=num_steps,
-                                            steps_per_epoch=steps_per_epoch)
-  dtype = config.model.get("dtype", "float32")
-  model = get_model(config.model.name, data.num_classes, **config.model.kwargs,
-                    dtype=None if dtype == "float32" else jnp.dtype(dtype))
-  return runner.Build(name="quickstart", init_fn=None, step_fn=None, tx=tx,
-                      batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
-                      num_steps=num_steps, image_shape=(data.image_size, data.image_size, 3),
-                      schedule=schedule, model=model)
-
-
-def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Any, config_dict: dict,
-        *, overwrite: bool = False) -> dict:
+def run(spec: QuickstartSpec, job: runner.Job) -> dict:
   """Trains the two models and evaluates the path; returns the linear_barrier.json record."""
-  del overwrite  # the claim, made by runner.launch, already used it
-  built = build(config, mesh, inputs)
-  data = config.data
-  train_x, train_y = prototypes.make_prototype_images(
-      data.train_seed, data.num_train, num_classes=data.num_classes,
-      image_size=data.image_size, noise=data.noise)
-  test_x, test_y = prototypes.make_prototype_images(
-      data.test_seed, data.num_test, num_classes=data.num_classes,
-      image_size=data.image_size, noise=data.noise)
+  steps_per_epoch, num_steps = _steps(spec)
+  tx, _ = optim.make_optimizer(spec.optimizer, num_steps=num_steps,
+                               steps_per_epoch=steps_per_epoch)
+  model = spec.model.build()
+  train_x, train_y = spec.data.split("train")
+  test_x, test_y = spec.data.split("test")
 
   start = time.perf_counter()
   states = []
   for i in range(2):
-    state, history = loop.fit(built.model, built.tx, train_x, train_y,
-                              batch_size=config.batch_size, num_epochs=config.num_epochs,
-                              seed=config.seed + i, desc=f"model {i}")
+    state, history = loop.fit(model, tx, train_x, train_y, batch_size=spec.batch_size,
+                              num_epochs=spec.num_epochs, seed=spec.seed + i,
+                              desc=f"model {i}")
     print(f"model {i}: final epoch train loss {history[-1]['loss']:.4f}, "
           f"train accuracy {history[-1]['accuracy']:.4f}")
     states.append(state)
   train_seconds = time.perf_counter() - start
 
-  eval_batches = batching.stack_batches(test_x, test_y, config.eval_batch_size)
-  n = config.path.bn_examples
+  eval_batches = batching.stack_batches(test_x, test_y, spec.eval_batch_size)
+  n = spec.path.bn_examples
   bn_batches = task_data.bn_batches_of({"image": train_x[:n], "label": train_y[:n]},
-                                       config.eval_batch_size)
+                                       spec.eval_batch_size)
   has_bn = bool(states[0].batch_stats)
-  ts = np.linspace(0.0, 1.0, config.path.num_t)
+  ts = np.linspace(0.0, 1.0, spec.path.num_t)
   start = time.perf_counter()
   result = jax.device_get(barriers.evaluate_path(
-      built.model.apply, (states[0].params, states[1].params), ts, eval_batches,
-      bn_batches=bn_batches if has_bn else None,
-      renormalize=task_config.renormalize_of(config.path)))
+      model.apply, (states[0].params, states[1].params), ts, eval_batches,
+      bn_batches=bn_batches if has_bn else None, renormalize=spec.path.renormalize))
   eval_seconds = time.perf_counter() - start
 
   record = {
@@ -131,21 +148,16 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Any, config_
           f"{bn_batches['image'].shape[0] * bn_batches['image'].shape[1]} training examples"
           if has_bn else None),
       "eval_examples": int(len(test_x)),
-      "seeds": [config.seed, config.seed + 1],
+      "seeds": [spec.seed, spec.seed + 1],
       "train_seconds": round(train_seconds, 2),
       "path_eval_seconds": round(eval_seconds, 2),
       "backend": jax.default_backend(),
-      "config": config_dict,
+      "config": job.config_dict,
   }
   print(format_path_table(record))
-  runner.write_outputs(workdir, {RESULT_FILE: record})
-  print(f"wrote {os.path.join(workdir, RESULT_FILE)}")
+  runner.write_outputs(job.workdir, {RESULT_FILE: record})
+  print(f"wrote {os.path.join(job.workdir, RESULT_FILE)}")
   return record
-
-
-def dry_run(config: Any, mesh: jax.sharding.Mesh, inputs: Any) -> dict:
-  del config, mesh, inputs
-  raise ValueError("The quickstart has no dry run: the whole run takes seconds.")
 
 
 def format_path_table(record: dict) -> str:

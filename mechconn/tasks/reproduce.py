@@ -17,13 +17,14 @@ with replacement, so its clean and cue sets can overlap.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from mechconn import barriers
@@ -32,11 +33,13 @@ from mechconn import dry_run as dry_run_lib
 from mechconn import finetune
 from mechconn import report
 from mechconn import workdir as workdir_lib
-from mechconn.tasks import config as task_config
 from mechconn.tasks import data as task_data
 from mechconn.tasks import finetune as finetune_task
+from mechconn.tasks import methods
+from mechconn.tasks import records
 from mechconn.tasks import runner
 from mechconn.tasks import runs
+from mechconn.tasks import specs
 from mechconn.tasks import train as train_task
 
 NAME = "reproduce"
@@ -50,17 +53,10 @@ REPORT_FILE = "report.md"
 RUN_LAYOUT = finetune_task.LAYOUT
 LAYOUT = workdir_lib.Layout(files=(REPRODUCE_FILE, REPORT_FILE, "views.png", "paths.png"))
 SEED_MODES = ("auto", "sequential", "vmap")
-# How `reproduce` runs the seeds of a loop method, from benchmarks/seed_ensemble.py
-# (3 seeds, batch 128 each; speed of one vmapped step against three separate ones):
-#   - 2-core CPU: 0.52-0.78x (XLA:CPU turns per-seed convolutions into slower grouped
-#     ones): seeds in turn;
-#   - one H200 (jax 0.11.2): with cuDNN convolutions 0.29-0.58x (grouped convolutions
-#     again), but with the ensemble's convolutions as patches + matmul
-#     (`finetune.ENSEMBLE_CONV_IMPL`, batched matmuls) 1.11-1.69x for SmallCNN(32) and
-#     VGG13, naive and CBFT: vmap. (The README's main job is too small to tell there:
-#     84 s from launch to report with vmapped seeds, each method's seconds per seed
-#     within 0.4 s of seeds in turn.)
-#   - TPU: unmeasured; seeds in turn, the reference.
+# How the seeds of a loop method run by default, per backend: vmapped where one vmapped
+# step beats separate ones (GPU, with the ensemble's convolutions as patches + matmul,
+# `methods.ENSEMBLE_CONV_IMPL`), in turn where XLA makes per-seed convolutions slower grouped
+# ones (CPU) or where unmeasured (TPU). Measured by benchmarks/seed_ensemble.py.
 DEFAULT_SEED_MODE = {"cpu": "sequential", "gpu": "vmap", "tpu": "sequential"}
 
 
@@ -70,110 +66,97 @@ def seed_mode(mode: str) -> str:
   return DEFAULT_SEED_MODE.get(jax.default_backend(), "sequential") if mode == "auto" else mode
 
 
-def check(config: Any, num_devices: int) -> None:
-  """Validates a `reproduce` config, and that its sets fit the cue model's training split."""
-  task_config.check_data_config(config.train.data, task=NAME)  # image data: a cue model
-  train_task.check(config.train, num_devices)
-  finetune_task.check_finetune_config(config, num_devices)
+@dataclasses.dataclass(frozen=True)
+class ReproduceSpec:
+  """A `reproduce` config, resolved."""
+
+  seed: int  # draws the clean and cue sets
+  seeds: tuple[int, ...]  # fine-tuning seeds
+  seed_mode: str
+  train: train_task.TrainSpec  # the cue model's recipe
+  train_config: ml_collections.ConfigDict  # the same, for the cue model's own launch
+  cue_model_workdir: str  # '': train the cue model in workdir/cue_model
+  finetune: methods.FinetuneSpec
+  eval_batch_size: int
+  path: specs.PathSpec
+  dry_run: bool
+
+
+def resolve(config: ml_collections.ConfigDict, num_devices: int) -> ReproduceSpec:
+  """A `reproduce` config, checked, and that its sets fit the cue model's training split."""
+  train = train_task.resolve(config.train, num_devices)
+  if train.data.is_sequence:
+    raise ValueError(f"config.train.data.dataset={train.data.dataset!r} is a sequence dataset; "
+                     "the reproduce task takes image datasets only (a cue model).")
+  checks.check_int(config.seed, "seed")
   checks.check_seeds(config.seeds, "seeds")
   checks.check_choice(config.seed_mode, SEED_MODES, "seed_mode")
-  checks.check_int(config.path.num_t, "path.num_t", minimum=2)
-  checks.check_positive_int(config.path.bn_examples, "path.bn_examples")
-  task_config.check_bn_variance(
-      config.path, runs.model_of(config.train.model, config.train.data.dataset),
-      task_config.input_shape(config.train.data))
-  finetune_task.check_set_sizes(config.finetune,
-                                task_config.num_train_examples(config.train.data),
-                                tuple(config.finetune.methods),
-                                bn_examples=config.path.bn_examples,
-                                eval_batch_size=config.eval_batch_size)
+  path = specs.path_spec(config.path)
+  specs.check_bn_variance(path, train.model.build(), train.data.input_shape)
+  ft = methods.finetune_spec(config.finetune, num_devices, tuple(config.finetune.methods))
+  eval_batch = specs.eval_batch_size(config.eval_batch_size, num_devices)
+  methods.check_set_sizes(ft, train.data.num_train_examples, bn_examples=path.bn_examples,
+                          eval_batch_size=eval_batch)
+  return ReproduceSpec(seed=config.seed, seeds=tuple(config.seeds), seed_mode=config.seed_mode,
+                       train=train, train_config=config.train,
+                       cue_model_workdir=config.cue_model_workdir, finetune=ft,
+                       eval_batch_size=eval_batch, path=path, dry_run=config.dry_run)
 
 
-# The fields of a cue model's train config that the study's statements depend on.
-CUE_MODEL_FIELDS = ("data.dataset", "data.cue", "data.cue_proportion", "data.num_train",
-                    "data.seed", "model.")
-
-
-def check_cue_model(cue_model: runs.TrainedModel, workdir: str, train_config: Any) -> None:
-  """Raises unless a given cue model was trained with `train_config`'s data and model.
-
-  Compares dataset, cue kind and proportion, training set size, data seed
-  (and the simple dataset of Dominoes), model name and attributes.
-  """
-  recorded = workdir_lib.flatten(cue_model.config)
-  expected = workdir_lib.flatten(workdir_lib.config_to_dict(train_config))
-  fields = CUE_MODEL_FIELDS + (("data.simple_dataset",) if expected["data.cue"] == "dominoes"
-                               else ())
-  keys = sorted(k for k in set(recorded) | set(expected)
-                if any(k == f or (f.endswith(".") and k.startswith(f)) for f in fields))
-  diff = workdir_lib.config_differences(  # fields added since compare as what old runs did
-      {k: recorded[k] for k in keys if k in recorded}, {k: expected[k] for k in keys
-                                                         if k in expected})
-  if diff:
-    raise ValueError(
-        f"config.cue_model_workdir={workdir!r} holds a model trained with "
-        + ", ".join(f"{k}={recorded.get(k)!r}" for k in diff) + " but config.train has "
-        + ", ".join(f"{k}={expected.get(k)!r}" for k in diff)
-        + ". Set config.train to the cue model's recipe (e.g. --config.train."
-        f"{diff[0]}={recorded.get(diff[0])!r}), or give a cue model trained with this one.")
-
-
-def inputs(config: Any, dry_run: bool) -> tuple[runs.TrainedModel | None, None]:
+def inputs(spec: ReproduceSpec, dry_run: bool) -> tuple[runs.TrainedModel | None, None]:
   """A given cue model (`cue_model_workdir`), loaded and checked against config.train.
 
   The study records its cue model per run (`_run_config`), not in its own
   config.json: a cue model it trains itself does not exist yet.
   """
-  if not config.cue_model_workdir or dry_run:
+  if not spec.cue_model_workdir or dry_run:
     return None, None
-  given = runs.load_trained(config.cue_model_workdir)
-  check_cue_model(given, config.cue_model_workdir, config.train)
+  given = runs.load_trained(spec.cue_model_workdir)
+  runs.check_cue_model(given, spec.cue_model_workdir, spec.train_config)
   return given, None
 
 
-def build(config: Any, mesh: jax.sharding.Mesh, cue_model: runs.TrainedModel | None = None
-          ) -> dict[str, runner.Build]:
+def build(spec: ReproduceSpec, mesh: jax.sharding.Mesh,
+          cue_model: runs.TrainedModel | None = None) -> dict[str, runner.Build]:
   """The study's kinds of step: the cue model's (`train.build`), and each loop method's for
-  one seed (`finetune.method_loop` + `build_seeds`), from `cue_model` or, when there is none
+  one seed (`methods.method_loop` + `build_seeds`), from `cue_model` or, when there is none
   yet, the cue model's fresh init (enough to time a step)."""
-  builds = {"cue model": train_task.build(config.train, mesh)}
+  builds = {"cue model": train_task.build(spec.train, mesh)}
   if cue_model is None:
     built = builds["cue model"]
     state = built.init_fn()
     cue_model = runs.TrainedModel(model=built.model, params=state.params,
-                                  batch_stats=state.batch_stats, config={}, checkpoint="")
-  image_shape = task_config.input_shape(config.train.data)
-  for method in config.finetune.methods:
+                                  batch_stats=state.batch_stats, config={}, checkpoint="",
+                                  spec=spec.train.model)
+  for method in spec.finetune.methods:
     if finetune.METHODS[method].runs_loop:
-      shared = finetune_task.method_loop(method, config.finetune, cue_model,
-                                         config.finetune.num_clean, mesh)
-      builds[method] = finetune_task.build_seeds(shared, cue_model, [cue_model.params],
-                                                 [config.seeds[0]], mesh, image_shape)
+      shared = methods.method_loop(method, spec.finetune, cue_model, mesh)
+      builds[method] = methods.build_seeds(shared, cue_model, [cue_model.params],
+                                           [spec.seeds[0]], mesh, spec.train.data.input_shape)
   return builds
 
 
-def dry_run(config: Any, mesh: jax.sharding.Mesh, cue_model: Any) -> dict:
+def dry_run(spec: ReproduceSpec, job: runner.Job) -> dict:
   """The cue model's step and one step of each loop method, timed; the study's estimate.
 
   The estimate counts the cue model's steps (none with `cue_model_workdir`)
   and every loop method's steps for every seed (lp and dfr fit a head on
   cached features: seconds, left out).
   """
-  builds = build(config, mesh, cue_model)
+  builds = build(spec, job.mesh, job.inputs)
   cue_build = builds.pop("cue model")
-  state, cue_timing, batch = runner.time_build(cue_build, mesh, name="cue model step")
-  if config.cue_model_workdir:
+  state, cue_timing, batch = runner.time_build(cue_build, job.mesh, name="cue model step")
+  if spec.cue_model_workdir:
     cue_timing.num_steps = 0
   timings = [cue_timing]
   for method, built in builds.items():
-    _, timing, _ = runner.time_build(built, mesh, name=f"{method} step",
-                                     num_steps=built.num_steps * len(config.seeds))
+    _, timing, _ = runner.time_build(built, job.mesh, name=f"{method} step",
+                                     num_steps=built.num_steps * len(spec.seeds))
     timings.append(timing)
-  data = config.train.data
   return dry_run_lib.report(
-      f"reproduce: {config.train.model.name} on {data.dataset} ({data.cue}, "
-      f"p={data.cue_proportion}), methods {list(config.finetune.methods)} x seeds "
-      f"{list(config.seeds)}", mesh, {"cue model state": state, "batch": batch}, timings)
+      f"reproduce: {spec.train.model.name} on {spec.train.data.label}, methods "
+      f"{list(spec.finetune.methods)} x seeds {list(spec.seeds)}", job.mesh,
+      {"cue model state": state, "batch": batch}, timings)
 
 
 def _run_config(config_dict: dict, cue_model: runs.TrainedModel, method: str,
@@ -199,100 +182,125 @@ def _finished(run_dir: str, run_config: dict) -> dict | None:
     return None
   with open(config_path) as f:
     recorded = json.load(f)
-  if workdir_lib.config_differences(recorded, run_config):
+  if workdir_lib.config_differences(recorded, run_config, records.VOCABULARY):
     return None  # a run of another config: redone (its outputs are cleared when claimed)
   with open(result_path) as f:
     record = json.load(f)
-  # A run recorded before path summaries had their present form: its checkpoints are
-  # reused (the loop resumes at its last step) and its evaluation is redone.
+  # A result without a path summary: its checkpoints are reused (the loop resumes at its
+  # last step) and its evaluation is redone.
   return record if "summary" in record["path_to_cue_model"] else None
 
 
-def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, given: runs.TrainedModel | None,
-        config_dict: dict, *, overwrite: bool = False) -> dict:
-  """Cue model, every method x seed, views table, path barriers; returns reproduce.json."""
-  ensemble = seed_mode(config.seed_mode) == "vmap"
-  wall = time.perf_counter()
+@dataclasses.dataclass(frozen=True)
+class StudyData:
+  """What every run of the study reads: the sets, the views and the path's statistics."""
 
-  # 1. The cue model: a finished train run, or trained here (resumable).
-  cue_dir = config.cue_model_workdir or os.path.join(workdir, "cue_model")
-  if given is None:
-    runner.launch(train_task, config.train, cue_dir, overwrite=overwrite)
-  cue_model = given or runs.load_trained(cue_dir)
+  clean_split: object
+  cue_split: object
+  view_batches: dict
+  bn_batches: dict
+  num_test: int
 
-  # 2. Data: clean and cue sets from the cue model's training split; test views.
-  split, test_views, test_labels = task_data.load_data(config.train.data)
-  ft = config.finetune
+
+def _study_data(spec: ReproduceSpec, mesh: jax.sharding.Mesh) -> StudyData:
+  """Clean and cue sets from the cue model's training split, the test views, and the fully
+  cued BatchNorm examples of the paths (whatever CBFT's cue set)."""
+  split, test_views, test_labels = task_data.load_data(spec.train.data)
+  ft = spec.finetune
   clean_split, cue_split = task_data.split_clean_and_cue(
-      split, ft.num_clean, ft.num_cue, config.seed, task_data.cue_set_of(ft))
-  view_batches = task_data.shard_views(test_views, test_labels, config.eval_batch_size, mesh)
-  bn_idx = np.arange(min(config.path.bn_examples, len(cue_split)))
-  bn_batches = task_data.bn_batches_of(  # fully cued whatever CBFT's cue set
+      split, ft.num_clean, ft.num_cue, spec.seed, ft.cbft.cue_set)
+  bn_idx = np.arange(min(spec.path.bn_examples, len(cue_split)))
+  bn_batches = task_data.bn_batches_of(
       cue_split.subset(bn_idx, cued=True).examples(np.arange(len(bn_idx))),
-      config.eval_batch_size)
-  ts = np.linspace(0.0, 1.0, config.path.num_t)
+      spec.eval_batch_size)
+  return StudyData(clean_split, cue_split,
+                   task_data.shard_views(test_views, test_labels, spec.eval_batch_size, mesh),
+                   bn_batches, len(test_labels))
 
-  # 3. Every method and seed. Each run directory records the config that produced it;
-  #    a relaunch reuses a finished run of the same config; one of another config is
-  #    refused (before any run starts) or, with --overwrite, cleared and redone.
-  for method in ft.methods:
-    for seed in config.seeds:
-      workdir_lib.check_claim(os.path.join(workdir, "runs", f"{method}_seed{seed}"),
-                              _run_config(config_dict, cue_model, method, [seed]), RUN_LAYOUT,
-                              overwrite=overwrite)
+
+def _path_record(spec: ReproduceSpec, mesh, cue_model: runs.TrainedModel, params,
+                 data: StudyData) -> dict:
+  """The linear path from the cue model (t = 0) to a fine-tuned model, on cue data."""
+  path = jax.device_get(barriers.evaluate_path(
+      cue_model.model.apply, (cue_model.params, params),
+      np.linspace(0.0, 1.0, spec.path.num_t), data.view_batches["cue"],
+      bn_batches=data.bn_batches, mesh=mesh, renormalize=spec.path.renormalize))
+  return {"sharded_over": path.sharded_over, "loss": np.asarray(path.loss).tolist(),
+          "accuracy": np.asarray(path.accuracy).tolist(), "summary": path.summary()}
+
+
+def _run_method(spec: ReproduceSpec, job: runner.Job, cue_model: runs.TrainedModel,
+                method: str, todo: list[int], data: StudyData) -> dict[int, dict]:
+  """{seed: result record} of one method's unfinished seeds, each claimed in its run
+  directory (a vmapped group also in the group's own)."""
+  together = (seed_mode(spec.seed_mode) == "vmap" and finetune.METHODS[method].runs_loop
+              and len(todo) > 1)
+  result_dirs = [os.path.join(job.workdir, "runs", f"{method}_seed{seed}") for seed in todo]
+  with contextlib.ExitStack() as claims:
+    def claim(seeds, directory):
+      return claims.enter_context(runner.claimed(
+          _run_config(job.config_dict, cue_model, method, seeds), directory, RUN_LAYOUT,
+          job.overwrite))
+    run_configs = [claim([seed], d) for seed, d in zip(todo, result_dirs)]
+    run_dirs = result_dirs
+    if together:
+      run_dirs = [os.path.join(job.workdir, "runs", f"{method}_seeds{'-'.join(map(str, todo))}")]
+      run_configs = [claim(todo, run_dirs[0])]
+    outs = methods.run_method(
+        method, todo, cue_model, data.clean_split, data.cue_split, data.view_batches,
+        spec.finetune, run_dirs, job.mesh, ensemble=together,
+        pipeline_mode=spec.train.data.pipeline, run_configs=run_configs)
+    done = {}
+    for seed, out, result_dir in zip(todo, outs, result_dirs):
+      record = {"method": method, "seed": seed, "views": out["views"],
+                "seconds": out["seconds"], "seeds_vmapped": together,
+                "path_to_cue_model": _path_record(spec, job.mesh, cue_model,
+                                                  out["variables"]["params"], data)}
+      runner.write_outputs(result_dir, {RESULT_FILE: record})
+      done[seed] = record
+      print(f"{method} seed {seed}: " + ", ".join(
+          f"{v} {r['accuracy']:.3f}" for v, r in out["views"].items()) +
+          "; loss barrier to the cue model on cue data "
+          f"{record['path_to_cue_model']['summary']['loss']:.3f}")
+  return done
+
+
+def _run_all(spec: ReproduceSpec, job: runner.Job, cue_model: runs.TrainedModel,
+             data: StudyData) -> dict[tuple[str, int], dict]:
+  """{(method, seed): result} of every method and seed. Each run directory records the
+  config that produced it: a relaunch reuses a finished run of the same config; one of
+  another config is refused (before any run starts) or, with --overwrite, cleared and
+  redone."""
+  def run_dir(method, seed):
+    return os.path.join(job.workdir, "runs", f"{method}_seed{seed}")
+
+  for method in spec.finetune.methods:
+    for seed in spec.seeds:
+      workdir_lib.check_claim(run_dir(method, seed),
+                              _run_config(job.config_dict, cue_model, method, [seed]),
+                              RUN_LAYOUT, overwrite=job.overwrite,
+                              vocabulary=records.VOCABULARY)
   finished = {}
-  for method in ft.methods:
+  for method in spec.finetune.methods:
     todo = []
-    for seed in config.seeds:
-      run_dir = os.path.join(workdir, "runs", f"{method}_seed{seed}")
-      done = _finished(run_dir, _run_config(config_dict, cue_model, method, [seed]))
+    for seed in spec.seeds:
+      done = _finished(run_dir(method, seed),
+                       _run_config(job.config_dict, cue_model, method, [seed]))
       if done is None:
         todo.append(seed)
       else:
         finished[(method, seed)] = done
-    if not todo:
-      continue
-    together = ensemble and finetune.METHODS[method].runs_loop and len(todo) > 1
-    result_dirs = [os.path.join(workdir, "runs", f"{method}_seed{seed}") for seed in todo]
-    with contextlib.ExitStack() as claims:
-      # A run directory of another config is refused, or with --overwrite cleared.
-      run_configs = [claims.enter_context(runner.claimed(
-          _run_config(config_dict, cue_model, method, [seed]), d, RUN_LAYOUT, overwrite))
-                     for seed, d in zip(todo, result_dirs)]
-      run_dirs = result_dirs
-      if together:
-        run_dirs = [os.path.join(workdir, "runs", f"{method}_seeds{'-'.join(map(str, todo))}")]
-        run_configs = [claims.enter_context(runner.claimed(
-            _run_config(config_dict, cue_model, method, todo), run_dirs[0], RUN_LAYOUT,
-            overwrite))]
-      outs = finetune_task.run_method(
-          method, todo, cue_model, clean_split, cue_split, view_batches, ft, run_dirs, mesh,
-          ensemble=together, pipeline_mode=config.train.data.get("pipeline", "auto"),
-          run_configs=run_configs)
-      for seed, out, result_dir in zip(todo, outs, result_dirs):
-        # The linear path from the cue model (t = 0) to the fine-tuned model, on cue data.
-        path = jax.device_get(barriers.evaluate_path(
-            cue_model.model.apply, (cue_model.params, out["variables"]["params"]), ts,
-            view_batches["cue"], bn_batches=bn_batches, mesh=mesh,
-            renormalize=task_config.renormalize_of(config.path)))
-        record = {"method": method, "seed": seed, "views": out["views"],
-                  "seconds": out["seconds"], "seeds_vmapped": together,
-                  "path_to_cue_model": {
-                      "sharded_over": path.sharded_over,
-                      "loss": np.asarray(path.loss).tolist(),
-                      "accuracy": np.asarray(path.accuracy).tolist(),
-                      "summary": path.summary()}}
-        runner.write_outputs(result_dir, {RESULT_FILE: record})
-        finished[(method, seed)] = record
-        print(f"{method} seed {seed}: " + ", ".join(
-            f"{v} {r['accuracy']:.3f}" for v, r in out["views"].items()) +
-            "; loss barrier to the cue model on cue data "
-            f"{record['path_to_cue_model']['summary']['loss']:.3f}")
+    if todo:
+      finished.update({(method, seed): record for seed, record in
+                       _run_method(spec, job, cue_model, method, todo, data).items()})
+  return finished
 
-  # 4. Aggregate, write the JSON, the report and the figures.
+
+def _table(spec: ReproduceSpec, finished: dict) -> dict:
+  """{method: views (mean, std over seeds), barriers to the cue model, mean path loss}."""
   table = {}
-  for method in ft.methods:
-    recs = [finished[(method, s)] for s in config.seeds]
+  for method in spec.finetune.methods:
+    recs = [finished[(method, s)] for s in spec.seeds]
     table[method] = {
         "views": {v: _mean_std([r["views"][v]["accuracy"] for r in recs])
                   for v in recs[0]["views"]},
@@ -301,31 +309,45 @@ def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, given: runs.TrainedM
         "error_barrier_to_cue_model": _mean_std(
             [r["path_to_cue_model"]["summary"]["error"] for r in recs]),
         "path_loss_mean": np.mean([r["path_to_cue_model"]["loss"] for r in recs], 0).tolist()}
+  return table
+
+
+def run(spec: ReproduceSpec, job: runner.Job) -> dict:
+  """Cue model, every method x seed, views table, path barriers; returns reproduce.json."""
+  wall = time.perf_counter()
+  # 1. The cue model: a finished train run, or trained here (resumable).
+  cue_dir = spec.cue_model_workdir or os.path.join(job.workdir, "cue_model")
+  if job.inputs is None:
+    runner.launch(train_task, spec.train_config, cue_dir, overwrite=job.overwrite)
+  cue_model = job.inputs or runs.load_trained(cue_dir)
+  # 2. Data; 3. every method and seed; 4. the record, the report and the figures.
+  data = _study_data(spec, job.mesh)
+  finished = _run_all(spec, job, cue_model, data)
+  recorded_data = cue_model.config["data"]
   record = {
       "cue_model": {"workdir": os.path.abspath(cue_dir), "checkpoint": cue_model.checkpoint,
                     "views": runs.evaluate_views(cue_model.model.apply, cue_model.variables,
-                                                 view_batches)},
-      "methods": table,
-      "seeds": list(config.seeds),
-      "ts": ts.tolist(),
+                                                 data.view_batches)},
+      "methods": _table(spec, finished),
+      "seeds": list(spec.seeds),
+      "ts": np.linspace(0.0, 1.0, spec.path.num_t).tolist(),
       # What the cue model was trained on, from its own run record (checked against
       # config.train before the study started), so the report states what ran.
-      "data": {"dataset": cue_model.config["data"]["dataset"],
-               "cue": cue_model.config["data"]["cue"],
-               "cue_proportion_of_cue_model": cue_model.config["data"]["cue_proportion"],
-               "num_clean": len(clean_split), "num_cue": len(cue_split),
-               "num_cue_cued": int(np.sum(cue_split.has_cue)),
-               "test_cue_proportion": task_data.test_cue_proportion(config.train.data),
-               "num_test_per_view": int(len(test_labels)),
+      "data": {"dataset": recorded_data["dataset"], "cue": recorded_data["cue"],
+               "cue_proportion_of_cue_model": recorded_data["cue_proportion"],
+               "num_clean": len(data.clean_split), "num_cue": len(data.cue_split),
+               "num_cue_cued": int(np.sum(data.cue_split.has_cue)),
+               "test_cue_proportion": spec.train.data.test_cue_proportion,
+               "num_test_per_view": int(data.num_test),
                "path_eval": "cue view of the test split",
-               "path_batchnorm": f"{bn_batches['image'].shape[0] * bn_batches['image'].shape[1]}"
+               "path_batchnorm": f"{np.prod(data.bn_batches['image'].shape[:2])}"
                                  " cue training examples"},
       "wall_seconds": round(time.perf_counter() - wall, 1),
       "backend": jax.default_backend(),
-      "devices": int(mesh.devices.size),
-      "config": config_dict,
+      "devices": int(job.mesh.devices.size),
+      "config": job.config_dict,
   }
-  runner.write_outputs(workdir, {
+  runner.write_outputs(job.workdir, {
       REPRODUCE_FILE: record, REPORT_FILE: format_report(record),
       "views.png": functools.partial(report.plot_finetune_views, record),
       "paths.png": functools.partial(report.plot_finetune_paths, record)})

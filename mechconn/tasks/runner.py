@@ -1,21 +1,22 @@
-"""The one prologue of every task, its build record, and where records are written.
+"""The one prologue of every task, what a run is handed, and where records are written.
 
 `launch(task, config, workdir)` is what the launcher calls for every task:
 
   1. the mesh over all devices (`mesh.data_mesh()`);
-  2. the task's `check(config, num_devices)`: every field, before any work;
-  3. the task's `inputs(config, dry_run)`: the finished runs it reads (loaded
-     and checked now, so a missing or diverged input fails before anything is
-     written), with their identities for the record;
-  4. a dry run (`config.dry_run`): the task's `dry_run(config, mesh, inputs)`,
-     which times the step its `build` makes; nothing is read or written;
+  2. the task's `resolve(config, num_devices)`: the config read once into the
+     task's typed spec, every field checked, before any work;
+  3. the task's `inputs(spec, dry_run)`, where it has finished runs to read
+     (loaded and checked now, so a missing or diverged input fails before
+     anything is written), with their identities for the record;
+  4. a dry run (`spec.dry_run`, where the task has one): the task's
+     `dry_run(spec, job)`, which times the step its `build` makes; nothing is
+     read or written;
   5. otherwise the workdir is claimed (`claimed`: config.json, the lock, the
-     refusal of another config) and the task's `run(...)` runs inside.
+     refusal of another config) and the task's `run(spec, job)` runs inside.
 
-A task module (`mechconn.tasks.train`, ...) provides NAME, LAYOUT, check,
-inputs, build, run and dry_run; its run and its dry run both call its one
-`build(config, mesh, inputs)`. Records are written by `write_outputs` only:
-by process 0, atomically.
+A task module (`mechconn.tasks.train`, ...) provides NAME, LAYOUT, resolve and
+run; `inputs` and `dry_run` only where it has them. Records are written by
+`write_outputs` only: by process 0, atomically.
 """
 
 from collections.abc import Callable, Iterator
@@ -26,12 +27,14 @@ from typing import Any, Protocol
 
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 import optax
 
 from mechconn import dry_run as dry_run_lib
 from mechconn import mesh as mesh_lib
 from mechconn import workdir as workdir_lib
+from mechconn.tasks import records
 from mechconn.types import Batch, Metrics
 
 
@@ -86,24 +89,41 @@ def time_build(build: Build, mesh: jax.sharding.Mesh, *, state: Any = None,
       num_steps=build.num_steps if num_steps is None else num_steps, to_batch=build.to_batch)
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """What a task's run (or dry run) is handed besides its spec.
+
+  Attributes:
+    mesh: the devices.
+    inputs: what the task's `inputs` loaded (None for a task without inputs).
+    workdir: where the run writes ('' in a dry run, which writes nothing).
+    config_dict: the config as recorded in the workdir.
+    overwrite: whether the launch may replace runs of another config (a task that
+      claims further directories, e.g. the study's runs, passes it on).
+  """
+
+  mesh: jax.sharding.Mesh
+  inputs: Any = None
+  workdir: str = ""
+  config_dict: dict = dataclasses.field(default_factory=dict)
+  overwrite: bool = False
+
+
 class Task(Protocol):
-  """What `launch` needs of a task module."""
+  """What `launch` needs of a task module (and, where it has them, `inputs(spec, dry_run)
+  -> (inputs, identities)` and `dry_run(spec, job) -> report`)."""
 
   NAME: str
   LAYOUT: workdir_lib.Layout
 
-  def check(self, config: Any, num_devices: int) -> None: ...
+  def resolve(self, config: ml_collections.ConfigDict, num_devices: int) -> Any: ...
 
-  def inputs(self, config: Any, dry_run: bool) -> tuple[Any, dict | None]: ...
-
-  def run(self, config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Any,
-          config_dict: dict, *, overwrite: bool) -> dict: ...
-
-  def dry_run(self, config: Any, mesh: jax.sharding.Mesh, inputs: Any) -> dict: ...
+  def run(self, spec: Any, job: Job) -> dict: ...
 
 
-def launch(task: Task, config: Any, workdir: str, *, overwrite: bool = False) -> dict:
-  """Checks, then dry-runs or claims the workdir and runs `task`; returns its record.
+def launch(task: Task, config: ml_collections.ConfigDict, workdir: str, *,
+           overwrite: bool = False) -> dict:
+  """Resolves, then dry-runs or claims the workdir and runs `task`; returns its record.
 
   Everything that can fail cheaply (the config's fields, the finished runs it
   reads) fails before the workdir is touched. A workdir holding a run of
@@ -111,13 +131,15 @@ def launch(task: Task, config: Any, workdir: str, *, overwrite: bool = False) ->
   `task.LAYOUT`); one of the same config resumes.
   """
   mesh = mesh_lib.data_mesh()
-  task.check(config, mesh.devices.size)
-  dry_run = bool(config.get("dry_run", False))
-  inputs, identities = task.inputs(config, dry_run)
+  spec = task.resolve(config, mesh.devices.size)
+  dry_run = bool(getattr(spec, "dry_run", False))
+  if dry_run and not hasattr(task, "dry_run"):
+    raise ValueError(f"The {task.NAME} task has no dry run (config.dry_run=True).")
+  inputs, identities = task.inputs(spec, dry_run) if hasattr(task, "inputs") else (None, None)
   if dry_run:
-    return task.dry_run(config, mesh, inputs)
+    return task.dry_run(spec, Job(mesh, inputs))
   with claimed(config, workdir, task.LAYOUT, overwrite, inputs=identities) as config_dict:
-    return task.run(config, workdir, mesh, inputs, config_dict, overwrite=overwrite)
+    return task.run(spec, Job(mesh, inputs, workdir, config_dict, overwrite))
 
 
 @contextlib.contextmanager
@@ -139,14 +161,16 @@ def claimed(config: Any, workdir: str, layout: workdir_lib.Layout, overwrite: bo
   if inputs:
     config_dict["inputs"] = workdir_lib.config_to_dict(inputs)
   if jax.process_count() == 1:
-    with workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite):
+    with workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite,
+                              vocabulary=records.VOCABULARY):
       yield config_dict
     return
   with contextlib.ExitStack() as held:
     error = None
     if jax.process_index() == 0:
       try:
-        held.enter_context(workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite))
+        held.enter_context(workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite,
+                                                 vocabulary=records.VOCABULARY))
       except Exception as e:  # re-raised below, after every process has heard
         error = e
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))

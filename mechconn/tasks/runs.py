@@ -3,9 +3,6 @@
 - `load_trained(workdir)`: the final model of a finished `train` run, refused
   when it is not finite; `run_identity(run)`: what identifies it (its recorded
   config and final step, not its path), recorded by every task that reads it.
-- `model_of`, `apply_fn_of`: a `model` section's network for a dataset, and
-  how mechconn calls it (an image model's `apply`; a language model's through
-  `adapters.without_train`);
 - `view_eval_fn`, `evaluate_views`: a model on the four counterfactual views
   (or any named eval sets, with their objective), as floats for records and
   logs.
@@ -20,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mechconn import checkpoint
 from mechconn import counterfactual
@@ -27,13 +25,13 @@ from mechconn import finite
 from mechconn import loop
 from mechconn import objectives
 from mechconn import workdir as workdir_lib
-from mechconn.data import datasets
-from mechconn.models import get_model
 from mechconn.objectives import Objective
-from mechconn.tasks import sequences as task_sequences
+from mechconn.tasks import records
+from mechconn.tasks import specs
 from mechconn.types import ApplyFn, Params
 
 FINAL_EVAL_FILE = "final_eval.json"  # what marks a `train` run finished
+CURVE_FILE = "curve.json"  # what marks a `fit_curve` run finished
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,41 +41,15 @@ class TrainedModel:
   model: nn.Module
   params: Params
   batch_stats: Params
-  config: dict
+  config: dict  # as recorded, in today's fields (`records.upgrade`)
   checkpoint: str
+  spec: specs.ModelSpec | None = None  # None: a stand-in (a dry run before the run exists)
 
   @property
   def variables(self) -> dict[str, Params]:
     if self.batch_stats:
       return {"params": self.params, "batch_stats": self.batch_stats}
     return {"params": self.params}
-
-
-DTYPES = ("float32", "bfloat16")  # a `model` section's compute dtypes
-
-
-def model_of(model_config: Any, dataset: str) -> nn.Module:
-  """The model of a `model` section for a dataset's number of classes (for a sequence
-  dataset: the language model for its vocabulary and sequence length).
-
-  `dtype` ('float32', or 'bfloat16': bfloat16 compute with float32 parameters,
-  BatchNorm statistics and losses; absent in runs recorded before it existed:
-  float32) is the model's compute dtype.
-  """
-  dtype = model_config.get("dtype", "float32")
-  dtype = None if dtype == "float32" else jnp.dtype(dtype)
-  if task_sequences.is_sequence_data(dataset):
-    return task_sequences.model_of(model_config, dataset, dtype)
-  return get_model(model_config["name"], datasets.info(dataset).num_classes, dtype=dtype,
-                   **model_config["kwargs"])
-
-
-def apply_fn_of(model: nn.Module, dataset: str) -> ApplyFn:
-  """`model.apply` as mechconn calls it (`apply_fn(variables, x, train=...)`): the image
-  models' own, a sequence dataset's language model through `adapters.without_train`."""
-  if task_sequences.is_sequence_data(dataset):
-    return task_sequences.apply_fn_of(model)
-  return model.apply
 
 
 def load_trained(workdir: str) -> TrainedModel:
@@ -99,7 +71,9 @@ def load_trained(workdir: str) -> TrainedModel:
     config = json.load(f)
   if config.get("task") != "train":
     raise ValueError(f"{workdir} holds a {config.get('task')!r} run, not a 'train' run.")
-  model = model_of(config["model"], config["data"]["dataset"])
+  config = records.upgrade(config)
+  spec = specs.model_spec(specs.section(config["model"]), dataset=config["data"]["dataset"])
+  model = spec.build()
   with checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR)) as ckpt:
     step = ckpt.latest_step()
     state = ckpt.read(step)
@@ -110,7 +84,7 @@ def load_trained(workdir: str) -> TrainedModel:
         "and cannot serve as a model. Retrain it (e.g. with a lower learning rate).")
   return TrainedModel(model=model, params=state["params"],
                       batch_stats=state.get("batch_stats", {}), config=config,
-                      checkpoint=ckpt.step_dir(step))
+                      checkpoint=ckpt.step_dir(step), spec=spec)
 
 
 def run_identity(run: TrainedModel) -> dict:
@@ -162,3 +136,192 @@ def views_of(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     _, view, name = key.split("/")
     out.setdefault(view, {})[name] = value
   return out
+
+
+# The fields of a cue model's train config that the study's statements depend on.
+CUE_MODEL_FIELDS = ("data.dataset", "data.cue", "data.cue_proportion", "data.num_train",
+                    "data.seed", "model.")
+
+
+def check_cue_model(cue_model: TrainedModel, workdir: str,
+                    train_config: specs.Section) -> None:
+  """Raises unless a given cue model was trained with `train_config`'s data and model.
+
+  Compares dataset, cue kind and proportion, training set size, data seed
+  (and the simple dataset of Dominoes), model name and attributes.
+  """
+  expected = workdir_lib.config_to_dict(train_config)
+  recorded = workdir_lib.flatten(records.upgrade(cue_model.config, expected))
+  expected = workdir_lib.flatten(expected)
+  fields = CUE_MODEL_FIELDS + (("data.simple_dataset",) if expected["data.cue"] == "dominoes"
+                               else ())
+  keys = sorted(k for k in set(recorded) | set(expected)
+                if any(k == f or (f.endswith(".") and k.startswith(f)) for f in fields))
+  diff = [k for k in keys if recorded.get(k) != expected.get(k)]
+  if diff:
+    raise ValueError(
+        f"config.cue_model_workdir={workdir!r} holds a model trained with "
+        + ", ".join(f"{k}={recorded.get(k)!r}" for k in diff) + " but config.train has "
+        + ", ".join(f"{k}={expected.get(k)!r}" for k in diff)
+        + ". Set config.train to the cue model's recipe (e.g. --config.train."
+        f"{diff[0]}={recorded.get(diff[0])!r}), or give a cue model trained with this one.")
+
+
+# --- End points of a path. -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoints:
+  """The two end points (t = 0 and t = 1) and where they came from."""
+
+  start: TrainedModel
+  end: TrainedModel
+  source: str
+
+
+def check_distinct(start: TrainedModel, end: TrainedModel, allow_identical: bool) -> None:
+  """Refuses one run (or two runs of identical weights) as both end points: a path from a
+  model to itself is flat, and would be recorded as "connected". `allow_identical`
+  (config.allow_identical_endpoints) asks for it explicitly, e.g. as a control."""
+  if allow_identical:
+    return
+  same_run = os.path.realpath(start.checkpoint) == os.path.realpath(end.checkpoint)
+  if same_run or _same_weights(start.params, end.params):
+    what = (f"the same run ({start.checkpoint})" if same_run else
+            f"two runs of identical weights ({start.checkpoint} and {end.checkpoint})")
+    raise ValueError(f"The end points are {what}: the path between them is one model, flat by "
+                     "construction. Give two different runs as config.start_workdir and "
+                     "config.end_workdir, or set config.allow_identical_endpoints=True to "
+                     "evaluate it anyway (a control).")
+
+
+def _same_weights(a, b) -> bool:
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  return (jax.tree.structure(a) == jax.tree.structure(b) and
+          all(np.shape(x) == np.shape(y) and np.array_equal(x, y)
+              for x, y in zip(jax.device_get(leaves_a), jax.device_get(leaves_b))))
+
+
+def check_endpoints(start: TrainedModel, end: TrainedModel, data: specs.DataSpec) -> None:
+  """The end points share one model (and compute dtype), and were trained on this config's
+  dataset and views (language models: on its sequence dataset)."""
+  for key in ("name", "kwargs", "dtype"):
+    a, b = (run.config["model"][key] for run in (start, end))
+    if a != b:
+      raise ValueError(f"The end points' models differ in model.{key}: {a!r} vs {b!r}; a path "
+                       "is evaluated in one model, so give end points of one model"
+                       f"{' and dtype' if key == 'dtype' else ''}.")
+
+  def views(cue):  # cue 'none' (plain data) is evaluated on box views
+    return "box" if cue == "none" else cue
+
+  if data.is_sequence:
+    keys = ("dataset",)
+  else:
+    keys = ("dataset", "cue") + (("simple_dataset",) if data.cue == "dominoes" else ())
+  for run in (start, end):
+    recorded = run.config["data"]
+    for key in keys:
+      value = getattr(data, key)
+      same = (views(recorded[key]) == views(value) if key == "cue" else recorded[key] == value)
+      if not same:
+        raise ValueError(f"The end point {run.checkpoint} was trained with data.{key}="
+                         f"{recorded[key]!r} but this config has config.data.{key}="
+                         f"{value!r}; set it to match, or use end points trained on it.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointsSpec:
+  """Which finished train runs are a path's end points (t = 0 and t = 1)."""
+
+  start_workdir: str
+  end_workdir: str
+  stand_in: specs.ModelSpec  # `endpoint_model`: a dry run's model before the runs exist
+  allow_identical: bool  # one run (or identical weights) at both ends, asked for as a control
+
+
+def endpoints_spec(config: specs.Section, data: specs.DataSpec) -> EndpointsSpec:
+  """The checked end-point fields of a fit_curve or eval_path config."""
+  for key in ("start_workdir", "end_workdir"):
+    if not config[key]:
+      raise ValueError(f"config.{key} is empty: give the workdir of a finished train run.")
+  return EndpointsSpec(
+      start_workdir=config.start_workdir, end_workdir=config.end_workdir,
+      stand_in=specs.model_spec(config.endpoint_model, "endpoint_model", dataset=data.dataset),
+      allow_identical=bool(config.allow_identical_endpoints))
+
+
+def load_endpoints(spec: EndpointsSpec, data: specs.DataSpec, dry_run: bool
+                   ) -> tuple[Endpoints, dict]:
+  """The end points' finished train runs, checked, and their identities.
+
+  For a dry run (which may come before the end points exist) fresh inits of
+  `spec.stand_in` stand in for missing runs.
+  """
+  try:
+    start, end = (load_trained(w) for w in (spec.start_workdir, spec.end_workdir))
+  except FileNotFoundError:
+    if not dry_run:
+      raise
+    model = spec.stand_in.build()
+    sample = jnp.zeros((1, *data.input_shape), jnp.int32 if data.is_sequence else jnp.float32)
+    start, end = (TrainedModel(model=model, params=v["params"],
+                               batch_stats=v.get("batch_stats", {}), config={},
+                               checkpoint="", spec=spec.stand_in)
+                  for v in (model.init(jax.random.key(seed), sample) for seed in (0, 1)))
+    return Endpoints(start, end, "fresh inits (the end points' runs are not there yet)"), {}
+  check_endpoints(start, end, data)
+  check_distinct(start, end, spec.allow_identical)
+  return (Endpoints(start, end, "the end points' train runs"),
+          {"start": run_identity(start), "end": run_identity(end)})
+
+
+# --- A finished fit_curve run, as an input of eval_path. ----------------------------
+
+
+def load_curve(workdir: str) -> tuple[dict, tuple]:
+  """(curve.json record, free control points) of a finished fit_curve run."""
+  path = os.path.join(workdir, CURVE_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds no finished fit_curve run (no {CURVE_FILE}); "
+                            "run or resume the fit_curve task there first.")
+  with open(path) as f:
+    record = json.load(f)
+  state = checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR)).read(
+      record["step"])
+  free = tuple(state["params"][str(k)] for k in range(record["num_free"]))
+  return record, free
+
+
+def check_curve_ends(record: dict, workdir: str, ends: dict, start_run: TrainedModel,
+                     end_run: TrainedModel) -> dict:
+  """The curve's recorded config; raises unless it was fitted between exactly these end points.
+
+  Compares the end points' recorded configs and steps (what the curve's
+  config.json holds under 'inputs'): a path alone does not tell a model
+  retrained in place from the one the curve was fitted to.
+  """
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
+    curve_config = json.load(f)
+  recorded = curve_config.get("inputs")
+  if recorded is None:  # fitted before curves recorded their end points: paths only
+    same = (record["start_checkpoint"], record["end_checkpoint"]) == (start_run.checkpoint,
+                                                                      end_run.checkpoint)
+    diff = [] if same else ["start/end checkpoint paths"]
+  else:
+    diff = workdir_lib.config_differences({k: recorded.get(k) for k in ends}, ends,
+                                          records.VOCABULARY)
+  if diff:
+    raise ValueError(f"The curve in {workdir} was fitted between other end points than this "
+                     f"config's {start_run.checkpoint} and {end_run.checkpoint} (they differ in "
+                     f"{diff[:5]}): an end point was retrained or replaced since. Refit the "
+                     "curve.")
+  return curve_config
+
+
+def curve_label(record: dict) -> str:
+  """'bezier (fit on clean data)' or 'bezier (fit on cue data, p=1.0)'."""
+  data = record["fit_data"]
+  on = ("clean data" if data["cue_proportion"] == 0 else
+        f"{data['cue']} data, p={data['cue_proportion']}")
+  return f"{record['kind']} (fit on {on})"

@@ -4,7 +4,7 @@ A `data.dataset` in `DATASETS` makes `train` fit a causal language model
 (`model.name` in `MODELS`) on the masked next-token loss, and `eval_path`
 evaluate the paths between two such runs with `OBJECTIVE` on their held-out
 sequences (one eval set, `EVAL_SET`). What the tasks read of such a run comes
-from here, so the image tasks' code stays as it was:
+from here:
 
   - the `data` section: `dataset`, `num_train`, `num_test` (sequences; no -1:
     generated data has no whole split), `seed`, `pipeline` ('auto' or 'host':
@@ -14,11 +14,11 @@ from here, so the image tasks' code stays as it was:
     as the embedded image sets);
   - the model: `CausalLM(vocab_size, max_len=seq_len, **model.kwargs)`, which
     takes no `train` argument (mechconn calls it through
-    `adapters.without_train`: see `runs.apply_fn_of`).
+    `adapters.without_train`: see `specs.ModelSpec.apply_fn`).
 """
 
 import dataclasses
-from typing import Any
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +26,15 @@ import numpy as np
 import optax
 
 from mechconn import adapters
-from mechconn import config_checks as checks
 from mechconn import mesh as mesh_lib
 from mechconn import objectives
 from mechconn import step as step_lib
 from mechconn.data import sequences
 from mechconn.models.transformer import CausalLM
 from mechconn.types import ApplyFn, Batch, PRNGKey, StackedBatches
+
+if typing.TYPE_CHECKING:  # specs imports this module
+  from mechconn.tasks import specs
 
 DATASETS = {"recall": sequences.TASK}  # name -> the task's sizes (mechconn.data.sequences)
 MODELS = {"causal_lm": CausalLM}
@@ -64,7 +66,7 @@ class SequenceSplit:
     return {"tokens": self.tokens[idx], "mask": self.mask[idx]}
 
 
-def load_split(data: Any, split: str, num_examples: int | None = None) -> SequenceSplit:
+def load_split(data: "specs.SequenceData", split: str, num_examples: int | None = None) -> SequenceSplit:
   """The 'train' or 'test' sequences of a `data` section (its num_train / num_test rows,
   or the first `num_examples` of them)."""
   total = data.num_train if split == "train" else data.num_test
@@ -74,24 +76,16 @@ def load_split(data: Any, split: str, num_examples: int | None = None) -> Sequen
   return SequenceSplit(generated["tokens"][rows], generated["mask"][rows])
 
 
-def check_data_config(data: Any) -> None:
-  """Validates a sequence `data` section: sizes, seed and pipeline."""
-  checks.check_positive_int(data.num_train, "data.num_train")
-  checks.check_positive_int(data.num_test, "data.num_test")
-  checks.check_int(data.seed, "data.seed")
-  checks.check_choice(data.pipeline, PIPELINES, "data.pipeline")
-
-
-def input_shape(data: Any) -> tuple[int]:
+def input_shape(data: "specs.SequenceData") -> tuple[int]:
   """[L]: the length of one sequence of the dataset."""
   return (DATASETS[data.dataset].seq_len,)
 
 
-def model_of(model_config: Any, dataset: str, dtype: jnp.dtype | None) -> CausalLM:
-  """The language model of a `model` section, sized for the dataset's vocabulary and length."""
+def model_of(name: str, kwargs: dict, dataset: str, dtype: jnp.dtype | None) -> CausalLM:
+  """The language model `name` with attributes `kwargs`, sized for the dataset's vocabulary
+  and length."""
   task = DATASETS[dataset]
-  return MODELS[model_config["name"]](vocab_size=task.vocab_size, max_len=task.seq_len,
-                                      dtype=dtype, **model_config["kwargs"])
+  return MODELS[name](vocab_size=task.vocab_size, max_len=task.seq_len, dtype=dtype, **kwargs)
 
 
 def apply_fn_of(model: CausalLM) -> ApplyFn:
@@ -121,7 +115,7 @@ def stack(split: SequenceSplit, batch_size: int, *, drop_remainder: bool = False
           for k, v in split.examples(np.arange(n)).items()}
 
 
-def eval_sets(data: Any, batch_size: int, mesh: jax.sharding.Mesh
+def eval_sets(data: "specs.SequenceData", batch_size: int, mesh: jax.sharding.Mesh
               ) -> dict[str, StackedBatches]:
   """{EVAL_SET: the held-out sequences stacked}, each batch sharded over the mesh."""
   rows = mesh_lib.process_rows(batch_size)
@@ -130,7 +124,7 @@ def eval_sets(data: Any, batch_size: int, mesh: jax.sharding.Mesh
                                          batch_axis=1)}
 
 
-def statistics_batches(data: Any, num_examples: int, batch_size: int) -> StackedBatches:
+def statistics_batches(data: "specs.SequenceData", num_examples: int, batch_size: int) -> StackedBatches:
   """{'tokens': [M, batch_size, L]}: full batches of the first `num_examples` training
   sequences, from which REPAIR's statistics are computed at every t."""
   stacked = stack(load_split(data, "train", num_examples), batch_size, drop_remainder=True)
@@ -142,10 +136,3 @@ def as_sequences(zeros: Batch) -> Batch:
   and placement (PAD tokens, every position a target)."""
   return {"tokens": zeros["image"].astype(jnp.int32),
           "mask": jnp.ones_like(zeros["image"], jnp.float32)}
-
-
-def renormalize_of(path: Any) -> str | None:
-  """evaluate_path's `renormalize` for a `path` section's `renormalize` ('none' or 'repair';
-  a language model has no BatchNorm to recompute), checked."""
-  checks.check_choice(path.renormalize, RENORMALIZE, "path.renormalize")
-  return RENORMALIZE[path.renormalize]

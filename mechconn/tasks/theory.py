@@ -2,9 +2,10 @@
 
 On synthetic data with two predictive attributes of different complexity
 (`data.two_attributes`: a linear one and a banded one, plus noise dimensions),
-one-hidden-layer ReLU networks are trained, `seeds` each, on data where only the
-linear attribute predicts (they rely on it; seeds 0..seeds-1) and where only the
-complex one does (seeds seeds..2 seeds-1: no two networks share an initialisation).
+one-hidden-layer ReLU networks are trained, `num_seeds` each, on data where only the
+linear attribute predicts (they rely on it; seeds 0..num_seeds-1) and where only
+the complex one does (seeds num_seeds..2 num_seeds-1: no two networks share an
+initialisation).
 On data where both predict, every network is a minimiser. For pairs relying on
 the same attribute (every two seeds) and on different ones (linear seed i with
 complex seed i), the linear path is evaluated before and after permutation
@@ -16,27 +17,28 @@ pre-activation has the same sign) on the both-attributes test set. In memory
 Writes `theory.json`.
 """
 
+import dataclasses
 import itertools
 import time
-from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from mechconn import align
 from mechconn import barriers
 from mechconn import config_checks as checks
 from mechconn import loop
-from mechconn import matching
 from mechconn import symmetry
 from mechconn import workdir as workdir_lib
 from mechconn.data import batching
 from mechconn.data import two_attributes
 from mechconn.models import get_model
-from mechconn.tasks import config as task_config
+from mechconn.tasks import alignment
+from mechconn.tasks import optim
 from mechconn.tasks import runner
+from mechconn.tasks import specs
 
 NAME = "theory"
 RESULT_FILE = "theory.json"
@@ -46,10 +48,44 @@ EVAL_SETS = {"both": ("linear", "complex"), "linear_only": ("linear",),
 ALIGNMENTS = ("none", "weight", "activation")
 
 
-def check(config: Any, num_devices: int) -> None:
-  """Validates a theory config before any work, naming the field."""
-  del num_devices  # `fit` trains on one device
-  checks.check_int(config.seeds, "seeds", minimum=2)
+@dataclasses.dataclass(frozen=True)
+class TwoAttributeData:
+  """The synthetic two-attribute data (`data.two_attributes`)."""
+
+  bands: int  # of the complex attribute
+  noise_dims: int
+  noise_scale: float
+  num_train: int  # per training set (one per attribute)
+  num_test: int  # per test set
+  seed: int
+
+  def make(self, predictive: tuple[str, ...], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of a split where the `predictive` attributes predict the label."""
+    tag = {"train": 0, "test": 1}[split] * 100 + {"linear": 1, "complex": 2}.get(
+        "+".join(predictive), 3)
+    return two_attributes.make(self.num_train if split == "train" else self.num_test,
+                               predictive, seed=self.seed + tag, bands=self.bands,
+                               noise_dims=self.noise_dims, noise_scale=self.noise_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class TheorySpec:
+  """A theory config, resolved."""
+
+  num_seeds: int  # networks per attribute
+  data: TwoAttributeData
+  hidden: int
+  optimizer: specs.OptimizerSpec
+  batch_size: int
+  num_epochs: int
+  eval_batch_size: int
+  path: specs.PathSpec
+
+
+def resolve(config: ml_collections.ConfigDict, num_devices: int) -> TheorySpec:
+  """A theory config, checked before any work, naming the field."""
+  del num_devices  # the protocol's argument: `loop.fit` trains on one device
+  checks.check_int(config.num_seeds, "num_seeds", minimum=2)
   data = config.data
   checks.check_int(data.bands, "data.bands", minimum=2)
   if data.bands % 2:
@@ -60,25 +96,16 @@ def check(config: Any, num_devices: int) -> None:
   for key in ("num_train", "num_test"):
     checks.check_positive_int(data[key], f"data.{key}")
   checks.check_positive_int(config.hidden, "hidden")
-  task_config.check_optimizer_config(config.optimizer)
   for key in ("batch_size", "num_epochs", "eval_batch_size"):
     checks.check_positive_int(config[key], key)
-  checks.check_int(config.num_t, "num_t", minimum=2)
-  task_config.steps_of(config.batch_size, config.num_epochs, data.num_train)
-
-
-def inputs(config: Any, dry_run: bool) -> tuple[None, None]:
-  del config, dry_run
-  return None, None
-
-
-def _data(config, predictive, split):
-  data = config.data
-  seed = {"train": 0, "test": 1}[split] * 100 + {"linear": 1, "complex": 2}.get(
-      "+".join(predictive), 3)
-  return two_attributes.make(data[f"num_{split}"], predictive, seed=data.seed + seed,
-                             bands=data.bands, noise_dims=data.noise_dims,
-                             noise_scale=data.noise_scale)
+  if data.num_train < config.batch_size:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {data.num_train} "
+                     "training examples: it makes no full batch.")
+  return TheorySpec(num_seeds=config.num_seeds, data=TwoAttributeData(**data.to_dict()),
+                    hidden=config.hidden, optimizer=specs.optimizer_spec(config.optimizer),
+                    batch_size=config.batch_size, num_epochs=config.num_epochs,
+                    eval_batch_size=config.eval_batch_size,
+                    path=specs.path_spec(config.path, statistics=False))
 
 
 def hidden_signs(model, params, x) -> list[np.ndarray]:
@@ -95,71 +122,62 @@ def sign_agreement(model, params_a, params_b, x) -> float:
   return float(np.mean(np.concatenate([(u == v).ravel() for u, v in zip(a, b)])))
 
 
-def _aligned(how, model, spec, pa, pb, x):
-  if how == "none":
-    return pb
-  if how == "weight":
-    perm = matching.weight_matching(spec, pa, pb, seed=0)
-  else:
-    perm = matching.activation_matching(model.apply, spec, {"params": pa}, {"params": pb},
-                                        [jnp.asarray(x)], post=jax.nn.relu)  # the units' outputs
-  return align.apply_permutation(spec, perm, pb)
-
-
-def pairs_of(seeds: int) -> list[tuple[str, tuple, tuple]]:
+def pairs_of(num_seeds: int) -> list[tuple[str, tuple, tuple]]:
   """(kind, network a, network b): same attribute (every two seeds), different (seed i, i)."""
   out = [(f"same: {attr}", (attr, i), (attr, j)) for attr in two_attributes.ATTRIBUTES
-         for i, j in itertools.combinations(range(seeds), 2)]
-  return out + [("different", ("linear", i), ("complex", i)) for i in range(seeds)]
+         for i, j in itertools.combinations(range(num_seeds), 2)]
+  return out + [("different", ("linear", i), ("complex", i)) for i in range(num_seeds)]
 
 
-def run(config: Any, workdir: str, mesh: jax.sharding.Mesh, inputs: Any, config_dict: dict,
-        *, overwrite: bool = False) -> dict:
-  """Trains the networks, evaluates every pair's paths; returns the theory.json record."""
-  del mesh, inputs, overwrite
-  start = time.perf_counter()
-  model = get_model("mlp", 2, hidden=(config.hidden,))
-  steps_per_epoch, num_steps = task_config.steps_of(config.batch_size, config.num_epochs,
-                                                    config.data.num_train)
-  tx, _ = task_config.make_optimizer(config.optimizer, num_steps=num_steps,
-                                     steps_per_epoch=steps_per_epoch)
-  tests = {name: _data(config, attrs, "test") for name, attrs in EVAL_SETS.items()}
-  eval_sets = {name: batching.stack_batches(x, y, config.eval_batch_size)
-               for name, (x, y) in tests.items()}
+def _train(spec: TheorySpec, model, tx, tests: dict) -> tuple[dict, list[dict]]:
+  """{(attribute, index): params} of every network, and what each is for the record."""
   nets, networks = {}, []
   for offset, attr in enumerate(two_attributes.ATTRIBUTES):
-    x, y = _data(config, (attr,), "train")
-    for seed in range(config.seeds):
-      state, history = loop.fit(model, tx, x, y, batch_size=config.batch_size,
-                                num_epochs=config.num_epochs, progress=False,
-                                seed=seed + offset * config.seeds)
+    x, y = spec.data.make((attr,), "train")
+    for seed in range(spec.num_seeds):
+      init_seed = seed + offset * spec.num_seeds
+      state, history = loop.fit(model, tx, x, y, batch_size=spec.batch_size,
+                                num_epochs=spec.num_epochs, progress=False, seed=init_seed)
       nets[(attr, seed)] = state.params
       accuracy = {name: float(np.mean(np.argmax(model.apply({"params": state.params},
                                                              jnp.asarray(tx_)), -1) == ty))
                   for name, (tx_, ty) in tests.items()}
-      networks.append({"relies_on": attr, "index": seed,
-                       "init_seed": seed + offset * config.seeds,
-                       "train_loss": history[-1]["loss"],
-                       "test_accuracy": accuracy})
+      networks.append({"relies_on": attr, "index": seed, "init_seed": init_seed,
+                       "train_loss": history[-1]["loss"], "test_accuracy": accuracy})
+  return nets, networks
+
+
+def run(spec: TheorySpec, job: runner.Job) -> dict:
+  """Trains the networks, evaluates every pair's paths; returns the theory.json record."""
+  start = time.perf_counter()
+  model = get_model("mlp", 2, hidden=(spec.hidden,))
+  steps_per_epoch = spec.data.num_train // spec.batch_size
+  tx, _ = optim.make_optimizer(spec.optimizer, num_steps=spec.num_epochs * steps_per_epoch,
+                               steps_per_epoch=steps_per_epoch)
+  tests = {name: spec.data.make(attrs, "test") for name, attrs in EVAL_SETS.items()}
+  eval_sets = {name: batching.stack_batches(x, y, spec.eval_batch_size)
+               for name, (x, y) in tests.items()}
+  nets, networks = _train(spec, model, tx, tests)
   x_both = tests["both"][0]
-  spec = symmetry.derive_spec(model.apply, {"params": nets[("linear", 0)]},
-                              jnp.asarray(x_both[:2]))
-  ts = np.linspace(0.0, 1.0, config.num_t)
+  perm_spec = symmetry.derive_spec(model.apply, {"params": nets[("linear", 0)]},
+                                   jnp.asarray(x_both[:2]))
+  ts = np.linspace(0.0, 1.0, spec.path.num_t)
   pairs = []
-  for kind, a, b in pairs_of(config.seeds):
+  for kind, a, b in pairs_of(spec.num_seeds):
     row = {"kind": kind, "a": list(a), "b": list(b)}
-    for how in ALIGNMENTS:
-      pb = _aligned(how, model, spec, nets[a], nets[b], x_both)
+    for how in ALIGNMENTS:  # activation matching on the units' outputs (post ReLU)
+      pb, _ = alignment.aligned_end(how, perm_spec, model.apply, {"params": nets[a]},
+                                    {"params": nets[b]}, [jnp.asarray(x_both)])
       paths = jax.device_get(barriers.evaluate_path_on_sets(model.apply, (nets[a], pb), ts,
                                                             eval_sets, renormalize=None))
       row[how] = {"barriers": {name: p.summary() for name, p in paths.items()},
                   "sign_agreement": sign_agreement(model, nets[a], pb, x_both)}
     pairs.append(row)
   record = {"networks": networks, "pairs": pairs, "summary": summarise(pairs),
-            "num_t": config.num_t, "eval_examples": config.data.num_test,
-            "seconds": round(time.perf_counter() - start, 1), "config": config_dict}
+            "num_t": spec.path.num_t, "eval_examples": spec.data.num_test,
+            "seconds": round(time.perf_counter() - start, 1), "config": job.config_dict}
   print(format_table(record))
-  runner.write_outputs(workdir, {RESULT_FILE: record})
+  runner.write_outputs(job.workdir, {RESULT_FILE: record})
   return record
 
 
@@ -191,8 +209,3 @@ def format_table(record: dict) -> str:
                    f"{s['sign_agreement']['std']:.3f}")
   return ("barriers on each test set: loss / error (std of the loss barrier), mean over pairs\n"
           + "\n".join(lines))
-
-
-def dry_run(config: Any, mesh: jax.sharding.Mesh, inputs: Any) -> dict:
-  del config, mesh, inputs
-  raise ValueError("The theory task has no dry run: the whole run takes seconds.")
