@@ -13,7 +13,6 @@ from experiments.configs import train as train_config
 from mechconn import barriers
 from mechconn import tasks
 from mechconn.tasks import eval_path as eval_path_task
-from mechconn.tasks import fit_curve as fit_curve_task
 
 
 @pytest.fixture(scope="module")
