@@ -115,7 +115,7 @@ class HeadLoss:
 
   def __call__(self, head, batch_stats, batch, rng):
     del rng
-    logits = batch["feature"] @ head["kernel"] + head["bias"]
+    logits = batch["feature"] @ head["kernel"] + head["bias"][None, :]
     means = objectives.mean_classification_metrics(logits, batch["label"])
     return means["loss"], (batch_stats, {"accuracy": means["accuracy"]})
 
@@ -195,7 +195,7 @@ def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   y = jnp.asarray(labels)
 
   def objective(head):
-    logits = x @ head["kernel"] + head["bias"]
+    logits = x @ head["kernel"] + head["bias"][None, :]
     ce = jnp.mean(objectives.classification_metrics(logits, y)["loss"])
     return ce + 0.5 * l2 * jnp.sum(head["kernel"] ** 2)
 

@@ -234,7 +234,7 @@ def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
     acts_b = _site_outputs(apply_fn, variables_other, images, all_sites, post)
     out = []
     for a, b in zip(acts_a, acts_b):
-      ca, cb = a - a.mean(0), b - b.mean(0)
+      ca, cb = a - a.mean(0, keepdims=True), b - b.mean(0, keepdims=True)
       out.append((jnp.float32(a.shape[0]), a.mean(0), b.mean(0), (ca * ca).sum(0),
                   (cb * cb).sum(0), ca.T @ cb))
     return out

@@ -46,7 +46,7 @@ def default_site(module) -> bool:
 def _moments(y: jax.Array) -> dict[str, jax.Array]:
   axes = tuple(range(y.ndim - 1))
   mean = jnp.mean(y, axis=axes)
-  return {"mean": mean, "var": jnp.mean(jnp.square(y - mean), axis=axes)}
+  return {"mean": mean, "var": jnp.mean(jnp.square(y - jnp.expand_dims(mean, axes)), axis=axes)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +79,9 @@ class Repaired:
         if mode == "moments_only":
           return out
       stats = per_site[call.path]
-      y = (y - moments["mean"]) / jnp.sqrt(moments["var"] + EPSILON) * stats["target_std"] + \
-          stats["target_mean"]
+      per_unit = lambda v: jnp.expand_dims(v, tuple(range(y.ndim - 1)))  # [C] -> [1, ..., C]
+      y = (y - per_unit(moments["mean"])) / per_unit(jnp.sqrt(moments["var"] + EPSILON)) * \
+          per_unit(stats["target_std"]) + per_unit(stats["target_mean"])
       return y.astype(jnp.asarray(out).dtype)
 
     with intercept.intercept(repair):

@@ -10,6 +10,10 @@ pytest-xdist's workers and in the launches tests make: one JAX persistent
 compilation cache per session (a fresh directory, removed at the end; all of
 them inherit it through the environment) compiles each once. Every test still
 runs every program; `JAX_COMPILATION_CACHE_DIR` set by the user is kept.
+
+Implicit rank promotion raises in the whole session (`JAX_NUMPY_RANK_PROMOTION=raise`,
+inherited by the workers and the launched runs): `x_B + y_BxK` is a bug until an axis
+is added on purpose (`x_B[:, None]`).
 """
 
 import os
@@ -28,8 +32,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _MADE_CACHE = tempfile.mkdtemp(prefix="mechconn-tests-jax-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _MADE_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 if "jax" in sys.modules:  # imported before this file (a plugin): tell it too
   import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_numpy_rank_promotion", "raise")
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
                     float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1)))

@@ -155,7 +155,8 @@ def test_lp_leaves_the_backbone_bitwise_and_lowers_its_loss(setup):
   loss = lambda h: float(finetune.HeadLoss()(h, {}, {"feature": feats, "label": labels}, None)[0])
   assert loss(head) < 0.7 * loss(finetune.fresh_head(jax.random.key(0), feats.shape[1], 10))
   logits = model.apply({"params": new_params, "batch_stats": reference["batch_stats"]}, images)
-  np.testing.assert_allclose(logits, feats @ head["kernel"] + head["bias"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logits, feats @ head["kernel"] + head["bias"][None, :], rtol=1e-4,
+                             atol=1e-5)
 
 
 def test_dfr_head_solves_its_regularised_problem(setup):
@@ -166,7 +167,7 @@ def test_dfr_head_solves_its_regularised_problem(setup):
   head = finetune.fit_dfr_head(feats, labels, 3, l2=0.1)
   std = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
   ce = lambda k, b: optax.softmax_cross_entropy_with_integer_labels(
-      jnp.asarray(std) @ k + b, labels).mean() + 0.05 * jnp.sum(k**2)
+      jnp.asarray(std) @ k + b[None, :], labels).mean() + 0.05 * jnp.sum(k**2)
   # The head's standardised-space parameters are a stationary point of the objective.
   k_std = head["kernel"] * (feats.std(0) + 1e-6)[:, None]
   b_std = head["bias"] + jnp.asarray(feats.mean(0)) @ head["kernel"]

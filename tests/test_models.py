@@ -66,8 +66,8 @@ def test_features_and_logits(name, kw):
   logits, features = model.apply(variables, x, return_features=True)
   assert logits.shape == (3, 7) and features.ndim == 2 and features.shape[0] == 3
   head = variables["params"]["head"]
-  np.testing.assert_allclose(features @ head["kernel"] + head["bias"], logits, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(features @ head["kernel"] + head["bias"][None, :], logits,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_model_lists_valid_ones():

@@ -133,3 +133,30 @@ def test_next_token_loss_is_the_masked_cross_entropy_of_the_next_tokens():
   np.testing.assert_allclose(means["loss"], loss, rtol=1e-6)
   np.testing.assert_allclose(means["accuracy"], metrics["accuracy"], rtol=1e-6)
 
+
+
+def test_one_training_step_golden_values():
+  """One step of a fixed tiny MLP on a fixed batch: the loss and the updated parameters'
+  checksums, recorded once (a change in any number the step computes shows here)."""
+  model = get_model("mlp", 3, hidden=(5,))
+  images = jax.random.normal(jax.random.key(1), (6, 2, 2, 1))
+  labels = jnp.array([0, 1, 2, 2, 1, 0])
+  tx = step_lib.sgd(0.1, momentum=0.9, weight_decay=5e-4)
+  state = step_lib.create_train_state(model, tx, jax.random.key(0), images[:2])
+  p0 = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(state.params))
+  state, metrics = step_lib.train_step(state, {"image": images, "label": labels},
+                                       jax.random.key(2),
+                                       loss_fn=step_lib.ClassificationLoss(model.apply), tx=tx)
+  # The loss by its definition, in float64: mean of -log softmax(logits)[label].
+  x = np.asarray(images, np.float64).reshape(6, -1)
+  hidden = np.maximum(x @ p0["Dense_0"]["kernel"] + p0["Dense_0"]["bias"], 0)
+  logits = hidden @ p0["head"]["kernel"] + p0["head"]["bias"]
+  log_z = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+  cross_entropy = np.mean(log_z - logits[np.arange(6), np.asarray(labels)])
+  np.testing.assert_allclose(metrics["loss"], cross_entropy, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], 1.131224, rtol=1e-5)
+  assert float(metrics["accuracy"]) == 0.5
+  leaves = jax.tree.leaves(state.params)
+  np.testing.assert_allclose(sum(float(jnp.sum(x)) for x in leaves), -1.798970, rtol=1e-5)
+  np.testing.assert_allclose(sum(float(jnp.sum(x * x)) for x in leaves), 8.590300, rtol=1e-5)
+  assert int(state.step) == 1

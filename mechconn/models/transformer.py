@@ -70,7 +70,7 @@ class CausalLM(nn.Module):
     one_hot = jax.nn.one_hot(tokens, self.vocab_size, dtype=self.dtype or jnp.float32)
     x = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name="embed")(one_hot)
     position = self.param("position", nn.initializers.normal(0.02), (self.max_len, self.width))
-    x = x + position[:tokens.shape[1]].astype(x.dtype)
+    x = x + position[None, :tokens.shape[1]].astype(x.dtype)
     mask = nn.make_causal_mask(tokens)
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.dtype, name=f"Block_{i}")(x, mask)
