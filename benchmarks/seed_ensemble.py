@@ -25,6 +25,7 @@ import numpy as np
 
 from mechconn import finetune
 from mechconn import step as step_lib
+from mechconn import trees
 from mechconn.models import get_model
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -50,8 +51,7 @@ def bench(name, width, method, args):
     batches = [{"image": images[s], "label": labels[s]} for s in seeds]
   keys = [jax.random.key(100 + s) for s in seeds]
   separate = {"states": [jax.tree.map(jnp.copy, init) for _ in seeds]}
-  stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
-  ensemble = {"state": stack(*separate["states"]), "batch": stack(*batches),
+  ensemble = {"state": trees.stack(separate["states"]), "batch": trees.stack(batches),
               "keys": jnp.stack(keys)}
   vmapped = jax.jit(jax.vmap(step), donate_argnums=0)
 

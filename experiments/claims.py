@@ -25,6 +25,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import jax
+
 from experiments import claims_measures as measures
 from experiments.configs import eval_path as eval_path_config
 from experiments.configs import fit_curve as fit_curve_config
@@ -33,6 +35,7 @@ from experiments.configs import theory as theory_config
 from experiments.configs import train as train_config
 from mechconn import tasks
 from mechconn import workdir as workdir_lib
+from mechconn.tasks import runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,16 +200,15 @@ def finished(directory: str, record_file: str, config) -> bool:
   """Whether `directory` holds a finished run of exactly `config` that read the finished runs
   its task reads now (their identities: recipe and final step); its record is then reused.
   A study records its cue model per run, and its config.train must match that model's recipe."""
-  if not os.path.exists(os.path.join(directory, record_file)):
-    return False
-  with open(os.path.join(directory, workdir_lib.CONFIG_FILE)) as f:
-    recorded = json.load(f)
-  recorded_inputs = recorded.pop("inputs", None)
-  if workdir_lib.config_differences(recorded, workdir_lib.config_to_dict(config)):
-    return False
-  _, identities = tasks.TASKS[config.task].inputs(config, False)
-  return not identities or not workdir_lib.config_differences(
-      recorded_inputs or {}, workdir_lib.config_to_dict(identities))
+  task = tasks.task_of(config)
+
+  def identities():
+    if not hasattr(task, "inputs"):
+      return None
+    return task.inputs(task.resolve(config, jax.device_count()), False)[1]
+
+  return runs.finished_record(directory, record_file, workdir_lib.config_to_dict(config),
+                              identities) is not None
 
 
 def run_claims(ids: list[str], root: str, pairs: int, overwrite: bool = False) -> None:

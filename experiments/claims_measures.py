@@ -9,6 +9,8 @@ TOLERANCE (0.05) is eval_path's Definition 5 tolerance on the accuracy barrier.
 
 import numpy as np
 
+from mechconn.tasks import records
+
 TOLERANCE = 0.05  # accuracy (error) barrier above which a path is broken on a view
 CHANCE = 0.1  # 10 classes
 
@@ -299,8 +301,8 @@ def _ms_of(stat: dict) -> str:
 
 
 def _theory_setup(record) -> str:
-  config = record["config"]
-  return (f"one-hidden-layer ReLU networks ({config['hidden']} units), {config['seeds']} seeds "
+  config = records.upgrade(record["config"])  # in today's fields, whenever it was recorded
+  return (f"one-hidden-layer ReLU networks ({config['hidden']} units), {config['num_seeds']} seeds "
           f"per attribute, {config['data']['bands']} bands, {config['data']['noise_dims']} "
           f"noise dimensions (theory.py:default, mechconn.tasks.theory); {record['num_t']} t; "
           f"{record['eval_examples']} test examples per set")

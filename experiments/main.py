@@ -74,8 +74,10 @@ def main(argv):
     raise app.UsageError("--workdir is empty; give the directory for the run's results, "
                          "e.g. --workdir=/tmp/run.")
   config = _CONFIG.value
-  if config.task not in tasks.TASKS:
-    raise app.UsageError(f"Unknown task {config.task!r}; valid tasks: {sorted(tasks.TASKS)}.")
+  try:
+    tasks.task_of(config)  # before any distributed setup
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value or "JAX_COORDINATOR_ADDRESS" in os.environ:

@@ -1,7 +1,8 @@
-"""Shared test setup: the repository root on sys.path, the `slow` marker, a compilation cache.
+"""Shared test setup: the repository root on sys.path, a compilation cache, shared fixtures.
 
-`REPO` is the repository root (tests launch `python -m experiments.main` there
-and import `experiments.configs.*`). End-to-end tests that launch subprocesses
+The repository root is on sys.path (tests import `experiments.configs.*`);
+tests reach it through the `repo` fixture and launch `python -m
+experiments.main` there through the `launch` fixture. End-to-end tests that launch subprocesses
 or train whole tiny runs are marked `slow`: `pytest -m "not slow"` is the fast
 inner loop; CI runs everything.
 
@@ -17,9 +18,13 @@ is added on purpose (`x_B[:, None]`).
 """
 
 import os
+import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -46,3 +51,23 @@ def pytest_sessionfinish():
   if _MADE_CACHE is not None and os.environ.get("JAX_COMPILATION_CACHE_DIR") == _MADE_CACHE:
     del os.environ["JAX_COMPILATION_CACHE_DIR"]
     shutil.rmtree(_MADE_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def repo() -> pathlib.Path:
+  """The repository root."""
+  return pathlib.Path(REPO)
+
+
+@pytest.fixture(scope="session")
+def launch():
+  """`launch(*args, env=None, timeout=300)`: `python -m experiments.main *args` run in the
+  repository (env: variables added to this process's), its CompletedProcess (text)."""
+
+  def run(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments.main", *map(str, args)],
+                          cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
+
+  return run
+

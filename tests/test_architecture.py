@@ -5,14 +5,12 @@ import pathlib
 
 import pytest
 
-from conftest import REPO
-
-PACKAGE = pathlib.Path(REPO) / "mechconn"
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mechconn"
 # Pure maths: no task, no checkpoints or workdirs, no progress bars, no launcher.
 MATHS = ("paths", "batchnorm", "barriers", "evaluation", "align", "curves", "finetune",
          "counterfactual", "models", "data", "step", "finite", "types", "rngs", "flops",
          "matching", "symmetry", "axis_classes", "objectives", "path_core", "adapters",
-         "nnx_adapter", "intercept", "repair", "input_checks", "axis_tracer")
+         "nnx_adapter", "intercept", "repair", "input_checks", "axis_tracer", "trees")
 FORBIDDEN_FOR_MATHS = ("mechconn.tasks", "mechconn.loop", "mechconn.checkpoint",
                        "mechconn.workdir", "mechconn.dry_run", "orbax", "tqdm", "experiments",
                        "ml_collections", "absl")
@@ -73,3 +71,28 @@ def test_no_module_is_over_about_400_lines():
   sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines())
            for p in PACKAGE.rglob("*.py")}
   assert {f: n for f, n in sizes.items() if n > 410} == {}
+
+
+def _functions():
+  for path in PACKAGE.rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        yield str(path.relative_to(PACKAGE)), node
+
+
+def test_no_function_is_over_60_lines():
+  long = {f"{f}:{node.name}": node.end_lineno - node.lineno + 1 for f, node in _functions()
+          if node.end_lineno - node.lineno + 1 > 60}
+  assert long == {}
+
+
+# What a task's config is made of: below `resolve`, tasks take typed specs of these.
+SECTIONS = ("config", "data", "model", "opt", "optimizer", "path", "ft", "finetune", "cbft")
+
+
+def test_no_config_section_reaches_the_tasks_untyped():
+  untyped = [f"{f}:{node.name}({arg.arg})" for f, node in _functions() if f.startswith("tasks")
+             for arg in node.args.args + node.args.kwonlyargs
+             if arg.arg in SECTIONS and (arg.annotation is None or
+                                         ast.unparse(arg.annotation) == "Any")]
+  assert untyped == []

@@ -2,13 +2,10 @@
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
 from experiments.configs import common
 from experiments.configs import eval_path as eval_path_configs
 from experiments.configs import finetune as finetune_configs
@@ -157,12 +154,9 @@ def test_invalid_config_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_launcher_refuses_unknown_keys(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.main",
-       "--config=experiments/configs/train.py:cpu_cue,quicktest", f"--workdir={tmp_path}",
-       "--config.data.cue_proportin=0.5"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_launcher_refuses_unknown_keys(tmp_path, launch):
+  proc = launch("--config=experiments/configs/train.py:cpu_cue,quicktest",
+                f"--workdir={tmp_path}", "--config.data.cue_proportin=0.5", timeout=120)
   assert proc.returncode != 0
   assert "cue_proportin" in proc.stderr
   assert not os.listdir(tmp_path)

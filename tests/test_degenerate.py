@@ -4,10 +4,6 @@ The library's input checks are in test_input_checks.py, the workdir's and the
 loop's in test_workdir.py and test_loop.py; here: the tasks' and the launcher's.
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -17,7 +13,6 @@ from mechconn.models import get_model
 from mechconn.tasks import runs
 from mechconn.tasks import specs
 
-from conftest import REPO
 
 
 def _run(checkpoint, params, dtype="float32"):
@@ -72,18 +67,13 @@ def test_unbiased_bn_variance_without_batchnorm_is_refused_before_the_claim(tmp_
                                  (16, 16, 3)) is None
 
 
-def _launch(args, env=None):
-  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120,
-                        env={**os.environ, **(env or {})})
-
-
 @pytest.mark.slow
-def test_launcher_argument_faults_are_named(tmp_path):
+def test_launcher_argument_faults_are_named(tmp_path, launch):
   config = "--config=experiments/configs/quickstart.py:quicktest"
-  proc = _launch([config, "--workdir="])
+  proc = launch(config, "--workdir=", timeout=120)
   assert proc.returncode != 0 and "--workdir is empty" in proc.stderr
   assert "Traceback" not in proc.stderr
-  proc = _launch([config, f"--workdir={tmp_path / 'w'}"], env={"MECHCONN_VERBOSITY": "abc"})
+  proc = launch(config, f"--workdir={tmp_path / 'w'}", env={"MECHCONN_VERBOSITY": "abc"},
+                timeout=120)
   assert proc.returncode != 0 and "MECHCONN_VERBOSITY='abc' is not an integer" in proc.stderr
   assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()

@@ -2,18 +2,16 @@
 
 import contextlib
 import io
-import os
 import re
 
 import pytest
 
-from conftest import REPO
 
 pytestmark = pytest.mark.slow  # trains two CNNs and two ViTs
 
 
-def test_bring_your_own_model_tutorial(tmp_path, monkeypatch):
-  with open(os.path.join(REPO, "docs", "byo_model.md")) as f:
+def test_bring_your_own_model_tutorial(tmp_path, monkeypatch, repo):
+  with open(repo / "docs" / "byo_model.md") as f:
     blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
   assert len(blocks) == 5
   monkeypatch.chdir(tmp_path)  # the figure lands here
@@ -32,21 +30,22 @@ def test_bring_your_own_model_tutorial(tmp_path, monkeypatch):
   assert (tmp_path / "byo_model.png").stat().st_size > 10_000
 
 
-def _run_tutorial(name, tmp_path, monkeypatch):
-  """Every python block of docs/<name>, in order, in one namespace (the figure lands in tmp)."""
-  with open(os.path.join(REPO, "docs", name)) as f:
+def _run_tutorial(path, tmp_path, monkeypatch):
+  """Every python block of the page at `path`, in order, in one namespace (the figure lands
+  in tmp)."""
+  with open(path) as f:
     blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
   monkeypatch.chdir(tmp_path)
   namespace = {"__name__": "__tutorial__"}
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     for block in blocks:
-      exec(compile(block, f"docs/{name}", "exec"), namespace)  # pylint: disable=exec-used
+      exec(compile(block, str(path), "exec"), namespace)  # pylint: disable=exec-used
   return blocks, namespace, out.getvalue()
 
 
-def test_any_model_tutorial(tmp_path, monkeypatch):
-  blocks, ns, printed = _run_tutorial("any_model.md", tmp_path, monkeypatch)
+def test_any_model_tutorial(tmp_path, monkeypatch, repo):
+  blocks, ns, printed = _run_tutorial(repo / "docs" / "any_model.md", tmp_path, monkeypatch)
   assert len(blocks) == 7
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel

@@ -2,12 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
 from experiments.configs import fit_curve as fit_curve_config
 from experiments.configs import reproduce as reproduce_config
 from experiments.configs import train as train_config
@@ -64,7 +61,8 @@ def test_dominoes_dry_run_uses_the_stacked_image_shape():
   config.data.cue = "dominoes"
   assert specs.data_spec(config.data, "train").input_shape == (64, 32, 3)
   mesh = mesh_lib.data_mesh()
-  state, timing, batch = runner.time_build(train_task.build(config, mesh), mesh)
+  spec = train_task.resolve(config, mesh.devices.size)
+  state, timing, batch = runner.time_build(train_task.build(spec, mesh), mesh)
   assert batch["image"].shape == (8, 64, 32, 3) and int(state.step) == 8  # 4 calls x 2 sizes
   assert min(timing.step_seconds) > 0
 
@@ -98,22 +96,21 @@ def test_fit_curve_dry_run_before_the_end_points_exist(tmp_path):
 def test_unknown_dataset_is_named():
   config = _unlocked(train_config, "cpu_cue").data
   config.dataset = "imagenet"
-  with pytest.raises(ValueError, match=r"config.data.dataset='imagenet' is not valid; valid choices: \["):
+  with pytest.raises(ValueError, match=r"config.data.dataset='imagenet' is not valid; valid "
+                                       r"choices: \["):
     specs.data_spec(config, "train")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["train.py:cifar10_box80_vgg13",
                                     "eval_path.py:cifar100_box60_resnet18"])
-def test_paper_preset_dry_run_through_the_launcher_on_two_devices(preset, tmp_path):
+def test_paper_preset_dry_run_through_the_launcher_on_two_devices(preset, tmp_path, launch):
   """Full-width paper models, tiny batches, a 2-device mesh; prints mesh and estimate."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.main", f"--config=experiments/configs/{preset}",
-       f"--workdir={tmp_path / 'w'}", "--config.dry_run=True"] +
-      (["--config.per_device_batch_size=96"] if preset.startswith("train") else []),
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = launch(f"--config=experiments/configs/{preset}", f"--workdir={tmp_path / 'w'}",
+                "--config.dry_run=True",
+                *(["--config.per_device_batch_size=96"] if preset.startswith("train") else []),
+                env={"JAX_PLATFORMS": "cpu",
+                     "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads([ln for ln in proc.stdout.splitlines()
                        if ln.startswith("DRY_RUN ")][-1][len("DRY_RUN "):])

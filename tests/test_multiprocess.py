@@ -25,13 +25,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
 from experiments.configs import fit_curve as fit_curve_config
 from experiments.configs import train as train_config
 from mechconn import checkpoint
 from mechconn import loop
 from mechconn import tasks
 from mechconn import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 pytestmark = pytest.mark.slow  # launches several training processes
 TRAIN = "experiments/configs/train.py:cpu_cue,quicktest"

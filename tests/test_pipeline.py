@@ -1,4 +1,4 @@
-"""Cued splits and batch iterators."""
+"""Cued splits, their views, and the batches a loop reads of them."""
 
 import numpy as np
 import pytest
@@ -44,21 +44,6 @@ def test_dominoes_split_pairs_simple_images(base):
       assert (top == 0).all()
 
 
-def test_batches_shuffle_drop_and_pad(base):
-  images, labels = base
-  split = pipeline.make_cue_split(images, labels, 10, "none", 0.0)
-  train = list(pipeline.batches(split, 16, seed=1, epoch=0))
-  assert len(train) == 2 and all(b["image"].shape == (16, 32, 32, 3) for b in train)
-  again = list(pipeline.batches(split, 16, seed=1, epoch=0))
-  other = list(pipeline.batches(split, 16, seed=1, epoch=1))
-  np.testing.assert_array_equal(train[0]["label"], again[0]["label"])
-  assert not np.array_equal(np.concatenate([b["label"] for b in train]),
-                            np.concatenate([b["label"] for b in other]))
-  evals = list(pipeline.batches(split, 16, drop_remainder=False))
-  assert len(evals) == 3 and evals[-1]["mask"].sum() == 8 and evals[0]["mask"].all()
-  np.testing.assert_array_equal(np.concatenate([b["label"] for b in evals])[:40], labels)
-
-
 def test_unknown_cue_kind_raises(base):
   images, labels = base
   with pytest.raises(ValueError, match="valid kinds"):
@@ -76,20 +61,22 @@ def test_view_grid_png(tmp_path, base):
   assert np.allclose(shown[0, :32], 0.25) and np.allclose(shown[0, 32:], 0.0)
 
 
-def test_batch_at_step_walks_the_epoch_permutations(base):
+def test_step_batches_walk_the_epoch_permutations(base):
+  """A loop's batch at step s is rows of epoch s // steps_per_epoch's permutation,
+  np.random.default_rng([seed, epoch]) (`batching.batch_indices_at_step`), partial batches
+  dropped."""
+  from mechconn import mesh as mesh_lib
+  from mechconn.data import steps as data_steps
   images, labels = base
   split = pipeline.make_cue_split(images, labels, 10, "box", 0.5)
-  seen = [pipeline.batch_at_step(split, 16, seed=3, step=s) for s in range(4)]  # 2 per epoch
-  for step, batch in enumerate(seen):
+  batches = data_steps.StepBatches(split, 16, mesh_lib.data_mesh(), "host")
+  for step in range(4):  # 2 per epoch
     epoch, i = divmod(step, 2)
     order = np.random.default_rng([3, epoch]).permutation(40)
     expected = split.examples(order[i * 16:(i + 1) * 16])
-    np.testing.assert_array_equal(batch["image"], expected["image"])
-    np.testing.assert_array_equal(batch["label"], expected["label"])
-  rows = pipeline.batch_at_step(split, 16, seed=3, step=1, rows=slice(8, 16))
-  np.testing.assert_array_equal(rows["image"], seen[1]["image"][8:16])
-  with pytest.raises(ValueError, match="make no batch"):
-    pipeline.batch_at_step(split, 64, seed=0, step=0)
+    batch = batches(3, step)
+    np.testing.assert_array_equal(np.asarray(batch["image"]), expected["image"])
+    np.testing.assert_array_equal(np.asarray(batch["label"]), expected["label"])
 
 
 def test_named_loaders_build_cued_splits_and_views():

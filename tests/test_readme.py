@@ -2,30 +2,28 @@
 
 import contextlib
 import io
-import os
 import re
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
 
 pytestmark = pytest.mark.slow  # trains two small networks
 
 
-def _library_snippet() -> str:
-  with open(os.path.join(REPO, "README.md")) as f:
+def _library_snippet(repo) -> str:
+  with open(repo / "README.md") as f:
     text = f.read()
   section = text[text.index("## The library"):]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_library_snippet_runs_as_written():
+def test_the_library_snippet_runs_as_written(repo):
   namespace = {"__name__": "__readme__"}
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    exec(compile(_library_snippet(), "README.md", "exec"), namespace)  # pylint: disable=exec-used
+    exec(compile(_library_snippet(repo), "README.md", "exec"), namespace)  # pylint: disable=exec-used
   result, aligned, per_view = namespace["result"], namespace["aligned"], namespace["per_view"]
   assert result.loss.shape == (11,) and set(per_view) == {"clean", "cue", "rand_cue", "rand_img"}
   np.testing.assert_allclose(per_view["clean"].loss, result.loss, rtol=1e-5)

@@ -12,18 +12,17 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
 from mechconn.data.views import VIEWS
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(repo):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_path_worker.py")],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, str(repo / "tests" / "sharded_path_worker.py")],
+                        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])

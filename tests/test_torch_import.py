@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO
 from mechconn import align
 from mechconn import symmetry
 from mechconn import torch_import
 from test_symmetry import _partition
 
-DATA = os.path.join(REPO, "tests", "data")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def _relative_error(ours, theirs):

@@ -15,11 +15,12 @@ import chex
 import numpy as np
 import pytest
 
-from conftest import REPO
 from mechconn import checkpoint
 from mechconn import loop
 from mechconn.tasks import train as train_task
 from mechconn import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 pytestmark = pytest.mark.slow  # every test here launches training subprocesses
 CONFIG = "experiments/configs/train.py:cpu_cue,quicktest"

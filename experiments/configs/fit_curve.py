@@ -25,10 +25,10 @@ import ml_collections
 from experiments.configs import common
 from experiments.configs import train as train_config
 
-FIT_DATA = {"clean": 0.0, "cue": 1.0}
+FIT_DATA = {"clean": 0.0, "cue": 1.0}  # cue proportion of the data the curve is fitted on
 # The loop fields taken from the cue model's recipe (a curve fit evaluates nothing).
 LOOP_FIELDS = ("num_epochs", "batch_size", "per_device_batch_size", "log_every_steps",
-               "checkpoint_every_steps", "max_to_keep", "progress")  # cue proportion of the data the curve is fitted on
+               "checkpoint_every_steps", "max_to_keep", "progress")
 
 
 def endpoint_workdirs(base: str) -> tuple[str, str]:

@@ -6,12 +6,11 @@ are drawn per batch in float32, vectorised, so a 50,000-example split costs
 its uint8 bytes, not four times that.
 """
 
-from collections.abc import Iterator
 import dataclasses
 
 import numpy as np
 
-from mechconn.data import batching, cues, datasets, views
+from mechconn.data import cues, datasets, views
 
 CUE_KINDS = ("none", "box", "dominoes")
 
@@ -91,46 +90,6 @@ def make_cue_split(images: np.ndarray, labels: np.ndarray, num_classes: int, kin
   return CueSplit(images=np.asarray(images), labels=np.asarray(labels, np.int32),
                   num_classes=num_classes, kind=kind,
                   has_cue=cues.cue_mask(labels, num_classes, proportion), simple=simple)
-
-
-def batches(split: CueSplit, batch_size: int, *, seed: int | None = None, epoch: int = 0,
-            drop_remainder: bool = True) -> Iterator[dict[str, np.ndarray]]:
-  """Yields numpy batches of a split for one epoch.
-
-  Args:
-    split: the data.
-    batch_size: examples per batch.
-    seed: shuffle with `np.random.default_rng([seed, epoch])`; None keeps index order.
-    epoch: selects the epoch's permutation.
-    drop_remainder: drop the last partial batch (training); otherwise pad it and
-      add 'mask' (1 real, 0 padding) to every batch (evaluation).
-  """
-  n = len(split)
-  order = np.arange(n) if seed is None else epoch_permutation(seed, epoch, n)
-  stop = (n // batch_size) * batch_size if drop_remainder else n
-  for start in range(0, stop, batch_size):
-    idx = order[start:start + batch_size]
-    batch = split.examples(idx)
-    if not drop_remainder:
-      batch = {k: batching.pad_rows(v, batch_size) for k, v in batch.items()}
-      batch["mask"] = batching.valid_mask(len(idx), batch_size)
-    yield batch
-
-
-epoch_permutation = batching.epoch_permutation
-
-
-def batch_at_step(split: CueSplit, batch_size: int, *, seed: int, step: int,
-                  rows: slice = slice(None)) -> dict[str, np.ndarray]:
-  """The training batch of global step `step` (0-based), partial batches dropped.
-
-  A pure function of (split, batch_size, seed, step)
-  (`batching.batch_indices_at_step`), so a resumed run sees exactly the
-  batches an uninterrupted one would. `rows` selects this host's part of the
-  batch.
-  """
-  idx = batching.batch_indices_at_step(len(split), batch_size, seed=seed, step=step)
-  return split.examples(idx[rows])
 
 
 def _simple_pair(simple_dataset: str, split: str, seed: int, num_examples: int | None,

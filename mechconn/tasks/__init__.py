@@ -43,8 +43,13 @@ TASKS = {task.NAME: task for task in (train, fit_curve, eval_path, finetune, rep
                                       quickstart, theory)}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
-  """Runs (or dry-runs) the task named by `config.task` in `workdir`; returns its record."""
+def task_of(config: ml_collections.ConfigDict) -> runner.Task:
+  """The task module `config.task` names; ValueError naming the valid ones otherwise."""
   if config.task not in TASKS:
     raise ValueError(f"Unknown task {config.task!r}; valid tasks: {sorted(TASKS)}.")
-  return runner.launch(TASKS[config.task], config, workdir, overwrite=overwrite)
+  return TASKS[config.task]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
+  """Runs (or dry-runs) the task named by `config.task` in `workdir`; returns its record."""
+  return runner.launch(task_of(config), config, workdir, overwrite=overwrite)

@@ -267,8 +267,7 @@ def run(spec: EvalPathSpec, job: runner.Job) -> dict:
                                           tolerance=spec.barrier_tolerance)
     results[name] = {
         "kind": kind,
-        "views": {v: {"loss": np.asarray(r.loss).tolist(),
-                      "accuracy": np.asarray(r.accuracy).tolist()} for v, r in views.items()},
+        "views": {v: runs.path_curves(r) for v, r in views.items()},
         **verdict}
   record = {
       "ts": ts.tolist(),
@@ -308,7 +307,7 @@ def dry_run(spec: EvalPathSpec, job: runner.Job) -> dict:
   examples_per_t = spec.path.bn_examples + num_sets * spec.data.num_test_examples
   two_ts = ("linear", (endpoints.start.params, endpoints.end.params), np.linspace(0, 1, 2))
 
-  def point(path, sets):  # the timer's (carry, batch) -> (carry, out)
+  def point(path: tuple, sets: tuple) -> tuple:  # the timer's (carry, batch) -> (carry, out)
     return path, evaluate(spec, job, path, sets)
 
   _, timing, sets = dry_run_lib.time_on_zero_batches(

@@ -28,6 +28,7 @@ from mechconn import loop
 from mechconn import mesh as mesh_lib
 from mechconn import rngs
 from mechconn import step as step_lib
+from mechconn import trees
 from mechconn.data import steps as data_steps
 from mechconn.tasks import data as task_data
 from mechconn.tasks import optim
@@ -204,8 +205,7 @@ class SeedEnsemble:
 
 # Vmapped seeds turn each convolution over per-seed weights into a grouped convolution,
 # which cuDNN runs slowly; as patches + matmul (`models.layers`) it becomes a batched
-# matmul. On one H200 (benchmarks/seed_ensemble.py, 3 seeds x batch 128): vmapped with
-# cuDNN convolutions 0.29-0.58x the speed of seeds in turn, with patches 1.11-1.69x.
+# matmul, faster than seeds in turn on a GPU (benchmarks/seed_ensemble.py measures both).
 ENSEMBLE_CONV_IMPL = {"gpu": "patches"}
 
 
@@ -281,8 +281,7 @@ def build_seeds(shared: MethodLoop, cue_model: runs.TrainedModel, params: list, 
       return SeedEnsemble(step=state.step + 1, members=members), metrics
 
     def init_fn():
-      members = jax.tree.map(lambda *xs: jnp.stack(xs),
-                             *[fresh(p, s) for p, s in zip(params, batch_stats)])
+      members = trees.stack([fresh(p, s) for p, s in zip(params, batch_stats)])
       return SeedEnsemble(step=jnp.zeros((), jnp.int32), members=members)
   else:
     (seed,), (p,), (stats,) = seeds, params, batch_stats
@@ -344,7 +343,7 @@ def run_method(method: str, seeds: list[int], cue_model: runs.TrainedModel, clea
   seconds = round((time.perf_counter() - start) / len(seeds), 1)
   outs = []
   for p, stats in zip(params, batch_stats):
-    variables = {"params": p, "batch_stats": stats} if stats else {"params": p}
+    variables = trees.variables_of(p, stats)
     outs.append({"variables": variables,
                  "views": runs.evaluate_views(cue_model.model.apply, variables, view_batches),
                  "seconds": seconds})

@@ -23,6 +23,7 @@ from mechconn.data import prototypes
 from mechconn.tasks import data as task_data
 from mechconn.tasks import optim
 from mechconn.tasks import runner
+from mechconn.tasks import runs
 from mechconn.tasks import specs
 
 NAME = "quickstart"
@@ -141,8 +142,7 @@ def run(spec: QuickstartSpec, job: runner.Job) -> dict:
   record = {
       "path": "linear",
       "ts": np.asarray(result.ts).tolist(),
-      "loss": np.asarray(result.loss).tolist(),
-      "accuracy": np.asarray(result.accuracy).tolist(),
+      **runs.path_curves(result),
       "summary": result.summary(),
       "batchnorm_recomputed_from": (
           f"{bn_batches['image'].shape[0] * bn_batches['image'].shape[1]} training examples"

@@ -19,7 +19,6 @@ with replacement, so its clean and cue sets can overlap.
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -175,20 +174,12 @@ def _run_config(config_dict: dict, cue_model: runs.TrainedModel, method: str,
 
 
 def _finished(run_dir: str, run_config: dict) -> dict | None:
-  """The run's result when the directory holds one of exactly `run_config`, else None."""
-  result_path = os.path.join(run_dir, RESULT_FILE)
-  config_path = os.path.join(run_dir, workdir_lib.CONFIG_FILE)
-  if not (os.path.exists(result_path) and os.path.exists(config_path)):
-    return None
-  with open(config_path) as f:
-    recorded = json.load(f)
-  if workdir_lib.config_differences(recorded, run_config, records.VOCABULARY):
-    return None  # a run of another config: redone (its outputs are cleared when claimed)
-  with open(result_path) as f:
-    record = json.load(f)
+  """The run's result when the directory holds one of exactly `run_config`, else None (a
+  run of another config is redone: its outputs are cleared when claimed)."""
+  record = runs.finished_record(run_dir, RESULT_FILE, run_config)
   # A result without a path summary: its checkpoints are reused (the loop resumes at its
   # last step) and its evaluation is redone.
-  return record if "summary" in record["path_to_cue_model"] else None
+  return record if record and "summary" in record["path_to_cue_model"] else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +216,7 @@ def _path_record(spec: ReproduceSpec, mesh, cue_model: runs.TrainedModel, params
       cue_model.model.apply, (cue_model.params, params),
       np.linspace(0.0, 1.0, spec.path.num_t), data.view_batches["cue"],
       bn_batches=data.bn_batches, mesh=mesh, renormalize=spec.path.renormalize))
-  return {"sharded_over": path.sharded_over, "loss": np.asarray(path.loss).tolist(),
-          "accuracy": np.asarray(path.accuracy).tolist(), "summary": path.summary()}
+  return {"sharded_over": path.sharded_over, **runs.path_curves(path), "summary": path.summary()}
 
 
 def _run_method(spec: ReproduceSpec, job: runner.Job, cue_model: runs.TrainedModel,

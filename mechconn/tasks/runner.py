@@ -25,6 +25,7 @@ import dataclasses
 import os
 from typing import Any, Protocol
 
+import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -53,8 +54,7 @@ class Build:
     steps_per_epoch, num_steps: the run's length.
     image_shape: [H, W, C] of one input image.
     schedule: step -> learning rate (logged), or None.
-    tx: the optimiser, where the run needs it apart from the step.
-    model: the network, when the task has one.
+    model: the network.
     to_batch: a zero {'image', 'label'} batch -> the step's batch (e.g. CBFT's
       clean and cue halves); the identity for plain steps.
   """
@@ -67,8 +67,7 @@ class Build:
   num_steps: int
   image_shape: tuple[int, ...]
   schedule: optax.Schedule | None = None
-  tx: optax.GradientTransformation | None = None
-  model: Any = None
+  model: nn.Module | None = None
   to_batch: Callable[[Batch], Batch] = lambda batch: batch
 
 
@@ -143,8 +142,8 @@ def launch(task: Task, config: ml_collections.ConfigDict, workdir: str, *,
 
 
 @contextlib.contextmanager
-def claimed(config: Any, workdir: str, layout: workdir_lib.Layout, overwrite: bool,
-            inputs: dict | None = None) -> Iterator[dict]:
+def claimed(config: ml_collections.ConfigDict | dict, workdir: str, layout: workdir_lib.Layout,
+            overwrite: bool, inputs: dict | None = None) -> Iterator[dict]:
   """Holds the workdir for this config while inside (see `workdir.claim`); yields the config dict.
 
   `inputs` ({name: `runs.run_identity(...)`}) are the finished runs the job

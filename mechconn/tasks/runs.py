@@ -1,11 +1,16 @@
 """Finished runs as inputs of other tasks, and a model's evaluation on the views.
 
-- `load_trained(workdir)`: the final model of a finished `train` run, refused
-  when it is not finite; `run_identity(run)`: what identifies it (its recorded
-  config and final step, not its path), recorded by every task that reads it.
-- `view_eval_fn`, `evaluate_views`: a model on the four counterfactual views
-  (or any named eval sets, with their objective), as floats for records and
-  logs.
+- `load_trained(workdir)`: the final model of a finished `train` run (its
+  recorded config in today's fields), refused when it is not finite;
+  `run_identity(run)`: what identifies it (its recorded config and final step,
+  not its path), recorded by every task that reads it; `finished_record`:
+  whether a directory holds a finished run of exactly this config;
+  `check_cue_model`: a given cue model against the study's recipe;
+- `load_endpoints`: a path's two end points, checked against each other and
+  the data; `load_curve`, `check_curve_ends`: a fitted curve between them;
+- `view_eval_fn`, `evaluate_views`, `path_curves`: a model on the four
+  counterfactual views (or any named eval sets, with their objective), and a
+  path's curves, as floats and lists for records and logs.
 """
 
 from collections.abc import Callable
@@ -24,6 +29,7 @@ from mechconn import counterfactual
 from mechconn import finite
 from mechconn import loop
 from mechconn import objectives
+from mechconn import trees
 from mechconn import workdir as workdir_lib
 from mechconn.objectives import Objective
 from mechconn.tasks import records
@@ -47,9 +53,7 @@ class TrainedModel:
 
   @property
   def variables(self) -> dict[str, Params]:
-    if self.batch_stats:
-      return {"params": self.params, "batch_stats": self.batch_stats}
-    return {"params": self.params}
+    return trees.variables_of(self.params, self.batch_stats)
 
 
 def load_trained(workdir: str) -> TrainedModel:
@@ -85,6 +89,33 @@ def load_trained(workdir: str) -> TrainedModel:
   return TrainedModel(model=model, params=state["params"],
                       batch_stats=state.get("batch_stats", {}), config=config,
                       checkpoint=ckpt.step_dir(step), spec=spec)
+
+
+def finished_record(directory: str, record_file: str, config_dict: dict,
+                    identities: Callable[[], dict | None] | None = None) -> dict | None:
+  """The record of a finished run of exactly `config_dict` in `directory`, else None.
+
+  Finished: `record_file` and the config.json it was claimed with are there; of
+  this config: the recorded one (read in today's fields) differs in nothing and,
+  when `identities()` gives the identities of the finished runs the job reads
+  now, it read exactly those (called only when the config matches).
+  """
+  record_path = os.path.join(directory, record_file)
+  config_path = os.path.join(directory, workdir_lib.CONFIG_FILE)
+  if not (os.path.exists(record_path) and os.path.exists(config_path)):
+    return None
+  with open(config_path) as f:
+    recorded = json.load(f)
+  recorded_inputs = recorded.pop("inputs", None)
+  if workdir_lib.config_differences(recorded, config_dict, records.VOCABULARY):
+    return None
+  read_now = identities() if identities is not None else None
+  if read_now and workdir_lib.config_differences(recorded_inputs or {},
+                                                 workdir_lib.config_to_dict(read_now),
+                                                 records.VOCABULARY):
+    return None
+  with open(record_path) as f:
+    return json.load(f)
 
 
 def run_identity(run: TrainedModel) -> dict:
@@ -127,6 +158,13 @@ def view_eval_fn(model_of_state: Callable[[Any], tuple[ApplyFn, dict]],
     return evaluated[step]
 
   return eval_fn
+
+
+def path_curves(result: Any) -> dict[str, list[float]]:
+  """{'loss', 'accuracy'}: a path evaluation's (`barriers.PathEval`) curves over t, as lists
+  for a record."""
+  return {"loss": np.asarray(result.loss).tolist(),
+          "accuracy": np.asarray(result.accuracy).tolist()}
 
 
 def views_of(metrics: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -66,7 +66,8 @@ class SequenceSplit:
     return {"tokens": self.tokens[idx], "mask": self.mask[idx]}
 
 
-def load_split(data: "specs.SequenceData", split: str, num_examples: int | None = None) -> SequenceSplit:
+def load_split(data: "specs.SequenceData", split: str, num_examples: int | None = None
+               ) -> SequenceSplit:
   """The 'train' or 'test' sequences of a `data` section (its num_train / num_test rows,
   or the first `num_examples` of them)."""
   total = data.num_train if split == "train" else data.num_test
@@ -124,7 +125,8 @@ def eval_sets(data: "specs.SequenceData", batch_size: int, mesh: jax.sharding.Me
                                          batch_axis=1)}
 
 
-def statistics_batches(data: "specs.SequenceData", num_examples: int, batch_size: int) -> StackedBatches:
+def statistics_batches(data: "specs.SequenceData", num_examples: int, batch_size: int
+                       ) -> StackedBatches:
   """{'tokens': [M, batch_size, L]}: full batches of the first `num_examples` training
   sequences, from which REPAIR's statistics are computed at every t."""
   stacked = stack(load_split(data, "train", num_examples), batch_size, drop_remainder=True)

@@ -4,8 +4,8 @@ Each `*_spec(section, ...)` reads one section of a config (an
 `ml_collections.ConfigDict`: a preset, or a recorded run's config after
 `records.upgrade`), checks every field (errors name `config.<section>.<field>`)
 and returns a frozen dataclass. Below the task modules' `resolve`, nothing
-reads a config: tasks take these specs. Defaults for runs recorded before a
-field existed are `records.upgrade`'s, never filled here.
+reads a config: tasks take these specs. A recorded run's missing fields are
+filled by `records.upgrade`, never here.
 
   ImageData / SequenceData  a `data` section (cued images, or embedded sequences)
   ModelSpec                 a `model` (or `endpoint_model`) section

@@ -22,10 +22,12 @@ import itertools
 import time
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from mechconn import barriers
 from mechconn import config_checks as checks
@@ -108,7 +110,7 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int) -> TheorySpec:
                     path=specs.path_spec(config.path, statistics=False))
 
 
-def hidden_signs(model, params, x) -> list[np.ndarray]:
+def hidden_signs(model: nn.Module, params, x) -> list[np.ndarray]:
   """The sign (> 0) of every hidden pre-activation of an MLP on x, one array per layer."""
   _, state = model.apply({"params": params}, jnp.asarray(x), capture_intermediates=True,
                          mutable=["intermediates"])
@@ -116,7 +118,7 @@ def hidden_signs(model, params, x) -> list[np.ndarray]:
   return [np.asarray(flat[f"Dense_{i}/__call__"][0]) > 0 for i in range(len(model.hidden))]
 
 
-def sign_agreement(model, params_a, params_b, x) -> float:
+def sign_agreement(model: nn.Module, params_a, params_b, x) -> float:
   """Fraction of (example, hidden unit) pairs whose pre-activations share their sign."""
   a, b = hidden_signs(model, params_a, x), hidden_signs(model, params_b, x)
   return float(np.mean(np.concatenate([(u == v).ravel() for u, v in zip(a, b)])))
@@ -129,7 +131,8 @@ def pairs_of(num_seeds: int) -> list[tuple[str, tuple, tuple]]:
   return out + [("different", ("linear", i), ("complex", i)) for i in range(num_seeds)]
 
 
-def _train(spec: TheorySpec, model, tx, tests: dict) -> tuple[dict, list[dict]]:
+def _train(spec: TheorySpec, model: nn.Module, tx: optax.GradientTransformation,
+           tests: dict) -> tuple[dict, list[dict]]:
   """{(attribute, index): params} of every network, and what each is for the record."""
   nets, networks = {}, []
   for offset, attr in enumerate(two_attributes.ATTRIBUTES):

@@ -1,4 +1,5 @@
-"""End to end on tiny runs: train two end points, fit a curve, evaluate every path on the views."""
+"""mechconn.tasks.eval_path and fit_curve end to end on tiny runs: train two end points, fit a
+curve, evaluate every path on the views; the end points' checks."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from experiments.configs import fit_curve as fit_curve_config
 from experiments.configs import train as train_config
 from mechconn import barriers
 from mechconn import tasks
+from mechconn.tasks import alignment
 from mechconn.tasks import eval_path as eval_path_task
 
 
@@ -116,13 +118,13 @@ def test_activation_alignment_correlates_the_configured_sites(runs, tmp_path, mo
   """activation_sites reaches the matching (post_relu: the ReLU of every site) and the record."""
   workdirs, _, _ = runs
   seen = []
-  original = eval_path_task.matching.activation_matching
+  original = alignment.matching.activation_matching
 
   def spy(*args, post=None, **kwargs):
     seen.append(post)
     return original(*args, post=post, **kwargs)
 
-  monkeypatch.setattr(eval_path_task.matching, "activation_matching", spy)
+  monkeypatch.setattr(alignment.matching, "activation_matching", spy)
   config = eval_path_config.get_config("cpu,quicktest")
   config.start_workdir, config.end_workdir = workdirs["cue"], workdirs["nocue"]
   config.curve_workdirs, config.align, config.activation_sites = (), "activation", sites
