@@ -42,8 +42,8 @@ from mechconn.data import batching
 from mechconn.types import ApplyFn, Params
 
 T_DISTRIBUTIONS = ("clip", "truncnorm")
-HEADS = ("none", "lp", "dfr", "init")
-STEPS = ("none", "classification", "cbft")
+HEADS = ("none", "lp", "dfr", "init")  # what a method's `head` may be
+STEPS = ("none", "classification", "cbft")  # what a method's `step` may be
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,11 @@ class Method:
   step: str
   sections: tuple[str, ...]
   learning_rate_from: str | None = None
+
+  def __post_init__(self):
+    if self.head not in HEADS or self.step not in STEPS:
+      raise ValueError(f"Method(head={self.head!r}, step={self.step!r}): head must be one of "
+                       f"{list(HEADS)} and step one of {list(STEPS)}.")
 
   @property
   def runs_loop(self) -> bool:

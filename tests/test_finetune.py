@@ -185,6 +185,8 @@ def test_unknown_method_lists_the_valid_ones():
   method = finetune.check_method("cbft")
   assert method is finetune.METHODS["cbft"]
   assert (method.head, method.step, method.sections) == ("none", "cbft", ("cbft",))
+  with pytest.raises(ValueError, match=r"head='probe'.*one of \['none', 'lp', 'dfr', 'init'\]"):
+    finetune.Method(head="probe", step="classification", sections=())
 
 
 def test_cbft_and_heads_stop_on_non_finite_numbers(setup, tmp_path):
