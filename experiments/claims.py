@@ -25,8 +25,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import jax
-
 from experiments import claims_measures as measures
 from experiments.configs import eval_path as eval_path_config
 from experiments.configs import fit_curve as fit_curve_config
@@ -205,7 +203,9 @@ def finished(directory: str, record_file: str, config) -> bool:
   def identities():
     if not hasattr(task, "inputs"):
       return None
-    return task.inputs(task.resolve(config, jax.device_count()), False)[1]
+    # The inputs it reads depend on no batch size: resolved for one device, so that the
+    # report never depends on the host's device count.
+    return task.inputs(task.resolve(config, 1), False)[1]
 
   return runs.finished_record(directory, record_file, workdir_lib.config_to_dict(config),
                               identities) is not None

@@ -91,15 +91,29 @@ EXACT = Vocabulary()  # every field compared, as recorded
 
 
 def config_differences(old: dict, new: dict, vocabulary: Vocabulary = EXACT) -> list[str]:
-  """Dotted keys whose values differ between a recorded config and a current one (sorted),
-  the recorded one read in today's fields (`vocabulary.upgrade`); fields that never change
-  numbers (`vocabulary.uncompared`) are not compared."""
-  new = json.loads(json.dumps(new))
-  old = {k: v for k, v in old.items() if k != FORMAT_KEY}  # the mark, not a field of the run
+  """Dotted keys whose values differ between a recorded config and a current one (sorted).
+
+  The recorded one is read in today's fields (`vocabulary.upgrade`); fields that
+  never change numbers (`vocabulary.uncompared`) and mechconn's mark (`FORMAT_KEY`,
+  also where a recorded input's config carries it) are not compared. Lists of
+  dicts (e.g. the curves an evaluation read) are compared item by item, as
+  `<key>.<index>`.
+  """
+  old, new = _indexed(old), _indexed(json.loads(json.dumps(new)))
   old, new = flatten(vocabulary.upgrade(old, new)), flatten(new)
+  skipped = set(vocabulary.uncompared) | {FORMAT_KEY}
   return sorted(k for k in set(old) | set(new)
                 if old.get(k, _MISSING) != new.get(k, _MISSING)
-                and k.rpartition(".")[2] not in vocabulary.uncompared)
+                and k.rpartition(".")[2] not in skipped)
+
+
+def _indexed(value: Any) -> Any:
+  """`value` with every list of dicts as a dict keyed by position ('0', '1', ...)."""
+  if isinstance(value, dict):
+    return {k: _indexed(v) for k, v in value.items()}
+  if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+    return {str(i): _indexed(v) for i, v in enumerate(value)}
+  return value
 
 
 _MISSING = object()

@@ -10,6 +10,7 @@ import pytest
 from experiments.configs import eval_path as eval_path_config
 from mechconn import tasks
 from mechconn.models import get_model
+from mechconn.tasks import model_checks
 from mechconn.tasks import runs
 from mechconn.tasks import specs
 
@@ -43,12 +44,12 @@ def test_end_points_of_different_dtypes_are_refused():
 
 def test_post_relu_sites_on_a_network_without_relu_are_refused():
   for name in ("small_cnn", "mlp"):
-    specs.check_activation_sites("post_relu", get_model(name, 10), (16, 16, 3))
+    model_checks.check_activation_sites("post_relu", get_model(name, 10), (16, 16, 3))
   vit = get_model("vit", 10)
   with pytest.raises(ValueError, match=r"'post_relu' applies a ReLU.*ViT calls no jax.nn.relu.*"
                                        r"'module_outputs'"):
-    specs.check_activation_sites("post_relu", vit, (16, 16, 3))
-  specs.check_activation_sites("module_outputs", vit, (16, 16, 3))
+    model_checks.check_activation_sites("post_relu", vit, (16, 16, 3))
+  model_checks.check_activation_sites("module_outputs", vit, (16, 16, 3))
 
 
 def test_unbiased_bn_variance_without_batchnorm_is_refused_before_the_claim(tmp_path):
@@ -63,8 +64,8 @@ def test_unbiased_bn_variance_without_batchnorm_is_refused_before_the_claim(tmp_
   with pytest.raises(ValueError, match=r"bn_variance='unbiased' but MLP has no BatchNorm"):
     tasks.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
-  assert specs.check_bn_variance(specs.path_spec(config.path), get_model("small_cnn", 10),
-                                 (16, 16, 3)) is None
+  assert model_checks.check_bn_variance(specs.path_spec(config.path),
+                                        get_model("small_cnn", 10), (16, 16, 3)) is None
 
 
 @pytest.mark.slow

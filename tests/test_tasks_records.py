@@ -83,3 +83,43 @@ def test_a_section_without_a_field_is_refused_not_defaulted():
     del config.optimizer.warmup_steps
   with pytest.raises(AttributeError, match="warmup_steps"):
     specs.optimizer_spec(config.optimizer)
+
+
+def test_the_mark_of_a_recorded_input_is_not_a_difference():
+  """A train run relaunched since records the mark; the identities recorded by the runs that
+  read it before do not."""
+  config = finetune_configs.get_config("cbft")
+  identity = {"config": _today(train_configs.get_config("cpu_cue")), "step": 8}
+  old = {**_today(config), "inputs": {"cue_model": identity}}
+  marked = {**identity, "config": {**identity["config"], workdir_lib.FORMAT_KEY: 1}}
+  now = {**_today(config), "inputs": {"cue_model": marked}}
+  assert workdir_lib.config_differences(old, now, records.VOCABULARY) == []
+
+
+def test_recorded_curves_are_compared_item_by_item_in_todays_fields():
+  """eval_path records the curves it read as a list: each item is read in today's fields, so
+  a curve relaunched (and re-recorded with the fields added since) is still the same curve."""
+  curve = _today(fit_curve_configs.get_config("cpu_clean"))
+  old_curve = {**curve, "optimizer": dict(curve["optimizer"])}
+  del old_curve["optimizer"]["warmup_steps"], old_curve["allow_identical_endpoints"]
+  old = {"task": "eval_path", "inputs": {"curves": [{"config": old_curve, "step": 32}]}}
+  now = {"task": "eval_path", "inputs": {"curves": [{"config": curve, "step": 32}]}}
+  assert workdir_lib.config_differences(old, now, records.VOCABULARY) == []
+  now["inputs"]["curves"][0]["step"] = 48
+  assert workdir_lib.config_differences(old, now, records.VOCABULARY) == [
+      "inputs.curves.0.step"]
+
+
+def test_a_cue_model_recorded_before_the_data_pipeline_field_reads_as_auto():
+  old = _today(train_configs.get_config("cpu_cue"))
+  del old["data"]["pipeline"]
+  data = specs.data_spec(specs.section(records.upgrade(old)["data"]), "finetune")
+  assert data.pipeline == "auto"
+
+
+def test_a_setting_no_recorded_run_used_takes_the_current_value_even_none():
+  old = {"task": "reproduce", "finetune": {"naive": {"learning_rate": 0.01}}}
+  now = {"task": "reproduce", "finetune": {"naive": {"learning_rate": 0.01},
+                                           "scratch": {"learning_rate": None}}}
+  assert records.upgrade(old, now)["finetune"]["scratch"] == {"learning_rate": None}
+  assert workdir_lib.config_differences(old, now, records.VOCABULARY) == []

@@ -291,3 +291,20 @@ def test_an_ensemble_conv_impl_replaces_the_steps_convolutions(method):
   assert step_model().conv_impl == "auto"
   patched = step_model(conv_impl="patches")
   assert patched.conv_impl == "patches" and patched.width == model.width  # same parameters
+
+
+def test_the_studys_fields_are_checked_where_they_belong():
+  """Fast refusals of resolve, each naming its field."""
+  config = reproduce_config.get_config("cpu,quicktest")
+  config.train.dry_run = True  # would dry-run the cue model alone, then find no model
+  with pytest.raises(ValueError, match=r"config.train.dry_run=True .*config.dry_run=True"):
+    reproduce.resolve(config, 1)
+  config = reproduce_config.get_config("cpu,quicktest")
+  config.train.data.dataset = "recall"  # named as data, before the image model's fields
+  with pytest.raises(ValueError, match=r"'recall' is a sequence dataset; the reproduce task"):
+    reproduce.resolve(config, 1)
+  config = finetune_config.get_config("lp,quicktest")
+  config.finetune.methods = ("naive", "lp")
+  with pytest.raises(ValueError, match=r"config.finetune.methods=\('naive', 'lp'\) but this "
+                                       r"task fine-tunes config.method='lp' alone"):
+    finetune_task.resolve(config, 1)

@@ -253,7 +253,7 @@ def test_a_foreign_config_with_a_task_key_is_not_taken_for_a_run(tmp_path):
 
 def test_a_run_recorded_before_the_mark_is_still_this_tasks(tmp_path):
   """Legacy records (no mark) are recognised by their task and whole top-level layout,
-  fields added since (ADDED_FIELDS) allowed missing; a future format is not ours."""
+  fields added since (`tasks.records.ADDED_FIELDS`) allowed missing; a future format is not ours."""
   w = tmp_path / "w"
   w.mkdir()
   legacy = {k: v for k, v in CONFIG.items()}

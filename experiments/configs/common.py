@@ -49,7 +49,7 @@ def data_section() -> ml_collections.ConfigDict:
   data.download = False  # let TFDS download (needs the internet)
   # Where training batches are drawn: device (the split on the accelerator; only indices
   # cross per step), host (numpy), or auto (device when the split fits in a quarter of a
-  # device's memory). The same batches either way (mechconn.tasks.data).
+  # device's memory). The same batches either way (mechconn.data.steps).
   data.pipeline = "auto"
   return data
 

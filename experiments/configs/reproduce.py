@@ -30,7 +30,6 @@ from experiments.configs import common
 from experiments.configs import train as train_config
 
 
-
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu')."""
   name, modifiers = common.parse_preset(preset, "cpu", train_config.MODIFIERS)

@@ -42,6 +42,7 @@ from mechconn import workdir as workdir_lib
 from mechconn.data.views import VIEWS
 from mechconn.tasks import alignment
 from mechconn.tasks import data as task_data
+from mechconn.tasks import model_checks
 from mechconn.tasks import runner
 from mechconn.tasks import runs
 from mechconn.tasks import sequences as task_sequences
@@ -129,10 +130,10 @@ def inputs(spec: EvalPathSpec, dry_run: bool) -> tuple[Inputs, dict]:
   """The end points and curves (a curve fitted between other end points is refused)."""
   endpoints, ends = runs.load_endpoints(spec.endpoints, spec.data, dry_run)
   if not spec.data.is_sequence:  # settings that depend on the runs' model, not the stand-in
-    specs.check_bn_variance(spec.path, endpoints.start.model, spec.data.input_shape)
+    model_checks.check_bn_variance(spec.path, endpoints.start.model, spec.data.input_shape)
     if spec.align == "activation":
-      specs.check_activation_sites(spec.activation_sites, endpoints.start.model,
-                                   spec.data.input_shape)
+      model_checks.check_activation_sites(spec.activation_sites, endpoints.start.model,
+                                          spec.data.input_shape)
   if dry_run:
     return Inputs(endpoints, []), {}
   fitted = [runs.load_curve(w) for w in spec.curve_workdirs]

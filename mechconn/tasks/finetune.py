@@ -19,6 +19,7 @@ from mechconn import finetune
 from mechconn import loop
 from mechconn.tasks import data as task_data
 from mechconn.tasks import methods
+from mechconn.tasks import records
 from mechconn.tasks import runner
 from mechconn.tasks import runs
 from mechconn.tasks import specs
@@ -45,6 +46,10 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int) -> FinetuneTask
   """A `finetune` config, checked (the set sizes against the cue model's data: `inputs`)."""
   checks.check_int(config.seed, "seed")
   checks.check_choice(config.method, finetune.METHODS, "method")
+  if tuple(config.finetune.methods) != (config.method,):
+    raise ValueError(f"config.finetune.methods={tuple(config.finetune.methods)} but this task "
+                     f"fine-tunes config.method={config.method!r} alone: set "
+                     f"finetune.methods=('{config.method}',) (the study runs several).")
   checks.check_number(config.data.test_cue_proportion, "data.test_cue_proportion", low=0.0,
                       high=1.0)
   if not config.cue_model_workdir:
@@ -72,7 +77,8 @@ def inputs(spec: FinetuneTaskSpec, dry_run: bool) -> tuple[Inputs, dict]:
     raise ValueError(f"config.cue_model_workdir={spec.cue_model_workdir!r} holds a language "
                      f"model trained on {cue_model.config['data']['dataset']!r}; the finetune "
                      "task fine-tunes image classifiers trained on a cued dataset.")
-  recorded = {**cue_model.config["data"], "test_cue_proportion": spec.test_cue_proportion}
+  recorded = {**records.upgrade(cue_model.config)["data"],
+              "test_cue_proportion": spec.test_cue_proportion}
   data = specs.data_spec(specs.section(recorded), NAME)
   methods.check_set_sizes(spec.finetune, data.num_train_examples)
   return Inputs(cue_model, data), {"cue_model": runs.run_identity(cue_model)}

@@ -136,7 +136,7 @@ def cbft_schedule(cbft: CBFTSpec, steps_per_epoch: int) -> tuple[int, int]:
 
 def method_parts(method: str, clean_split, cue_split, batch_size: int, mesh: jax.sharding.Mesh,
                  seed: int | list[int], mode: str = "auto"):
-  """(parts, assemble) for `tasks.data.loop_inputs`: the clean batches in `seed`'s order and,
+  """(parts, assemble) for `data.steps.loop_inputs`: the clean batches in `seed`'s order and,
   for CBFT, the cue batches in the order of seed + `rngs.CUE_BATCH_SEED_OFFSET`."""
   clean = data_steps.StepBatches(clean_split, batch_size, mesh, mode)
   if finetune.METHODS[method].step != "cbft":
@@ -307,7 +307,7 @@ def run_method(method: str, seeds: list[int], cue_model: runs.TrainedModel, clea
   seed in `workdirs[i]`, or with `ensemble` one loop over a `SeedEnsemble` in
   `workdirs[0]`; `run_configs[i]` (the config claimed in `workdirs[i]`) is
   recorded with its checkpoints. `pipeline_mode`: where batches are drawn
-  (`tasks.data`).
+  (`mechconn.data.steps`).
   """
   start = time.perf_counter()
   params, batch_stats = map(list, zip(*[

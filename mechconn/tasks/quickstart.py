@@ -21,6 +21,7 @@ from mechconn import workdir as workdir_lib
 from mechconn.data import batching
 from mechconn.data import prototypes
 from mechconn.tasks import data as task_data
+from mechconn.tasks import model_checks
 from mechconn.tasks import optim
 from mechconn.tasks import runner
 from mechconn.tasks import runs
@@ -86,8 +87,8 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int) -> QuickstartSp
       optimizer=specs.optimizer_spec(config.optimizer), batch_size=config.batch_size,
       num_epochs=config.num_epochs, eval_batch_size=config.eval_batch_size,
       path=specs.path_spec(config.path))
-  specs.check_bn_variance(spec.path, spec.model.build(),
-                          (data.image_size, data.image_size, 3))
+  model_checks.check_bn_variance(spec.path, spec.model.build(),
+                                 (data.image_size, data.image_size, 3))
   _steps(spec)
   if spec.path.bn_examples < spec.eval_batch_size:
     raise ValueError(f"config.path.bn_examples={spec.path.bn_examples} makes no full batch "
@@ -99,12 +100,8 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int) -> QuickstartSp
 
 
 def _steps(spec: QuickstartSpec) -> tuple[int, int]:
-  """(steps per epoch, total steps); raises when the training split makes no batch."""
-  steps_per_epoch = spec.data.num_train // spec.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={spec.batch_size} exceeds the {spec.data.num_train} "
-                     "training examples: it makes no full batch.")
-  return steps_per_epoch, spec.num_epochs * steps_per_epoch
+  """(steps per epoch, total steps) of each model's training."""
+  return specs.steps_of(spec.batch_size, spec.num_epochs, spec.data.num_train)
 
 
 def run(spec: QuickstartSpec, job: runner.Job) -> dict:

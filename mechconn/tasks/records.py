@@ -21,7 +21,7 @@ ANY = object()
 # Fields added after runs were recorded -> what those runs did. A callable reads the run's
 # (flattened) config: eval_path's activation sites mattered only to activation matching.
 ADDED_FIELDS = {
-    "model.dtype": "float32", "endpoint_model.dtype": "float32",
+    "model.dtype": "float32", "endpoint_model.dtype": "float32", "data.pipeline": "auto",
     "kwargs.weight_init": "default", "data.test_cue_proportion": 1.0,
     "path.bn_variance": "biased", "cbft.cue_set": "all_cued", "cbft.barrier_loss": True,
     "cbft.schedule_per": "update", "scratch.learning_rate": ANY,
@@ -46,10 +46,13 @@ def _matches(key: str, suffix: str) -> bool:
 
 
 def _added_value(key: str, run: dict, current: dict) -> Any:
-  """What a run recorded without `key` did (None: `key` was not added since)."""
-  value = next((v for suffix, v in ADDED_FIELDS.items() if _matches(key, suffix)), None)
+  """What a run recorded without `key` did; `_NOT_ADDED` when `key` was not added since."""
+  value = next((v for suffix, v in ADDED_FIELDS.items() if _matches(key, suffix)), _NOT_ADDED)
   value = value(run) if callable(value) else value
-  return current.get(key) if value is ANY else value
+  return current.get(key, _NOT_ADDED) if value is ANY else value
+
+
+_NOT_ADDED = object()
 
 
 def upgrade(recorded: dict, current: dict | None = None) -> dict:
@@ -75,7 +78,7 @@ def upgrade(recorded: dict, current: dict | None = None) -> dict:
   for key in wanted:
     if key not in flat:
       value = _added_value(key, flat, current_flat)
-      if value is not None:
+      if value is not _NOT_ADDED:
         _set(out, key, value)
   return out
 

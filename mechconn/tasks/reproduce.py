@@ -35,6 +35,7 @@ from mechconn import workdir as workdir_lib
 from mechconn.tasks import data as task_data
 from mechconn.tasks import finetune as finetune_task
 from mechconn.tasks import methods
+from mechconn.tasks import model_checks
 from mechconn.tasks import records
 from mechconn.tasks import runner
 from mechconn.tasks import runs
@@ -73,7 +74,7 @@ class ReproduceSpec:
   seeds: tuple[int, ...]  # fine-tuning seeds
   seed_mode: str
   train: train_task.TrainSpec  # the cue model's recipe
-  train_config: ml_collections.ConfigDict  # the same, for the cue model's own launch
+  train_config: dict  # the config it was resolved from, recorded in the cue model's workdir
   cue_model_workdir: str  # '': train the cue model in workdir/cue_model
   finetune: methods.FinetuneSpec
   eval_batch_size: int
@@ -83,21 +84,22 @@ class ReproduceSpec:
 
 def resolve(config: ml_collections.ConfigDict, num_devices: int) -> ReproduceSpec:
   """A `reproduce` config, checked, and that its sets fit the cue model's training split."""
+  specs.data_spec(config.train.data, NAME)  # a cue model: image data only (named first)
+  if config.train.dry_run:
+    raise ValueError("config.train.dry_run=True would dry-run the cue model alone; the study's "
+                     "dry run is config.dry_run=True.")
   train = train_task.resolve(config.train, num_devices)
-  if train.data.is_sequence:
-    raise ValueError(f"config.train.data.dataset={train.data.dataset!r} is a sequence dataset; "
-                     "the reproduce task takes image datasets only (a cue model).")
   checks.check_int(config.seed, "seed")
   checks.check_seeds(config.seeds, "seeds")
   checks.check_choice(config.seed_mode, SEED_MODES, "seed_mode")
   path = specs.path_spec(config.path)
-  specs.check_bn_variance(path, train.model.build(), train.data.input_shape)
+  model_checks.check_bn_variance(path, train.model.build(), train.data.input_shape)
   ft = methods.finetune_spec(config.finetune, num_devices, tuple(config.finetune.methods))
   eval_batch = specs.eval_batch_size(config.eval_batch_size, num_devices)
   methods.check_set_sizes(ft, train.data.num_train_examples, bn_examples=path.bn_examples,
                           eval_batch_size=eval_batch)
   return ReproduceSpec(seed=config.seed, seeds=tuple(config.seeds), seed_mode=config.seed_mode,
-                       train=train, train_config=config.train,
+                       train=train, train_config=workdir_lib.config_to_dict(config.train),
                        cue_model_workdir=config.cue_model_workdir, finetune=ft,
                        eval_batch_size=eval_batch, path=path, dry_run=config.dry_run)
 
@@ -308,7 +310,8 @@ def run(spec: ReproduceSpec, job: runner.Job) -> dict:
   # 1. The cue model: a finished train run, or trained here (resumable).
   cue_dir = spec.cue_model_workdir or os.path.join(job.workdir, "cue_model")
   if job.inputs is None:
-    runner.launch(train_task, spec.train_config, cue_dir, overwrite=job.overwrite)
+    runner.launch_resolved(train_task, spec.train, spec.train_config, cue_dir,
+                           overwrite=job.overwrite, mesh=job.mesh)
   cue_model = job.inputs or runs.load_trained(cue_dir)
   # 2. Data; 3. every method and seed; 4. the record, the report and the figures.
   data = _study_data(spec, job.mesh)

@@ -131,14 +131,23 @@ def launch(task: Task, config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh = mesh_lib.data_mesh()
   spec = task.resolve(config, mesh.devices.size)
+  return launch_resolved(task, spec, workdir_lib.config_to_dict(config), workdir,
+                         overwrite=overwrite, mesh=mesh)
+
+
+def launch_resolved(task: Task, spec: Any, config_dict: dict, workdir: str, *,
+                    overwrite: bool = False, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """`launch` from a spec already resolved (e.g. the study's cue model, resolved with the
+  study); `config_dict` is the config it was resolved from, recorded in the workdir."""
+  mesh = mesh_lib.data_mesh() if mesh is None else mesh
   dry_run = bool(getattr(spec, "dry_run", False))
   if dry_run and not hasattr(task, "dry_run"):
     raise ValueError(f"The {task.NAME} task has no dry run (config.dry_run=True).")
   inputs, identities = task.inputs(spec, dry_run) if hasattr(task, "inputs") else (None, None)
   if dry_run:
     return task.dry_run(spec, Job(mesh, inputs))
-  with claimed(config, workdir, task.LAYOUT, overwrite, inputs=identities) as config_dict:
-    return task.run(spec, Job(mesh, inputs, workdir, config_dict, overwrite))
+  with claimed(config_dict, workdir, task.LAYOUT, overwrite, inputs=identities) as recorded:
+    return task.run(spec, Job(mesh, inputs, workdir, recorded, overwrite))
 
 
 @contextlib.contextmanager
@@ -161,7 +170,7 @@ def claimed(config: ml_collections.ConfigDict | dict, workdir: str, layout: work
     config_dict["inputs"] = workdir_lib.config_to_dict(inputs)
   if jax.process_count() == 1:
     with workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite,
-                              vocabulary=records.VOCABULARY):
+                           vocabulary=records.VOCABULARY):
       yield config_dict
     return
   with contextlib.ExitStack() as held:
@@ -169,7 +178,7 @@ def claimed(config: ml_collections.ConfigDict | dict, workdir: str, layout: work
     if jax.process_index() == 0:
       try:
         held.enter_context(workdir_lib.claim(workdir, config_dict, layout, overwrite=overwrite,
-                                                 vocabulary=records.VOCABULARY))
+                                             vocabulary=records.VOCABULARY))
       except Exception as e:  # re-raised below, after every process has heard
         error = e
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))

@@ -47,7 +47,7 @@ class TrainedModel:
   model: nn.Module
   params: Params
   batch_stats: Params
-  config: dict  # as recorded, in today's fields (`records.upgrade`)
+  config: dict  # as recorded (read in today's fields through `records.upgrade`)
   checkpoint: str
   spec: specs.ModelSpec | None = None  # None: a stand-in (a dry run before the run exists)
 
@@ -75,8 +75,8 @@ def load_trained(workdir: str) -> TrainedModel:
     config = json.load(f)
   if config.get("task") != "train":
     raise ValueError(f"{workdir} holds a {config.get('task')!r} run, not a 'train' run.")
-  config = records.upgrade(config)
-  spec = specs.model_spec(specs.section(config["model"]), dataset=config["data"]["dataset"])
+  today = records.upgrade(config)
+  spec = specs.model_spec(specs.section(today["model"]), dataset=today["data"]["dataset"])
   model = spec.build()
   with checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR)) as ckpt:
     step = ckpt.latest_step()
@@ -181,16 +181,14 @@ CUE_MODEL_FIELDS = ("data.dataset", "data.cue", "data.cue_proportion", "data.num
                     "data.seed", "model.")
 
 
-def check_cue_model(cue_model: TrainedModel, workdir: str,
-                    train_config: specs.Section) -> None:
+def check_cue_model(cue_model: TrainedModel, workdir: str, train_config: dict) -> None:
   """Raises unless a given cue model was trained with `train_config`'s data and model.
 
   Compares dataset, cue kind and proportion, training set size, data seed
   (and the simple dataset of Dominoes), model name and attributes.
   """
-  expected = workdir_lib.config_to_dict(train_config)
-  recorded = workdir_lib.flatten(records.upgrade(cue_model.config, expected))
-  expected = workdir_lib.flatten(expected)
+  recorded = workdir_lib.flatten(records.upgrade(cue_model.config, train_config))
+  expected = workdir_lib.flatten(train_config)
   fields = CUE_MODEL_FIELDS + (("data.simple_dataset",) if expected["data.cue"] == "dominoes"
                                else ())
   keys = sorted(k for k in set(recorded) | set(expected)
@@ -244,7 +242,7 @@ def check_endpoints(start: TrainedModel, end: TrainedModel, data: specs.DataSpec
   """The end points share one model (and compute dtype), and were trained on this config's
   dataset and views (language models: on its sequence dataset)."""
   for key in ("name", "kwargs", "dtype"):
-    a, b = (run.config["model"][key] for run in (start, end))
+    a, b = (records.upgrade(run.config)["model"][key] for run in (start, end))
     if a != b:
       raise ValueError(f"The end points' models differ in model.{key}: {a!r} vs {b!r}; a path "
                        "is evaluated in one model, so give end points of one model"

@@ -53,7 +53,7 @@ def is_sequence_data(dataset: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceSplit:
-  """Token sequences and their target masks, both [n, L]; read as `tasks.data` reads a split."""
+  """Token sequences and their target masks, both [n, L]; read as `data.steps` reads a split."""
 
   tokens: np.ndarray
   mask: np.ndarray

@@ -21,18 +21,16 @@ import typing
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax
-import jax.extend.core as jax_core
 import jax.numpy as jnp
 import ml_collections
 
-from mechconn import batchnorm
 from mechconn import config_checks as checks
 from mechconn import loop
 from mechconn import mesh as mesh_lib
 from mechconn import step as step_lib
 from mechconn.data import datasets
 from mechconn.data import pipeline
+from mechconn.data import steps as data_steps
 from mechconn.models import MODELS
 from mechconn.models import get_model
 from mechconn.models import layers
@@ -42,7 +40,6 @@ from mechconn.tasks import sequences as task_sequences
 from mechconn.types import ApplyFn
 
 Section = ml_collections.ConfigDict
-PIPELINES = ("auto", "device", "host")
 DTYPES = ("float32", "bfloat16")  # a `model` section's compute dtypes
 
 
@@ -69,7 +66,7 @@ class ImageData:
   seed: int
   data_dir: str
   download: bool
-  pipeline: str  # where batches are drawn (`tasks.data`)
+  pipeline: str  # where batches are drawn (`mechconn.data.steps`)
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -146,7 +143,7 @@ def data_spec(data: Section, task: str, prefix: str = "data") -> DataSpec:
         raise ValueError(f"config.{prefix}.{key}={value} exceeds the {available} examples of "
                          f"{data.dataset}'s split (-1: all of them).")
   checks.check_int(data.seed, f"{prefix}.seed")
-  checks.check_choice(data.pipeline, PIPELINES, f"{prefix}.pipeline")
+  checks.check_choice(data.pipeline, data_steps.PIPELINES, f"{prefix}.pipeline")
   return ImageData(dataset=data.dataset, cue=data.cue, cue_proportion=data.cue_proportion,
                    test_cue_proportion=data.test_cue_proportion,
                    simple_dataset=data.simple_dataset, num_train=data.num_train,
@@ -287,12 +284,8 @@ class LoopSpec:
   progress: bool
 
   def steps(self, num_examples: int, prefix: str = "") -> tuple[int, int]:
-    """(steps per epoch, total steps) over `num_examples`; raises when they make no batch."""
-    steps_per_epoch = num_examples // self.batch_size
-    if steps_per_epoch == 0:
-      raise ValueError(f"config.{prefix}batch_size={self.batch_size} exceeds the "
-                       f"{num_examples} training examples: it makes no full batch.")
-    return steps_per_epoch, self.num_epochs * steps_per_epoch
+    """(steps per epoch, total steps) over `num_examples` (`steps_of`)."""
+    return steps_of(self.batch_size, self.num_epochs, num_examples, prefix)
 
   def options(self, num_steps: int, steps_per_epoch: int, desc: str,
               eval_every: int = 0) -> loop.LoopOptions:
@@ -302,6 +295,17 @@ class LoopSpec:
                             max_to_keep=self.max_to_keep, eval_every=eval_every,
                             steps_per_epoch=steps_per_epoch, progress=self.progress, desc=desc,
                             vocabulary=records.VOCABULARY)
+
+
+def steps_of(batch_size: int, num_epochs: int, num_examples: int, prefix: str = ""
+             ) -> tuple[int, int]:
+  """(steps per epoch, total steps); raises when the examples make no full batch (`prefix`
+  names the config section, e.g. 'finetune.')."""
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.{prefix}batch_size={batch_size} exceeds the {num_examples} "
+                     "training examples: it makes no full batch.")
+  return steps_per_epoch, num_epochs * steps_per_epoch
 
 
 def loop_spec(config: Section, num_devices: int, num_examples: int, prefix: str = ""
@@ -364,45 +368,3 @@ def path_spec(path: Section, *, sequence: bool = False, statistics: bool = True)
     checks.check_choice(path.bn_variance, tuple(BN_VARIANCES), "path.bn_variance")
     renormalize = BN_VARIANCES[path.bn_variance]
   return PathSpec(num_t=path.num_t, bn_examples=path.bn_examples, renormalize=renormalize)
-
-
-# --- Settings checked against the model they apply to (shapes only). ---------------
-
-
-def check_bn_variance(path: PathSpec, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-  """Refuses path.bn_variance='unbiased' for a model without BatchNorm, before any work
-  (the model is traced abstractly)."""
-  if path.renormalize != BN_VARIANCES["unbiased"]:
-    return
-  x = jnp.zeros((1, *input_shape), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  if not batchnorm.has_batchnorm(model.apply, variables, x):
-    raise ValueError(f"config.path.bn_variance='unbiased' but {type(model).__name__} has no "
-                     "BatchNorm layer (nothing to recompute); use 'biased'.")
-
-
-def _calls_relu(jaxpr) -> bool:
-  """Whether a traced program calls `jax.nn.relu` (flax's `nn.relu`). A bare max(x, 0)
-  is not counted: LayerNorm clamps its variance that way."""
-  for eqn in jaxpr.eqns:
-    if eqn.params.get("name") == "relu":
-      return True
-    values = [x for v in eqn.params.values() for x in (v if isinstance(v, tuple) else (v,))]
-    if any(_calls_relu(getattr(v, "jaxpr", v)) for v in values
-           if isinstance(v, (jax_core.Jaxpr, jax_core.ClosedJaxpr))):
-      return True
-  return False
-
-
-def check_activation_sites(sites: str, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-  """Refuses activation_sites='post_relu' for a network that applies no ReLU (a GELU
-  ViT, say): matching would correlate ReLUs the network never computes (shapes only)."""
-  if sites != "post_relu":
-    return
-  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  program = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  if not _calls_relu(program.jaxpr):
-    raise ValueError(f"config.activation_sites='post_relu' applies a ReLU to every site, but "
-                     f"{type(model).__name__} calls no jax.nn.relu (its nonlinearity is another, "
-                     "e.g. GELU); use activation_sites='module_outputs'.")

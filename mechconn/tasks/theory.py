@@ -100,9 +100,7 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int) -> TheorySpec:
   checks.check_positive_int(config.hidden, "hidden")
   for key in ("batch_size", "num_epochs", "eval_batch_size"):
     checks.check_positive_int(config[key], key)
-  if data.num_train < config.batch_size:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {data.num_train} "
-                     "training examples: it makes no full batch.")
+  specs.steps_of(config.batch_size, config.num_epochs, data.num_train)
   return TheorySpec(num_seeds=config.num_seeds, data=TwoAttributeData(**data.to_dict()),
                     hidden=config.hidden, optimizer=specs.optimizer_spec(config.optimizer),
                     batch_size=config.batch_size, num_epochs=config.num_epochs,
@@ -154,8 +152,9 @@ def run(spec: TheorySpec, job: runner.Job) -> dict:
   """Trains the networks, evaluates every pair's paths; returns the theory.json record."""
   start = time.perf_counter()
   model = get_model("mlp", 2, hidden=(spec.hidden,))
-  steps_per_epoch = spec.data.num_train // spec.batch_size
-  tx, _ = optim.make_optimizer(spec.optimizer, num_steps=spec.num_epochs * steps_per_epoch,
+  steps_per_epoch, num_steps = specs.steps_of(spec.batch_size, spec.num_epochs,
+                                              spec.data.num_train)
+  tx, _ = optim.make_optimizer(spec.optimizer, num_steps=num_steps,
                                steps_per_epoch=steps_per_epoch)
   tests = {name: spec.data.make(attrs, "test") for name, attrs in EVAL_SETS.items()}
   eval_sets = {name: batching.stack_batches(x, y, spec.eval_batch_size)
