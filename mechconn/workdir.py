@@ -16,7 +16,7 @@ The rules, so that nothing a user saved is lost:
     file of a killed-and-resumed run equals that of an uninterrupted one.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import dataclasses
 import glob
@@ -64,11 +64,6 @@ def _unchanged(recorded: dict, current: dict | None = None) -> dict:
   return recorded
 
 
-def _named_task(recorded: dict) -> str | None:
-  task = recorded.get("task")
-  return task if isinstance(task, str) else None
-
-
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
   """How configs recorded by earlier versions read today; given by the code that owns the
@@ -76,15 +71,19 @@ class Vocabulary:
 
   Attributes:
     upgrade: (recorded, current config) -> the recorded config in today's fields.
-    task_of: a recorded config -> the task it names under today's name, or None.
-    renamed_tasks: old task names: a run recorded under one is a different config.
+    renamed_tasks: {old task name: today's}; a run recorded under an old name is
+      that task's, but a different config of it.
     uncompared: fields (last dotted part) that never change a run's numbers.
   """
 
   upgrade: Callable[[dict, dict | None], dict] = _unchanged
-  task_of: Callable[[dict], str | None] = _named_task
-  renamed_tasks: tuple[str, ...] = ()
+  renamed_tasks: Mapping[str, str] = dataclasses.field(default_factory=dict)
   uncompared: tuple[str, ...] = ()
+
+  def task_of(self, recorded: dict) -> str | None:
+    """The task a recorded config names, under today's name (None: it names none)."""
+    task = recorded.get("task")
+    return self.renamed_tasks.get(task, task) if isinstance(task, str) else None
 
 
 EXACT = Vocabulary()  # every field compared, as recorded

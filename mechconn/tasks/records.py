@@ -118,12 +118,5 @@ def _pop(d: dict, key: str) -> Any:
   return d.pop(name)
 
 
-def recognised_task(recorded: dict) -> str | None:
-  """The task a recorded config names, under its current name (None: not a task)."""
-  task = recorded.get("task")
-  return RENAMED_TASKS.get(task, task) if isinstance(task, str) else None
-
-
-VOCABULARY = workdir_lib.Vocabulary(upgrade=upgrade, task_of=recognised_task,
-                                    renamed_tasks=tuple(RENAMED_TASKS),
+VOCABULARY = workdir_lib.Vocabulary(upgrade=upgrade, renamed_tasks=RENAMED_TASKS,
                                     uncompared=UNCOMPARED_FIELDS)

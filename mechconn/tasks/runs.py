@@ -1,7 +1,8 @@
 """Finished runs as inputs of other tasks, and a model's evaluation on the views.
 
 - `load_trained(workdir)`: the final model of a finished `train` run (its
-  recorded config in today's fields), refused when it is not finite;
+  config as recorded, its model resolved in today's fields), refused when it
+  is not finite;
   `run_identity(run)`: what identifies it (its recorded config and final step,
   not its path), recorded by every task that reads it; `finished_record`:
   whether a directory holds a finished run of exactly this config;
@@ -241,8 +242,9 @@ def _same_weights(a, b) -> bool:
 def check_endpoints(start: TrainedModel, end: TrainedModel, data: specs.DataSpec) -> None:
   """The end points share one model (and compute dtype), and were trained on this config's
   dataset and views (language models: on its sequence dataset)."""
+  models = [records.upgrade(run.config)["model"] for run in (start, end)]
   for key in ("name", "kwargs", "dtype"):
-    a, b = (records.upgrade(run.config)["model"][key] for run in (start, end))
+    a, b = (model[key] for model in models)
     if a != b:
       raise ValueError(f"The end points' models differ in model.{key}: {a!r} vs {b!r}; a path "
                        "is evaluated in one model, so give end points of one model"
