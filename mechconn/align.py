@@ -15,7 +15,7 @@ model by tracing it (`symmetry.derive_spec`); finding the permutation that
 aligns two networks is `matching`'s.
 
 A permutation `perm` maps each permutation name to an index array: unit i of
-the aligned model is unit perm[name][i] of `other`. So
+the aligned model is unit `perm[name][i]` of `other`. So
 `apply_permutation(spec, perm, other)` takes `perm[name]` along each axis that
 carries `name`.
 
@@ -264,7 +264,7 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, tree: Params,
 
   Args:
     spec: the architecture's spec.
-    perm: {name: index array}; unit i of the result is unit perm[name][i].
+    perm: {name: index array}; unit i of the result is unit `perm[name][i]`.
     tree: the full variables ({'params', 'batch_stats'?, ...}; every collection
       the spec covers is permuted, BatchNorm statistics with their units), or a
       params tree.

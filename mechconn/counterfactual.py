@@ -65,7 +65,7 @@ def evaluate_views(apply_fn: ApplyFn, variables: dict[str, Params], view_batches
     {view: {'loss': scalar, 'accuracy': scalar}} (the objective's metrics),
     exact means over real examples.
 
-  Example:
+  Examples:
     >>> views = evaluate_views(model.apply, state.variables, view_batches)
     >>> views["rand_img"]["accuracy"]
 
@@ -126,9 +126,9 @@ def path_verdict(results: dict[str, barriers.PathEval], *,
     tolerance: a barrier above this breaks the path on that view.
 
   Returns:
-    {'barriers': {view: `PathEval.summary()`},
-     'broken_views': views whose barrier exceeds the tolerance,
-     'mechanistically_connected': no view broken, 'metric', 'tolerance'}.
+    {'barriers': {view: `PathEval.summary()`}, 'broken_views': views whose barrier
+    exceeds the tolerance, 'mechanistically_connected': no view broken, 'metric',
+    'tolerance'}.
   """
   if not results:
     raise ValueError("path_verdict needs at least one evaluated view: results is empty.")

@@ -227,7 +227,7 @@ def next_token(tokens: str = "tokens", mask: str = "mask") -> Objective:
   """Next-token cross-entropy and accuracy of a causal language model.
 
   The model reads tokens[:, :-1] and returns logits [B, L - 1, V]; position i
-  is scored on token i + 1 with weight mask[:, 1:][i] (so mask marks the
+  is scored on token i + 1 with weight `mask[:, 1:][i]` (so mask marks the
   tokens that count as targets: 0 on padding, and on a prompt that is not
   to be predicted). 'loss' is the mean token cross-entropy (perplexity =
   exp(loss)), 'accuracy' the fraction of tokens predicted by the argmax

@@ -98,7 +98,7 @@ class NextTokenLoss:
   """A causal language model's next-token cross-entropy in training mode (a `LossFn`).
 
   On a batch {'tokens': [B, L], 'mask': [B, L]} the model reads tokens[:, :-1]
-  and position i is scored on token i + 1 with weight w_i = mask[:, 1:][i]:
+  and position i is scored on token i + 1 with weight `w_i = mask[:, 1:][i]`:
   loss = sum(w * CE) / sum(w), and the accuracy of the argmax over the same
   targets (what `objectives.next_token` measures in an evaluation).
   `apply_fn` takes `train=` (a model without it goes through

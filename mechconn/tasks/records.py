@@ -62,8 +62,9 @@ def upgrade(recorded: dict, current: dict | None = None) -> dict:
   fields to fill; without it every added field of a section the run has is
   filled (for reading a finished `train` run as an input).
 
-  >>> upgrade({"task": "train", "model": {"name": "mlp", "kwargs": {}}})["model"]["dtype"]
-  'float32'
+  Examples:
+    >>> upgrade({"task": "train", "model": {"name": "mlp", "kwargs": {}}})["model"]["dtype"]
+    'float32'
   """
   out = copy.deepcopy(recorded)
   for old, new in RENAMED_FIELDS.get(recorded.get("task"), {}).items():
