@@ -3,7 +3,8 @@
 - `train_loop(init_fn, step_fn, batch_fn, workdir, options, *, mesh)`: runs any
   pure step (`step.train_step` with its statics bound, `finetune.cbft_step`,
   a vmapped seed ensemble) to a number of steps on a data mesh, with orbax
-  checkpoints, JSON-lines metrics, a tqdm bar and auto-resume. Batches and
+  checkpoints, JSON-lines metrics and the same scalars in TensorBoard event
+  files (`metric_writers`), a tqdm bar and auto-resume. Batches and
   step keys are functions of the step number, so a run killed at any step and
   resumed ends with the parameters of an uninterrupted run (bitwise, on the
   same machine). A step whose loss, gradient norm or parameter norm is not
@@ -33,6 +34,7 @@ import tqdm
 from mechconn import checkpoint
 from mechconn import finite
 from mechconn import mesh as mesh_lib
+from mechconn import metric_writers
 from mechconn import rngs
 from mechconn import step as step_lib
 from mechconn import trees
@@ -42,7 +44,8 @@ from mechconn.types import Batch, Metrics
 
 CHECKPOINT_DIR = "checkpoints"
 # What a resumable loop writes into its workdir (its task adds its result files).
-LAYOUT = workdir_lib.Layout(files=(workdir_lib.METRICS_FILE,), checkpoint_dirs=(CHECKPOINT_DIR,))
+LAYOUT = workdir_lib.Layout(files=(workdir_lib.METRICS_FILE, metric_writers.EVENT_FILES),
+                            checkpoint_dirs=(CHECKPOINT_DIR,))
 
 
 def stack_metrics(metrics: list[Metrics]) -> dict[str, np.ndarray]:
@@ -100,7 +103,9 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
     batch_fn: step -> the global batch of that 0-based step, sharded over the
       mesh. Must be a pure function of the step for resumption to be exact.
     workdir: checkpoints go to workdir/checkpoints, metrics to
-      workdir/metrics.jsonl (one JSON object per log/eval step).
+      workdir/metrics.jsonl (one JSON object per log/eval step) and, with
+      tensorboardX installed, the same scalars at the same steps to TensorBoard
+      event files in workdir (`metric_writers.LoopMetrics`).
     options: lengths and periods.
     mesh: the data mesh (`mesh.data_mesh()`).
     learning_rate_fn: step -> learning rate, logged.
@@ -118,10 +123,7 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
                                  max_to_keep=options.max_to_keep)
   state = _restore_or_init(ckpt, init_fn, mesh, options, run_config)
   start = int(state.step)
-  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-  if jax.process_index() == 0:
-    workdir_lib.truncate_metrics(metrics_path, start)
-  recorder = _Recorder(ckpt, metrics_path, options, start, learning_rate_fn=learning_rate_fn,
+  recorder = _Recorder(ckpt, workdir, options, start, learning_rate_fn=learning_rate_fn,
                        eval_fn=eval_fn, examples_per_step=examples_per_step,
                        run_config=run_config)
   try:
@@ -141,8 +143,9 @@ def _restore_or_init(ckpt: checkpoint.Checkpointer, init_fn: Callable[[], Any],
   # Resume order:
   # 1. the latest complete checkpoint, checked leaf by leaf against an abstract
   #    state (no arrays allocated); a fresh init when there is none;
-  # 2. metrics lines past the restored step are dropped (a killed run may have
-  #    logged steps that it had not checkpointed; `train_loop` does this);
+  # 2. metrics past the restored step are dropped (a killed run may have logged
+  #    steps that it had not checkpointed): JSON lines truncated, TensorBoard's
+  #    purged by the new event file (`metric_writers.LoopMetrics`, opened next);
   # 3. nothing else: batches and step keys are functions of the step number,
   #    and the optimiser's schedule counts in its restored state.
   latest = ckpt.latest_step()
@@ -166,12 +169,13 @@ def _restore_or_init(ckpt: checkpoint.Checkpointer, init_fn: Callable[[], Any],
 class _Recorder:
   """What `train_loop` does after each step: check, log, evaluate and save when due."""
 
-  def __init__(self, ckpt: checkpoint.Checkpointer, metrics_path: str, options: LoopOptions,
+  def __init__(self, ckpt: checkpoint.Checkpointer, workdir: str, options: LoopOptions,
                start: int, *, learning_rate_fn, eval_fn, examples_per_step, run_config):
     self.ckpt, self.options, self.run_config = ckpt, options, run_config
     self.learning_rate_fn, self.eval_fn = learning_rate_fn, eval_fn
     self.examples_per_step = examples_per_step
-    self.writer = workdir_lib.MetricsWriter(metrics_path, enabled=jax.process_index() == 0)
+    # metrics.jsonl and TensorBoard, truncated/purged past `start`; process 0 writes.
+    self.writer = metric_writers.LoopMetrics(workdir, start, enabled=jax.process_index() == 0)
     self.bar = tqdm.tqdm(total=options.num_steps, initial=start, desc=options.desc,
                          disable=not options.progress or jax.process_index() != 0,
                          dynamic_ncols=True, leave=False)
@@ -235,9 +239,12 @@ class _Recorder:
           f"{self.saved_so_far().capitalize()}.")
 
   def close(self) -> None:
-    self.bar.close()
-    self.writer.close()
-    self.ckpt.close()
+    """Closes the bar, the metrics files (flushed) and the checkpointer, also after an error."""
+    try:
+      self.bar.close()
+      self.writer.close()
+    finally:
+      self.ckpt.close()
 
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, images: np.ndarray,

@@ -133,6 +133,10 @@ def test_train_loop_continues_where_a_shorter_run_stopped(tmp_path):
   assert [r for r in records if r["step"] > 12] == [r for r in expected if r["step"] > 12]
   evals = [(r["step"], r["eval/step_seen"]) for r in records if "eval/step_seen" in r]
   assert evals == [(10, 10), (12, 12), (20, 20), (30, 30), (32, 32)]
+  # TensorBoard shows the same scalars: one event file per launch (test_metric_writers).
+  from test_metric_writers import event_files, jsonl_scalars, tensorboard_view  # pylint: disable=g-import-not-at-top
+  assert len(event_files(tmp_path / "parts")) == 2
+  assert tensorboard_view(tmp_path / "parts") == jsonl_scalars(tmp_path / "parts")
 
 
 def test_epoch_permutation_depends_only_on_seed_and_epoch():

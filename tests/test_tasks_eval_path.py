@@ -73,6 +73,25 @@ def test_eval_path_record_is_complete_and_consistent(runs):
 
 
 @pytest.mark.slow
+def test_tensorboard_holds_the_eval_path_curves_and_each_loop_s_metrics(runs):
+  from test_metric_writers import event_files, jsonl_scalars, tensorboard_view  # pylint: disable=g-import-not-at-top
+  workdirs, config, record = runs
+  files = event_files(workdirs["eval"])
+  assert [os.path.basename(f) for f in files] == [eval_path_task.EVAL_PATH_EVENTS]
+  steps = [round(1000 * t) for t in record["ts"]]  # the documented step of each t
+  expected = {(f"{name}/{view}/{metric}", step): float(np.float32(value))
+              for name, entry in record["paths"].items()
+              for view, curves in entry["views"].items()
+              for metric, values in curves.items() for step, value in zip(steps, values)}
+  assert len(expected) == 3 * 4 * 2 * config.path.num_t  # paths x views x metrics x t
+  assert tensorboard_view(workdirs["eval"]) == expected
+  for name in ("cue", "nocue", "curve"):  # train and fit_curve: through loop.train_loop
+    scalars = jsonl_scalars(workdirs[name])
+    assert ("train/loss", max(s for _, s in scalars)) in scalars
+    assert tensorboard_view(workdirs[name]) == scalars
+
+
+@pytest.mark.slow
 def test_curve_of_other_end_points_is_refused(runs, tmp_path):
   workdirs, config, _ = runs
   config.start_workdir, config.end_workdir = workdirs["nocue"], workdirs["cue"]  # swapped

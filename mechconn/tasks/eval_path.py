@@ -5,8 +5,10 @@ runs, evaluates the linear path (LMC), the linear path after permutation
 alignment (LMC-P) and every fitted curve (QMC) on the four counterfactual
 views, with BatchNorm statistics recomputed at each t, and writes
 `eval_path.json` (curves, `PathEval.summary()` per view, the Definition 5
-verdict, and what produced them) and `eval_path.png` (accuracy along t, one
-panel per path, one line per view).
+verdict, and what produced them), `eval_path.png` (loss and accuracy along t,
+one column of panels per path, one line per view) and, with tensorboardX
+installed, the same curves as TensorBoard scalars (`EVAL_PATH_EVENTS`: tag
+'<path>/<view>/<loss|accuracy>', step round(1000 t), `metric_writers.t_step`).
 
 Between two language models (train runs on a sequence dataset,
 `tasks.sequences`) it evaluates the linear path and, with `align='weight'`,
@@ -35,6 +37,7 @@ from mechconn import counterfactual
 from mechconn import curves
 from mechconn import dry_run as dry_run_lib
 from mechconn import input_checks
+from mechconn import metric_writers
 from mechconn import objectives
 from mechconn import report
 from mechconn import symmetry
@@ -51,7 +54,9 @@ from mechconn.tasks import specs
 NAME = "eval_path"
 EVAL_PATH_FILE = "eval_path.json"
 EVAL_PATH_FIGURE = "eval_path.png"
-LAYOUT = workdir_lib.Layout(files=(EVAL_PATH_FILE, EVAL_PATH_FIGURE))
+# The curves as TensorBoard scalars (one file, replaced by a rerun as eval_path.json is).
+EVAL_PATH_EVENTS = "events.out.tfevents.eval_path" + metric_writers.EVENT_FILE_SUFFIX
+LAYOUT = workdir_lib.Layout(files=(EVAL_PATH_FILE, EVAL_PATH_FIGURE, EVAL_PATH_EVENTS))
 ALIGNMENTS = alignment.ALIGNMENTS
 # What activation matching correlates: the ReLU of every site (the units' outputs, as the
 # official code matches VGG/ResNet blocks) or the module outputs before it.
@@ -291,8 +296,16 @@ def run(spec: EvalPathSpec, job: runner.Job) -> dict:
   print(format_barrier_table(record))
   runner.write_outputs(job.workdir, {
       EVAL_PATH_FILE: record,
-      EVAL_PATH_FIGURE: functools.partial(report.plot_path_views, record)})
+      EVAL_PATH_FIGURE: functools.partial(report.plot_path_views, record),
+      EVAL_PATH_EVENTS: functools.partial(metric_writers.write_curves, record["ts"],
+                                          tensorboard_curves(record))})
   return record
+
+
+def tensorboard_curves(record: dict) -> dict[str, list[float]]:
+  """{'<path>/<view>/<metric>': values over t} of an eval_path record, for TensorBoard."""
+  return {f"{name}/{view}/{metric}": values for name, entry in record["paths"].items()
+          for view, curves in entry["views"].items() for metric, values in curves.items()}
 
 
 def dry_run(spec: EvalPathSpec, job: runner.Job) -> dict:

@@ -343,7 +343,9 @@ def run(spec: ReproduceSpec, job: runner.Job) -> dict:
   runner.write_outputs(job.workdir, {
       REPRODUCE_FILE: record, REPORT_FILE: format_report(record),
       "views.png": functools.partial(report.plot_finetune_views, record),
-      "paths.png": functools.partial(report.plot_finetune_paths, record)})
+      "paths.png": functools.partial(report.plot_finetune_paths, {  # every seed's path
+          m: [finished[(m, s)]["path_to_cue_model"] for s in spec.seeds]
+          for m in spec.finetune.methods}, ts=record["ts"])})
   print(format_table(record))
   return record
 
