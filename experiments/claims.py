@@ -1,8 +1,13 @@
 r"""Every claim of the paper as runs on embedded data, and the claims report made from them.
 
-  python -m experiments.claims run C13                 # one claim (its runs, resumable)
-  python -m experiments.claims run all                 # every claim, from scratch on a CPU
-  python -m experiments.claims report                  # docs/claims.md from the finished runs
+  python -m experiments.claims --command=run --claims=C13     # one claim (its runs, resumable)
+  python -m experiments.claims --command=run --claims=C2,C3   # several
+  python -m experiments.claims --command=run                  # every claim, from scratch on a CPU
+  python -m experiments.claims --command=report               # docs/claims.md from finished runs
+
+Commands (--command): `run` makes the runs of the claims named by --claims
+(default: all), then writes the report; `report` writes the report of every
+claim from the finished runs alone. --help lists the claims.
 
 Runs live in --workdir (default workdir/claims), one directory per run, shared
 between claims (C1..C5 read the same end points). A finished run is reused;
@@ -10,20 +15,23 @@ an unfinished one resumes. `report` reads only the runs' JSON records: a claim
 whose runs are missing is reported as not run, never guessed. `--pairs=N`
 (default 3) is how many seed pairs of end points C1..C5 use.
 
-Nothing is lost to a typo: `run` refuses a --workdir that holds anything but
-claims runs (another task's run, say), `report` one that is missing or empty,
-and neither replaces a report (--out) that has results the new one lacks, or
-a file that is not a claims report, unless given --overwrite.
+Nothing is lost to a typo: a bad flag or claim id is one line on stderr; `run`
+refuses a --workdir that holds anything but claims runs (another task's run,
+say), `report` one that is missing or empty, and neither replaces a report
+(--out) that has results the new one lacks, or a file that is not a claims
+report, unless given --overwrite.
 """
 
-import argparse
 import dataclasses
 import json
 import os
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable
+
+from absl import flags
 
 from experiments import claims_measures as measures
 from experiments.configs import eval_path as eval_path_config
@@ -266,7 +274,7 @@ def workdir_problem(root: str, action: str) -> str | None:
       return f"--workdir {root} is a file, not a claims workdir"
     return None if action == "run" else (
         f"--workdir {root} does not exist: no claims runs to report (a typo? `python -m "
-        "experiments.claims run` makes them)")
+        "experiments.claims --command=run` makes them)")
   config = os.path.join(root, workdir_lib.CONFIG_FILE)
   if os.path.exists(config):
     try:
@@ -283,48 +291,80 @@ def workdir_problem(root: str, action: str) -> str | None:
             "runs; use a new or empty --workdir, or the claims one")
   if not entries and action == "report":
     return (f"--workdir {root} is empty: no claims runs to report (`python -m "
-            "experiments.claims run` makes them)")
+            "experiments.claims --command=run` makes them)")
   return None
 
 
-def _positive_int(text: str) -> int:
-  """argparse type: an integer >= 1."""
+# The command line: flags of their own (not absl's global ones), so that this module can be
+# imported beside experiments.main, and main() called with a command line (as the tests do).
+_FLAGS = flags.FlagValues()
+_COMMAND = flags.DEFINE_enum(
+    "command", None, ["run", "report"], "run: make the runs of --claims (a finished run is "
+    "reused, an unfinished one resumes), then write the report; report: write the report of "
+    "every claim from the finished runs.", flag_values=_FLAGS)
+_CLAIMS = flags.DEFINE_list("claims", ["all"], "Claim ids (C1,C13,...) or all.",
+                            flag_values=_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/claims", "The claims' runs, one directory "
+                               "each.", flag_values=_FLAGS)
+_PAIRS = flags.DEFINE_integer("pairs", 3, "Seed pairs of end points C1..C5 use.", lower_bound=1,
+                              flag_values=_FLAGS)
+_OUT = flags.DEFINE_string("out", "docs/claims.md", "The report.", flag_values=_FLAGS)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "run: replace runs of another config (as experiments.main "
+    "--overwrite); both: replace an --out with results the new report lacks, or that is not "
+    "a claims report.", flag_values=_FLAGS)
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "h", "?")
+
+
+def usage() -> str:
+  """What --help prints: the docstring, every claim, the flags."""
+  claims = [textwrap.fill(f"{c.id:<4} {c.statement}", 96, initial_indent="  ",
+                          subsequent_indent=" " * 7) for c in CLAIMS]
+  return "\n".join([__doc__, "Claims (--claims):", *claims, "", "Flags:",
+                    _FLAGS.get_help(include_special_flags=False)])
+
+
+def _refuse(message: str, status: int = 2) -> None:
+  """Exits with `message` as one line on stderr."""
+  print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse(argv: list[str]) -> list[str]:
+  """The claim ids `argv` (flags, without the program name) asks for; one-line errors."""
+  _FLAGS.unparse_flags()  # a second call in one process starts from the defaults
   try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-  return value
+    rest = _FLAGS(["experiments.claims", *argv])[1:]
+  except flags.Error as e:  # a bad value, an unknown flag
+    _refuse(str(e))
+  if rest:
+    _refuse(f"unexpected arguments {rest}: the command and the claims are flags, e.g. "
+            "--command=run --claims=C13")
+  if _COMMAND.value is None:
+    _refuse("--command is required: run (the claims' runs, then the report) or report (from "
+            "the finished runs); --help lists the claims")
+  ids = [c.id for c in CLAIMS] if _CLAIMS.value in (["all"], []) else _CLAIMS.value
+  unknown = sorted(set(ids) - set(BY_ID))
+  if unknown:
+    _refuse(f"unknown claims {unknown}; valid: {list(BY_ID)} or all")
+  return ids
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog="python -m experiments.claims",
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument("action", choices=("run", "report"))
-  parser.add_argument("claims", nargs="*", default=["all"], help="claim ids, or all")
-  parser.add_argument("--workdir", default="workdir/claims")
-  parser.add_argument("--pairs", type=_positive_int, default=3,
-                      help="seed pairs of end points C1..C5 use (>= 1)")
-  parser.add_argument("--out", default="docs/claims.md")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="run: replace runs of another config (as experiments.main "
-                           "--overwrite); both: replace an --out with results the new report "
-                           "lacks, or that is not a claims report")
-  args = parser.parse_args(argv)
-  ids = [c.id for c in CLAIMS] if args.claims in (["all"], []) else args.claims
-  unknown = sorted(set(ids) - set(BY_ID))
-  if unknown:
-    parser.error(f"unknown claims {unknown}; valid: {list(BY_ID)} or all")
-  problem = workdir_problem(args.workdir, args.action)
+  """Runs the command line `argv` (flags, without the program name)."""
+  if any(a.lstrip("-").split("=")[0] in _HELP_FLAGS for a in argv):
+    print(usage())
+    return
+  ids = _parse(argv)
+  problem = workdir_problem(_WORKDIR.value, _COMMAND.value)
   if problem:
-    parser.error(f"{problem}. Nothing was run or written.")
-  if args.action == "run":
+    _refuse(f"{problem}. Nothing was run or written.")
+  if _COMMAND.value == "run":
     try:
-      run_claims(ids, args.workdir, args.pairs, args.overwrite)
+      run_claims(ids, _WORKDIR.value, _PAIRS.value, _OVERWRITE.value)
     except FileExistsError as e:  # a run's directory is another config's: the task's refusal
-      parser.exit(1, f"{parser.prog}: error: {e}\n")
-  write_report(args.workdir, args.pairs, args.out, args.overwrite, parser.error)
+      _refuse(str(e), status=1)
+  write_report(_WORKDIR.value, _PAIRS.value, _OUT.value, _OVERWRITE.value, _refuse)
 
 
 def write_report(root: str, pairs: int, out: str, overwrite: bool, refuse: Callable) -> None:

@@ -61,14 +61,14 @@ def test_report_marks_claims_without_runs_as_not_run():
 @pytest.mark.slow
 def test_c13_runs_and_reports_end_to_end(tmp_path):
   out = tmp_path / "claims.md"
-  claims.main(["run", "C13", f"--workdir={tmp_path / 'runs'}", f"--out={out}"])
+  claims.main(["--command=run", "--claims=C13", f"--workdir={tmp_path / 'runs'}", f"--out={out}"])
   text = out.read_text()
   row = next(line for line in text.splitlines() if line.startswith("| C13 |"))
   assert "sign agreement" in row and "not run" not in row
   assert "**reproduced**" in row or "**partly**" in row or "**not reproduced**" in row
   assert "| C1 |" in text and "not run yet" in text  # C1's runs were not made
   # A second run reuses the finished record (same numbers, no retraining).
-  claims.main(["run", "C13", f"--workdir={tmp_path / 'runs'}", f"--out={out}"])
+  claims.main(["--command=run", "--claims=C13", f"--workdir={tmp_path / 'runs'}", f"--out={out}"])
   assert out.read_text() == text
 
 
@@ -135,26 +135,46 @@ def _refused(argv, capsys, code=2) -> str:
   with pytest.raises(SystemExit) as exit_info:
     claims.main(argv)
   assert exit_info.value.code == code
-  last = capsys.readouterr().err.strip().splitlines()[-1]
-  assert last.startswith("python -m experiments.claims: error: ")
-  return last
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err  # one line
+  return err[0]
 
 
 def test_numeric_and_claim_arguments_are_one_line_errors(tmp_path, capsys):
   out = f"--out={tmp_path / 'claims.md'}"
-  for pairs in ("0", "-2", "two"):
-    assert "argument --pairs: must be a positive integer, got" in _refused(
-        ["report", f"--pairs={pairs}", f"--workdir={tmp_path}", out], capsys)
-  assert "unknown claims ['C99']; valid: ['C1'," in _refused(["run", "C99", out], capsys)
+  for pairs, message in (("0", "0 is not a positive integer"),
+                         ("-2", "-2 is not a positive integer"), ("two", "invalid literal")):
+    assert f"flag --pairs={pairs}: {message}" in _refused(
+        ["--command=report", f"--pairs={pairs}", f"--workdir={tmp_path}", out], capsys)
+  assert "unknown claims ['C99']; valid: ['C1'," in _refused(
+      ["--command=run", "--claims=C99", out], capsys)
+  assert "flag --command=rnu: value should be one of <run|report>" in _refused(
+      ["--command=rnu", out], capsys)
+  assert "--command is required: run" in _refused([out], capsys)
+  assert "unexpected arguments ['run', 'C13']: the command and the claims are flags" in (
+      _refused(["run", "C13", out], capsys))
+  assert "Unknown command line flag 'workdri'" in _refused(["--command=run", "--workdri=x"],
+                                                          capsys)
   assert not (tmp_path / "claims.md").exists()
+
+
+def test_help_lists_the_commands_and_every_claim(capsys):
+  claims.main(["--help"])
+  text = capsys.readouterr().out
+  assert "--command=run --claims=C13" in text and "--command=report" in text
+  for claim in claims.CLAIMS:
+    assert f"  {claim.id} " in text
+  assert "--pairs" in text and "--overwrite" in text
 
 
 def test_report_refuses_a_missing_or_empty_workdir(tmp_path, capsys):
   out = tmp_path / "claims.md"
-  missing = _refused(["report", f"--workdir={tmp_path / 'tpyo'}", f"--out={out}"], capsys)
+  missing = _refused(["--command=report", f"--workdir={tmp_path / 'tpyo'}", f"--out={out}"],
+                     capsys)
   assert f"--workdir {tmp_path / 'tpyo'} does not exist: no claims runs to report" in missing
   (tmp_path / "empty").mkdir()
-  empty = _refused(["report", f"--workdir={tmp_path / 'empty'}", f"--out={out}"], capsys)
+  empty = _refused(["--command=report", f"--workdir={tmp_path / 'empty'}", f"--out={out}"],
+                   capsys)
   assert f"--workdir {tmp_path / 'empty'} is empty" in empty
   assert not out.exists()
 
@@ -172,7 +192,7 @@ def test_report_never_replaces_a_more_complete_report_unasked(tmp_path, capsys):
   old = _report_with_results({"C2", "C13"})
   assert claims_report.claims_with_results(old) == ["C2", "C13"]
   out.write_text(old)
-  argv = ["report", f"--workdir={runs}", f"--out={out}"]
+  argv = ["--command=report", f"--workdir={runs}", f"--out={out}"]
   assert ("was not replaced: it has results for ['C2', 'C13'] that the new report would lose"
           in _refused(argv, capsys))
   assert out.read_text() == old
@@ -189,7 +209,7 @@ def test_report_never_replaces_a_more_complete_report_unasked(tmp_path, capsys):
   readme = tmp_path / "README.md"
   readme.write_text("# My notes\n")
   assert "it is not a claims report (its first line is '# My notes'" in _refused(
-      ["report", f"--workdir={runs}", f"--out={readme}"], capsys)
+      ["--command=report", f"--workdir={runs}", f"--out={readme}"], capsys)
   assert readme.read_text() == "# My notes\n"
 
 
@@ -200,12 +220,12 @@ def test_run_refuses_another_tasks_workdir_or_a_foreign_directory(tmp_path, caps
   out = f"--out={tmp_path / 'claims.md'}"
   assert (f"--workdir {train} holds a mechconn run (task 'train', {train / 'config.json'}), "
           "not claims runs: the claims' runs would be nested inside it") in _refused(
-              ["run", "C13", f"--workdir={train}", out], capsys)
+              ["--command=run", "--claims=C13", f"--workdir={train}", out], capsys)
   assert sorted(p.name for p in train.iterdir()) == ["config.json"]
   mine = tmp_path / "mine"
   (mine / "notes").mkdir(parents=True)
   assert (f"--workdir {mine} is not a claims workdir: it holds ['notes'], not claims runs"
-          in _refused(["run", "C13", f"--workdir={mine}", out], capsys))
+          in _refused(["--command=run", "--claims=C13", f"--workdir={mine}", out], capsys))
   assert sorted(p.name for p in mine.iterdir()) == ["notes"]
   # A claims workdir (any seed pair), a new one and an empty one are fine to run into.
   for name in ("train_cue_5", "eval_path_activation_module_outputs_2", "study_p60", "theory"):

@@ -5,15 +5,20 @@ the loop fields (`num_epochs`, `batch_size`, ...), `path.num_t`, `path.bn_exampl
 `finetune`. A builder sets every field of its section; a task adds only what it reads.
 """
 
+from collections.abc import Collection
+
 import ml_collections
 
 FINETUNE_METHODS = ("naive", "lp", "lp_ft", "dfr", "cbft")  # the study's default methods
 # Methods a config may name: these and the `scratch` baseline (mechconn.finetune.METHODS).
 ALL_METHODS = FINETUNE_METHODS + ("scratch",)
+# The `quicktest` modifier's line in the catalogue (every config file has it).
+QUICKTEST = "shrinks the run to seconds (tiny data and model, short loops): smoke tests"
 
 
-def check_modifiers(modifiers: list[str], valid: tuple[str, ...]) -> list[str]:
-  """`modifiers` without repeats, in order; an unknown one raises ValueError."""
+def check_modifiers(modifiers: list[str], valid: Collection[str]) -> list[str]:
+  """`modifiers` without repeats, in order; one not in `valid` (a config file's MODIFIERS:
+  names, or names -> descriptions) raises ValueError."""
   for modifier in modifiers:
     if modifier not in valid:
       raise ValueError(f"Unknown preset modifier {modifier!r}; valid modifiers: {list(valid)}.")
@@ -21,7 +26,7 @@ def check_modifiers(modifiers: list[str], valid: tuple[str, ...]) -> list[str]:
 
 
 def parse_preset(preset: str | None, default: str,
-                 modifiers: tuple[str, ...]) -> tuple[str, list[str]]:
+                 modifiers: Collection[str]) -> tuple[str, list[str]]:
   """'name,mod1,mod2' -> ('name', ['mod1', 'mod2']); None or '' -> (default, []).
 
   `modifiers` are the valid ones; an unknown one raises ValueError. A repeated
@@ -72,7 +77,7 @@ def model_section(name: str, **kwargs) -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   # mlp, small_cnn, vgg13, resnet18 (mechconn.models.MODELS); causal_lm for sequence data
   model.name = name
-  model.kwargs = ml_collections.ConfigDict(kwargs)  # model attributes
+  model.kwargs = ml_collections.ConfigDict(kwargs)  # the model's attributes (constructor arguments)
   # Compute dtype: float32, or bfloat16 (bfloat16 activations and weights in the compute;
   # float32 parameters, BatchNorm statistics, losses and accumulations).
   model.dtype = "float32"
@@ -94,7 +99,7 @@ def optimizer_section(learning_rate: float, momentum: float = 0.9, weight_decay:
   # warmup_steps, then cosine to 0)
   optimizer.schedule = schedule
   optimizer.decay_every_epochs = decay_every_epochs  # 'step': multiply by decay_factor this often
-  optimizer.decay_factor = decay_factor  # 'step' only
+  optimizer.decay_factor = decay_factor  # 'step': the factor (every decay_every_epochs)
   optimizer.warmup_steps = warmup_steps  # 'warmup_cosine': steps of the linear warm-up
   return optimizer
 
@@ -116,7 +121,7 @@ def add_loop_fields(config: ml_collections.ConfigDict, *, num_epochs: int, batch
   config.log_every_steps = log_every_steps  # a metrics line (and progress bar update) this often
   if eval_every_steps is not None:
     config.eval_every_steps = eval_every_steps  # evaluate this often; 0: only at the end
-  config.checkpoint_every_steps = checkpoint_every_steps  # and at the end
+  config.checkpoint_every_steps = checkpoint_every_steps  # saved this often and at the end
   config.max_to_keep = max_to_keep  # newest checkpoints kept
   config.progress = progress  # tqdm progress bar
 
@@ -159,7 +164,7 @@ def finetune_section(paper: bool) -> ml_collections.ConfigDict:
   ft.dfr.l2 = 0.01  # L2 weight of the logistic regression on standardised features
   ft.cbft = ml_collections.ConfigDict()
   ft.cbft.margin = 1.0  # m in |m - CE| of the barrier step
-  ft.cbft.invariance_weight = 1.0  # lambda
+  ft.cbft.invariance_weight = 1.0  # lambda, the weight of the invariance loss
   ft.cbft.warmup_epochs = 1  # epochs without the invariance loss
   ft.cbft.t_distribution = "clip"  # clip (official code) or truncnorm (paper text)
   ft.cbft.barrier_loss = True  # False: the ablation without the barrier step

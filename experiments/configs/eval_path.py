@@ -49,8 +49,24 @@ from experiments.configs import fit_curve as fit_curve_config
 from experiments.configs import train as train_config
 
 
-MODIFIERS = train_config.MODIFIERS + ("repair",)  # repair: language models only
+MODIFIERS = {**train_config.MODIFIERS,  # modifiers and what each does
+             "repair": "recall_lm only: REPAIR at every t (each unit rescaled to the "
+                       "interpolated end points' statistics)"}
 LM_PRESET = "recall_lm"
+
+
+def presets() -> dict[str, str]:
+  """Every preset and what it evaluates, in one line; the first is the default (None)."""
+  lines = {"cpu": "LMC, weight-aligned LMC and the two fitted curves between train.py's cpu_cue "
+                  "and cpu_nocue runs on the four views (about 1 min on CPU)",
+           LM_PRESET: "the linear and the weight-aligned linear path between train.py's "
+                      "recall_lm and recall_lm_seed1 runs (about 11 s on CPU)"}
+  for name in train_config.paper_presets():
+    start, end = fit_curve_config.endpoint_workdirs(name)
+    same = " (one run at both ends: refused as identical)" if start == end else ""
+    lines[name] = (f"{train_config.describe_paper(name)}: the paths from {start} to "
+                   f"{end}{same} and their fitted curves, on every test example")
+  return lines
 
 
 def lm_config(modifiers: list[str]) -> ml_collections.ConfigDict:
@@ -58,11 +74,12 @@ def lm_config(modifiers: list[str]) -> ml_collections.ConfigDict:
   recipe = train_config.unlocked_config(train_config.LM_PRESETS[0])
   train_config.apply_modifiers(recipe, [m for m in modifiers if m != "repair"])
   config = ml_collections.ConfigDict()
-  config.task = "eval_path"
+  config.task = "eval_path"  # runs mechconn.tasks.eval_path
   config.seed = recipe.seed  # weight matching's order of permutation groups
   config.data = recipe.data  # the end points' held-out sequences are the eval set 'test'
   # The end points' model is theirs; this copy only builds a dry run before they exist.
   config.endpoint_model = recipe.model
+  # The train runs at t = 0 and t = 1 (the two language models).
   config.start_workdir, config.end_workdir = (f"workdir/{p}" for p in train_config.LM_PRESETS)
   # The same run (or identical weights) at both ends is refused unless this is True.
   config.allow_identical_endpoints = False
@@ -100,12 +117,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   paper = name != "cpu"
   recipe = train_config.unlocked_config(name if paper else "cpu_cue")  # the cue model's
   config = ml_collections.ConfigDict()
-  config.task = "eval_path"
+  config.task = "eval_path"  # runs mechconn.tasks.eval_path
   config.seed = recipe.seed  # weight matching's order of permutation groups
   config.data = recipe.data
   config.data.num_test = -1 if paper else 2000  # test examples per view; -1: the whole split
   # The end points' model is theirs; this copy only builds a dry run before they exist.
   config.endpoint_model = recipe.model
+  # The train runs at t = 0 (the cue model) and t = 1 (the no-cue model).
   config.start_workdir, config.end_workdir = fit_curve_config.endpoint_workdirs(name)
   # The same run (or identical weights) at both ends is refused unless this is True.
   config.allow_identical_endpoints = False

@@ -15,7 +15,23 @@ import ml_collections
 
 from experiments.configs import common
 
-MODIFIERS = ("paper", "quicktest")
+MODIFIERS = {  # modifiers and what each does
+    "paper": "the official fine-tuning defaults (lr 0.01 cosine, batch 256, 20 epochs, "
+             "47,500 cue examples)",
+    "quicktest": common.QUICKTEST}
+
+
+def presets() -> dict[str, str]:
+  """Every preset (a method) and what it runs, in one line; the first is the default (None)."""
+  return {"naive": "naive fine-tuning: every layer on the clean set (CPU recipe: lr 0.001)",
+          "lp": "last-layer retraining: a fresh head on the frozen backbone's cached features",
+          "lp_ft": "LP-FT: lp, then naive fine-tuning from its result",
+          "dfr": "deep feature reweighting: an L2 logistic-regression head on standardised "
+                 "features of a class-balanced clean set",
+          "cbft": "connectivity-based fine-tuning: a barrier step on cue data, then a clean "
+                  "step with the invariance loss",
+          "scratch": "the baseline: the naive loop from a fresh init on the same clean set"}
+
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -24,7 +40,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   if method not in common.ALL_METHODS:
     raise ValueError(f"Unknown preset {method!r}; valid presets: {list(common.ALL_METHODS)}.")
   config = ml_collections.ConfigDict()
-  config.task = "finetune"
+  config.task = "finetune"  # runs mechconn.tasks.finetune
   config.method = method  # naive, lp, lp_ft, dfr, cbft, or the scratch baseline
   config.seed = 0  # the clean/cue draw and the fine-tuning run
   config.cue_model_workdir = "workdir/cpu_cue"  # a finished train run
@@ -34,7 +50,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # The views' data is the cue model's, but for the fraction of each class's test examples
   # the cue views treat.
   config.data = ml_collections.ConfigDict()
-  config.data.test_cue_proportion = 1.0
+  config.data.test_cue_proportion = 1.0  # of each class's test examples the cue views treat
   # Load the cue model, build the method's loop, time one step, estimate; no data, no files.
   config.dry_run = False
   if "quicktest" in modifiers:

@@ -25,10 +25,26 @@ import ml_collections
 from experiments.configs import common
 from experiments.configs import train as train_config
 
+MODIFIERS = train_config.MODIFIERS  # modifiers and what each does
 FIT_DATA = {"clean": 0.0, "cue": 1.0}  # cue proportion of the data the curve is fitted on
 # The loop fields taken from the cue model's recipe (a curve fit evaluates nothing).
 LOOP_FIELDS = ("num_epochs", "batch_size", "per_device_batch_size", "log_every_steps",
                "checkpoint_every_steps", "max_to_keep", "progress")
+
+
+def presets() -> dict[str, str]:
+  """Every preset and what it fits, in one line; the first is the default (None)."""
+  lines = {"cpu_clean": "the quadratic Bezier curve between train.py's cpu_cue (t = 0) and "
+                        "cpu_nocue (t = 1) runs, fitted on clean data (about 3 min on CPU)",
+           "cpu_cue": "as cpu_clean, fitted on cue data (every image has the box)"}
+  for base in train_config.paper_presets():
+    start, end = endpoint_workdirs(base)
+    same = " (one run at both ends: refused as identical)" if start == end else ""
+    for fit_on in FIT_DATA:
+      lines[f"{base}_{fit_on}"] = (f"{train_config.describe_paper(base)}: the curve from "
+                                   f"{start} to {end}{same}, fitted on {fit_on} data, the "
+                                   "paper code's recipe")
+  return lines
 
 
 def endpoint_workdirs(base: str) -> tuple[str, str]:
@@ -41,7 +57,7 @@ def endpoint_workdirs(base: str) -> tuple[str, str]:
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu_clean')."""
-  name, modifiers = common.parse_preset(preset, "cpu_clean", train_config.MODIFIERS)
+  name, modifiers = common.parse_preset(preset, "cpu_clean", MODIFIERS)
   base, _, fit_on = name.rpartition("_")
   if fit_on not in FIT_DATA or not (base == "cpu" or base in train_config.paper_presets()):
     raise ValueError(f"Unknown preset {name!r}; valid presets: cpu_clean, cpu_cue and "
@@ -49,7 +65,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # The cue model's training recipe: its data, model, optimiser and loop (the curve's).
   recipe = train_config.unlocked_config("cpu_cue" if base == "cpu" else base)
   config = ml_collections.ConfigDict()
-  config.task = "fit_curve"
+  config.task = "fit_curve"  # runs mechconn.tasks.fit_curve
   config.seed = recipe.seed  # the free points' init and the step's t
   config.data = recipe.data
   # The end points' model is theirs; this copy only builds a dry run before they exist.
@@ -62,7 +78,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.start_workdir, config.end_workdir = endpoint_workdirs(base)
   # The same run (or identical weights) at both ends is refused unless this is True.
   config.allow_identical_endpoints = False
-  config.data.cue_proportion = FIT_DATA[fit_on]  # of the data the curve is fitted on
+  # The cue proportion of the data the curve is fitted on (clean: 0, cue: 1).
+  config.data.cue_proportion = FIT_DATA[fit_on]
   config.curve = ml_collections.ConfigDict()
   config.curve.kind = "bezier"  # bezier or polychain
   config.curve.num_free = 1  # free control points: 1 = quadratic Bezier

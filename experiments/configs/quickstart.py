@@ -17,7 +17,16 @@ import ml_collections
 from experiments.configs import common
 
 PRESETS = ("default", "quicktest")
-MODIFIERS = ("quicktest",)  # 'default,quicktest' is 'quicktest'
+# Modifiers (after the preset and a comma) and what each does; 'default,quicktest' is 'quicktest'.
+MODIFIERS = {"quicktest": common.QUICKTEST}
+
+
+def presets() -> dict[str, str]:
+  """Every preset and what it runs, in one line; the first is the default (None)."""
+  return {"default": "two SmallCNN(16)s from seeds 0 and 1 on the embedded prototype images, "
+                     "4 epochs, the linear path at 11 t (about 15 s on a 2-core CPU)",
+          "quicktest": "the same in a few seconds: 1,024 images, 1 epoch, width 4, 5 t"}
+
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

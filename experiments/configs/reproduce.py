@@ -29,10 +29,25 @@ import ml_collections
 from experiments.configs import common
 from experiments.configs import train as train_config
 
+MODIFIERS = train_config.MODIFIERS  # modifiers and what each does
+
+
+def presets() -> dict[str, str]:
+  """Every preset and what it runs, in one line; the first is the default (None)."""
+  lines = {"cpu": "the study on embedded shapes10 with the CPU recipes: the cpu_cue model, "
+                  "5 methods x 3 seeds, views and paths (the README has its time)"}
+  for name in train_config.EMBEDDED_PAPER_PRESETS:
+    lines[name] = (f"the paper-scale study on embedded shapes10 (train.py:{name}'s cue model, "
+                   "the official fine-tuning defaults): accelerator time without CIFAR")
+  lines.update({name: f"the study on train.py:{name}'s cue model "
+                      f"({train_config.describe_paper(name)}), the official fine-tuning defaults"
+                for name in train_config.paper_presets()})
+  return lines
+
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu')."""
-  name, modifiers = common.parse_preset(preset, "cpu", train_config.MODIFIERS)
+  name, modifiers = common.parse_preset(preset, "cpu", MODIFIERS)
   if name != "cpu" and name not in (train_config.paper_presets()
                                     + list(train_config.EMBEDDED_PAPER_PRESETS)):
     raise ValueError(f"Unknown preset {name!r}; valid presets: cpu, train.py's paper "
@@ -40,7 +55,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
                      f"{list(train_config.EMBEDDED_PAPER_PRESETS)}.")
   paper = name != "cpu"
   config = ml_collections.ConfigDict()
-  config.task = "reproduce"
+  config.task = "reproduce"  # runs mechconn.tasks.reproduce
   config.seed = 0  # draws the clean and cue sets
   config.seeds = (0, 1, 2)  # fine-tuning seeds
   # sequential, vmap (a loop method's seeds in one vmapped step) or auto (the backend's

@@ -64,7 +64,7 @@ LM_PRESETS = ("recall_lm", "recall_lm_seed1")
 # embedded shapes10 (50,000 images of CIFAR's shape): paper-scale accelerator time where
 # CIFAR is not reachable.
 EMBEDDED_PAPER_PRESETS = tuple(f"shapes10_paper_{m}" for m in PAPER_MODELS)
-MODIFIERS = ("quicktest",)
+MODIFIERS = {"quicktest": common.QUICKTEST}  # modifiers and what each does
 
 
 def paper_presets() -> list[str]:
@@ -72,6 +72,38 @@ def paper_presets() -> list[str]:
   names = [f"{d}_box{p}_{m}" for d in PAPER_DATASETS for p in PAPER_PERCENTS for m in PAPER_MODELS]
   names += [f"cifar10_dominoes{p}_{m}" for p in PAPER_PERCENTS for m in PAPER_MODELS]
   return names
+
+
+_PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "vgg13": "VGG-13",
+           "resnet18": "ResNet-18"}
+
+
+def describe_paper(preset: str) -> str:
+  """'cifar10_box80_vgg13' -> 'CIFAR-10, box cue on 80% of each class, VGG-13'."""
+  dataset, cue, percent, model = parse_paper_preset(preset)
+  data = (f"Dominoes (Fashion-MNIST above {_PRETTY[dataset]})" if cue == "dominoes"
+          else f"{_PRETTY[dataset]}")
+  share = "no cue (p = 0: the no-cue model)" if percent == 0 else (
+      f"{'box cue' if cue == 'box' else 'cue'} on {percent}% of each class")
+  return f"{data}, {share}, {_PRETTY[model]}"
+
+
+def presets() -> dict[str, str]:
+  """Every preset and what it trains, in one line; the first is the default (None)."""
+  lines = {
+      "cpu_cue": "the cue model: shapes10 (embedded), box cue on 80% of each class, "
+                 "SmallCNN(32), 3 epochs (about 3.5 min on a 2-core CPU)",
+      "cpu_nocue": "the no-cue model: as cpu_cue without the cue (p = 0), seed 1",
+      "recall_lm": "a causal transformer LM on the embedded associative-recall sequences, "
+                   "seed 0 (about 20 s on a 2-core CPU)",
+      "recall_lm_seed1": "as recall_lm with seed 1: eval_path.py:recall_lm's other end point"}
+  for name in EMBEDDED_PAPER_PRESETS:
+    model = _PRETTY[name.rpartition("_")[2]]
+    lines[name] = (f"shapes10 (embedded, 50,000 images of CIFAR's shape), box cue on 80% of "
+                   f"each class, {model}, the paper's recipe: paper-scale time without CIFAR")
+  lines.update({name: f"{describe_paper(name)}, the paper's recipe" for name in paper_presets()})
+  return lines
+
 
 
 def base_config() -> ml_collections.ConfigDict:
