@@ -8,8 +8,8 @@ CPU preset, on the embedded shapes10 data:
 
 Writes eval_path.json (per path and view: loss and accuracy at every t, barrier
 heights and where they sit, the Definition 5 verdict, and the provenance of
-every number) and eval_path.png (accuracy along t: one panel per path, one line
-per view). Expected on the 2-core CPU: about 1 minute; see the README for the
+every number), eval_path.png (loss and accuracy along t: a column of panels per
+path, one line per view) and the curves as TensorBoard scalars. Expected on the 2-core CPU: about 1 minute; see the README for the
 numbers.
 
 Paper presets `{dataset}_box{percent}_{model}` (as fit_curve.py's, without the
