@@ -39,8 +39,8 @@ from mechconn.objectives import Objective
 from mechconn.types import ApplyFn, Params, PathFn, StackedBatches
 
 STRATEGIES = ("map", "chunked", "vmap")
-# Per backend, chosen by benchmarks/path_eval.py (its numbers: README, Performance and
-# Accelerators): 'map' is one program whose memory stays flat in the number of t; on
+# Per backend, chosen by benchmarks/path_eval.py (its numbers: docs/performance.md and
+# docs/accelerators.md): 'map' is one program whose memory stays flat in the number of t; on
 # XLA:CPU it beats 'vmap' several-fold. TPU is unmeasured.
 DEFAULT_STRATEGY = {"cpu": "map", "gpu": "map", "tpu": "map"}
 DEFAULT_CHUNK_SIZE = 4

@@ -1,6 +1,6 @@
 r"""Evaluate LMC, permutation-aligned LMC and fitted curves between the cue and no-cue models.
 
-Needs the two train runs and the fitted curves first (README, "Connectivity").
+Needs the two train runs and the fitted curves first (docs/tasks.md, "Connectivity").
 CPU preset, on the embedded shapes10 data:
 
   python -m experiments.main --config=experiments/configs/eval_path.py:cpu \
@@ -9,8 +9,8 @@ CPU preset, on the embedded shapes10 data:
 Writes eval_path.json (per path and view: loss and accuracy at every t, barrier
 heights and where they sit, the Definition 5 verdict, and the provenance of
 every number), eval_path.png (loss and accuracy along t: a column of panels per
-path, one line per view) and the curves as TensorBoard scalars. Expected on the 2-core CPU: about 1 minute; see the README for the
-numbers.
+path, one line per view) and the curves as TensorBoard scalars. Expected on the
+2-core CPU: about 1 minute; the numbers are in docs/tasks.md.
 
 Paper presets `{dataset}_box{percent}_{model}` (as fit_curve.py's, without the
 suffix) evaluate the paper's runs in workdir/ with their two fitted curves

@@ -33,7 +33,6 @@ def presets() -> dict[str, str]:
           "scratch": "the baseline: the naive loop from a fresh init on the same clean set"}
 
 
-
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `method[,paper][,quicktest]` (None: 'naive')."""
   method, modifiers = common.parse_preset(preset, "naive", MODIFIERS)

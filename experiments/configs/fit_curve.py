@@ -1,6 +1,6 @@
 r"""Fit a quadratic Bezier curve between the cue model (t = 0) and the no-cue model (t = 1).
 
-Needs the two train runs first (README, "Training endpoint models"). CPU presets,
+Needs the two train runs first (docs/tasks.md, "Training endpoint models"). CPU presets,
 SmallCNN(32) end points on the embedded shapes10 data:
 
   python -m experiments.main --config=experiments/configs/fit_curve.py:cpu_clean \

@@ -52,7 +52,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
   config.batch_size = 128  # training batch size
   config.num_epochs = 4  # training epochs per model
-  config.eval_batch_size = 128  # eval and BatchNorm batch size (<= 128 on CPU: see README)
+  config.eval_batch_size = 128  # eval and BatchNorm batch size (<= 128 on CPU: docs/performance.md)
   # The linear path between the two models; BatchNorm from the first 1,024 training examples.
   config.path = common.path_section(num_t=11, bn_examples=1024)
 

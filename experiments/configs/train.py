@@ -28,7 +28,7 @@ s); on the 4,096 held-out sequences, both seeds: next-token loss 0.0007,
 accuracy 1.000 over the masked targets (the answers and the final EOS; the
 answers alone: also 1.000). Chance on an answer is 1/8.
 
-Paper presets (CIFAR via TFDS, prepared offline: see README), named
+Paper presets (CIFAR via TFDS, prepared offline: docs/data.md), named
 `{dataset}_{cue}{percent}_{model}`: dataset cifar10 or cifar100, cue box with
 percent in 60, 70, 80, 90, 100 or 0 (the no-cue model), dominoes (CIFAR-10 over
 Fashion-MNIST) with the same percents, model vgg13 or resnet18. All use the
