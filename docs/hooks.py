@@ -10,7 +10,6 @@
 import os
 import sys
 
-from mkdocs.structure.files import File
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "mechconn"
@@ -58,6 +57,7 @@ def on_config(config):
 
 def on_files(files, config):
   """Adds the generated pages."""
+  from mkdocs.structure.files import File  # pylint: disable=import-outside-toplevel  # mkdocs only
   sys.path.insert(0, ROOT)
   from experiments import catalogue  # pylint: disable=import-outside-toplevel
   files.append(File.generated(config, "configs.md", content=catalogue.reference_markdown()))
