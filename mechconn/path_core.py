@@ -190,32 +190,54 @@ def barrier_location(ts: chex.Array, values: chex.Array) -> float:
   return float(ts[np.argmax(values - ((1 - ts) * values[0] + ts * values[-1]))])
 
 
+def repair_targets(apply_fn, points, bn_batches, renormalize, inputs):
+  """REPAIR's end-point statistics (computed once per path), or None without REPAIR."""
+  if renormalize != "repair":
+    return None
+  return [repair.endpoint_stats(apply_fn, points[i], bn_batches, inputs) for i in (0, -1)]
+
+
+def network_at(apply_fn, params, t, bn_batches, *, renormalize, inputs, targets=None):
+  """(variables, statistics) of the network with `params` at path position t.
+
+  The statistics are what the variables are normalised to: BatchNorm's
+  recomputed from `bn_batches` (`renormalize` in BATCHNORM), REPAIR's (the
+  end points' `targets` interpolated at t), or {} (None). The one place the
+  path core and the diagnostics (`mechconn.diagnostics`) form a network on a path.
+  """
+  variables = {"params": params}
+  stats = {}
+  if renormalize == "repair":
+    variables = repair.repaired_variables(apply_fn, params, *targets, t, bn_batches, inputs)
+    stats = variables[repair.COLLECTION]
+  elif renormalize in BATCHNORM:
+    variables["batch_stats"] = stats = batchnorm.recompute_batch_stats(
+        apply_fn, variables, bn_batches, unbiased=renormalize == "batchnorm_unbiased",
+        inputs=inputs)
+  return variables, stats
+
+
+def map_over(fn, xs, strategy: str, chunk_size: int):
+  """fn over the leading axis of `xs` by `strategy` ('map', 'chunked' or 'vmap')."""
+  if strategy == "vmap":
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=chunk_size if strategy == "chunked" else None)
+
+
 def path_loop(points, ts, eval_sets, bn_batches, *, apply_fn, path_fn, strategy, chunk_size,
               renormalize, objective):
   """({set: {metric: [K]}}, statistics finite [K], {layer: statistics vary [K]}) over `ts`."""
   inputs = objective.inputs
-  if renormalize == "repair":  # the end points' statistics, once
-    targets = [repair.endpoint_stats(apply_fn, points[i], bn_batches, inputs) for i in (0, -1)]
+  targets = repair_targets(apply_fn, points, bn_batches, renormalize, inputs)
 
-  def at(t):
-    params = path_fn(points, t)
-    variables = {"params": params}
-    stats = {}
-    if renormalize == "repair":
-      variables = repair.repaired_variables(apply_fn, params, *targets, t, bn_batches, inputs)
-      stats = variables[repair.COLLECTION]
-    elif renormalize in BATCHNORM:  # once per t, shared by every eval set
-      variables["batch_stats"] = stats = batchnorm.recompute_batch_stats(
-          apply_fn, variables, bn_batches, unbiased=renormalize == "batchnorm_unbiased",
-          inputs=inputs)
+  def at(t):  # the parameters and their statistics once per t, shared by every eval set
+    variables, stats = network_at(apply_fn, path_fn(points, t), t, bn_batches,
+                                  renormalize=renormalize, inputs=inputs, targets=targets)
     return ({name: evaluation.mean_metrics(apply_fn, variables, batches, objective)
              for name, batches in eval_sets.items()},
             finite.all_finite(stats), input_checks.statistics_vary(stats))
 
-  if strategy == "vmap":
-    return jax.vmap(at)(ts)
-  batch_size = chunk_size if strategy == "chunked" else None
-  return jax.lax.map(at, ts, batch_size=batch_size)
+  return map_over(at, ts, strategy, chunk_size)
 
 
 _STATIC = ("apply_fn", "path_fn", "strategy", "chunk_size", "renormalize", "objective")
