@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from absl import flags
 
+from experiments import claims_exploration as exploration
 from experiments import claims_measures as measures
 from experiments.configs import eval_path as eval_path_config
 from experiments.configs import fit_curve as fit_curve_config
@@ -199,7 +200,17 @@ CLAIMS = [
           "connected even after alignment; same attribute: connected after alignment; "
           "connected minimisers share activation patterns.", lambda n: [THEORY], measures.c13),
 ]
-BY_ID = {c.id: c for c in CLAIMS}
+# Questions beyond the paper (experiments.claims_exploration), reported apart from the claims.
+EXPLORATIONS = [
+    Claim("E1", "Does the cue model's path to a CBFT model break in the same layers as its "
+          "(weight-aligned) path to the no-cue model?",
+          lambda n: exploration.runs(Run, _locked, train_run), exploration.e1,
+          exploration.FIGURES[:2]),
+    Claim("E2", "Do connected pairs of conv nets share activation patterns, as C13's theory "
+          "says for one hidden layer?", lambda n: exploration.runs(Run, _locked, train_run),
+          exploration.e2, exploration.FIGURES[2:]),
+]
+BY_ID = {c.id: c for c in CLAIMS + EXPLORATIONS}
 
 
 def finished(directory: str, record_file: str, config) -> bool:
@@ -260,7 +271,8 @@ def _run_stem(name: str) -> str:
 
 
 # Every claims run's name, up to its seed-pair index: what a claims workdir holds.
-RUN_STEMS = frozenset(_run_stem(run.name) for claim in CLAIMS for run in claim.runs(1))
+RUN_STEMS = frozenset(_run_stem(run.name) for claim in CLAIMS + EXPLORATIONS
+                      for run in claim.runs(1))
 
 
 def workdir_problem(root: str, action: str) -> str | None:
@@ -319,7 +331,7 @@ _HELP_FLAGS = ("help", "helpshort", "helpfull", "h", "?")
 def usage() -> str:
   """What --help prints: the docstring, every claim, the flags."""
   claims = [textwrap.fill(f"{c.id:<4} {c.statement}", 96, initial_indent="  ",
-                          subsequent_indent=" " * 7) for c in CLAIMS]
+                          subsequent_indent=" " * 7) for c in CLAIMS + EXPLORATIONS]
   return "\n".join([__doc__, "Claims (--claims):", *claims, "", "Flags:",
                     _FLAGS.get_help(include_special_flags=False)])
 
@@ -343,7 +355,7 @@ def _parse(argv: list[str]) -> list[str]:
   if _COMMAND.value is None:
     _refuse("--command is required: run (the claims' runs, then the report) or report (from "
             "the finished runs); --help lists the claims")
-  ids = [c.id for c in CLAIMS] if _CLAIMS.value in (["all"], []) else _CLAIMS.value
+  ids = list(BY_ID) if _CLAIMS.value in (["all"], []) else _CLAIMS.value
   unknown = sorted(set(ids) - set(BY_ID))
   if unknown:
     _refuse(f"unknown claims {unknown}; valid: {list(BY_ID)} or all")
@@ -379,8 +391,9 @@ def write_report(root: str, pairs: int, out: str, overwrite: bool, refuse: Calla
     figures.extend(found)
     return list(dict.fromkeys(target for _, target in found))
 
-  text = claims_report.render(CLAIMS, lambda c: load_records(c, root, pairs, cache), pairs,
-                              figures=claim_figures)
+  load = lambda c: load_records(c, root, pairs, cache)  # noqa: E731
+  text = (claims_report.render(CLAIMS, load, pairs, figures=claim_figures)
+          + claims_report.render_explorations(EXPLORATIONS, load, pairs, figures=claim_figures))
   if os.path.exists(out) and not overwrite:
     with open(out) as f:
       problem = claims_report.replacement_problem(f.read(), text)

@@ -60,6 +60,34 @@ def render(claims, load, pairs: int, figures=lambda claim: []) -> str:
   return "\n".join([HEADER, *table, "", "## Details", "", *details])
 
 
+EXPLORATION_HEADER = """
+## Exploration: where and why the barriers form (not the paper's claims)
+
+Questions the diagnostics (docs/diagnostics.md) answer on seed pair 0's end
+points, kept apart from the paper's verdicts above: each finding is read off
+the records by the rule under its criteria.
+"""
+
+
+def render_explorations(explorations, load, pairs: int, figures=lambda e: []) -> str:
+  """Markdown: the explorations' table (question, command, finding), then their details."""
+  rows, details = [], []
+  for item in explorations:
+    command = f"`python -m experiments.claims --command=run --claims={item.id}`"
+    records = load(item)
+    finding, measured = "not run", "not run yet (a run is missing or of another recipe)"
+    if records is not None:
+      result = item.measure(records, pairs)
+      finding, measured = result["verdict"], result["measured"]
+      details.append(f"### {item.id}\n\n{item.statement}\n\n- setup: {result['setup']}\n"
+                     f"- how it is read: {result['criteria']}\n- measured: {measured}\n"
+                     f"- finding: **{finding}**\n"
+                     + "".join(f"\n![{item.id}]({path})\n" for path in figures(item)))
+    rows.append(f"| {item.id} | {_cell(item.statement)} | {command} | **{finding}** |")
+  return "\n".join([EXPLORATION_HEADER, "| | question | command | finding |",
+                    "|---|---|---|---|", *rows, "", *details])
+
+
 def claims_with_results(text: str) -> list[str]:
   """The claim ids whose row in a report's table has a verdict other than 'not run'."""
   rows = re.finditer(r"^\| (C\d+) \|.*\*\*([^*|]+)\*\* \|$", text, re.M)

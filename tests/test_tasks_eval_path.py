@@ -15,6 +15,8 @@ from mechconn import barriers
 from mechconn import tasks
 from mechconn.tasks import alignment
 from mechconn.tasks import eval_path as eval_path_task
+from mechconn.tasks import path_diagnostics
+from mechconn.tasks import runs as runs_lib
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,19 @@ def test_unfinished_end_point_is_refused(tmp_path):
     tasks.run(config, str(tmp_path / "curve"))
 
 
+def test_unfinished_or_checkpointless_finetune_runs_are_refused(tmp_path):
+  run = tmp_path / "ft"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"task": "finetune", "method": "dfr"}))
+  with pytest.raises(FileNotFoundError, match="no finished finetune run"):
+    runs_lib.load_model_run(str(run))
+  (run / runs_lib.FINETUNE_RESULT_FILE).write_text("{}")
+  with pytest.raises(ValueError, match="'dfr', which keeps no checkpoint"):
+    runs_lib.load_model_run(str(run))
+  from mechconn.tasks import finetune as finetune_task  # pylint: disable=g-import-not-at-top
+  assert runs_lib.FINETUNE_RESULT_FILE == finetune_task.RESULT_FILE
+
+
 def test_end_points_must_match_the_path_config_data():
   import dataclasses
   from types import SimpleNamespace
@@ -188,3 +203,64 @@ def test_the_same_run_at_both_ends_is_refused_before_the_claim(runs, tmp_path):
   config.allow_identical_endpoints = True  # asked for: a flat path, evaluated
   record = tasks.run(config, str(tmp_path / "same"))
   assert record["paths"]["linear"]["mechanistically_connected"]
+
+
+@pytest.mark.slow
+def test_diagnostics_run_on_every_path_and_agree_with_the_paths(runs, tmp_path):
+  workdirs, _, _ = runs
+  config = eval_path_config.get_config("cpu,quicktest,diagnose")
+  config.start_workdir, config.end_workdir = workdirs["cue"], workdirs["nocue"]
+  config.curve_workdirs = ()
+  record = tasks.run(config, str(tmp_path / "diagnose"))
+  names = list(record["paths"])
+  assert list(record["diagnostics"]) == names == ["linear", "linear (aligned)"]
+  for name, d in record["diagnostics"].items():
+    assert set(d["seconds"]) == {*path_diagnostics.DIAGNOSTICS, "adaptive"}
+    lw = d["layerwise"]
+    assert set(lw["groups"]) == {"P_0", "P_1", "P_2", "unpermuted"}  # the spec's groups
+    for view, rows in lw["excess_loss"].items():
+      np.testing.assert_allclose(np.asarray(rows)[:, [0, -1]], 0.0, atol=1e-5)  # on its chord
+    for site, curves in d["features"]["views"]["clean"].items():
+      assert curves["cosine"][0] == pytest.approx(1.0, abs=1e-5)
+      assert curves["agreement_a"][0] == pytest.approx(1.0)
+    assert np.all(np.isfinite(d["curvature"]["top_eigenvalues"]))
+    # The calibration record's barriers are those of its own curves.
+    ts = np.asarray(d["ts"])
+    for view, curves in d["calibration"]["views"].items():
+      summary = d["calibration"]["summary"][view]
+      assert summary["loss"] == pytest.approx(
+          float(barriers.barrier_height(ts, np.asarray(curves["loss"]))), abs=1e-5)
+      assert summary["calibrated_loss"] == pytest.approx(
+          float(barriers.barrier_height(ts, np.asarray(curves["calibrated_loss"]))), abs=1e-5)
+    assert all(0.05 <= t <= 20.0 for t in d["calibration"]["temperature"])
+    for view, by_metric in d["adaptive"].items():
+      for metric, found in by_metric.items():
+        grid = record["paths"][name]["barriers"][view][metric]
+        assert found["grid"]["value"] == grid
+        if found["certified"]:  # the grid's maximum is a value of the curve: within tol
+          assert grid <= found["value"] + config.diagnostics.adaptive_tolerance + 1e-6
+  for figure in path_diagnostics.FIGURES.values():
+    assert (tmp_path / "diagnose" / figure).stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_a_finetune_run_is_an_end_point(runs, tmp_path):
+  from experiments.configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  workdirs, _, _ = runs
+  config = finetune_config.get_config("naive,quicktest")
+  config.cue_model_workdir = workdirs["cue"]
+  tasks.run(config, str(tmp_path / "naive"))
+  eval_config = eval_path_config.get_config("cpu,quicktest")
+  eval_config.start_workdir, eval_config.end_workdir = workdirs["cue"], str(tmp_path / "naive")
+  eval_config.curve_workdirs, eval_config.align = (), "none"
+  record = tasks.run(eval_config, str(tmp_path / "eval"))
+  assert record["end"]["checkpoint"].startswith(str(tmp_path / "naive"))
+  finetuned = runs_lib.load_model_run(str(tmp_path / "naive"))
+  assert finetuned.config["finetuned"]["method"] == "naive"
+  start = runs_lib.load_model_run(workdirs["cue"])
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                       start.params, finetuned.params))
+  assert max(moved) > 0  # the fine-tuned weights, not the cue model's
+  # t = 1 is the fine-tuned model (BatchNorm recomputed), not the cue model at t = 0.
+  clean = record["paths"]["linear"]["views"]["clean"]["loss"]
+  assert abs(clean[-1] - clean[0]) > 1e-4

@@ -137,6 +137,34 @@ def path_section(num_t: int, bn_examples: int) -> ml_collections.ConfigDict:
   return path
 
 
+def diagnostics_section() -> ml_collections.ConfigDict:
+  """Where and why a barrier forms (mechconn.diagnostics): what eval_path runs on every path."""
+  diag = ml_collections.ConfigDict()
+  # Which diagnostics to run on every path: any of layerwise (barriers when one parameter
+  # group moves), features (feature connectivity and activation agreement), curvature
+  # (top Hessian eigenvalue and trace) and calibration (the loss barrier after one fitted
+  # softmax temperature per t); () runs none.
+  diag.run = ()
+  # Layer-wise groups: spec (each permuted layer with its BatchNorm, and the unpermuted head)
+  # or modules (the model's top-level submodules).
+  diag.groups = "spec"
+  diag.num_t = 11  # points on each path for the diagnostics, np.linspace(0, 1, num_t)
+  diag.num_examples = 500  # test examples per view the diagnostics read (the first ones)
+  diag.curvature_examples = 256  # test examples (clean view) of the curvature's loss
+  diag.num_eigenvalues = 1  # top Hessian eigenvalues per t (Lanczos)
+  diag.num_matvecs = 20  # Lanczos steps (Hessian-vector products) per t
+  diag.num_probes = 8  # Hutchinson probes of the Hessian trace per t; 0: no trace
+  # Held-out clean examples the temperature at each t is fitted on (never the eval set): a
+  # fresh draw of the embedded test split (another seed), or TFDS test examples after
+  # data.num_test.
+  diag.calibration_examples = 1000
+  # The maximum of each view's loss and error barrier found adaptively (coarse grid, then
+  # refinement; mechconn.diagnostics.adaptive), beside the grid's, certified to:
+  diag.adaptive = False
+  diag.adaptive_tolerance = 0.01  # within this of the maximum (if the curvature bound holds)
+  return diag
+
+
 def finetune_section(paper: bool) -> ml_collections.ConfigDict:
   """The fine-tuning recipe: the official defaults (`paper`) or the CPU one."""
   ft = ml_collections.ConfigDict()

@@ -51,7 +51,10 @@ from experiments.configs import train as train_config
 
 MODIFIERS = {**train_config.MODIFIERS,  # modifiers and what each does
              "repair": "recall_lm only: REPAIR at every t (each unit rescaled to the "
-                       "interpolated end points' statistics)"}
+                       "interpolated end points' statistics)",
+             "diagnose": "image presets: every diagnostic on every path (layer-wise barriers, "
+                         "feature connectivity, curvature, calibration) and the adaptive "
+                         "maximum (docs/diagnostics.md)"}
 LM_PRESET = "recall_lm"
 
 
@@ -106,6 +109,9 @@ def lm_config(modifiers: list[str]) -> ml_collections.ConfigDict:
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """The locked config of `preset[,modifier...]` (None: 'cpu')."""
   name, modifiers = common.parse_preset(preset, "cpu", MODIFIERS)
+  if "diagnose" in modifiers and name == LM_PRESET:
+    raise ValueError(f"The 'diagnose' modifier is for the image presets (the diagnostics of "
+                     f"{LM_PRESET!r}: mechconn.diagnostics, from Python).")
   if name == LM_PRESET:
     return lm_config(modifiers)
   if "repair" in modifiers:
@@ -138,6 +144,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 512 if paper else 128  # global, for the views and BatchNorm
   config.barrier_metric = "error"  # the barrier that decides Definition 5: error or loss
   config.barrier_tolerance = 0.05  # a barrier above this breaks the path on that view
+  config.diagnostics = common.diagnostics_section()
+  if "diagnose" in modifiers:
+    config.diagnostics.run = ("layerwise", "features", "curvature", "calibration")
+    config.diagnostics.adaptive = True
   # Build the paths, time one t, estimate the run; read no data, write nothing
   # (mechconn.tasks.eval_path.dry_run).
   config.dry_run = False
@@ -145,5 +155,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_test = 100
     config.path.num_t, config.path.bn_examples = 3, 64
     config.eval_batch_size = 32
+    config.diagnostics.num_t, config.diagnostics.num_examples = 3, 64
+    config.diagnostics.curvature_examples, config.diagnostics.num_matvecs = 32, 4
+    config.diagnostics.num_probes, config.diagnostics.calibration_examples = 2, 64
   config.lock()
   return config

@@ -46,6 +46,7 @@ from mechconn.data.views import VIEWS
 from mechconn.tasks import alignment
 from mechconn.tasks import data as task_data
 from mechconn.tasks import model_checks
+from mechconn.tasks import path_diagnostics
 from mechconn.tasks import runner
 from mechconn.tasks import runs
 from mechconn.tasks import sequences as task_sequences
@@ -56,7 +57,8 @@ EVAL_PATH_FILE = "eval_path.json"
 EVAL_PATH_FIGURE = "eval_path.png"
 # The curves as TensorBoard scalars (one file, replaced by a rerun as eval_path.json is).
 EVAL_PATH_EVENTS = "events.out.tfevents.eval_path" + metric_writers.EVENT_FILE_SUFFIX
-LAYOUT = workdir_lib.Layout(files=(EVAL_PATH_FILE, EVAL_PATH_FIGURE, EVAL_PATH_EVENTS))
+LAYOUT = workdir_lib.Layout(files=(EVAL_PATH_FILE, EVAL_PATH_FIGURE, EVAL_PATH_EVENTS,
+                                    *path_diagnostics.FIGURES.values()))
 ALIGNMENTS = alignment.ALIGNMENTS
 # What activation matching correlates: the ReLU of every site (the units' outputs, as the
 # official code matches VGG/ResNet blocks) or the module outputs before it.
@@ -80,6 +82,7 @@ class EvalPathSpec:
   eval_batch_size: int
   barrier_metric: str
   barrier_tolerance: float
+  diagnostics: path_diagnostics.DiagnosticsSpec
   dry_run: bool
 
   @property
@@ -120,7 +123,9 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int) -> EvalPathSpec
       seed=config.seed, data=data, endpoints=runs.endpoints_spec(config, data),
       curve_workdirs=curve_workdirs, align=config.align, activation_sites=sites, path=path,
       bn_data=bn_data, eval_batch_size=eval_batch, barrier_metric=config.barrier_metric,
-      barrier_tolerance=config.barrier_tolerance, dry_run=config.dry_run)
+      barrier_tolerance=config.barrier_tolerance,
+      diagnostics=path_diagnostics.resolve(config.get("diagnostics"), data),
+      dry_run=config.dry_run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,11 +230,7 @@ def _aligned_path(spec: EvalPathSpec, endpoints: runs.Endpoints, bn_batches: dic
                   ) -> tuple[tuple, dict]:
   """The linear path after alignment, (kind, points), and what the alignment did."""
   start_run, end_run = endpoints.start, endpoints.end
-  apply_fn = start_run.spec.apply_fn(start_run.model)
-  name = start_run.config["model"]["name"]
-  example = _objective(spec).inputs_of(jax.tree.map(lambda x: x[0], bn_batches))
-  perm_spec = (align.permutation_spec(name, start_run.params) if name in align.WRITTEN_SPECS
-               else symmetry.derive_spec(apply_fn, start_run.variables, example))
+  perm_spec = _permutation_spec(spec, start_run, bn_batches)
   batches = list(bn_batches["image"]) if spec.align == "activation" else []
   aligned_end, perm = alignment.aligned_end(
       spec.align, perm_spec, start_run.model.apply, start_run.variables, end_run.variables,
@@ -242,6 +243,32 @@ def _aligned_path(spec: EvalPathSpec, endpoints: runs.Endpoints, bn_batches: dic
   if spec.align == "activation":
     record["activation_sites"] = spec.activation_sites
   return ("linear", (start_run.params, aligned_end)), record
+
+
+def _permutation_spec(spec: EvalPathSpec, run: runs.TrainedModel, bn_batches: dict):
+  """The model's permutation spec: written for the built-in models, else derived."""
+  name = run.config["model"]["name"]
+  if name in align.WRITTEN_SPECS:
+    return align.permutation_spec(name, run.params)
+  example = _objective(spec).inputs_of(jax.tree.map(lambda x: x[0], bn_batches))
+  return symmetry.derive_spec(run.spec.apply_fn(run.model), run.variables, example)
+
+
+def _diagnostics(spec: EvalPathSpec, job: runner.Job, paths: dict, results: dict,
+                 sets: tuple) -> dict:
+  """{path: its diagnostics record} (`path_diagnostics`), the grid's barriers beside each."""
+  start_run = job.inputs.endpoints.start
+  view_batches, bn_batches = sets
+  data = path_diagnostics.path_data(
+      spec.diagnostics, start_run.spec.apply_fn(start_run.model), view_batches, bn_batches,
+      data=spec.data, renormalize=spec.path.renormalize,
+      perm_spec=_permutation_spec(spec, start_run, bn_batches),
+      batch_size=spec.eval_batch_size)
+  grids = {name: {view: {m: {"value": b[m], "t": b[f"{m}_t"], "num_evaluations": spec.path.num_t}
+                         for m in ("loss", "error")}
+                  for view, b in results[name]["barriers"].items()} for name in paths}
+  return path_diagnostics.run(spec.diagnostics, data, {
+      name: (kind, points, grids[name]) for name, (kind, points) in paths.items()})
 
 
 def _paths(spec: EvalPathSpec, inputs: Inputs, bn_batches: dict) -> tuple[dict, dict | None]:
@@ -275,9 +302,13 @@ def run(spec: EvalPathSpec, job: runner.Job) -> dict:
         "kind": kind,
         "views": {v: runs.path_curves(r) for v, r in views.items()},
         **verdict}
+  seconds = round(time.perf_counter() - start, 1)  # the paths' evaluation
+  diagnostics = (_diagnostics(spec, job, paths, results, (view_batches, bn_batches))
+                 if spec.diagnostics.enabled else None)
   record = {
       "ts": ts.tolist(),
       "paths": results,
+      **({"diagnostics": diagnostics} if diagnostics else {}),
       "alignment": alignment_record,
       "start": {"checkpoint": start_run.checkpoint, "seed": start_run.config["seed"],
                 "data": start_run.config["data"]},
@@ -287,14 +318,17 @@ def run(spec: EvalPathSpec, job: runner.Job) -> dict:
           "kind", "num_free", "step", "fit_data")}} for w, (r, _) in zip(
               spec.curve_workdirs, job.inputs.curves)],
       **provenance,
-      "seconds": round(time.perf_counter() - start, 1),
+      "seconds": seconds,
       "backend": jax.default_backend(),
       "devices": int(job.mesh.devices.size),
       "path_eval_sharded_over": next(iter(views.values())).sharded_over,
       "config": job.config_dict,
   }
   print(format_barrier_table(record))
+  if diagnostics:
+    print(path_diagnostics.format_table(diagnostics))
   runner.write_outputs(job.workdir, {
+      **(path_diagnostics.figures(diagnostics) if diagnostics else {}),
       EVAL_PATH_FILE: record,
       EVAL_PATH_FIGURE: functools.partial(report.plot_path_views, record),
       EVAL_PATH_EVENTS: functools.partial(metric_writers.write_curves, record["ts"],

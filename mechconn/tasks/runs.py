@@ -92,6 +92,49 @@ def load_trained(workdir: str) -> TrainedModel:
                       checkpoint=ckpt.step_dir(step), spec=spec)
 
 
+FINETUNE_RESULT_FILE = "result.json"  # what marks a `finetune` run finished
+
+
+def load_model_run(workdir: str) -> TrainedModel:
+  """The final model of a finished `train` run, or of a finished `finetune` run.
+
+  A fine-tuned model is its cue model's model with the fine-tuning run's last
+  checkpoint; its `config` is the cue model's train config (model, data,
+  seed) with the fine-tuning run's config under 'finetuned' (method, seed,
+  recipe), so it is checked and identified like a train run. Methods without
+  a training loop (DFR, scratch's head fits) keep no checkpoint and are refused.
+  """
+  config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  task = None
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      recorded = json.load(f)
+    task = recorded.get("task")
+  if task != "finetune":
+    return load_trained(workdir)
+  if not os.path.exists(os.path.join(workdir, FINETUNE_RESULT_FILE)):
+    raise FileNotFoundError(f"{workdir} holds no finished finetune run (needs "
+                            f"{FINETUNE_RESULT_FILE}); resume the finetune task there first.")
+  checkpoints = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  if not os.path.isdir(checkpoints):
+    raise ValueError(f"{workdir} holds a finetune run of method {recorded.get('method')!r}, "
+                     "which keeps no checkpoint (no training loop); give a run of a loop "
+                     "method (naive, lp_ft, cbft, ...).")
+  cue = recorded["inputs"]["cue_model"]["config"]
+  config = {**cue, "finetuned": {k: v for k, v in recorded.items() if k != "inputs"}}
+  today = records.upgrade(cue)
+  spec = specs.model_spec(specs.section(today["model"]), dataset=today["data"]["dataset"])
+  with checkpoint.Checkpointer(checkpoints) as ckpt:
+    step = ckpt.latest_step()
+    state = ckpt.read(step)
+  if not bool(finite.all_finite_jit(state)):
+    raise finite.NonFiniteError(f"The finetune run in {workdir} ended with NaN or infinity "
+                                f"in its checkpoint {ckpt.step_dir(step)}.")
+  return TrainedModel(model=spec.build(), params=state["params"],
+                      batch_stats=state.get("batch_stats", {}), config=config,
+                      checkpoint=ckpt.step_dir(step), spec=spec)
+
+
 def finished_record(directory: str, record_file: str, config_dict: dict,
                     identities: Callable[[], dict | None] | None = None) -> dict | None:
   """The record of a finished run of exactly `config_dict` in `directory`, else None.
@@ -297,7 +340,7 @@ def load_endpoints(spec: EndpointsSpec, data: specs.DataSpec, dry_run: bool
   `spec.stand_in` stand in for missing runs.
   """
   try:
-    start, end = (load_trained(w) for w in (spec.start_workdir, spec.end_workdir))
+    start, end = (load_model_run(w) for w in (spec.start_workdir, spec.end_workdir))
   except FileNotFoundError:
     if not dry_run:
       raise
