@@ -86,12 +86,12 @@ def pairs(args) -> list[tuple[str, str, str]]:
 def evaluate_case(name, start, end, align, args):
   spec = pair_spec(start, end, align)
   inputs, _ = eval_path.inputs(spec, dry_run=False)
-  views, bn_batches, _ = eval_path._eval_data(spec, mesh_lib.data_mesh())  # pylint: disable=protected-access
+  views, bn_batches, _ = eval_path.eval_data(spec, mesh_lib.data_mesh())
   start_run = inputs.endpoints.start
   apply_fn = start_run.spec.apply_fn(start_run.model)
   points = (start_run.params, inputs.endpoints.end.params)
   if align != "none":
-    (_, points), _ = eval_path._aligned_path(spec, inputs.endpoints, bn_batches)  # pylint: disable=protected-access
+    (_, points), _ = eval_path.aligned_path(spec, inputs.endpoints, bn_batches)
   renormalize = spec.path.renormalize
   for view in args.views.split(","):
     grid, grid_s = grid_line(apply_fn, points, views[view], bn_batches, renormalize,

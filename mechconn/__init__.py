@@ -9,6 +9,8 @@ Pure functions over parameter pytrees, and the tasks built from them:
 - `mechconn.evaluation`: exact masked means over stacked batches; input checks.
 - `mechconn.barriers`: evaluate a path at many t in one compiled program; barriers.
 - `mechconn.align`: permutation specs, weight and activation matching.
+- `mechconn.diagnostics`: where and why a barrier forms (layer-wise barriers, feature
+  connectivity, curvature, calibrated barriers, an adaptive maximum).
 - `mechconn.counterfactual`: the four views; the Definition 5 verdict.
 - `mechconn.curves`: fitting a curve between two fixed networks.
 - `mechconn.finetune`: fine-tuning methods as data, and their losses (CBFT).

@@ -151,8 +151,8 @@ def _similarity(spec, ref, oth, perm, name, where, nested) -> np.ndarray:
 # --- Activation matching. -----------------------------------------------------------
 
 
-def _site_outputs(apply_fn: ApplyFn, variables: dict, images: jax.Array,
-                  sites: Iterable[tuple[str, ...]], post=None) -> list[jax.Array]:
+def site_outputs(apply_fn: ApplyFn, variables: dict, images: jax.Array,
+                 sites: Iterable[tuple[str, ...]], post=None) -> list[jax.Array]:
   """Outputs of the given modules' first __call__ (through `post`, if given), flattened to
   [examples * positions, units]."""
   sites = [tuple(site) for site in sites]
@@ -230,8 +230,8 @@ def activation_statistics(apply_fn: ApplyFn, spec: PermutationSpec,
 
   @jax.jit
   def moments(images):
-    acts_a = _site_outputs(apply_fn, variables_ref, images, all_sites, post)
-    acts_b = _site_outputs(apply_fn, variables_other, images, all_sites, post)
+    acts_a = site_outputs(apply_fn, variables_ref, images, all_sites, post)
+    acts_b = site_outputs(apply_fn, variables_other, images, all_sites, post)
     out = []
     for a, b in zip(acts_a, acts_b):
       ca, cb = a - a.mean(0, keepdims=True), b - b.mean(0, keepdims=True)

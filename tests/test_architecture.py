@@ -10,7 +10,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mechconn"
 MATHS = ("paths", "batchnorm", "barriers", "evaluation", "align", "curves", "finetune",
          "counterfactual", "models", "data", "step", "finite", "types", "rngs", "flops",
          "matching", "symmetry", "axis_classes", "objectives", "path_core", "adapters",
-         "nnx_adapter", "intercept", "repair", "input_checks", "axis_tracer", "trees")
+         "nnx_adapter", "intercept", "repair", "input_checks", "axis_tracer", "trees",
+         "diagnostics")
 FORBIDDEN_FOR_MATHS = ("mechconn.tasks", "mechconn.loop", "mechconn.checkpoint",
                        "mechconn.workdir", "mechconn.dry_run", "orbax", "tqdm", "experiments",
                        "ml_collections", "absl")

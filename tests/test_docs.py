@@ -73,3 +73,38 @@ def test_any_model_tutorial(tmp_path, monkeypatch, repo):
   heads = [n for n in ns["lm_spec"].names if n.endswith("query:1")]
   assert len(heads) == 2  # one head group per block
   assert (tmp_path / "any_model.png").stat().st_size > 10_000
+
+
+def test_diagnostics_tutorial(tmp_path, monkeypatch, repo):
+  blocks, ns, printed = _run_tutorial(repo / "docs" / "diagnostics.md", tmp_path, monkeypatch)
+  assert len(blocks) == 7
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  plain, lw, fc = ns["plain"], ns["lw"], ns["fc"]
+  loss = lambda r: r.summary()["loss"]
+  # Both paths have a loss barrier on both views, and weight matching lowers it (0.19 / 0.20 ->
+  # 0.08 / 0.08 when written).
+  for view in ("clean", "cue"):
+    assert loss(plain["linear"][view]) > 0.1
+    assert loss(plain["linear (aligned)"][view]) < loss(plain["linear"][view])
+  # Some group carries part of the barrier: freezing it (all but it moving) lowers the barrier.
+  cue = lw["linear"].summary()["cue"]
+  assert min(b["all_but@a"]["loss"] for b in cue.values()) < loss(plain["linear"]["cue"])
+  # The 'only' path of every group, anchored at a, starts at the cue model's loss.
+  np.testing.assert_allclose(lw["linear"].path_eval("cue", "P_0").loss[0],
+                             plain["linear"]["cue"].loss[0], rtol=1e-5)
+  # The first conv is linear in its weights: LLFC holds there exactly; alignment brings the
+  # path's features closer to the end points' at every BatchNorm.
+  bn = ("BatchNorm_0", "BatchNorm_1", "BatchNorm_2")
+  linear, aligned = (fc[k].summary()["clean"] for k in ("linear", "linear (aligned)"))
+  assert linear["Conv_0"]["cosine_min"] > 0.999
+  assert all(aligned[s]["cosine_min"] > linear[s]["cosine_min"] for s in bn)
+  for c in ns["curv"].values():
+    assert np.all(np.isfinite(c.top_eigenvalues)) and float(c.top_eigenvalues.min()) > 0
+  for c in ns["cal"].values():  # a temperature never changes a prediction
+    np.testing.assert_array_equal(c.calibrated["clean"].accuracy, c.raw["clean"].accuracy)
+  for grid, found in ns["maxima"].values():
+    assert found.certified and found.num_evaluations <= 25
+    assert abs(found.value - grid) <= 0.0101
+  for name in ("layerwise", "features", "curvature", "calibration"):
+    assert (tmp_path / f"diagnostics_{name}.png").stat().st_size > 10_000
+  assert "linear (aligned): clean loss barrier" in printed

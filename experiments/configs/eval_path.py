@@ -12,6 +12,10 @@ every number), eval_path.png (loss and accuracy along t: a column of panels per
 path, one line per view) and the curves as TensorBoard scalars. Expected on the
 2-core CPU: about 1 minute; the numbers are in docs/tasks.md.
 
+`cpu,diagnose` also runs every diagnostic on every path and the adaptive maximum
+(layer-wise barriers, feature connectivity, curvature, calibration;
+docs/diagnostics.md; `--config.diagnostics.run` picks some).
+
 Paper presets `{dataset}_box{percent}_{model}` (as fit_curve.py's, without the
 suffix) evaluate the paper's runs in workdir/ with their two fitted curves
 (workdir/curve_{preset}_clean and workdir/curve_{preset}_cue).

@@ -313,9 +313,9 @@ def adaptive_barrier(apply_fn: ApplyFn, points: Sequence[Params], eval_batches: 
   'error' (1 - accuracy). What the result guarantees and assumes: the module
   docstring.
 
+  The arguments it shares with `path_core.path_metrics` mean what they mean there.
+
   Args:
-    apply_fn, points, bn_batches, objective, path, renormalize, strategy,
-      chunk_size: as `path_core.path_metrics`.
     eval_batches: one eval set, stacked [num_batches, batch_size, ...].
     metric: a barrier curve's name ('loss' or 'error' for classification).
     tol, initial, per_round, safety, min_curvature, max_evaluations: as

@@ -255,9 +255,9 @@ def calibrated_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
   problem: see the module docstring), then every eval set's metrics raw and at
   outputs / T(t). All t in one compiled program (`calibrated_path_jit`).
 
+  The arguments it shares with `path_core.path_metrics` mean what they mean there.
+
   Args:
-    apply_fn, points, ts, eval_sets, bn_batches, objective, path, renormalize,
-      strategy, chunk_size: as `path_core.path_metrics`.
     calibration_batches: held-out stacked batches in the objective's format on
       which T(t) is fitted; never an eval set (raises ValueError).
     temperature_range: (low, high), 0 < low < high: the temperatures searched.
@@ -275,7 +275,7 @@ def calibrated_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
   Example:
     >>> result = calibrated_path(model.apply, (params_a, params_b), np.linspace(0, 1, 11),
     ...                          {"test": test_batches}, val_batches, bn_batches)
-    >>> result.summary()["test"]["calibration_share"]
+    >>> test = result.summary()["test"]; test["calibration_share"]
   """
   points = path_core.check_points(points, where := "calibrated_path")
   paths.check_matching(points)

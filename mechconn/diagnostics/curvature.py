@@ -264,9 +264,9 @@ def path_curvature(apply_fn: ApplyFn, points, ts: chex.Array, batches: StackedBa
   Hessian-vector products (each about 2-3 gradients over `batches`), and as
   many again per group.
 
+  The arguments it shares with `path_core.path_metrics` mean what they mean there.
+
   Args:
-    apply_fn, points, ts, bn_batches, objective, path, renormalize, strategy,
-      chunk_size: as `path_core.path_metrics`.
     batches: stacked batches [N, B, ...] (the objective's format), the loss' data.
     metric: which of the objective's metrics is differentiated ('loss').
     num_eigenvalues: how many of the largest eigenvalues (<= num_matvecs).

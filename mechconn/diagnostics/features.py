@@ -1,7 +1,7 @@
 """Feature connectivity along a path: LLFC cosines and activation-pattern agreement, per site.
 
 A site is a submodule's output (its first `__call__`), read with the interception
-activation matching uses (`matching._site_outputs`, `mechconn.intercept`): Linen and
+activation matching uses (`matching.site_outputs`, `mechconn.intercept`): Linen and
 NNX alike. At every t of a grid, on every eval set (a view: clean, cue, conflicting),
 and at every site s, with f_t the features of the network on the path at t (its
 BatchNorm or REPAIR statistics recomputed, `path_core.network_at`):
@@ -192,8 +192,8 @@ def cosine(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def _features(apply_fn, variables, inputs, sites, lead) -> list[jax.Array]:
   """Every site's output, float32, each [*lead, units] (lead: the weights' shape)."""
-  return [f.reshape(*lead, -1) for f in matching._site_outputs(apply_fn, variables, inputs,
-                                                               sites)]
+  return [f.reshape(*lead, -1) for f in matching.site_outputs(apply_fn, variables, inputs,
+                                                              sites)]
 
 
 def _end_features(at_a, at_b, post) -> list[tuple]:
@@ -289,10 +289,10 @@ def feature_connectivity(apply_fn: ApplyFn, points: Sequence[Params], ts,
   from non-finite statistics or features raises. The formulas, the default sites and
   what the agreement means at each site: the module docstring.
 
+  Arguments not listed take their meaning from `path_core.path_metrics` (points
+  are params; ts a grid from 0 to 1; eval_sets {name: stacked batches}, each a view).
+
   Args:
-    apply_fn, points, ts, eval_sets, bn_batches, objective, path, renormalize,
-      strategy, chunk_size: as `path_core.path_metrics` (points are params; ts a
-      grid from 0 to 1; eval_sets {name: stacked batches}, each a view).
     sites: site names ('/'-joined module paths, e.g. ['BatchNorm_1', 'head']);
       None: every conv, dense and normalisation layer's output.
     post: maps every site's features before the cosine (e.g. `jax.nn.relu`, at
@@ -312,8 +312,8 @@ def feature_connectivity(apply_fn: ApplyFn, points: Sequence[Params], ts,
   Example:
     >>> fc = feature_connectivity(model.apply, (params_a, params_b), np.linspace(0, 1, 11),
     ...                           {"clean": clean, "cue": cue}, bn_batches)
-    >>> fc.cosine["clean"]["BatchNorm_2"]      # [11]
-    >>> fc.summary()["cue"]["BatchNorm_2"]["cosine_min"]
+    >>> clean = fc.cosine["clean"]; clean["BatchNorm_2"]      # [11]
+    >>> cue = fc.summary()["cue"]; cue["BatchNorm_2"].get("cosine_min")
   """
   points = path_core.check_points(points, WHERE)
   ts = path_core.check_grid(ts)

@@ -22,7 +22,7 @@ time, so G groups cost one compile and G x modes x anchors x K evaluations.
 Example:
   >>> lw = layerwise.layerwise_barriers(model.apply, (a, b), np.linspace(0, 1, 11),
   ...                                   {"clean": batches}, bn_batches)
-  >>> lw.summary()["clean"]["Conv_0"]["only@a"]   # {'loss': ..., 'error': ...}
+  >>> clean = lw.summary()["clean"]; clean["Conv_0"].get("only@a")  # {'loss', 'error'}
 """
 
 from collections.abc import Mapping, Sequence
@@ -157,9 +157,9 @@ def layerwise_barriers(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Arr
                        chunk_size: int = path_core.DEFAULT_CHUNK_SIZE) -> LayerwiseBarriers:
   """Each group's path (only it moves, or all but it), on each eval set, at every t.
 
+  The arguments it shares with `path_core.path_metrics` mean what they mean there.
+
   Args:
-    apply_fn, points, ts, eval_sets, bn_batches, objective, path, strategy,
-      chunk_size: as `path_core.path_metrics`.
     groups: `diagnostics.groups.Groups` (None: the top-level submodules).
     modes: 'only' (the group moves, the rest stays at the anchor) and/or
       'all_but' (everything but the group moves).

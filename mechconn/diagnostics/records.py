@@ -20,7 +20,7 @@ def _lists(tree) -> Any:
 def layerwise_record(lw) -> dict:
   """A `layerwise.LayerwiseBarriers` as {'groups', 'barriers', 'excess_loss', 'excess_error'}.
 
-  'excess_*': {view: [groups][t]} the barrier curve minus its chord with only
+  'excess_*': {view: groups x t} the barrier curve minus its chord with only
   that group moving and the rest at the first point (the heatmap's cells).
   """
   return {"groups": {g: list(m) for g, m in lw.members.items()}, "barriers": lw.summary(),
@@ -38,7 +38,7 @@ def features_record(fc) -> dict:
 
 
 def curvature_record(c) -> dict:
-  """A `curvature.Curvature` as its curves (top eigenvalues [K][n], trace) and summary."""
+  """A `curvature.Curvature` as its curves (top eigenvalues K x n, trace) and summary."""
   return {"top_eigenvalues": _lists(c.top_eigenvalues),
           "trace": None if c.trace is None else _lists(c.trace),
           "trace_sem": None if c.trace_sem is None else _lists(c.trace_sem),

@@ -10,6 +10,11 @@ one column of panels per path, one line per view) and, with tensorboardX
 installed, the same curves as TensorBoard scalars (`EVAL_PATH_EVENTS`: tag
 '<path>/<view>/<loss|accuracy>', step round(1000 t), `metric_writers.t_step`).
 
+With `diagnostics.run` (or the `diagnose` modifier) it also runs the
+diagnostics of `mechconn.diagnostics` on every path (`path_diagnostics`: the
+record's 'diagnostics', `eval_path_<diagnostic>.png`). An end point may be a
+finished `finetune` run (the cue model fine-tuned; `runs.load_model_run`).
+
 Between two language models (train runs on a sequence dataset,
 `tasks.sequences`) it evaluates the linear path and, with `align='weight'`,
 the linear path after weight matching on a permutation spec derived from the
@@ -195,7 +200,7 @@ def _as_sequence_sets(zeros: dict) -> tuple[dict, dict]:
           {"tokens": _varied(batch["tokens"])[None]})
 
 
-def _eval_data(spec: EvalPathSpec, mesh: jax.sharding.Mesh) -> tuple[dict, dict, dict]:
+def eval_data(spec: EvalPathSpec, mesh: jax.sharding.Mesh) -> tuple[dict, dict, dict]:
   """(eval sets, statistics batches, what they are for the record).
 
   Image models: the four views, and the training images BatchNorm is recomputed
@@ -226,7 +231,7 @@ def _eval_data(spec: EvalPathSpec, mesh: jax.sharding.Mesh) -> tuple[dict, dict,
                "views_seed": data.seed}}
 
 
-def _aligned_path(spec: EvalPathSpec, endpoints: runs.Endpoints, bn_batches: dict
+def aligned_path(spec: EvalPathSpec, endpoints: runs.Endpoints, bn_batches: dict
                   ) -> tuple[tuple, dict]:
   """The linear path after alignment, (kind, points), and what the alignment did."""
   start_run, end_run = endpoints.start, endpoints.end
@@ -277,7 +282,7 @@ def _paths(spec: EvalPathSpec, inputs: Inputs, bn_batches: dict) -> tuple[dict, 
   paths = {"linear": ("linear", (start_run.params, end_run.params))}
   record = None
   if spec.align != "none":
-    paths["linear (aligned)"], record = _aligned_path(spec, inputs.endpoints, bn_batches)
+    paths["linear (aligned)"], record = aligned_path(spec, inputs.endpoints, bn_batches)
   for (fitted, free), w in zip(inputs.curves, spec.curve_workdirs):
     label = runs.curve_label(fitted)
     if label in paths:  # two curves of one kind on one dataset: name them apart
@@ -289,7 +294,7 @@ def _paths(spec: EvalPathSpec, inputs: Inputs, bn_batches: dict) -> tuple[dict, 
 def run(spec: EvalPathSpec, job: runner.Job) -> dict:
   """Evaluates every path; returns the eval_path.json record."""
   start_run, end_run = job.inputs.endpoints.start, job.inputs.endpoints.end
-  view_batches, bn_batches, provenance = _eval_data(spec, job.mesh)
+  view_batches, bn_batches, provenance = eval_data(spec, job.mesh)
   ts = np.linspace(0.0, 1.0, spec.path.num_t)
   paths, alignment_record = _paths(spec, job.inputs, bn_batches)
   start = time.perf_counter()
@@ -348,7 +353,8 @@ def dry_run(spec: EvalPathSpec, job: runner.Job) -> dict:
   A "step" is one t: statistics from `path.bn_examples` examples and the eval
   sets (four views, or the held-out sequences); the timed call evaluates two t
   on one eval and one statistics batch, so its batch is a quarter of one t's
-  examples. The estimate leaves out the alignment (seconds for weight matching).
+  examples. The estimate leaves out the alignment (seconds for weight matching) and the
+  diagnostics (`path_diagnostics`; their costs per t: docs/performance.md).
   """
   endpoints = job.inputs.endpoints
   num_sets = 1 if spec.data.is_sequence else len(VIEWS)

@@ -7,7 +7,9 @@
   not its path), recorded by every task that reads it; `finished_record`:
   whether a directory holds a finished run of exactly this config;
   `check_cue_model`: a given cue model against the study's recipe;
-- `load_endpoints`: a path's two end points, checked against each other and
+- `load_model_run(workdir)`: a finished train run, or a finished finetune run
+  (the cue model's model with the fine-tuned weights);
+- `load_endpoints`: a path's two end points (train or finetune runs), checked against each other and
   the data; `load_curve`, `check_curve_ends`: a fitted curve between them;
 - `view_eval_fn`, `evaluate_views`, `path_curves`: a model on the four
   counterfactual views (or any named eval sets, with their objective), and a
