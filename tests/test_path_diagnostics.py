@@ -87,3 +87,26 @@ def test_figures_only_for_what_ran(tmp_path):
   writers[path_diagnostics.FIGURES["curvature"]](str(tmp_path / "c.png"))
   assert (tmp_path / "c.png").stat().st_size > 5_000
   assert path_diagnostics.figures({"linear": {"ts": ts}}) == {}
+
+
+def test_plots_draw_every_diagnostic_record(tmp_path):
+  from mechconn.diagnostics import plots  # pylint: disable=import-outside-toplevel
+  ts = [0.0, 0.5, 1.0]
+  record = {
+      "ts": ts,
+      "layerwise": {"groups": {"P_0": ["Conv_0/kernel"], "head": ["head/kernel"]},
+                    "excess_loss": {"clean": [[0.0, 0.3, 0.0], [0.0, -0.1, 0.0]],
+                                    "cue": [[0.0, 0.2, 0.0], [0.0, 0.0, 0.0]]}},
+      "features": {"views": {"clean": {"Conv_0": {"cosine": [1.0, 1.0, 1.0],
+                                                  "agreement_a": [1.0, 0.7, 0.5]}}}},
+      "curvature": {"top_eigenvalues": [[3.0], [5.0], [2.0]], "trace": [10.0, 12.0, 9.0],
+                    "trace_sem": [1.0, 1.0, 1.0]},
+      "calibration": {"temperature": [1.0, 2.0, 1.1],
+                      "views": {"clean": {"loss": [0.1, 1.0, 0.2],
+                                          "calibrated_loss": [0.1, 0.8, 0.2]}}}}
+  for name, plot in plots.PLOTS.items():
+    fig = plot({"linear": record, "aligned": record}, str(tmp_path / f"{name}.png"))
+    assert len(fig.axes) >= 4  # a row of panels per path
+    assert (tmp_path / f"{name}.png").stat().st_size > 5_000
+  with pytest.raises(ValueError, match="'curvature'"):
+    plots.plot_curvature({"linear": {"ts": ts}})
