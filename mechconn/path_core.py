@@ -115,16 +115,7 @@ class PathEval:
     complement as 1 - metric under the complement's name ('error'); one
     without, negated (its barrier is its drop below the chord).
     """
-    complement = dict(self.complements)
-    curves = {}
-    for name, values in self.metrics.items():
-      if name not in self.higher_is_better:
-        curves[name] = values
-      elif name in complement:
-        curves[complement[name]] = 1.0 - values
-      else:
-        curves[name] = -values
-    return curves
+    return barrier_curves(self.metrics, self.higher_is_better, self.complements)
 
   def summary(self) -> dict[str, float]:
     """The barriers and where they sit: {name: height, name + '_t': t of the maximum}.
@@ -143,6 +134,21 @@ class PathEval:
       out[name] = float(barrier_height(ts, values))
       out[f"{name}_t"] = barrier_location(ts, values)
     return out
+
+
+def barrier_curves(metrics: dict, higher_is_better: Sequence[str],
+                   complements: Sequence[tuple[str, str]]) -> dict:
+  """{barrier name: curve} of metrics (`PathEval.barrier_curves`; any leading axes)."""
+  complement = dict(complements)
+  curves = {}
+  for name, values in metrics.items():
+    if name not in higher_is_better:
+      curves[name] = values
+    elif name in complement:
+      curves[complement[name]] = 1.0 - values
+    else:
+      curves[name] = -values
+  return curves
 
 
 def check_grid(ts) -> np.ndarray:

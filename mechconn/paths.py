@@ -94,6 +94,18 @@ def _check_passthrough(path, values) -> None:
             "tree or make it equal in every point.")
 
 
+def combination(points: Sequence[Params], weights: chex.Array) -> Params:
+  """sum_i weights[i] * points[i], leafwise: a point of the simplex of `points`.
+
+  Args:
+    points: N matching pytrees (checked).
+    weights: [N] (may be traced); on the simplex (non-negative, summing to 1)
+      for a point between the models, e.g. the merged model's 1 / N each.
+  """
+  n = len(points)
+  return _combine(tuple(points), lambda dt: [jnp.asarray(weights, dt)[i] for i in range(n)])
+
+
 def linear(theta_a: Params, theta_b: Params, t: chex.Numeric) -> Params:
   """The linear path (1 - t) * theta_a + t * theta_b.
 
