@@ -340,8 +340,7 @@ def pairwise_barriers(apply_fn: ApplyFn, models: Sequence[Params], ts: chex.Arra
   one `evaluate_simplex`. Each pair's `PathEval` equals
   `barriers.evaluate_path_on_sets(apply_fn, (models[i], models[j]), ts, ...)`.
 
-  Returns:
-    {set name: PairwiseBarriers} (`.matrix('error')`: [N, N] error barriers).
+  Returns: {set name: PairwiseBarriers} (`.matrix('error')`: [N, N] error barriers).
   """
   ts = path_core.check_grid(ts)
   n = len(models)
@@ -367,11 +366,13 @@ def pairwise_barriers(apply_fn: ApplyFn, models: Sequence[Params], ts: chex.Arra
 
 
 def merged_params(models: Sequence[Params], weights: chex.Array | None = None) -> Params:
-  """The weighted mean of N params trees (None: the plain mean, the merged model)."""
+  """The weighted mean of N params trees (None: the plain mean, the merged model); jittable."""
   models = path_core.check_points(models, "merged_params")
-  w = np.full(len(models), 1.0 / len(models)) if weights is None else \
-      check_weights(np.asarray(weights)[None], len(models))[0]
-  return paths.combination(models, jnp.asarray(w, jnp.float32))
+  if weights is None:
+    weights = np.full(len(models), 1.0 / len(models))
+  elif not isinstance(weights, jax.core.Tracer):  # checked when concrete (jittable)
+    weights = check_weights(np.asarray(weights)[None], len(models))[0]
+  return paths.combination(models, jnp.asarray(weights, jnp.float32))
 
 
 def merged_variables(apply_fn: ApplyFn, models: Sequence[Params],
