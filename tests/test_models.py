@@ -71,7 +71,7 @@ def test_features_and_logits(name, kw):
 
 
 def test_unknown_model_lists_valid_ones():
-  with pytest.raises(ValueError, match=r"valid models: \['mlp', 'resnet18', 'small_cnn', 'vgg13', 'vit'\]"):
+  with pytest.raises(ValueError, match=r"valid models: \['mlp', 'resnet18', 'resnet20', 'small_cnn', 'vgg13', 'vit'\]"):
     get_model("vgg16", 10)
 
 

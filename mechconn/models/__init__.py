@@ -11,6 +11,7 @@ import flax.linen as nn
 
 from mechconn.models.mlp import MLP
 from mechconn.models.resnet import ResNet18
+from mechconn.models.resnet20 import ResNet20
 from mechconn.models.small_cnn import SmallCNN
 from mechconn.models.transformer import CausalLM
 from mechconn.models.vgg import VGG13
@@ -21,12 +22,13 @@ MODELS: dict[str, type[nn.Module]] = {
     "small_cnn": SmallCNN,
     "vgg13": VGG13,
     "resnet18": ResNet18,
+    "resnet20": ResNet20,
     "vit": ViT,
 }
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-  """Builds a model by name ('mlp', 'small_cnn', 'vgg13', 'resnet18', 'vit').
+  """Builds a model by name ('mlp', 'small_cnn', 'vgg13', 'resnet18', 'resnet20', 'vit').
 
   Extra keyword arguments are the model's attributes (e.g. width=0.25).
   """
@@ -35,4 +37,5 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["CausalLM", "MLP", "MODELS", "ResNet18", "SmallCNN", "VGG13", "ViT", "get_model"]
+__all__ = ["CausalLM", "MLP", "MODELS", "ResNet18", "ResNet20", "SmallCNN", "VGG13", "ViT",
+           "get_model"]
