@@ -40,7 +40,8 @@ import ml_collections
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 # Every config file, in the order a reader meets them (tests check that none is missing).
-FILES = ("quickstart", "train", "fit_curve", "eval_path", "finetune", "reproduce", "theory")
+FILES = ("quickstart", "train", "fit_curve", "eval_path", "finetune", "reproduce", "theory",
+         "merge")
 _CHANGES_A_RECIPE = re.compile(r"apply|shrink|quick")  # function names: not where fields start
 _PRAGMA = re.compile(r"(noqa|pylint|pytype|type:)")
 

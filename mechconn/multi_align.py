@@ -33,6 +33,7 @@ exactly that model.
 
 from collections.abc import Iterable, Mapping, Sequence
 import dataclasses
+import functools
 import itertools
 import time
 
@@ -92,8 +93,8 @@ def cycle_error(pairwise: Mapping[tuple[int, int], Permutation], num_models: int
   """The fraction of units whose map around a cycle of three models is not the identity.
 
   Over every triple i < j < k and every group: unit u of model i maps to unit
-  pairwise[(i, j)][u] of model j, which maps to unit pairwise[(j, k)][...] of
-  model k; the direct map is pairwise[(i, k)][u]. 0 when the maps are
+  `pairwise[(i, j)][g][u]` of model j, which maps to a unit of model k by
+  `pairwise[(j, k)][g]`; the direct map is `pairwise[(i, k)][g][u]`. 0 when the maps are
   cycle-consistent (any `MultiAlignment.pairwise()`); independent pairwise
   matchings (`pairwise_permutations`) are in general not.
 
@@ -157,21 +158,11 @@ def joint_correlations(apply_fn: ApplyFn, spec: PermutationSpec, models: Sequenc
   (summed over a group's sites, as activation matching does).
   """
   names = [name for name in spec.names if spec.sites.get(name)]
-  sites = [site for name in names for site in spec.sites[name]]
-
-  @jax.jit
-  def moments(images):
-    per_model = [matching_lib.site_outputs(apply_fn, v, images, sites, post) for v in models]
-    out = []
-    for s in range(len(sites)):
-      x = jnp.concatenate([acts[s] for acts in per_model], axis=1)  # [examples, N n]
-      centred = x - x.mean(0, keepdims=True)
-      out.append((jnp.float32(x.shape[0]), x.mean(0), centred.T @ centred))
-    return out
-
+  sites = tuple(tuple(site) for name in names for site in spec.sites[name])
   totals = None
   for images in batches:
-    m = [tuple(np.asarray(v, np.float64) for v in site) for site in jax.device_get(moments(images))]
+    m = [tuple(np.asarray(v, np.float64) for v in site) for site in jax.device_get(
+        _moments(list(models), images, apply_fn=apply_fn, sites=sites, post=post))]
     totals = m if totals is None else [_merge(t, x) for t, x in zip(totals, m)]
   if totals is None:
     raise ValueError("joint_correlations needs at least one batch.")
@@ -184,6 +175,18 @@ def joint_correlations(apply_fn: ApplyFn, spec: PermutationSpec, models: Sequenc
                                                  len(models))
       out[name] = out.get(name, 0.0) + corr.transpose(0, 2, 1, 3)
       s += 1
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "sites", "post"))
+def _moments(models, images, *, apply_fn, sites, post):
+  """Per site: (count, mean [N n], centred cross-products [N n, N n]) of one batch."""
+  per_model = [matching_lib.site_outputs(apply_fn, v, images, sites, post) for v in models]
+  out = []
+  for s in range(len(sites)):
+    x = jnp.concatenate([acts[s] for acts in per_model], axis=1)  # [examples, N n]
+    centred = x - x.mean(0, keepdims=True)
+    out.append((jnp.float32(x.shape[0]), x.mean(0), centred.T @ centred))
   return out
 
 

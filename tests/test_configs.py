@@ -99,7 +99,7 @@ def test_unknown_presets_and_modifiers_list_the_valid_ones():
     ("data.cue_proportion", -0.1, r"cue_proportion=-0.1 must be in \[0, 1\]"),
     ("data.test_cue_proportion", 1.2, r"config.data.test_cue_proportion=1.2 must be in \[0, 1\]"),
     ("data.num_train", 0, r"config.data.num_train.*=0 must be a positive integer"),
-    ("model.name", "vgg16", r"config.model.name='vgg16'.*'resnet18', 'small_cnn', 'vgg13'"),
+    ("model.name", "vgg16", r"config.model.name='vgg16'.*'resnet18', 'resnet20', 'small_cnn', 'vgg13'"),
     ("optimizer.schedule", "linear", r"optimizer.schedule='linear'.*'constant', 'cosine'"),
     ("optimizer.learning_rate", 0.0, r"learning_rate=0.0 must be > 0"),
     ("batch_size", 100, r"config.batch_size=100 is not divisible by the 8 devices"),

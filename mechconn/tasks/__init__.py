@@ -9,6 +9,8 @@
   reproduce   the paper's fine-tuning study (every method x seed, report)
   quickstart  two small models and the linear path between them, in seconds
   theory      the one-hidden-layer theory on two-attribute synthetic data (claim C13)
+  merge       N models merged into one (none, MergeMany, synchronized alignment): the merged
+              model on the views vs N, the simplex they span, pairwise barriers
 
 Each task module resolves its config once (`resolve(config, num_devices)`:
 every field checked, into the task's frozen, typed spec) and runs from the
@@ -33,6 +35,7 @@ import ml_collections
 from mechconn.tasks import eval_path
 from mechconn.tasks import finetune
 from mechconn.tasks import fit_curve
+from mechconn.tasks import merge
 from mechconn.tasks import quickstart
 from mechconn.tasks import reproduce
 from mechconn.tasks import runner
@@ -40,7 +43,7 @@ from mechconn.tasks import theory
 from mechconn.tasks import train
 
 TASKS = {task.NAME: task for task in (train, fit_curve, eval_path, finetune, reproduce,
-                                      quickstart, theory)}
+                                      quickstart, theory, merge)}
 
 
 def task_of(config: ml_collections.ConfigDict) -> runner.Task:
