@@ -36,10 +36,9 @@ images, 4 epochs of Adam, 3 pairs: 26 min on 2 shared CPU cores (train 947 s,
 evaluation 601 s), end accuracies 30-38% at 1x, 100% (BatchNorm) and 56%
 (LayerNorm) at 8x. gpu is ResNet-20 (3 blocks) at base width 16 on 32x32
 shapes10, 50,000 images, 100 epochs of SGD, 5 pairs; it has not been run.
-With such short training the cpu networks stay close to their random
-initialisation (most of the weights' norm), which weight matching then
-matches: its barriers stay near the unaligned ones, where activation
-matching's fall.
+On the cpu preset weight matching's barriers stay near the unaligned ones,
+where activation matching's fall: the networks are narrow (its 8x is ResNet-20
+at 2x) and short-trained (docs/many_models.md, "Measured").
 """
 
 import argparse
