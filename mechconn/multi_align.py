@@ -16,8 +16,8 @@ differ in how well the frame fits all the models.
   "Solving the multi-way matching problem by permutation synchronization",
   NeurIPS 2013): every pair is matched independently, then for each
   permutation group the [N n, N n] block matrix of the pairwise permutation
-  matrices is replaced by its best rank-n approximation (its top n
-  eigenvectors V), and model i's map into the shared frame is the
+  matrices is projected onto its top n eigenvectors V (its best positive
+  semidefinite rank-n approximation), and model i's map into the shared frame is the
   permutation nearest to V_0 V_i^T (one linear assignment). Chosen over
   C2M3's Frank-Wolfe because it takes any pairwise matcher (weight or
   activation matching, on any spec, written or derived) and is closed form
@@ -105,6 +105,7 @@ def cycle_error(pairwise: Mapping[tuple[int, int], Permutation], num_models: int
   Example:
     cycle_error(pairwise_permutations(spec, models), len(models))
   """
+  _check_pairs(pairwise, num_models, "cycle_error")
   wrong = total = 0
   for i, j, k in itertools.combinations(range(num_models), 3):
     for g, direct in pairwise[(i, k)].items():
@@ -115,6 +116,15 @@ def cycle_error(pairwise: Mapping[tuple[int, int], Permutation], num_models: int
 
 
 # --- Checks. ------------------------------------------------------------------------
+
+
+def _check_pairs(pairwise, num_models: int, where: str) -> None:
+  """Raises ValueError unless `pairwise` holds exactly the pairs i < j of num_models models."""
+  expected = set(itertools.combinations(range(num_models), 2))
+  if set(pairwise) != expected:
+    raise ValueError(f"{where}: pairwise must hold a map for every pair (i, j), i < j, of the "
+                     f"{num_models} models; missing {sorted(expected - set(pairwise))[:4]}, "
+                     f"extra {sorted(set(pairwise) - expected)[:4]}.")
 
 
 def _check_models(spec: PermutationSpec, models, method: str, matching: str,
@@ -157,6 +167,9 @@ def joint_correlations(apply_fn: ApplyFn, spec: PermutationSpec, models: Sequenc
   correlation over all the data of unit u of model i and unit v of model j
   (summed over a group's sites, as activation matching does).
   """
+  for i, model in enumerate(models):
+    align._check_variables_arg(model, "joint_correlations(apply_fn, spec, models, batches)",
+                               f"models[{i}]")
   names = [name for name in spec.names if spec.sites.get(name)]
   sites = tuple(tuple(site) for name in names for site in spec.sites[name])
   totals = None
@@ -265,6 +278,7 @@ def synchronize(pairwise: Mapping[tuple[int, int], Permutation],
   Returns:
     perms: perms[i] maps model i into model 0's frame (perms[0] the identity).
   """
+  _check_pairs(pairwise, num_models, "synchronize")
   groups = pairwise[(0, 1)]
   perms = [{} for _ in range(num_models)]
   for g, first in groups.items():
@@ -302,7 +316,10 @@ def _match_to_others(spec, models, perms, i, correlations, seed) -> Permutation:
   perm = {}
   for g, c in correlations.items():  # row k: the others' units at frame position k
     similarity = sum(c[j, i][np.asarray(perms[j][g])] for j in range(len(models)) if j != i)
-    perm[g] = linear_sum_assignment(similarity, maximize=True)[1]
+    new, old = linear_sum_assignment(similarity, maximize=True)[1], np.asarray(perms[i][g])
+    rows = np.arange(len(new))  # a tie (dead units) keeps the current assignment: no cycling
+    better = similarity[rows, new].sum() > similarity[rows, old].sum() + 1e-9 * len(new)
+    perm[g] = new if better else old
   unseen = _unseen(spec, correlations)
   if unseen:
     perm = matching_lib.weight_matching(spec, _mean_of_others(spec, models, perms, i), models[i],
@@ -316,7 +333,7 @@ def merge_many(spec: PermutationSpec, models: Sequence[Params], *, correlations=
 
   Starts from the identity (every model in its own order). With
   `correlations` (`joint_correlations`), a model's units are matched to the
-  others' aligned units by the sum of their correlations (the correlation with
+  others' aligned units by the sum of their correlations (the covariance with
   the mean of the others' standardised units, up to a constant); without,
   by weight matching to the mean of the others' aligned parameters.
 
@@ -355,7 +372,7 @@ def align_models(spec: PermutationSpec, models: Sequence[Params], *,
     method: 'synchronized' or 'merge_many' (see the module docstring).
     matching: 'weight' or 'activation'.
     apply_fn, batches, post: activation matching's (`matching.activation_matching`):
-      the model's apply, image batches (a sequence: it is read once), and
+      the model's apply, image batches (any iterable: read once), and
       what maps each site's output first (`jax.nn.relu` for post-ReLU units).
     max_sweeps: MergeMany's bound on sweeps.
     seed: the order of models (MergeMany) and of groups (weight matching).

@@ -35,6 +35,8 @@ from mechconn import input_checks
 from mechconn import path_core
 from mechconn import paths
 from mechconn import repair
+from mechconn import simplex_checks
+from mechconn.simplex_checks import check_weights  # pylint: disable=unused-import
 from mechconn.objectives import Objective
 from mechconn.types import ApplyFn, Params, StackedBatches
 
@@ -68,7 +70,7 @@ def simplex_grid(num_models: int, *, num_samples: int = 16, concentration: float
   """
   if not isinstance(num_models, (int, np.integer)) or num_models < 2:
     raise ValueError(f"simplex_grid: num_models must be an integer >= 2, got {num_models!r}.")
-  if num_samples < 0 or not concentration > 0:
+  if not isinstance(num_samples, (int, np.integer)) or num_samples < 0 or not concentration > 0:
     raise ValueError(f"simplex_grid: num_samples must be >= 0 and concentration > 0, got "
                      f"{num_samples} and {concentration}.")
   eye = np.eye(num_models)
@@ -86,20 +88,6 @@ def simplex_grid(num_models: int, *, num_samples: int = 16, concentration: float
   return SimplexGrid(np.asarray(rows, np.float64), tuple(labels))
 
 
-def check_weights(weights, num_models: int) -> np.ndarray:
-  """[K, N] weights whose rows lie on the simplex (>= 0, summing to 1 within 1e-6), checked."""
-  w = np.asarray(weights, np.float64)
-  if w.ndim != 2 or w.shape[1] != num_models or not w.shape[0]:
-    raise ValueError(f"Simplex weights must be [K, N] with N = {num_models} models (one row per "
-                     f"point), got shape {w.shape}.")
-  if not np.all(np.isfinite(w)) or np.any(w < 0) or np.any(np.abs(w.sum(1) - 1) > 1e-6):
-    bad = int(np.flatnonzero(~np.isfinite(w).all(1) | (w < 0).any(1)
-                             | (np.abs(w.sum(1) - 1) > 1e-6))[0])
-    raise ValueError(f"Simplex weights must be finite, non-negative and sum to 1 per row; row "
-                     f"{bad} is {w[bad].tolist()}.")
-  return w
-
-
 @flax.struct.dataclass
 class SimplexEval:
   """An objective's metrics at K points of the simplex of N models.
@@ -108,6 +96,7 @@ class SimplexEval:
     weights: [K, N] the points (rows on the simplex).
     metrics: {metric: [K]} exact means over the eval set at each point.
     statistics_finite: [K] whether the recomputed statistics were finite.
+    statistics_vary: {layer: [K]} whether they vary (`path_core.PathEval`'s).
     labels: a name per point ('vertex 0', 'edge 0-1', 'centroid', ...).
     higher_is_better, complements: the objective's.
   """
@@ -115,6 +104,7 @@ class SimplexEval:
   weights: jax.Array
   metrics: dict[str, jax.Array]
   statistics_finite: jax.Array | None = None
+  statistics_vary: dict[str, jax.Array] | None = None
   labels: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
   higher_is_better: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
   complements: tuple[tuple[str, str], ...] = flax.struct.field(pytree_node=False, default=())
@@ -168,7 +158,7 @@ def _repair_mix(targets, w):
 
 def simplex_loop(models, weights, eval_sets, bn_batches, *, apply_fn, strategy, chunk_size,
                  renormalize, objective):
-  """({set: {metric: [K]}}, statistics finite [K]) at the rows of `weights`."""
+  """({set: {metric: [K]}}, statistics finite [K], {layer: vary [K]}) at the rows of `weights`."""
   inputs = objective.inputs
   targets = None
   if renormalize == "repair":
@@ -180,7 +170,8 @@ def simplex_loop(models, weights, eval_sets, bn_batches, *, apply_fn, strategy, 
                                             bn_batches, renormalize=renormalize, inputs=inputs,
                                             targets=mixed)
     return ({name: evaluation.mean_metrics(apply_fn, variables, batches, objective)
-             for name, batches in eval_sets.items()}, finite.all_finite(stats))
+             for name, batches in eval_sets.items()}, finite.all_finite(stats),
+            input_checks.statistics_vary(stats))
 
   return path_core.map_over(at, weights, strategy, chunk_size)
 
@@ -193,24 +184,6 @@ def simplex_jit(models, weights, eval_sets, bn_batches, *, apply_fn, strategy, c
   return simplex_loop(models, weights, eval_sets, bn_batches, apply_fn=apply_fn,
                       strategy=strategy, chunk_size=chunk_size, renormalize=renormalize,
                       objective=objective)
-
-
-def _prepare(apply_fn, models, weights, eval_sets, bn_batches, objective, renormalize,
-             strategy, where):
-  """Checks; (models, weights [K, N], apply_fn, strategy, renormalize)."""
-  models = path_core.check_points(models, where)
-  paths.check_matching(models)
-  weights = check_weights(weights, len(models))
-  if not isinstance(eval_sets, Mapping) or not eval_sets:
-    raise ValueError(f"{where}: eval_sets must be a non-empty {{name: stacked batches}}.")
-  for name, batches in eval_sets.items():
-    input_checks.check_batches(batches, f"eval set {name!r}", objective)
-  if bn_batches is not None:
-    input_checks.check_batches(bn_batches, "bn_batches", objective, weighted=False)
-  apply_fn, _, strategy, renormalize = path_core.resolve(
-      apply_fn, models, eval_sets, bn_batches, objective=objective, path="linear",
-      renormalize=renormalize, strategy=strategy, where=where)
-  return models, weights, apply_fn, strategy, renormalize
 
 
 def simplex_metrics(apply_fn: ApplyFn, models: Sequence[Params], weights: chex.Array,
@@ -226,15 +199,16 @@ def simplex_metrics(apply_fn: ApplyFn, models: Sequence[Params], weights: chex.A
   simplex) for its grid. It checks what needs no data; `evaluate_simplex` is
   the checked entry point (finite inputs and results).
   """
-  models, weights, apply_fn, strategy, renormalize = _prepare(
+  models, weights, apply_fn, strategy, renormalize = simplex_checks.prepare(
       apply_fn, models, weights, eval_sets, bn_batches, objective, renormalize, strategy,
       "simplex_metrics")
-  out, stats_finite = simplex_jit(
+  out, stats_finite, stats_vary = simplex_jit(
       models, jnp.asarray(weights, jnp.float32), dict(eval_sets),
       bn_batches if renormalize else None, apply_fn=apply_fn, strategy=strategy,
       chunk_size=int(chunk_size), renormalize=renormalize, objective=objective)
   return {name: SimplexEval(weights=jnp.asarray(weights, jnp.float32), metrics=metrics,
-                            statistics_finite=stats_finite, labels=tuple(labels),
+                            statistics_finite=stats_finite, statistics_vary=stats_vary,
+                            labels=tuple(labels),
                             higher_is_better=objective.higher_is_better,
                             complements=objective.complements)
           for name, metrics in out.items()}
@@ -281,22 +255,10 @@ def evaluate_simplex(apply_fn: ApplyFn, models: Sequence[Params],
   out = simplex_metrics(apply_fn, models, weights, eval_sets, bn_batches, objective=objective,
                         renormalize=renormalize, strategy=strategy, chunk_size=chunk_size,
                         labels=labels)
-  _check_results(out, labels or [str(k) for k in range(len(np.asarray(weights)))])
+  labels = labels or [str(k) for k in range(len(np.asarray(weights)))]
+  simplex_checks.check_results(out, labels)
+  simplex_checks.check_statistics_vary(next(iter(out.values())), labels)
   return out
-
-
-def _check_results(out: dict[str, SimplexEval], labels) -> None:
-  """Raises NonFiniteError naming the points where statistics or metrics are not finite."""
-  flags, ok = {}, np.asarray(jax.device_get(next(iter(out.values())).statistics_finite))
-  if not ok.all():
-    flags["the recomputed statistics at " + ", ".join(
-        labels[k] for k in np.flatnonzero(~ok)[:5])] = False
-  for name, result in out.items():
-    for metric, values in jax.device_get(result.metrics).items():
-      bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
-      if bad.size:
-        flags[f"the {metric} on {name!r} at " + ", ".join(labels[k] for k in bad[:5])] = False
-  finite.raise_if_any(flags, "Simplex evaluation")
 
 
 # --- Every pair, and the merged model. ---------------------------------------------------
@@ -343,7 +305,9 @@ def pairwise_barriers(apply_fn: ApplyFn, models: Sequence[Params], ts: chex.Arra
   Returns: {set name: PairwiseBarriers} (`.matrix('error')`: [N, N] error barriers).
   """
   ts = path_core.check_grid(ts)
-  n = len(models)
+  n = len(path_core.check_points(models, "pairwise_barriers"))
+  if n < 2:
+    raise ValueError(f"pairwise_barriers needs at least 2 models, got {n}.")
   pairs = list(itertools.combinations(range(n), 2))
   eye = np.eye(n)
   weights = np.concatenate([np.outer(1 - ts, eye[i]) + np.outer(ts, eye[j]) for i, j in pairs])
@@ -360,6 +324,7 @@ def pairwise_barriers(apply_fn: ApplyFn, models: Sequence[Params], ts: chex.Arra
       per_pair[pair] = path_core.PathEval(
           ts=jnp.asarray(ts, jnp.float32), metrics=metrics,
           statistics_finite=ev.statistics_finite[p * k:(p + 1) * k],
+          statistics_vary={layer: v[p * k:(p + 1) * k] for layer, v in ev.statistics_vary.items()},
           higher_is_better=ev.higher_is_better, complements=ev.complements)
     result[name] = PairwiseBarriers(n, per_pair)
   return result

@@ -11,7 +11,7 @@ MATHS = ("paths", "batchnorm", "barriers", "evaluation", "align", "curves", "fin
          "counterfactual", "models", "data", "step", "finite", "types", "rngs", "flops",
          "matching", "symmetry", "axis_classes", "objectives", "path_core", "adapters",
          "nnx_adapter", "intercept", "repair", "input_checks", "axis_tracer", "trees",
-         "diagnostics")
+         "diagnostics", "multi_align", "simplex", "simplex_checks")
 FORBIDDEN_FOR_MATHS = ("mechconn.tasks", "mechconn.loop", "mechconn.checkpoint",
                        "mechconn.workdir", "mechconn.dry_run", "orbax", "tqdm", "experiments",
                        "ml_collections", "absl")

@@ -186,3 +186,35 @@ def test_models_of_another_width_are_refused():
   wider = get_model("mlp", 10, hidden=(14, 10)).init(jax.random.key(5), jnp.zeros((2, 16, 16, 3)))
   with pytest.raises(ValueError, match="model 2 cannot be aligned with model 0"):
     multi_align.align_models(spec, [*models, wider])
+
+
+def test_missing_pairs_are_named_errors():
+  rng = np.random.default_rng(1)
+  pairwise = {(0, 1): {"P_0": rng.permutation(4)}, (0, 2): {"P_0": rng.permutation(4)}}
+  with pytest.raises(ValueError, match=r"missing \[\(1, 2\)\]"):
+    multi_align.synchronize(pairwise, 3)
+  with pytest.raises(ValueError, match="every pair"):
+    multi_align.cycle_error({**pairwise, (1, 2): {"P_0": np.arange(4)}}, 4)
+
+
+def test_joint_correlations_refuse_bare_params():
+  model, spec, models = _distinct_mlps(2)
+  with pytest.raises(ValueError, match="full variables"):
+    multi_align.joint_correlations(model.apply, spec, [m["params"] for m in models], _batches())
+
+
+def test_activation_merge_many_stops_with_dead_units():
+  """Units that never fire tie in every correlation: reassigning them must not count as
+  progress (each accepted change strictly raises the summed similarity, so it stops)."""
+  model, spec, models = _distinct_mlps(4)
+  dead = []
+  for m in models:
+    params = jax.tree.map(lambda x: x, m["params"])
+    params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[:, :4].set(0.0)
+    params["Dense_0"]["bias"] = params["Dense_0"]["bias"].at[:4].set(-1.0)
+    dead.append({"params": params})
+  result = multi_align.align_models(spec, dead, method="merge_many", matching="activation",
+                                    apply_fn=model.apply, batches=_batches(), post=jax.nn.relu,
+                                    max_sweeps=20)
+  assert result.sweeps < 20
+  assert multi_align.cycle_error(result.pairwise(), 4) == 0.0

@@ -167,3 +167,14 @@ def test_a_grid_without_every_vertex_has_no_barrier(setup):
   assert np.isfinite(result["eval"].metrics["loss"]).all()
   with pytest.raises(ValueError, match="needs every vertex"):
     result["eval"].summary()
+
+
+def test_constant_statistics_data_is_refused_as_for_paths(setup):
+  models, sets, _ = setup
+  apply_fn, params = models["cnn"]
+  zeros = {"image": np.zeros((2, 16, 16, 16, 3), np.float32)}
+  with pytest.raises(ValueError, match="zero variance at layer"):
+    simplex.evaluate_simplex(apply_fn, params, simplex.simplex_grid(3, num_samples=0), sets,
+                             zeros)
+  with pytest.raises(ValueError, match="at least 2 models"):
+    simplex.pairwise_barriers(apply_fn, params[:1], TS, sets, zeros)

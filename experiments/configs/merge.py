@@ -82,7 +82,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   recipe, data = endpoint_recipe(quick)
   config = ml_collections.ConfigDict()
   config.task = "merge"  # runs mechconn.tasks.merge
-  config.seed = 0  # matching's order of permutation groups and the simplex's Dirichlet draws
+  # MergeMany's order of models, weight matching's of groups, the simplex's Dirichlet draws
+  config.seed = 0
   # The end points' data (every end point is trained on it, or was: checked) and its test
   # views, on which every model is evaluated.
   config.data = data
@@ -107,7 +108,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # Activation matching correlates post_relu (every site's ReLU, as eval_path) or
   # module_outputs (before it), on the BatchNorm examples.
   config.align.activation_sites = "post_relu"
-  config.align.max_sweeps = 100  # sweeps over models and groups before the matching stops
+  config.align.max_sweeps = 100  # MergeMany's bound on sweeps over the models
   config.simplex = ml_collections.ConfigDict()
   # Dirichlet draws in the simplex of all N end points (besides vertices, edges' midpoints
   # and centroid).
