@@ -36,6 +36,7 @@ import numpy as np
 
 from mechconn import adapters, barriers, batchnorm, evaluation, objectives, paths
 from mechconn import flops as flops_lib
+from mechconn.flops import DEFAULT_PEAK_N, PEAK_N, matmul_peak_flops  # noqa: F401
 from mechconn.data import sequences
 from mechconn.models import CausalLM, get_model
 
@@ -51,20 +52,6 @@ def median_seconds(fn, repeats: int, check=None) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return float(np.median(times))
-
-
-# Matmul sizes that saturate a device: 2048 is enough for a CPU; a GPU's peak needs
-# more (an H200's float32 figure swung from 25 to 98 TFLOP/s at 2048 between two calls).
-PEAK_N = {"cpu": 2048}
-DEFAULT_PEAK_N = 8192
-
-
-def matmul_peak_flops(n: int | None = None, repeats: int = 7, dtype=jnp.float32) -> float:
-  """FLOP/s of an n x n matmul in `dtype` (default n: `PEAK_N` for the backend), median."""
-  n = n or PEAK_N.get(jax.default_backend(), DEFAULT_PEAK_N)
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-  matmul = jax.jit(lambda a: a @ a)
-  return 2 * n**3 / median_seconds(lambda: matmul(a), repeats)
 
 
 def peaks() -> dict[str, float]:

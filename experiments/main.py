@@ -39,6 +39,7 @@ from ml_collections import config_flags
 
 from experiments import catalogue
 from mechconn import tasks
+from mechconn import timing
 
 __doc__ += catalogue.help_text()  # absl's --help prints the docstring: every preset's name
 
@@ -185,6 +186,7 @@ def main(argv):
   if not _PRINT_CONFIG.value and not (_WORKDIR.value or "").strip():
     _fail(f"--workdir is {'empty' if _WORKDIR.value is not None else 'required'}; give the "
           "directory for the run's results, e.g. --workdir=/tmp/run.")
+  timing.mark_launch()  # the job's wall-time breakdowns count from the process's start
   config = _checked_config()
   if _PRINT_CONFIG.value or config.get("dry_run", False):
     _print_config(config)

@@ -48,6 +48,7 @@ from mechconn import mesh as mesh_lib
 from mechconn import objectives as objectives_lib
 from mechconn import path_core
 from mechconn import paths
+from mechconn import timing
 # The pure core and the barriers, re-exported: `barriers` is where users find them.
 from mechconn.path_core import (  # pylint: disable=unused-import
     BATCHNORM, CLASSIFICATION, DEFAULT_CHUNK_SIZE, DEFAULT_STRATEGY, RENORMALIZE, STRATEGIES,
@@ -72,6 +73,7 @@ def sharding_plan(num_t: int, mesh: jax.sharding.Mesh | None) -> str:
   return "t" if num_t >= mesh.size else "data"
 
 
+@timing.timed(timing.PATH_EVALUATION)
 def evaluate_path(apply_fn: ApplyFn, points: Sequence[Params], ts: chex.Array,
                   eval_batches: StackedBatches, *, path: str | PathFn = "linear",
                   bn_batches: StackedBatches | None = None,

@@ -24,6 +24,7 @@ from mechconn import finite
 from mechconn import input_checks
 from mechconn import mesh as mesh_lib
 from mechconn import objectives
+from mechconn import timing
 from mechconn.data import batching
 from mechconn.data.views import VIEWS
 from mechconn.objectives import Objective
@@ -48,6 +49,7 @@ def _evaluate_views(apply_fn, variables, view_batches, objective):
           for name, batches in view_batches.items()}
 
 
+@timing.timed(timing.EVALUATION)
 def evaluate_views(apply_fn: ApplyFn, variables: dict[str, Params], view_batches: ViewBatches,
                    objective: Objective = objectives.CLASSIFICATION
                    ) -> dict[str, dict[str, jax.Array]]:

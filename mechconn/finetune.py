@@ -37,6 +37,7 @@ from mechconn import finite
 from mechconn import objectives
 from mechconn import paths
 from mechconn import step as step_lib
+from mechconn import timing
 from mechconn import trees
 from mechconn.data import batching
 from mechconn.types import ApplyFn, Params
@@ -106,6 +107,7 @@ def _features(apply_fn, variables, images):
   return apply_fn(variables, images, train=False, return_features=True)[1]
 
 
+@timing.timed(timing.EVALUATION)
 def extract_features(apply_fn: ApplyFn, variables: dict, images: np.ndarray,
                      batch_size: int = 256) -> np.ndarray:
   """Penultimate features in inference mode, [N, F] float32 (the backbone is not changed)."""
@@ -131,6 +133,7 @@ def fresh_head(rng: jax.Array, num_features: int, num_classes: int) -> Params:
   return {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
 
 
+@timing.timed(timing.TRAINING)
 def fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int,
              learning_rate: float, batch_size: int, seed: int, momentum: float = 0.9,
              weight_decay: float = 0.0) -> Params:
@@ -186,6 +189,7 @@ def balanced_subset(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarr
                                             replace=False) for c in range(num_classes)]))
 
 
+@timing.timed(timing.TRAINING)
 def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
                  l2: float = 1e-2, max_iter: int = 500) -> Params:
   """DFR: L2-regularised multinomial logistic regression on standardised features.
@@ -199,26 +203,10 @@ def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   x = jnp.asarray((features - mean) / std)
   y = jnp.asarray(labels)
 
-  def objective(head):
-    logits = x @ head["kernel"] + head["bias"][None, :]
-    ce = jnp.mean(objectives.classification_metrics(logits, y)["loss"])
-    return ce + 0.5 * l2 * jnp.sum(head["kernel"] ** 2)
-
   head = {"kernel": jnp.zeros((x.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
-  solver = optax.lbfgs()
-  value_and_grad = optax.value_and_grad_from_state(objective)
-
-  @jax.jit
-  def step(carry):
-    head, state = carry
-    value, grad = value_and_grad(head, state=state)
-    updates, state = solver.update(grad, state, head, value=value, grad=grad,
-                                   value_fn=objective)
-    return optax.apply_updates(head, updates), state
-
-  carry = (head, solver.init(head))
+  carry = (head, _LBFGS.init(head))
   for _ in range(max_iter):
-    new = step(carry)
+    new = _dfr_step(carry, x, y, l2=l2)
     done = optax.tree.norm(optax.tree.sub(new[0], carry[0])) < 1e-7
     carry = new
     if bool(done):
@@ -229,6 +217,25 @@ def fit_dfr_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   finite.raise_if_any({"the fitted head": finite.all_finite_jit((kernel, bias))},
                       "fit_dfr_head (L-BFGS)")
   return {"kernel": kernel, "bias": bias}
+
+
+_LBFGS = optax.lbfgs()
+
+
+def _dfr_objective(head: Params, x: jax.Array, y: jax.Array, l2: float) -> jax.Array:
+  logits = x @ head["kernel"] + head["bias"][None, :]
+  ce = jnp.mean(objectives.classification_metrics(logits, y)["loss"])
+  return ce + 0.5 * l2 * jnp.sum(head["kernel"] ** 2)
+
+
+@functools.partial(jax.jit, static_argnames="l2")
+def _dfr_step(carry, x: jax.Array, y: jax.Array, *, l2: float):
+  """One L-BFGS iteration of `fit_dfr_head` (compiled once per shape and l2, not per call)."""
+  head, state = carry
+  objective = functools.partial(_dfr_objective, x=x, y=y, l2=l2)
+  value, grad = optax.value_and_grad_from_state(objective)(head, state=state)
+  updates, state = _LBFGS.update(grad, state, head, value=value, grad=grad, value_fn=objective)
+  return optax.apply_updates(head, updates), state
 
 
 def with_head(params: Params, head: Params) -> Params:

@@ -14,10 +14,16 @@ the FLOPs. The count does not depend on how a convolution is computed
 (`models.layers` conv_impl), so it is the same on every backend.
 
   >>> forward_flops(model.apply, variables, (1, 32, 32, 3))  # per image
+
+`matmul_peak_flops` measures what the device's matmuls reach, the yardstick for
+those counts (a fraction of peak) and for a job's wall time on another machine.
 """
+
+import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mechconn.types import ApplyFn, Variables
@@ -68,3 +74,24 @@ def forward_flops(apply_fn: ApplyFn, variables: Variables, input_shape: tuple[in
 # products per layer (gradients with respect to the layer's input and its weights),
 # each as many FLOPs as the forward's.
 TRAIN_STEP_FORWARDS = 3
+
+
+# Matmul sizes that saturate a device: 2048 is enough for a CPU; a GPU's peak needs
+# more (an H200's float32 figure swung from 25 to 98 TFLOP/s at 2048 between two calls).
+PEAK_N = {"cpu": 2048}
+DEFAULT_PEAK_N = 8192
+
+
+def matmul_peak_flops(n: int | None = None, repeats: int = 7, dtype=jnp.float32) -> float:
+  """FLOP/s of an n x n matmul in `dtype` (default n: `PEAK_N` for the backend): the median
+  over `repeats` calls after a warm-up (compiling) call."""
+  n = n or PEAK_N.get(jax.default_backend(), DEFAULT_PEAK_N)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  matmul = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(matmul(a))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a))
+    seconds.append(time.perf_counter() - start)
+  return 2 * n**3 / float(np.median(seconds))

@@ -37,6 +37,7 @@ from mechconn import mesh as mesh_lib
 from mechconn import metric_writers
 from mechconn import rngs
 from mechconn import step as step_lib
+from mechconn import timing
 from mechconn import trees
 from mechconn import workdir as workdir_lib
 from mechconn.data import batching
@@ -121,17 +122,22 @@ def train_loop(init_fn: Callable[[], Any], step_fn: Callable[[Any, Batch], tuple
   """
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                  max_to_keep=options.max_to_keep)
-  state = _restore_or_init(ckpt, init_fn, mesh, options, run_config)
+  with timing.phase(timing.CHECKPOINTS):
+    state = _restore_or_init(ckpt, init_fn, mesh, options, run_config)
   start = int(state.step)
   recorder = _Recorder(ckpt, workdir, options, start, learning_rate_fn=learning_rate_fn,
                        eval_fn=eval_fn, examples_per_step=examples_per_step,
                        run_config=run_config)
   try:
-    for step in range(start, options.num_steps):
-      state, metrics = step_fn(state, batch_fn(step))
-      recorder.after_step(step, state, metrics)
+    with timing.phase(timing.TRAINING):
+      for step in range(start, options.num_steps):
+        with timing.phase(timing.DATA):
+          batch = batch_fn(step)
+        state, metrics = step_fn(state, batch)
+        recorder.after_step(step, state, metrics)
   finally:
-    recorder.close()
+    with timing.phase(timing.CHECKPOINTS):
+      recorder.close()
   return state
 
 
@@ -196,12 +202,18 @@ class _Recorder:
       finite.raise_if_diverged(stacked, self.window_start, self.saved_so_far)
     if log_now:
       self.log(step, stacked)
+    if eval_now or save_now:  # the steps' compute counts as training (`timing`)
+      jax.block_until_ready(state)
     if eval_now:
-      self.check_state(state, done, "evaluating it")
-      self.writer.write({"step": done, **self.eval_fn(state)})
+      with timing.phase(timing.EVALUATION):
+        self.check_state(state, done, "evaluating it")
+        evaluated = self.eval_fn(state)
+      with timing.phase(timing.OUTPUTS):
+        self.writer.write({"step": done, **evaluated})
     if save_now:
-      self.check_state(state, done, "saving it")
-      self.ckpt.save(done, state, config=self.run_config)
+      with timing.phase(timing.CHECKPOINTS):
+        self.check_state(state, done, "saving it")
+        self.ckpt.save(done, state, config=self.run_config)
 
   def log(self, step: int, stacked: dict[str, np.ndarray]) -> None:
     """Writes the window's mean metrics after `step`; starts the next window."""
@@ -214,7 +226,8 @@ class _Recorder:
       record["learning_rate"] = float(self.learning_rate_fn(step))
     if self.examples_per_step:
       record["examples_per_s"] = round(self.examples_per_step * len(self.pending) / elapsed, 1)
-    self.writer.write(record)
+    with timing.phase(timing.OUTPUTS):
+      self.writer.write(record)
     self.bar.set_postfix(loss=f"{record['train/loss']:.3f}",
                          acc=f"{record.get('train/accuracy', float('nan')):.3f}",
                          lr=f"{record.get('learning_rate', float('nan')):.3g}",

@@ -184,6 +184,7 @@ def adamw(schedule: optax.ScalarOrSchedule, *, b1: float = 0.9,
   return optax.adamw(schedule, b1=b1, weight_decay=weight_decay)
 
 
+@functools.lru_cache(maxsize=64)  # one object per recipe: steps compiled with it are reused
 def sgd_cosine(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
                weight_decay: float = 5e-4) -> optax.GradientTransformation:
   """`sgd` with a cosine schedule from `learning_rate` to 0 over total_steps."""

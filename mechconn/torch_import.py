@@ -140,12 +140,28 @@ def model_of(layout: str, state_dict: dict[str, np.ndarray]):
       raise ValueError(f"The state dict has no {key!r}: not a {layout} checkpoint (its first "
                        f"keys: {sorted(state_dict)[:5]}).")
   num_classes = int(state_dict[f"{head}.weight"].shape[0])
-  first = "layers.0.conv1.weight" if layout == "mmc_vgg13" else "conv1.weight"
-  width = state_dict[first].shape[0] / 64
+  width = _width_of(layout, state_dict)
   if layout == "mmc_vgg13":
     return models.VGG13(num_classes=num_classes, width=width)
   return models.ResNet18(num_classes=num_classes, width=width,
                          stem="imagenet" if layout == "torchvision_resnet18" else "cifar")
+
+
+def _width_of(layout: str, state_dict: dict[str, np.ndarray]) -> float:
+  """The width multiplier that gives every layer its channel count (`layers.scaled` rounds,
+  so the first layer alone is ambiguous, e.g. width 0.1: 6 of 64 channels, 13 of 128)."""
+  if layout == "mmc_vgg13":
+    bases = {f"layers.{i}.conv1.weight": c for i, (c, _) in enumerate(models.vgg.VGG13_CFG)}
+  else:
+    bases = {"conv1.weight": 64, **{f"layer{s}.0.conv1.weight": 64 * 2**(s - 1)
+                                    for s in range(1, 5)}}
+  channels = {k: int(np.shape(state_dict[k])[0]) for k in bases if k in state_dict}
+  for key, c in sorted(channels.items(), key=lambda kc: -bases[kc[0]]):  # widest first
+    width = c / bases[key]
+    if all(models.layers.scaled(bases[k], width) == n for k, n in channels.items()):
+      return width
+  first = "layers.0.conv1.weight" if layout == "mmc_vgg13" else "conv1.weight"
+  return channels[first] / 64  # no width fits: the import names the layer that differs
 
 
 def import_state_dict(layout: str, state_dict: dict[str, np.ndarray]):

@@ -66,3 +66,32 @@ def test_normalize_and_simple_half():
   half = datasets.to_simple_half(gray)
   assert half.shape == (2, 32, 32, 3)
   np.testing.assert_allclose(half, 0.4, atol=1e-6)  # a constant image stays constant
+
+
+def test_embedded_data_is_generated_once_per_process_and_handed_out_as_copies(monkeypatch):
+  calls = []
+  real = datasets.EMBEDDED["glyphs10"]
+  monkeypatch.setitem(datasets.EMBEDDED, "glyphs10",
+                      lambda *a: calls.append(a) or real(*a))
+  datasets._generated.cache_clear()  # pylint: disable=protected-access
+  a_images, a_labels = datasets.load_base("glyphs10", "train", seed=7, num_examples=50)
+  a_images[0] = 0  # a caller's copy: writable, and the cache is unchanged
+  b_images, b_labels = datasets.load_base("glyphs10", "train", seed=7, num_examples=50)
+  assert len(calls) == 1
+  fresh_images, fresh_labels = real(14, 50)  # train: seed 2 * 7
+  np.testing.assert_array_equal(b_images, fresh_images)
+  np.testing.assert_array_equal(b_labels, fresh_labels)
+  assert not np.array_equal(a_images, b_images)
+  datasets.load_base("glyphs10", "test", seed=7, num_examples=50)
+  assert len(calls) == 2  # another split: generated
+  datasets._generated.cache_clear()  # pylint: disable=protected-access
+
+
+def test_shapes_rendered_in_threads_equal_the_chunks_in_turn():
+  n = 2 * shapes._CHUNK + 5  # pylint: disable=protected-access
+  images, labels = shapes.shapes10(3, n)
+  chunk = shapes._CHUNK  # pylint: disable=protected-access
+  for i in range(3):  # each chunk from its own generator, as the serial definition
+    expected = shapes._render_shapes(  # pylint: disable=protected-access
+        np.random.default_rng([3, i]), labels[i * chunk:(i + 1) * chunk], 0.2, 4.5, 9.0, 0.2)
+    np.testing.assert_array_equal(images[i * chunk:(i + 1) * chunk], expected)

@@ -1,5 +1,7 @@
 """mechconn.data.device, data.steps.StepBatches: batches drawn on the devices equal the host's."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +77,43 @@ def test_auto_puts_a_split_on_the_device_when_it_fits(splits, monkeypatch):
   assert data_steps.on_device(split, "device") and not data_steps.on_device(split, "host")
   with pytest.raises(ValueError, match=r"Unknown data pipeline 'gpu'"):
     data_steps.on_device(split, "gpu")
+
+
+def _loop_states(step_fn, batch_fn, state, steps):
+  metrics = []
+  for step in range(steps):
+    state, m = step_fn(state, batch_fn(step))
+    metrics.append(float(m["loss"]))
+  return state, metrics
+
+
+def test_the_seeds_of_one_step_share_one_compiled_drawing_step(splits):
+  """A step bound to a seed's root key (a keyword array) is not baked into the program: a
+  second seed reuses it, and each seed's run equals its run on the host pipeline."""
+  from mechconn import step as step_lib  # pylint: disable=import-outside-toplevel
+  from mechconn import timing  # pylint: disable=import-outside-toplevel
+  from mechconn.models import SmallCNN  # pylint: disable=import-outside-toplevel
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  model, tx = SmallCNN(width=3), step_lib.sgd_cosine(0.123, 10)  # compiled by no other test
+  loss_fn = step_lib.ClassificationLoss(model.apply)
+  init = step_lib.create_train_state(model, tx, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  split = splits["box"]
+  runs = {}
+  for seed in (5, 6):
+    for mode in ("device", "host"):
+      step = functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx,
+                               root_key=mesh_lib.replicate(jax.random.key(seed), mesh))
+      step_fn, batch_fn = data_steps.loop_inputs_for(step, split, 32, seed, mesh, mode)
+      fresh = jax.device_put(jax.tree.map(jnp.copy, init),  # placed as the loop places it
+                             mesh_lib.replicated(mesh))
+      with timing.recording() as clock:
+        state, losses = _loop_states(step_fn, batch_fn, fresh, 3)
+      runs[seed, mode] = (state, losses, clock.compiled_functions)
+  assert runs[5, "device"][2]["jit(_drawing_step)"][0] == 1
+  assert "jit(_drawing_step)" not in runs[6, "device"][2]  # seed 6: compiled by seed 5
+  assert runs[5, "device"][1] != runs[6, "device"][1]  # the key and order are seed 6's
+  for seed in (5, 6):
+    assert runs[seed, "device"][1] == runs[seed, "host"][1]
+    for a, b in zip(jax.tree.leaves(runs[seed, "device"][0].params),
+                    jax.tree.leaves(runs[seed, "host"][0].params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -15,6 +15,7 @@ from mechconn import loop
 from mechconn import mesh as mesh_lib
 from mechconn import paths
 from mechconn import step as step_lib
+from mechconn import timing
 from mechconn.models import get_model
 
 
@@ -177,6 +178,26 @@ def test_dfr_head_solves_its_regularised_problem(setup):
   idx = finetune.balanced_subset(np.array([0] * 5 + [1] * 2 + [2] * 9), 3, seed=0)
   assert np.bincount(np.array([0] * 5 + [1] * 2 + [2] * 9)[idx]).tolist() == [2, 2, 2]
 
+
+
+def test_head_fits_compile_once_for_every_seed():
+  """A study fits a head per seed: the second fit reuses the first's compiled programs (the
+  L-BFGS step takes the features as arguments; the LP optimiser is one object per recipe)."""
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(57, 5)).astype(np.float32)  # shapes no other test compiles
+  labels = (np.arange(57) % 3).astype(np.int32)
+  compiled = []
+  for seed in (0, 1):
+    with timing.recording() as clock:
+      dfr = finetune.fit_dfr_head(feats[::-1] if seed else feats, labels, 3, l2=0.37)
+      lp = finetune.fit_head(feats, labels, 3, epochs=2, learning_rate=0.07, batch_size=19,
+                             seed=seed)
+    compiled.append(dict(clock.compiled_functions))
+    assert np.isfinite(np.asarray(dfr["kernel"])).all() and lp["kernel"].shape == (5, 3)
+  assert "jit(_dfr_step)" in compiled[0] and "jit(train_step)" in compiled[0]
+  assert "jit(_dfr_step)" not in compiled[1] and "jit(train_step)" not in compiled[1]
+  assert step_lib.sgd_cosine(0.07, 6, momentum=0.9, weight_decay=0.0) is step_lib.sgd_cosine(
+      0.07, 6, momentum=0.9, weight_decay=0.0)
 
 def test_unknown_method_lists_the_valid_ones():
   with pytest.raises(ValueError, match=r"valid methods: \['naive', 'lp', 'lp_ft', 'dfr', 'cbft', "

@@ -10,6 +10,7 @@ from experiments.configs import finetune as finetune_config
 from experiments.configs import reproduce as reproduce_config
 from mechconn import barriers
 from mechconn import tasks
+from mechconn import timing
 from mechconn import workdir as workdir_lib
 from mechconn.data import pipeline
 from mechconn.tasks import data as task_data
@@ -53,6 +54,15 @@ def test_reproduce_writes_every_number_and_the_report(study):
         r["path_to_cue_model"]["summary"]["loss"] for r in runs]
   text = open(os.path.join(workdir, reproduce.REPORT_FILE)).read()
   assert "| cbft |" in text and "views.png" in text
+  # Where the wall time went: every phase the study has, summing to its wall time.
+  wall = record["wall_time"]
+  for phase in (timing.TRAINING, timing.COMPILATION, timing.EVALUATION, timing.PATH_EVALUATION,
+                timing.DATA, timing.CHECKPOINTS, timing.OUTPUTS):
+    assert wall["seconds"][phase] > 0, phase
+  assert sum(wall["seconds"].values()) == pytest.approx(wall["wall_seconds"], abs=0.05)
+  assert record["wall_seconds"] == wall["wall_seconds"] and timing.STARTUP not in wall["seconds"]
+  assert wall["compilations"] > 0 and record["machine"]["matmul_gflops_float32"] > 0
+  assert "| phase | seconds | share |" in text and "**all but training steps**" in text
   for figure in ("views.png", "paths.png"):
     assert os.path.getsize(os.path.join(workdir, figure)) > 5_000
 

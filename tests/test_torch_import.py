@@ -128,3 +128,23 @@ def test_full_width_pytorch_models_through_torch_load(layout, width, size, tmp_p
   torch.save([1, 2], path)
   with pytest.raises(ValueError, match="holds a list, not a state dict"):
     torch_import.load_state_dict(path)
+
+
+@pytest.mark.parametrize("layout", ["mmc_vgg13", "mmc_resnet18", "torchvision_resnet18"])
+@pytest.mark.parametrize("width", [0.1, 0.3, 1 / 16])
+def test_the_width_is_the_one_that_gives_every_layer_its_channels(layout, width):
+  """Channel counts are rounded (`layers.scaled`): 0.1 gives 6 of 64 channels and 13 of 128,
+  which the first layer alone (6 / 64 = 0.094) would not reproduce."""
+  from mechconn.models import layers, vgg  # pylint: disable=import-outside-toplevel
+  if layout == "mmc_vgg13":
+    bases = {f"layers.{i}.conv1.weight": c for i, (c, _) in enumerate(vgg.VGG13_CFG)}
+  else:
+    bases = {"conv1.weight": 64, **{f"layer{s}.0.conv1.weight": 64 * 2**(s - 1)
+                                    for s in range(1, 5)}}
+  head = "fc" if layout == "torchvision_resnet18" else "linear"
+  state = {k: np.zeros((layers.scaled(c, width), 3, 3, 3), np.float32) for k, c in bases.items()}
+  state[f"{head}.weight"] = np.zeros((7, 4), np.float32)
+  model = torch_import.model_of(layout, state)
+  assert model.num_classes == 7
+  for key, c in bases.items():
+    assert layers.scaled(c, model.width) == state[key].shape[0], key

@@ -13,6 +13,7 @@ Every loader returns (images uint8 [n, H, W, C], labels int32 [n]).
 """
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -64,6 +65,15 @@ def _tfds_dir(data_dir: str | None) -> str:
   return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
+@functools.lru_cache(maxsize=4)
+def _generated(name: str, seed: int, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  """An embedded dataset's arrays, generated once per process (a study and the cue model it
+  trains read the same split; callers get copies), read-only."""
+  images, labels = EMBEDDED[name](seed, num_examples)
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
+
+
 def load_base(name: str, split: str, *, seed: int = 0, num_examples: int | None = None,
               data_dir: str | None = None, download: bool = False
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +97,8 @@ def load_base(name: str, split: str, *, seed: int = 0, num_examples: int | None 
   if name in EMBEDDED:
     full = facts.train_size if split == "train" else facts.test_size
     n = full if num_examples is None else num_examples
-    return EMBEDDED[name](2 * seed + _SPLIT_TAG[split], n)  # distinct seed per split
+    images, labels = _generated(name, 2 * seed + _SPLIT_TAG[split], n)  # a seed per split
+    return images.copy(), labels.copy()
   return _load_tfds(name, split, num_examples=num_examples, data_dir=data_dir,
                     download=download)
 

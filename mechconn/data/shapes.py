@@ -18,6 +18,9 @@ glyphs10: seven-segment digits 0-9, white on black, with random offset,
 scale and stroke width: the simple half of an offline Dominoes.
 """
 
+from concurrent import futures
+import os
+
 import numpy as np
 
 SHAPE_NAMES = ("disk", "square", "triangle", "plus", "ring", "bar", "diamond", "cross",
@@ -99,9 +102,13 @@ def shapes10(seed: int, num_examples: int, *, noise: float = 0.2, min_size: floa
   """
   rng = np.random.default_rng(seed)
   labels = rng.permutation(np.arange(num_examples) % 10).astype(np.int32)
-  chunks = [_render_shapes(np.random.default_rng([seed, i]), labels[start:start + _CHUNK],
-                           noise, min_size, max_size, min_contrast)
-            for i, start in enumerate(range(0, num_examples, _CHUNK))]
+  def chunk(i):  # each chunk draws from its own generator: threads give the same images
+    return _render_shapes(np.random.default_rng([seed, i]),
+                          labels[i * _CHUNK:(i + 1) * _CHUNK], noise, min_size, max_size,
+                          min_contrast)
+
+  with futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # numpy releases the GIL
+    chunks = list(pool.map(chunk, range(-(-num_examples // _CHUNK))))
   images = np.concatenate(chunks) if chunks else np.zeros((0, 32, 32, 3), np.uint8)
   return images, labels
 

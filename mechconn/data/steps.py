@@ -18,6 +18,7 @@ sequences, always runs on the host pipeline.
 """
 
 from collections.abc import Callable
+import dataclasses
 import functools
 from typing import Any
 
@@ -151,16 +152,51 @@ def loop_inputs(step_fn: Callable, parts: dict[str, tuple[StepBatches, int | lis
     return {name: (batches.data, batches.epoch_indices(seed, step))
             for name, (batches, seed) in parts.items()}
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def drawing_step(state, sources):
-    drawn = {name: batches.draw(sources[name][1], state.step % batches.steps_per_epoch,
-                                batch_axis=1 if isinstance(seed, list) else 0,
-                                data=sources[name][0])
-             for name, (batches, seed) in parts.items()}
-    return step_fn(state, assemble(drawn))
-
+  fn, static, arrays = _lifted(step_fn)
+  plan = _DrawingPlan(fn, static, assemble, tuple(
+      (name, batches.steps_per_epoch, 1 if isinstance(seed, list) else 0, batches.mesh)
+      for name, (batches, seed) in parts.items()))
+  try:
+    hash(plan)
+  except TypeError:  # a keyword that is neither arrays nor hashable: the step as it is
+    plan, arrays = dataclasses.replace(plan, step=step_fn, static=()), {}
+  drawing_step = functools.partial(_drawing_step, arrays=arrays, plan=plan)
   drawing_step.__wrapped__ = step_fn  # the step it runs (tests compare it with the build's)
   return drawing_step, batch_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _DrawingPlan:
+  """What a drawing step's program depends on besides its arguments: equal plans (e.g. the
+  seeds of one method: the same step, optimiser and data layout) share one compiled program."""
+
+  step: Callable  # (state, batch, **static, **arrays) -> (state, metrics)
+  static: tuple  # ((keyword, hashable value), ...)
+  assemble: Callable
+  draws: tuple  # ((part name, steps per epoch, batch axis, mesh), ...)
+
+
+def _lifted(step_fn: Callable) -> tuple[Callable, tuple, dict]:
+  """(function, static keywords, array keywords) of a step bound by `functools.partial`
+  with keywords only (e.g. `train_step` with its root key, loss and optimiser): keywords whose
+  leaves are all arrays (the root key, a loss holding parameters) become arguments of the
+  compiled program rather than constants baked into it; the others are static."""
+  if not isinstance(step_fn, functools.partial) or step_fn.args:
+    return step_fn, (), {}
+  arrays = {k: v for k, v in step_fn.keywords.items()
+            if all(isinstance(x, jax.Array) for x in jax.tree.leaves(v))}
+  static = tuple(sorted((k, v) for k, v in step_fn.keywords.items() if k not in arrays))
+  return step_fn.func, static, arrays
+
+
+@functools.partial(jax.jit, static_argnames="plan", donate_argnums=0)
+def _drawing_step(state, sources, *, arrays, plan: _DrawingPlan):
+  """Draws each part's batch at row `state.step % steps_per_epoch` of its epoch's indices
+  (gathered, normalised and cued on the devices), then runs the step."""
+  drawn = {name: device.examples(sources[name][0], sources[name][1][..., state.step % per_epoch, :],
+                                 out_sharding=mesh_lib.batch_sharding(mesh, batch_axis))
+           for name, per_epoch, batch_axis, mesh in plan.draws}
+  return plan.step(state, plan.assemble(drawn), **dict(plan.static), **arrays)
 
 
 def loop_inputs_for(step_fn: Callable, split: pipeline.CueSplit, batch_size: int, seed: int,

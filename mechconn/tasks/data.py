@@ -12,6 +12,7 @@ from mechconn import config_checks as checks
 from mechconn import counterfactual
 from mechconn import mesh as mesh_lib
 from mechconn import rngs
+from mechconn import timing
 from mechconn.data import batching
 from mechconn.data import pipeline
 from mechconn.tasks.specs import ImageData
@@ -46,11 +47,13 @@ def load_test_views(data: ImageData) -> tuple[dict[str, np.ndarray], np.ndarray]
                                   **loader_args(data))
 
 
+@timing.timed(timing.DATA)
 def load_data(data: ImageData) -> tuple[pipeline.CueSplit, dict[str, np.ndarray], np.ndarray]:
   """(training split, test views, test labels) of a `data` section."""
   return (load_train_split(data), *load_test_views(data))
 
 
+@timing.timed(timing.DATA)
 def shard_views(test_views: dict[str, np.ndarray], labels: np.ndarray, batch_size: int,
                 mesh: jax.sharding.Mesh) -> counterfactual.ViewBatches:
   """The views stacked into masked batches, each batch sharded over the mesh."""
@@ -61,6 +64,7 @@ def shard_views(test_views: dict[str, np.ndarray], labels: np.ndarray, batch_siz
                                                           batch_size).items()}
 
 
+@timing.timed(timing.DATA)
 def bn_batches_of(examples: dict[str, np.ndarray], batch_size: int) -> StackedBatches:
   """Stacked full batches of images ({'image': [M, B, ...]}) for BatchNorm statistics."""
   stacked = batching.stack_batches(examples["image"], examples["label"], batch_size,
@@ -86,6 +90,7 @@ def set_sizes(num_train: int, num_clean: int, num_cue: int) -> int:
 CUE_SETS = ("all_cued", "as_split")
 
 
+@timing.timed(timing.DATA)
 def split_clean_and_cue(split: pipeline.CueSplit, num_clean: int, num_cue: int, seed: int,
                         cue_set: str = "all_cued"
                         ) -> tuple[pipeline.CueSplit, pipeline.CueSplit]:

@@ -140,16 +140,21 @@ def method_parts(method: str, clean_split, cue_split, batch_size: int, mesh: jax
   for CBFT, the cue batches in the order of seed + `rngs.CUE_BATCH_SEED_OFFSET`."""
   clean = data_steps.StepBatches(clean_split, batch_size, mesh, mode)
   if finetune.METHODS[method].step != "cbft":
-    return {"batch": (clean, seed)}, lambda b: b["batch"]
+    return {"batch": (clean, seed)}, _the_batch
   offset = rngs.CUE_BATCH_SEED_OFFSET
   cue_seed = [s + offset for s in seed] if isinstance(seed, list) else seed + offset
   cue = data_steps.StepBatches(cue_split, batch_size, mesh, mode)
+  return {"clean": (clean, seed), "cue": (cue, cue_seed)}, _cbft_assemble
 
-  def assemble(b):
-    return {"clean_image": b["clean"]["image"], "clean_label": b["clean"]["label"],
-            "cue_image": b["cue"]["image"], "cue_label": b["cue"]["label"]}
 
-  return {"clean": (clean, seed), "cue": (cue, cue_seed)}, assemble
+# Module-level (one object each), so the seeds of a method share one compiled drawing step.
+def _the_batch(b: dict) -> dict:
+  return b["batch"]
+
+
+def _cbft_assemble(b: dict) -> dict:
+  return {"clean_image": b["clean"]["image"], "clean_label": b["clean"]["label"],
+          "cue_image": b["cue"]["image"], "cue_label": b["cue"]["label"]}
 
 
 def _cbft_batch(zeros: dict) -> dict:

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import time
 
 import jax
 import ml_collections
@@ -30,7 +29,9 @@ from mechconn import barriers
 from mechconn import config_checks as checks
 from mechconn import dry_run as dry_run_lib
 from mechconn import finetune
+from mechconn import flops
 from mechconn import report
+from mechconn import timing
 from mechconn import workdir as workdir_lib
 from mechconn.tasks import data as task_data
 from mechconn.tasks import finetune as finetune_task
@@ -40,6 +41,7 @@ from mechconn.tasks import records
 from mechconn.tasks import runner
 from mechconn.tasks import runs
 from mechconn.tasks import specs
+from mechconn.tasks import study_report
 from mechconn.tasks import train as train_task
 
 NAME = "reproduce"
@@ -305,14 +307,36 @@ def _table(spec: ReproduceSpec, finished: dict) -> dict:
 
 
 def run(spec: ReproduceSpec, job: runner.Job) -> dict:
-  """Cue model, every method x seed, views table, path barriers; returns reproduce.json."""
-  wall = time.perf_counter()
+  """Cue model, every method x seed, views table, path barriers; returns reproduce.json.
+
+  Its 'wall_time' says where the seconds went, from the launch (`timing`): training steps,
+  compilation, evaluation, path evaluation, data, checkpoints, outputs, startup, other.
+  """
+  with timing.recording(since_launch=True) as clock:
+    record, figures = _study(spec, job)
+    runner.write_outputs(job.workdir, figures)
+    with timing.phase("matmul peak"):  # the machine, for the wall time's reader
+      record["machine"] = {**timing.machine(), "matmul_gflops_float32": round(
+          flops.matmul_peak_flops(repeats=3) / 1e9, 1)}
+  record["wall_time"] = clock.breakdown()
+  record["wall_seconds"] = record["wall_time"]["wall_seconds"]
+  runner.write_outputs(job.workdir, {REPRODUCE_FILE: record,
+                                     REPORT_FILE: study_report.format_report(record)})
+  print(study_report.format_table(record))
+  print(f"Wall time {record['wall_seconds']:.0f} s:\n" + timing.format_breakdown(
+      record["wall_time"]))
+  return record
+
+
+def _study(spec: ReproduceSpec, job: runner.Job) -> tuple[dict, dict]:
+  """The study's record (without its wall time) and its figures (name: writer)."""
   # 1. The cue model: a finished train run, or trained here (resumable).
   cue_dir = spec.cue_model_workdir or os.path.join(job.workdir, "cue_model")
   if job.inputs is None:
     runner.launch_resolved(train_task, spec.train, spec.train_config, cue_dir,
                            overwrite=job.overwrite, mesh=job.mesh)
-  cue_model = job.inputs or runs.load_trained(cue_dir)
+  with timing.phase(timing.CHECKPOINTS):
+    cue_model = job.inputs or runs.load_trained(cue_dir)
   # 2. Data; 3. every method and seed; 4. the record, the report and the figures.
   data = _study_data(spec, job.mesh)
   finished = _run_all(spec, job, cue_model, data)
@@ -335,57 +359,16 @@ def run(spec: ReproduceSpec, job: runner.Job) -> dict:
                "path_eval": "cue view of the test split",
                "path_batchnorm": f"{np.prod(data.bn_batches['image'].shape[:2])}"
                                  " cue training examples"},
-      "wall_seconds": round(time.perf_counter() - wall, 1),
       "backend": jax.default_backend(),
       "devices": int(job.mesh.devices.size),
       "config": job.config_dict,
   }
-  runner.write_outputs(job.workdir, {
-      REPRODUCE_FILE: record, REPORT_FILE: format_report(record),
+  return record, {
       "views.png": functools.partial(report.plot_finetune_views, record),
       "paths.png": functools.partial(report.plot_finetune_paths, {  # every seed's path
           m: [finished[(m, s)]["path_to_cue_model"] for s in spec.seeds]
-          for m in spec.finetune.methods}, ts=record["ts"])})
-  print(format_table(record))
-  return record
+          for m in spec.finetune.methods}, ts=record["ts"])}
 
 
 def _mean_std(values: list[float]) -> dict:
   return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
-
-
-def format_table(record: dict) -> str:
-  """Markdown: method x view accuracy (mean +- std over seeds) and the path barrier."""
-  views = list(record["cue_model"]["views"])
-  lines = ["| method | " + " | ".join(views) + " | loss barrier to cue model (cue data) |",
-           "|---" * (len(views) + 2) + "|"]
-  lines.append("| cue model | " + " | ".join(
-      f"{record['cue_model']['views'][v]['accuracy']:.3f}" for v in views) + " | - |")
-  for method, row in record["methods"].items():
-    cells = [f"{row['views'][v]['mean']:.3f} +- {row['views'][v]['std']:.3f}" for v in views]
-    b = row["loss_barrier_to_cue_model"]
-    lines.append(f"| {method} | " + " | ".join(cells) + f" | {b['mean']:.3f} +- {b['std']:.3f} |")
-  return "\n".join(lines)
-
-
-def _test_cue_text(proportion: float) -> str:
-  return ("" if proportion == 1.0 else
-          f" (the cue, rand_cue and rand_img views treat the first {proportion:.0%} of each "
-          "class, as the official fine-tuning script's test loaders)")
-
-
-def format_report(record: dict) -> str:
-  data = record["data"]
-  return (f"# Fine-tuning study: {data['dataset']}, {data['cue']} cue on "
-          f"{data['cue_proportion_of_cue_model']:.0%} of the cue model's training data\n\n"
-          f"Test accuracy per view (mean +- std over seeds {record['seeds']}); the last column "
-          f"is the loss barrier of the linear path from the cue model to the fine-tuned model, "
-          f"on the cue view ({data['path_batchnorm']} for BatchNorm at each t).\n\n"
-          f"{format_table(record)}\n\n"
-          f"Fine-tuned on {data['num_clean']} clean examples (CBFT also on {data['num_cue']} "
-          f"examples, {data.get('num_cue_cued', data['num_cue'])} of them cued, disjoint); "
-          f"{data['num_test_per_view']} test examples per view"
-          f"{_test_cue_text(data.get('test_cue_proportion', 1.0))}. "
-          f"Wall time {record['wall_seconds']:.0f} s on {record['backend']} "
-          f"({record['devices']} device(s)).\n\n"
-          "![view accuracies](views.png)\n\n![paths from the cue model](paths.png)\n")

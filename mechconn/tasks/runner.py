@@ -34,6 +34,7 @@ import optax
 
 from mechconn import dry_run as dry_run_lib
 from mechconn import mesh as mesh_lib
+from mechconn import timing
 from mechconn import workdir as workdir_lib
 from mechconn.tasks import records
 from mechconn.types import Batch, Metrics
@@ -189,6 +190,7 @@ def claimed(config: ml_collections.ConfigDict | dict, workdir: str, layout: work
     yield config_dict
 
 
+@timing.timed(timing.OUTPUTS)
 def write_outputs(directory: str, outputs: dict[str, Any]) -> None:
   """Writes a task's records, from process 0 only: the one place results are written.
 
