@@ -38,7 +38,7 @@ EVALUATION = "evaluation"  # models on eval sets and views, features for a head 
 PATH_EVALUATION = "path evaluation"  # barriers.evaluate_path: statistics and metrics over t
 DATA = "data"  # datasets generated or loaded, sets drawn, batches assembled and placed
 CHECKPOINTS = "checkpoints"  # saving, restoring and waiting for checkpoints
-OUTPUTS = "outputs"  # records, reports, figures, metrics files, workdir claims
+OUTPUTS = "outputs"  # records, reports, figures, metrics files
 STARTUP = "startup"  # from the process's start to the recording's (imports, flags, config)
 OTHER = "other"  # inside the recording, in no phase
 # JAX's events whose time spans are compilation (jax/_src/dispatch.py); the union of the
@@ -57,7 +57,6 @@ class WallClock:
 
   def __init__(self, startup: float | None = None):
     self.seconds = collections.defaultdict(float)
-    self.compilations = 0
     self.compiled_functions = collections.defaultdict(lambda: [0, 0.0])  # name: [count, s]
     self.startup = startup
     self._open: list[str] = []
@@ -83,7 +82,6 @@ class WallClock:
     compilation, counted; else its tracing or lowering): its seconds not already counted
     move from the current phase to 'compilation'."""
     if backend:
-      self.compilations += 1
       self.compiled_functions[name][0] += 1
     new = (end - start) - sum(max(0.0, min(end, e) - max(start, s)) for s, e in self._spans)
     if new <= 0.0:
@@ -96,6 +94,11 @@ class WallClock:
     self._spans = sorted(merged)
     self.seconds[COMPILATION] += new
     self.seconds[self._open[-1] if self._open else OTHER] -= new
+
+  @property
+  def compilations(self) -> int:
+    """XLA compilations seen (every function's count)."""
+    return sum(count for count, _ in self.compiled_functions.values())
 
   def breakdown(self, top: int = 10) -> dict:
     """{'seconds': {phase: s}, 'fraction': {phase: share of the wall}, 'wall_seconds',

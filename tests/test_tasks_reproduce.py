@@ -17,6 +17,7 @@ from mechconn.tasks import data as task_data
 from mechconn.tasks import finetune as finetune_task
 from mechconn.tasks import methods
 from mechconn.tasks import reproduce
+from mechconn.tasks import study_report
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,11 @@ def test_reproduce_writes_every_number_and_the_report(study):
   assert record["wall_seconds"] == wall["wall_seconds"] and timing.STARTUP not in wall["seconds"]
   assert wall["compilations"] > 0 and record["machine"]["matmul_gflops_float32"] > 0
   assert "| phase | seconds | share |" in text and "**all but training steps**" in text
+  # A record written before the study timed itself reads without a breakdown or a machine.
+  older = {k: v for k, v in record.items() if k not in ("wall_time", "machine")}
+  old_text = study_report.format_report(older)
+  assert study_report.format_table(older) in old_text and "| phase |" not in old_text
+  assert f"Wall time {record['wall_seconds']:.0f} s from the launch on cpu" in old_text
   for figure in ("views.png", "paths.png"):
     assert os.path.getsize(os.path.join(workdir, figure)) > 5_000
 
